@@ -1,0 +1,49 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "pvsched",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "pvsched", targets: ["pvsched"]),
+        .library(name: "PVSchedCore", targets: ["PVSchedCore"]),
+        .library(name: "PVSchedDrivers", targets: ["PVSchedDrivers"]),
+        .library(name: "PVSchedLinux", targets: ["PVSchedLinux"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+    ],
+    targets: [
+        // The guest/host protocol ABI: one C header, the single source of truth.
+        .target(name: "PVSchedABI"),
+        // The host component: shared-area view, drivers, registry, governor, actuator protocol.
+        .target(name: "PVSchedCore", dependencies: [
+            "PVSchedABI",
+            .product(name: "Atomics", package: "swift-atomics"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Built-in drivers.
+        .target(name: "PVSchedDrivers", dependencies: ["PVSchedCore"]),
+        // Linux actuator: sched_setattr on vCPU threads, restore on exit and signals.
+        .target(name: "CLinuxSched"),
+        .target(name: "PVSchedLinux", dependencies: [
+            "PVSchedCore", "CLinuxSched",
+            .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The command-line tool.
+        .executableTarget(name: "pvsched", dependencies: [
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI"]),
+        .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
+        .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,44 @@
+/// Why a vCPU left the guest, as a hypervisor-neutral summary of a VM exit.
+public enum ExitReason: Equatable, Sendable {
+    case io(port: UInt16, write: Bool)
+    case mmio(address: UInt64, write: Bool)
+    case halt
+    case interruptWindow
+    case doorbell
+    case intr
+    case shutdown
+    case other(code: UInt32)
+}
+
+/// A vCPU event the hypervisor component sends to a VM's driver.
+public enum VCPUEvent: Equatable, Sendable {
+    /// The vCPU thread is about to enter the guest.
+    case vmEntry
+    /// The vCPU thread came back from the guest.
+    case vmExit(ExitReason)
+    /// The guest halted the vCPU (idle until an interrupt).
+    case halt
+    /// A device thread is about to deliver an interrupt to the vCPU (sent before the wake-up).
+    case interruptInjection(vector: UInt8)
+
+    /// The mask bit that subscribes a driver to this event.
+    public var kind: EventMask {
+        switch self {
+        case .vmEntry: return .vmEntry
+        case .vmExit: return .vmExit
+        case .halt: return .halt
+        case .interruptInjection: return .interruptInjection
+        }
+    }
+}
+
+/// The set of events a driver subscribes to; it is never called for others.
+public struct EventMask: OptionSet, Hashable, Sendable {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let vmEntry = EventMask(rawValue: 1 << 0)
+    public static let vmExit = EventMask(rawValue: 1 << 1)
+    public static let halt = EventMask(rawValue: 1 << 2)
+    public static let interruptInjection = EventMask(rawValue: 1 << 3)
+    public static let all: EventMask = [.vmEntry, .vmExit, .halt, .interruptInjection]
+}

@@ -1,0 +1,150 @@
+import Synchronization
+
+/// The host's budget for boosting one VM's vCPUs.
+public struct GovernorConfig: Equatable, Sendable {
+    /// Longest a vCPU may stay boosted without a break; longer boosts are cut.
+    public var maxContinuousBoostNs: UInt64
+    /// After a boost is cut, how long the vCPU may not be boosted again.
+    public var throttleWindowNs: UInt64
+    /// The window over which the VM's share of boosted time is measured.
+    public var shareWindowNs: UInt64
+    /// Largest fraction (0...1) of `shareWindowNs × vCPUs` that the VM may spend boosted.
+    public var maxVMShare: Double
+
+    public init(maxContinuousBoostNs: UInt64 = 5_000_000, throttleWindowNs: UInt64 = 10_000_000,
+                shareWindowNs: UInt64 = 100_000_000, maxVMShare: Double = 0.5) {
+        self.maxContinuousBoostNs = maxContinuousBoostNs
+        self.throttleWindowNs = throttleWindowNs
+        self.shareWindowNs = shareWindowNs
+        self.maxVMShare = maxVMShare
+    }
+
+    public static let `default` = GovernorConfig()
+    /// No limits at all (for measuring the unprotected mechanism).
+    public static let unlimited = GovernorConfig(maxContinuousBoostNs: .max, throttleWindowNs: 0,
+                                                 shareWindowNs: .max, maxVMShare: 1.0)
+}
+
+/// Why the governor refused or cut a boost.
+public enum GovernorVeto: Equatable, Sendable, CustomStringConvertible {
+    /// The vCPU's last boost ran into the cap; it may boost again at `untilNs`.
+    case throttled(untilNs: UInt64)
+    /// The VM has used `usedNs` of boosted time in this window, the limit is `limitNs`.
+    case vmShareExhausted(usedNs: UInt64, limitNs: UInt64)
+
+    public var description: String {
+        switch self {
+        case .throttled(let until): return "vCPU throttled until t=\(until) ns after exceeding its continuous boost cap"
+        case .vmShareExhausted(let used, let limit): return "VM used \(used) ns of boosted time in this window (limit \(limit) ns)"
+        }
+    }
+}
+
+/// Enforces a VM's boost budget: a per-vCPU cap on continuous boost with a
+/// throttle window after a cut, and a per-VM share of boosted time. It only
+/// answers; the binding acts on its answers.
+public final class Governor: Sendable {
+    public let config: GovernorConfig
+    private struct VCPUBudget {
+        var boostStart: UInt64?        // when the running boost began
+        var boostedSince: UInt64?      // from when the running boost counts in this window
+        var throttledUntil: UInt64 = 0
+    }
+    private struct State {
+        var vcpus: [VCPUBudget]
+        var windowStart: UInt64 = 0
+        var windowUsedNs: UInt64 = 0   // finished boost time inside the current window
+    }
+    private let state: Mutex<State>
+    private let vcpuCount: Int
+
+    public init(config: GovernorConfig, vcpuCount: Int) {
+        self.config = config
+        self.vcpuCount = vcpuCount
+        self.state = Mutex(State(vcpus: Array(repeating: VCPUBudget(), count: vcpuCount)))
+    }
+
+    private var shareLimitNs: UInt64 {
+        if config.maxVMShare >= 1.0 || config.shareWindowNs == .max { return .max }
+        let limit = Double(config.shareWindowNs) * Double(vcpuCount) * max(0, config.maxVMShare)
+        return UInt64(limit)
+    }
+
+    private func roll(_ s: inout State, now: UInt64) {
+        guard config.shareWindowNs != .max else { return }
+        if now >= s.windowStart &+ config.shareWindowNs {
+            s.windowStart = now - (now - s.windowStart) % config.shareWindowNs
+            s.windowUsedNs = 0
+            // Ongoing boosts count from the new window's start.
+            for i in s.vcpus.indices where s.vcpus[i].boostedSince != nil {
+                s.vcpus[i].boostedSince = max(s.vcpus[i].boostedSince!, s.windowStart)
+            }
+        }
+    }
+
+    private func used(_ s: State, now: UInt64) -> UInt64 {
+        s.vcpus.reduce(s.windowUsedNs) { acc, b in
+            guard let since = b.boostedSince, now > since else { return acc }
+            return acc &+ (now - since)
+        }
+    }
+
+    /// May `vcpu` start a boost now? Records the start when allowed.
+    public func beginBoost(vcpu: Int, now: UInt64) -> GovernorVeto? {
+        state.withLock { s in
+            roll(&s, now: now)
+            if s.vcpus[vcpu].boostedSince != nil { return nil }
+            if now < s.vcpus[vcpu].throttledUntil { return .throttled(untilNs: s.vcpus[vcpu].throttledUntil) }
+            let limit = shareLimitNs
+            let u = used(s, now: now)
+            if u >= limit { return .vmShareExhausted(usedNs: u, limitNs: limit) }
+            s.vcpus[vcpu].boostedSince = now
+            s.vcpus[vcpu].boostStart = now
+            return nil
+        }
+    }
+
+    /// Records the end of `vcpu`'s boost.
+    public func endBoost(vcpu: Int, now: UInt64) {
+        state.withLock { s in
+            roll(&s, now: now)
+            if let since = s.vcpus[vcpu].boostedSince {
+                s.windowUsedNs &+= now > since ? now - since : 0
+                s.vcpus[vcpu].boostedSince = nil
+                s.vcpus[vcpu].boostStart = nil
+            }
+        }
+    }
+
+    /// Must `vcpu`'s running boost be cut now? If so, the boost is ended, the vCPU
+    /// is throttled and the reason is returned.
+    public func checkOverrun(vcpu: Int, now: UInt64) -> GovernorVeto? {
+        state.withLock { s in
+            roll(&s, now: now)
+            guard let since = s.vcpus[vcpu].boostedSince, let start = s.vcpus[vcpu].boostStart else { return nil }
+            if now &- start >= config.maxContinuousBoostNs {
+                s.windowUsedNs &+= now - since
+                s.vcpus[vcpu].boostedSince = nil
+                s.vcpus[vcpu].boostStart = nil
+                s.vcpus[vcpu].throttledUntil = now &+ config.throttleWindowNs
+                return .throttled(untilNs: s.vcpus[vcpu].throttledUntil)
+            }
+            let limit = shareLimitNs
+            let u = used(s, now: now)
+            if u > limit {
+                s.windowUsedNs &+= now - since
+                s.vcpus[vcpu].boostedSince = nil
+                s.vcpus[vcpu].boostStart = nil
+                return .vmShareExhausted(usedNs: u, limitNs: limit)
+            }
+            return nil
+        }
+    }
+}
+
+extension Governor {
+    /// Whether `vcpu` is inside its throttle window at `now`.
+    public func isThrottled(vcpu: Int, now: UInt64) -> Bool {
+        state.withLock { now < $0.vcpus[vcpu].throttledUntil }
+    }
+}

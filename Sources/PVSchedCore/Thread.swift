@@ -1,0 +1,32 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A dedicated OS thread (pthread) for work that blocks in the kernel or must not
+/// share the Swift concurrency pool: vCPU loops, device threads, probes.
+public final class Thread: @unchecked Sendable {
+    private var handle: pthread_t
+    private let box: Box
+    private final class Box { let body: () -> Void; init(_ b: @escaping () -> Void) { body = b } }
+
+    /// Starts `body` on a new thread.
+    public init(_ body: @escaping @Sendable () -> Void) {
+        box = Box(body)
+        handle = pthread_t()
+        let arg = Unmanaged.passRetained(box).toOpaque()
+        let r = pthread_create(&handle, nil, { arg in
+            let box = Unmanaged<Thread.Box>.fromOpaque(arg!).takeRetainedValue()
+            box.body()
+            return nil
+        }, arg)
+        precondition(r == 0, "pthread_create failed: \(r)")
+    }
+
+    /// Waits for the thread to finish.
+    public func join() { pthread_join(handle, nil) }
+
+    /// Sends `signal` to the thread (used to kick a vCPU out of KVM_RUN).
+    public func signal(_ signal: Int32) { pthread_kill(handle, signal) }
+}

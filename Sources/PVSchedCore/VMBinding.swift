@@ -1,0 +1,289 @@
+import Logging
+import Synchronization
+
+/// How a binding boosts a vCPU thread.
+public struct BoostSettings: Equatable, Sendable {
+    /// Parameters of a boosted thread when the driver names no priority.
+    public var boosted: SchedulingParameters
+    /// The highest real-time priority a driver may ask for.
+    public var maxPriority: UInt8
+    public init(boosted: SchedulingParameters = .fifo(priority: 10), maxPriority: UInt8 = 50) {
+        self.boosted = boosted; self.maxPriority = maxPriority
+    }
+}
+
+/// What a notification led to on the vCPU's thread.
+public enum NotifyOutcome: Equatable, Sendable {
+    /// No driver, event not subscribed, or the decision changed nothing.
+    case unchanged
+    case boosted
+    case unboosted
+    /// The governor refused the boost, or cut a running one.
+    case vetoed(GovernorVeto)
+    /// The shared area was invalid: pvsched is now disabled for the VM.
+    case disabled(SharedAreaError)
+    /// The actuator failed; the thread is left at its original parameters.
+    case actuatorFailed(ActuatorError)
+}
+
+/// Counters of one vCPU's boosts, as the host sees them.
+public struct VCPUStats: Equatable, Sendable {
+    public var boostCount: UInt64 = 0
+    public var boostedNs: UInt64 = 0
+    public var throttleCount: UInt64 = 0
+    public var events: UInt64 = 0
+    public var boosted: Bool = false
+    public init() {}
+}
+
+/// The host component's link between one VM and its driver: receives the
+/// hypervisor's vCPU events, asks the driver, passes boosts through the governor
+/// and the actuator, and publishes the result in the guest's host line.
+///
+/// Created and driven by a `DriverRegistry`; the VMM calls `notify` from vCPU and
+/// device threads. Safe to call from any thread.
+public final class VMBinding: Sendable {
+    public let vm: VMHandle
+    public let governor: Governor
+    public let actuator: any Actuator
+    public let boost: BoostSettings
+    private let logger: Logger
+
+    private struct Slot {
+        var driver: (any Driver)?
+        var generation: UInt64 = 0
+        var area: SharedArea?
+        var disabledReason: SharedAreaError?
+    }
+    private struct VCPUState {
+        var thread: ThreadID?
+        var boostStart: UInt64?
+        var stats = VCPUStats()
+        var attachedGeneration: UInt64 = 0
+    }
+    private final class VCPUSlot: Sendable {
+        let state = Mutex(VCPUState())
+    }
+    private let slot = Mutex(Slot())
+    private let vcpus: [VCPUSlot]
+
+    init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, logger: Logger) {
+        self.vm = vm
+        self.actuator = actuator
+        self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount)
+        self.boost = boost
+        self.logger = logger
+        self.vcpus = (0..<vm.vcpuCount).map { _ in VCPUSlot() }
+    }
+
+    /// The driver serving this VM now.
+    public var driver: (any Driver)? { slot.withLock { $0.driver } }
+    /// The validated shared area the guest registered, if any.
+    public var area: SharedArea? { slot.withLock { $0.area } }
+    /// Why pvsched was disabled for this VM (a bad shared area), if it was.
+    public var disabledReason: SharedAreaError? { slot.withLock { $0.disabledReason } }
+
+    /// Counters for `vcpu`.
+    public func stats(vcpu: Int) -> VCPUStats { vcpus[vcpu].state.withLock { $0.stats } }
+
+    /// Totals over all vCPUs.
+    public var totals: VCPUStats {
+        vcpus.indices.reduce(into: VCPUStats()) { acc, i in
+            let s = stats(vcpu: i)
+            acc.boostCount += s.boostCount; acc.boostedNs += s.boostedNs
+            acc.throttleCount += s.throttleCount; acc.events += s.events
+        }
+    }
+
+    /// Records the OS thread that runs `vcpu` (call from that thread when it starts).
+    public func setThread(_ thread: ThreadID?, vcpu: Int) {
+        let old: ThreadID? = vcpus[vcpu].state.withLock { s in
+            let old = s.thread
+            if old != thread, let start = s.boostStart { endBoost(&s, vcpu: vcpu, start: start, now: MonotonicClock.nowNs()) }
+            s.thread = thread
+            return old
+        }
+        if let old, old != thread { try? actuator.restore(old) }
+    }
+
+    /// Installs the guest's validated area (after the VMM checked it lies in guest RAM).
+    public func setArea(_ area: SharedArea?) {
+        slot.withLock { s in
+            s.area = area
+            if area != nil { s.disabledReason = nil }
+        }
+        if let area { publishAll(area) }
+    }
+
+    /// Replaces the driver: detaches the old one from every vCPU and undoes its
+    /// boosts, then attaches the new one. Returns the old driver.
+    @discardableResult
+    func install(_ driver: (any Driver)?) -> (any Driver)? {
+        let (old, generation): ((any Driver)?, UInt64) = slot.withLock { s in
+            let old = s.driver
+            s.driver = driver
+            s.generation &+= 1
+            return (old, s.generation)
+        }
+        let now = MonotonicClock.nowNs()
+        for (i, v) in vcpus.enumerated() {
+            let handle = VCPUHandle(vm: vm, index: i)
+            let thread: ThreadID? = v.state.withLock { s in
+                if let start = s.boostStart { endBoost(&s, vcpu: i, start: start, now: now) }
+                s.attachedGeneration = generation
+                return s.thread
+            }
+            if let thread { try? actuator.restore(thread) }
+            old?.detach(vcpu: handle)
+            driver?.attach(vcpu: handle)
+        }
+        if let area { publishAll(area) }
+        return old
+    }
+
+    /// Delivers `event` for `vcpu` to the driver and carries out its decision.
+    @discardableResult
+    public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
+        let (driver, generation, area, disabled) = slot.withLock { s in
+            (s.driver, s.generation, s.area, s.disabledReason != nil)
+        }
+        guard !disabled, let driver, driver.events.contains(event.kind) else { return .unchanged }
+        let now = MonotonicClock.nowNs()
+        var readError: SharedAreaError?
+        let outcome: NotifyOutcome = vcpus[vcpu].state.withLock { s in
+            guard s.attachedGeneration == generation else { return .unchanged }  // raced a replacement
+            s.stats.events &+= 1
+            var guest: GuestVCPUState?
+            if let area {
+                do throws(SharedAreaError) { guest = try area.read(vcpu: vcpu) } catch {
+                    readError = error
+                    return .disabled(error)
+                }
+            }
+            if s.boostStart != nil, let veto = governor.checkOverrun(vcpu: vcpu, now: now) {
+                cut(&s, vcpu: vcpu, veto: veto, now: now)
+                return .vetoed(veto)
+            }
+            let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
+                                boostedSinceNs: s.boostStart, nowNs: now)
+            return carryOut(driver.decide(event: event, view: view), &s, vcpu: vcpu, now: now)
+        }
+        if let readError { disable(readError) }
+        else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }
+        return outcome
+    }
+
+    /// Cuts every boost that ran past its budget; the VMM calls this periodically so
+    /// a vCPU that never exits cannot keep a boost. Returns how many were cut.
+    @discardableResult
+    public func enforceBudgets() -> Int {
+        let now = MonotonicClock.nowNs()
+        var cutCount = 0
+        for (i, v) in vcpus.enumerated() {
+            let wasCut: Bool = v.state.withLock { s in
+                guard s.boostStart != nil, let veto = governor.checkOverrun(vcpu: i, now: now) else { return false }
+                cut(&s, vcpu: i, veto: veto, now: now)
+                return true
+            }
+            if wasCut { cutCount += 1; if let area { publish(area, vcpu: i) } }
+        }
+        return cutCount
+    }
+
+    /// Undoes every boost and detaches the driver (VM exit).
+    public func shutdown() {
+        install(nil)
+    }
+
+    private func carryOut(_ decision: Decision, _ s: inout VCPUState, vcpu: Int, now: UInt64) -> NotifyOutcome {
+        switch decision {
+        case .none:
+            return .unchanged
+        case .boost(let priority):
+            guard s.boostStart == nil else { return .unchanged }
+            guard let thread = s.thread else { return .unchanged }
+            if let veto = governor.beginBoost(vcpu: vcpu, now: now) {
+                s.stats.throttleCount &+= 1
+                return .vetoed(veto)
+            }
+            var params = boost.boosted
+            if let priority {
+                let p = min(max(priority, 1), boost.maxPriority)
+                if case .rr = boost.boosted { params = .rr(priority: p) } else { params = .fifo(priority: p) }
+            }
+            do {
+                try actuator.apply(params, to: thread)
+            } catch {
+                governor.endBoost(vcpu: vcpu, now: now)
+                try? actuator.restore(thread)
+                logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
+                return .actuatorFailed(error)
+            }
+            s.boostStart = now
+            s.stats.boostCount &+= 1
+            s.stats.boosted = true
+            return .boosted
+        case .unboost:
+            guard let start = s.boostStart else { return .unchanged }
+            endBoost(&s, vcpu: vcpu, start: start, now: now)
+            if let thread = s.thread {
+                do { try actuator.restore(thread) } catch { return .actuatorFailed(error) }
+            }
+            return .unboosted
+        }
+    }
+
+    private func endBoost(_ s: inout VCPUState, vcpu: Int, start: UInt64, now: UInt64) {
+        governor.endBoost(vcpu: vcpu, now: now)
+        s.stats.boostedNs &+= now > start ? now - start : 0
+        s.boostStart = nil
+        s.stats.boosted = false
+    }
+
+    private func cut(_ s: inout VCPUState, vcpu: Int, veto: GovernorVeto, now: UInt64) {
+        if let start = s.boostStart {
+            s.stats.boostedNs &+= now > start ? now - start : 0
+        }
+        s.boostStart = nil
+        s.stats.boosted = false
+        s.stats.throttleCount &+= 1
+        if let thread = s.thread { try? actuator.restore(thread) }
+        logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)"])
+    }
+
+    /// Disables pvsched for the VM after a bad read: drops the area and undoes every boost.
+    private func disable(_ error: SharedAreaError) {
+        let first: Bool = slot.withLock { s in
+            guard s.area != nil else { return false }
+            s.area = nil
+            s.disabledReason = error
+            return true
+        }
+        guard first else { return }
+        logger.error("pvsched disabled for VM: invalid shared area", metadata: ["vm": "\(vm)", "error": "\(error)"])
+        let now = MonotonicClock.nowNs()
+        for (i, v) in vcpus.enumerated() {
+            let thread: ThreadID? = v.state.withLock { s in
+                guard let start = s.boostStart else { return nil }
+                endBoost(&s, vcpu: i, start: start, now: now)
+                return s.thread
+            }
+            if let thread { try? actuator.restore(thread) }
+        }
+    }
+
+    private func publish(_ area: SharedArea, vcpu: Int) {
+        let st = stats(vcpu: vcpu)
+        let status: HostVCPUStatus = st.boosted ? .boosted : (isThrottled(vcpu) ? .throttled : .normal)
+        try? area.publish(vcpu: vcpu, status: status, boostCount: st.boostCount, boostedNs: st.boostedNs,
+                          throttleCount: st.throttleCount)
+    }
+
+    private func isThrottled(_ vcpu: Int) -> Bool {
+        governor.isThrottled(vcpu: vcpu, now: MonotonicClock.nowNs())
+    }
+
+    private func publishAll(_ area: SharedArea) {
+        for i in 0..<min(vcpus.count, area.layout.vcpuCount) { publish(area, vcpu: i) }
+    }
+}

@@ -1,0 +1,11 @@
+import PVSchedCore
+
+/// The drivers that ship with pvsched.
+public enum BuiltinDrivers {
+    /// Registers `nop` and `latency-boost`, and makes `latency-boost` the default.
+    public static func registerAll(in registry: DriverRegistry) throws(RegistryError) {
+        try registry.register(NopDriver())
+        try registry.register(LatencyBoostDriver())
+        try registry.setDefault("latency-boost")
+    }
+}

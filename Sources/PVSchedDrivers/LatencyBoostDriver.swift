@@ -1,0 +1,53 @@
+import PVSchedCore
+
+/// A driver that runs a vCPU real-time exactly while the guest does
+/// latency-sensitive work: from interrupt injection, while the guest reports an
+/// interrupt handler (irq/softirq/nmi), a real-time task or a boost request, and
+/// while a deadline it reported is near. A preempt-disabled section keeps a
+/// running boost for at most `preemptDisabledCapNs`. When nothing holds, it
+/// unboosts.
+public final class LatencyBoostDriver: Driver {
+    /// Tunables of the policy.
+    public struct Settings: Equatable, Sendable {
+        /// How long a preempt-disabled section alone may keep a boost.
+        public var preemptDisabledCapNs: UInt64
+        /// A pending deadline closer than this (on the guest clock) keeps or starts a boost.
+        public var deadlineHorizonNs: UInt64
+        public init(preemptDisabledCapNs: UInt64 = 1_000_000, deadlineHorizonNs: UInt64 = 0) {
+            self.preemptDisabledCapNs = preemptDisabledCapNs
+            self.deadlineHorizonNs = deadlineHorizonNs
+        }
+    }
+
+    public let name: String
+    public let protocolName = PVSCHED_PROTOCOL_LATENCY_NAME
+    public let protocolVersion = ProtocolVersion.latencyProtocol
+    public let events: EventMask = .all
+    public let settings: Settings
+
+    public init(name: String = "latency-boost", settings: Settings = Settings()) {
+        self.name = name
+        self.settings = settings
+    }
+
+    /// Guest flags that by themselves call for a boost.
+    public static let boostingFlags: GuestVCPUState.Flags = [.inIRQ, .inSoftIRQ, .inNMI, .rtTaskRunning, .boostRequest]
+
+    public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
+        if case .interruptInjection = event { return view.boosted ? .none : .boost() }
+        let wants = guestWantsBoost(view)
+        if wants { return view.boosted ? .none : .boost() }
+        guard view.boosted else { return .none }
+        if let g = view.guest, g.flags.contains(.preemptDisabled), view.boostedForNs < settings.preemptDisabledCapNs {
+            return .none
+        }
+        return .unboost
+    }
+
+    private func guestWantsBoost(_ view: VCPUView) -> Bool {
+        guard let g = view.guest else { return false }
+        if !g.flags.isDisjoint(with: Self.boostingFlags) { return true }
+        if settings.deadlineHorizonNs > 0, let slack = g.slackNs, slack <= settings.deadlineHorizonNs { return true }
+        return false
+    }
+}

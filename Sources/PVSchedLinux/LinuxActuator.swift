@@ -1,0 +1,129 @@
+import CLinuxSched
+import Logging
+import PVSchedCore
+import Synchronization
+import SystemPackage
+
+/// The Linux actuator: changes a thread's scheduling parameters with
+/// sched_setattr(2), only when they differ from what is in force, and puts each
+/// thread back to the exact parameters it had before (read with sched_getattr(2)).
+///
+/// Originals live in an async-signal-safe table, so the process restores every
+/// boosted thread on normal exit, on SIGINT/SIGTERM/SIGHUP/SIGQUIT and on fatal
+/// signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) before dying.
+public final class LinuxActuator: Actuator {
+    private let current = Mutex([ThreadID: SchedulingParameters]())
+    private let logger: Logger
+
+    public init(logger: Logger = Logger(label: "pvsched.actuator")) {
+        self.logger = logger
+        pvs_install_restore_handlers()
+    }
+
+    public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
+        try current.withLock { cur throws(ActuatorError) in
+            if cur[thread] == parameters { return }
+            var original = pvs_sched_attr()
+            if pvs_restore_table_lookup(thread.rawValue, &original) == 0 {
+                let r = pvs_sched_getattr(thread.rawValue, &original)
+                guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+                if LinuxScheduling.parameters(of: original) == parameters { return }
+                let rr = pvs_restore_table_remember(thread.rawValue, &original)
+                guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
+            }
+            var attr = LinuxScheduling.attr(for: parameters)
+            let r = pvs_sched_setattr(thread.rawValue, &attr)
+            guard r == 0 else {
+                if cur[thread] == nil { pvs_restore_table_forget(thread.rawValue) }
+                throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
+            }
+            cur[thread] = parameters
+        }
+    }
+
+    public func restore(_ thread: ThreadID) throws(ActuatorError) {
+        try current.withLock { cur throws(ActuatorError) in
+            guard cur.removeValue(forKey: thread) != nil else { return }
+            var original = pvs_sched_attr()
+            guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return }
+            original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+            let r = pvs_sched_setattr(thread.rawValue, &original)
+            pvs_restore_table_forget(thread.rawValue)
+            // A thread that already exited (ESRCH) needs no restoring.
+            guard r == 0 || r == -Errno.noSuchProcess.rawValue else {
+                throw ActuatorError(thread: thread, operation: "sched_setattr(original)", errno: -r)
+            }
+        }
+    }
+
+    public func restoreAll() {
+        let threads = current.withLock { Array($0.keys) }
+        for t in threads {
+            do { try restore(t) } catch { logger.error("restore failed", metadata: ["error": "\(error)"]) }
+        }
+    }
+
+    public func applied(to thread: ThreadID) -> SchedulingParameters? { current.withLock { $0[thread] } }
+
+    deinit { restoreAll() }
+}
+
+/// Reading and converting Linux thread scheduling parameters.
+public enum LinuxScheduling {
+    /// The calling thread's id.
+    public static func currentThread() -> ThreadID { ThreadID(pvs_gettid()) }
+
+    /// The parameters `thread` runs with now.
+    public static func parameters(of thread: ThreadID) throws(Errno) -> SchedulingParameters? {
+        var a = pvs_sched_attr()
+        let r = pvs_sched_getattr(thread.rawValue, &a)
+        guard r == 0 else { throw Errno(rawValue: -r) }
+        return parameters(of: a)
+    }
+
+    /// Pins `thread` to the CPUs in `mask` (bit i = CPU i).
+    public static func setAffinity(_ thread: ThreadID, mask: UInt64) throws(Errno) {
+        let r = pvs_set_affinity(thread.rawValue, mask)
+        guard r == 0 else { throw Errno(rawValue: -r) }
+    }
+
+    /// Whether this process may use real-time policies (root or CAP_SYS_NICE).
+    public static var canUseRealTime: Bool {
+        var original = pvs_sched_attr()
+        let tid = pvs_gettid()
+        guard pvs_sched_getattr(tid, &original) == 0 else { return false }
+        var rt = attr(for: .fifo(priority: 1))
+        guard pvs_sched_setattr(tid, &rt) == 0 else { return false }
+        original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+        _ = pvs_sched_setattr(tid, &original)
+        return true
+    }
+
+    static func parameters(of a: pvs_sched_attr) -> SchedulingParameters? {
+        switch Int32(a.sched_policy) {
+        case Int32(PVS_SCHED_OTHER): return .other(nice: Int8(a.sched_nice))
+        case Int32(PVS_SCHED_BATCH): return .batch(nice: Int8(a.sched_nice))
+        case Int32(PVS_SCHED_IDLE): return .idle
+        case Int32(PVS_SCHED_FIFO): return .fifo(priority: UInt8(a.sched_priority))
+        case Int32(PVS_SCHED_RR): return .rr(priority: UInt8(a.sched_priority))
+        default: return nil
+        }
+    }
+
+    static func attr(for p: SchedulingParameters) -> pvs_sched_attr {
+        var a = pvs_sched_attr()
+        a.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+        switch p {
+        case .other(let n): a.sched_policy = UInt32(PVS_SCHED_OTHER); a.sched_nice = Int32(n)
+        case .batch(let n): a.sched_policy = UInt32(PVS_SCHED_BATCH); a.sched_nice = Int32(n)
+        case .idle: a.sched_policy = UInt32(PVS_SCHED_IDLE)
+        case .fifo(let prio):
+            a.sched_policy = UInt32(PVS_SCHED_FIFO); a.sched_priority = UInt32(prio)
+            a.sched_flags = UInt64(PVS_SCHED_FLAG_RESET_ON_FORK)
+        case .rr(let prio):
+            a.sched_policy = UInt32(PVS_SCHED_RR); a.sched_priority = UInt32(prio)
+            a.sched_flags = UInt64(PVS_SCHED_FLAG_RESET_ON_FORK)
+        }
+        return a
+    }
+}

@@ -1,0 +1,112 @@
+import Testing
+@testable import PVSchedCore
+
+@Suite struct RegistryTests {
+    @Test func namesAreUnique() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("a"))
+        #expect(throws: RegistryError.duplicateName("a")) { try r.register(ScriptedDriver("a")) }
+        #expect(r.driver(named: "a") != nil)
+        #expect(r.driver(named: "b") == nil)
+    }
+
+    @Test func lookupByProtocolPicksACompatibleVersion() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("v1.0", version: .init(major: 1, minor: 0)))
+        try r.register(ScriptedDriver("v1.2", version: .init(major: 1, minor: 2)))
+        try r.register(ScriptedDriver("v2.0", version: .init(major: 2, minor: 0)))
+        try r.register(ScriptedDriver("other", protocol: "other-proto"))
+        #expect(r.driver(forProtocol: "pvsched-latency", version: .init(major: 1, minor: 1))?.name == "v1.0")
+        #expect(r.driver(forProtocol: "pvsched-latency", version: .init(major: 1, minor: 5))?.name == "v1.2")
+        #expect(r.driver(forProtocol: "pvsched-latency", version: .init(major: 2, minor: 3))?.name == "v2.0")
+        #expect(r.driver(forProtocol: "pvsched-latency", version: .init(major: 3, minor: 0)) == nil)
+        #expect(r.driver(forProtocol: "nope", version: .init(major: 1, minor: 0)) == nil)
+    }
+
+    @Test func assignReplaceUnassignAndDefault() throws {
+        let r = DriverRegistry()
+        let a = ScriptedDriver("a"), b = ScriptedDriver("b")
+        try r.register(a); try r.register(b)
+        try r.setDefault("a")
+        let binding = try r.bind(vm: testVM, actuator: RecordingActuator())
+        #expect(binding.driver === a)
+        #expect(a.calls == ["attach 0", "attach 1"])
+        let previous = try r.assign("b", to: testVM.id)
+        #expect(previous === a)
+        #expect(binding.driver === b)
+        #expect(a.calls.suffix(2) == ["detach 0", "detach 1"])
+        #expect(b.calls == ["attach 0", "attach 1"])
+        // Changing the default does not move an explicitly assigned VM.
+        try r.setDefault(nil)
+        #expect(binding.driver === b)
+        let back = try r.unassign(vm: testVM.id)
+        #expect(back === b)
+        #expect(binding.driver == nil)
+        #expect(throws: RegistryError.unknownVM(99)) { try r.assign("a", to: 99) }
+        #expect(throws: RegistryError.unknownDriver("zz")) { try r.assign("zz", to: testVM.id) }
+    }
+
+    @Test func unregisteringADriverInUseNeedsForce() throws {
+        let r = DriverRegistry()
+        let a = ScriptedDriver("a"), fallback = ScriptedDriver("fallback")
+        try r.register(a); try r.register(fallback)
+        let binding = try r.bind(vm: testVM, actuator: RecordingActuator())
+        try r.assign("a", to: testVM.id)
+        #expect(throws: RegistryError.driverInUse("a", vms: ["\(testVM)"])) { try r.unregister("a") }
+        #expect(binding.driver === a)
+        try r.setDefault("fallback")
+        let removed = try r.unregister("a", force: true)
+        #expect(removed === a)
+        #expect(binding.driver === fallback)
+        #expect(r.driver(named: "a") == nil)
+        #expect(throws: RegistryError.unknownDriver("a")) { try r.unregister("a") }
+    }
+
+    @Test func negotiationHonoursAssignmentAndProtocol() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("lat", version: .init(major: 1, minor: 0)))
+        try r.register(ScriptedDriver("oth", protocol: "other"))
+        _ = try r.bind(vm: testVM, actuator: RecordingActuator())
+        #expect(try r.negotiate(vm: testVM.id, protocolName: "pvsched-latency", version: .init(major: 1, minor: 0)).name == "lat")
+        #expect(throws: RegistryError.noDriverForProtocol(name: "zzz", version: .init(major: 1, minor: 0))) {
+            try r.negotiate(vm: testVM.id, protocolName: "zzz", version: .init(major: 1, minor: 0))
+        }
+        try r.assign("oth", to: testVM.id)
+        #expect(throws: RegistryError.self) {
+            try r.negotiate(vm: testVM.id, protocolName: "pvsched-latency", version: .init(major: 1, minor: 0))
+        }
+    }
+
+    @Test func concurrentRegistrationIsSafe() async throws {
+        let r = DriverRegistry()
+        await withTaskGroup(of: Void.self) { g in
+            for i in 0..<64 { g.addTask { try? r.register(ScriptedDriver("d\(i % 16)")) } }
+        }
+        #expect(r.drivers.count == 16)
+    }
+}
+
+@Suite struct GovernorTests {
+    @Test func capThrottlesAndThenAllowsAgain() {
+        let g = Governor(config: .init(maxContinuousBoostNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1), vcpuCount: 1)
+        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 1050) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 1100) == .throttled(untilNs: 1150))
+        #expect(g.beginBoost(vcpu: 0, now: 1120) == .throttled(untilNs: 1150))
+        #expect(g.isThrottled(vcpu: 0, now: 1120))
+        #expect(g.beginBoost(vcpu: 0, now: 1150) == nil)
+    }
+
+    @Test func vmShareIsEnforced() {
+        // Window 1000 ns, 2 vCPUs, 25% share: 500 ns of boost per window.
+        let g = Governor(config: .init(maxContinuousBoostNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25), vcpuCount: 2)
+        #expect(g.beginBoost(vcpu: 0, now: 0) == nil)
+        g.endBoost(vcpu: 0, now: 300)
+        #expect(g.beginBoost(vcpu: 1, now: 300) == nil)
+        #expect(g.checkOverrun(vcpu: 1, now: 400) == nil)
+        #expect(g.checkOverrun(vcpu: 1, now: 600) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        #expect(g.beginBoost(vcpu: 0, now: 700) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        // A new window starts afresh.
+        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)
+    }
+}

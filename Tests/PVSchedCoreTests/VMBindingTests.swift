@@ -1,0 +1,115 @@
+import PVSchedABI
+import Testing
+@testable import PVSchedCore
+
+@Suite struct VMBindingTests {
+    private func setup(governor: GovernorConfig = .default,
+                       script: @escaping @Sendable (VCPUEvent, VCPUView) -> Decision)
+        throws -> (DriverRegistry, VMBinding, RecordingActuator, ScriptedDriver) {
+        let r = DriverRegistry()
+        let d = ScriptedDriver("s", script: script)
+        try r.register(d)
+        try r.setDefault("s")
+        let act = RecordingActuator()
+        let b = try r.bind(vm: testVM, actuator: act, governor: governor)
+        b.setThread(ThreadID(100), vcpu: 0)
+        b.setThread(ThreadID(101), vcpu: 1)
+        return (r, b, act, d)
+    }
+
+    @Test func boostAndUnboostGoThroughTheActuatorAndArePublished() throws {
+        let (_, b, act, _) = try setup { e, _ in
+            switch e {
+            case .interruptInjection: return .boost()
+            case .halt: return .unboost
+            default: return .none
+            }
+        }
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        #expect(b.notify(.interruptInjection(vector: 32), vcpu: 1) == .boosted)
+        #expect(b.notify(.interruptInjection(vector: 32), vcpu: 1) == .unchanged)
+        #expect(buf.writer.vcpu(1).pointee.host.status == PVSCHED_STATUS_BOOSTED)
+        #expect(b.notify(.halt, vcpu: 1) == .unboosted)
+        #expect(buf.writer.vcpu(1).pointee.host.status == PVSCHED_STATUS_NORMAL)
+        #expect(buf.writer.vcpu(1).pointee.host.boost_count == 1)
+        #expect(act.calls == [.apply(.fifo(priority: 10), ThreadID(101)), .restore(ThreadID(101))])
+        #expect(b.stats(vcpu: 1).boostCount == 1)
+    }
+
+    @Test func eventsOutsideTheMaskAreNotDelivered() throws {
+        let r = DriverRegistry()
+        let d = ScriptedDriver("s", events: [.halt])
+        try r.register(d)
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator())
+        try r.assign("s", to: testVM.id)
+        b.notify(.vmEntry, vcpu: 0)
+        b.notify(.vmExit(.halt), vcpu: 0)
+        b.notify(.halt, vcpu: 0)
+        #expect(d.calls == ["attach 0", "attach 1", "halt"])
+    }
+
+    @Test func replacingTheDriverUndoesBoosts() throws {
+        let (r, b, act, _) = try setup { _, _ in .boost() }
+        try r.register(ScriptedDriver("other"))
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        let old = try r.assign("other", to: testVM.id)
+        #expect(old?.name == "s")
+        #expect(act.applied(to: ThreadID(100)) == nil)
+        #expect(act.calls.last == .restore(ThreadID(100)))
+        #expect(b.stats(vcpu: 0).boosted == false)
+    }
+
+    @Test func unbindUndoesBoosts() throws {
+        let (r, b, act, _) = try setup { _, _ in .boost() }
+        b.notify(.vmEntry, vcpu: 0); b.notify(.vmEntry, vcpu: 1)
+        r.unbind(vm: testVM.id)
+        #expect(act.applied(to: ThreadID(100)) == nil && act.applied(to: ThreadID(101)) == nil)
+        #expect(r.binding(vm: testVM.id) == nil)
+    }
+
+    @Test func governorVetoIsReportedAndCounted() throws {
+        let cfg = GovernorConfig(maxContinuousBoostNs: 1, throttleWindowNs: 10_000_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, _) = try setup(governor: cfg) { _, _ in .boost() }
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        // The next event finds the boost past its 1 ns cap: cut and throttled.
+        guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not cut"); return }
+        guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not throttled"); return }
+        #expect(act.applied(to: ThreadID(100)) == nil)
+        #expect(b.stats(vcpu: 0).throttleCount == 2)
+    }
+
+    @Test func enforcerCutsABoostWithoutEvents() throws {
+        let cfg = GovernorConfig(maxContinuousBoostNs: 1, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, _) = try setup(governor: cfg) { _, _ in .boost() }
+        #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
+        #expect(b.enforceBudgets() == 1)
+        #expect(act.applied(to: ThreadID(101)) == nil)
+    }
+
+    @Test func badAreaDisablesPvschedAndLeavesTheHostUnchanged() throws {
+        let (_, b, act, d) = try setup { _, v in v.guest == nil ? .none : .boost() }
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        buf.writer.setFlags(vcpu: 0, [.rtTaskRunning])
+        #expect(b.notify(.vmExit(.halt), vcpu: 1) == .boosted)
+        // The guest now writes garbage: unknown flag bits.
+        buf.writer.update(vcpu: 0) { $0.flags = 0xFFFF_0000 }
+        let outcome = b.notify(.vmExit(.halt), vcpu: 0)
+        #expect(outcome == .disabled(.unknownFlags(vcpu: 0, bits: 0xFFFF_0000)))
+        #expect(b.disabledReason?.field == "flags")
+        // Every boost of the VM is undone and no later decision is applied.
+        #expect(act.applied(to: ThreadID(101)) == nil)
+        let callsBefore = d.calls.count
+        #expect(b.notify(.vmEntry, vcpu: 1) == .unchanged)
+        #expect(d.calls.count == callsBefore)
+    }
+
+    @Test func actuatorFailureLeavesThreadUnboosted() throws {
+        let (_, b, act, _) = try setup { _, _ in .boost() }
+        act.failApplies(for: ThreadID(100))
+        guard case .actuatorFailed = b.notify(.vmEntry, vcpu: 0) else { Issue.record("expected failure"); return }
+        #expect(b.stats(vcpu: 0).boosted == false)
+        #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
+    }
+}

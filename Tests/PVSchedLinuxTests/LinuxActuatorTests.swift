@@ -1,0 +1,143 @@
+import CLinuxSched
+import PVSchedCore
+import Synchronization
+import Testing
+import Glibc
+@testable import PVSchedLinux
+
+/// A thread that sleeps until told to stop, so a test can change its scheduling.
+final class ParkedThread: Sendable {
+    private final class Shared: Sendable {
+        let tid = Atomic<Int32>(0)
+        let stop = Atomic(false)
+    }
+    private let shared = Shared()
+    let thread: PVSchedCore.Thread
+    init() {
+        let shared = self.shared
+        thread = Thread {
+            shared.tid.store(pvs_gettid(), ordering: .releasing)
+            while !shared.stop.load(ordering: .relaxed) { usleep(1000) }
+        }
+        while shared.tid.load(ordering: .acquiring) == 0 { usleep(100) }
+    }
+    var id: ThreadID { ThreadID(shared.tid.load(ordering: .acquiring)) }
+    func finish() { shared.stop.store(true, ordering: .relaxed); thread.join() }
+}
+
+let realTimeAvailable = LinuxScheduling.canUseRealTime
+
+@Suite(.serialized) struct LinuxActuatorTests {
+    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    func boostsARealThreadAndRestoresItsOriginalParameters() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let act = LinuxActuator()
+        // Give the thread a non-default original so restoring is not a coincidence.
+        var nice = LinuxScheduling.attr(for: .other(nice: 3))
+        #expect(pvs_sched_setattr(t.id.rawValue, &nice) == 0)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 3))
+
+        try act.apply(.fifo(priority: 12), to: t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 12))
+        #expect(pvs_restore_table_count() >= 1)
+        try act.apply(.rr(priority: 20), to: t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .rr(priority: 20))
+        try act.restore(t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 3))
+        #expect(act.applied(to: t.id) == nil)
+    }
+
+    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    func restoreAllPutsEveryThreadBack() throws {
+        let a = ParkedThread(), b = ParkedThread()
+        defer { a.finish(); b.finish() }
+        let act = LinuxActuator()
+        try act.apply(.fifo(priority: 5), to: a.id)
+        try act.apply(.fifo(priority: 6), to: b.id)
+        act.restoreAll()
+        #expect(try LinuxScheduling.parameters(of: a.id) == .other(nice: 0))
+        #expect(try LinuxScheduling.parameters(of: b.id) == .other(nice: 0))
+    }
+
+    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    func bindingBoostsTheVCPUThreadThroughLatencyBoostDecisions() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let r = DriverRegistry()
+        try r.register(BoostOnInjection())
+        try r.setDefault("boost-on-injection")
+        let b = try r.bind(vm: VMHandle(id: 3, name: "linux", vcpuCount: 1), actuator: LinuxActuator())
+        b.setThread(t.id, vcpu: 0)
+        #expect(b.notify(.interruptInjection(vector: 32), vcpu: 0) == .boosted)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 10))
+        r.unbind(vm: 3)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 0))
+    }
+
+    @Test func errorsAreTypedAndNameTheThread() {
+        let act = LinuxActuator()
+        #expect(throws: ActuatorError.self) { try act.apply(.fifo(priority: 1), to: ThreadID(0x7fff_fff0)) }
+    }
+}
+
+final class BoostOnInjection: Driver {
+    let name = "boost-on-injection"
+    let protocolName = "pvsched-latency"
+    let protocolVersion = ProtocolVersion(major: 1, minor: 0)
+    let events: EventMask = [.interruptInjection]
+    func decide(event: VCPUEvent, view: VCPUView) -> Decision { .boost() }
+}
+
+/// The `pvsched` binary built beside the test bundle, if it was built.
+let pvschedBinary: String? = {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+    guard n > 0 else { return nil }
+    var dir = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    while let slash = dir.lastIndex(of: "/"), !dir.hasSuffix(".build") {
+        dir = String(dir[..<slash])
+        let candidate = dir + "/pvsched"
+        if access(candidate, X_OK) == 0 { return candidate }
+        if dir.isEmpty { break }
+    }
+    return nil
+}()
+
+@Suite(.serialized) struct SignalRestoreTests {
+    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"),
+          .enabled(if: pvschedBinary != nil, "the pvsched binary is not built (run `swift build` first)"),
+          arguments: [SIGTERM, SIGINT])
+    func aSignalledProcessRestoresTheThreadsItBoosted(signal: Int32) throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        var pid: pid_t = 0
+        let args = [pvschedBinary!, "boost-thread", "\(t.id.rawValue)", "--priority", "7", "--seconds", "30"]
+        var argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        // Start the child with default dispositions and nothing blocked, whatever the test runner uses.
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var none = sigset_t(), defaults = sigset_t()
+        sigemptyset(&none)
+        sigemptyset(&defaults); sigaddset(&defaults, SIGTERM); sigaddset(&defaults, SIGINT)
+        posix_spawnattr_setsigmask(&attr, &none)
+        posix_spawnattr_setsigdefault(&attr, &defaults)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        #expect(posix_spawn(&pid, args[0], nil, &attr, &argv, environ) == 0)
+        // Wait until the child has boosted our thread.
+        var boosted = false
+        for _ in 0..<500 {
+            if (try? LinuxScheduling.parameters(of: t.id)) == .fifo(priority: 7) { boosted = true; break }
+            usleep(10_000)
+        }
+        #expect(boosted)
+        kill(pid, signal)
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        // Killed by the signal (re-raised after restoring), not exited normally.
+        #expect(status & 0x7f == signal)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 0))
+    }
+}
