@@ -9,6 +9,7 @@ let package = Package(
         .library(name: "PVSchedCore", targets: ["PVSchedCore"]),
         .library(name: "PVSchedDrivers", targets: ["PVSchedDrivers"]),
         .library(name: "PVSchedLinux", targets: ["PVSchedLinux"]),
+        .library(name: "PVSchedKVM", targets: ["PVSchedKVM"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -35,15 +36,29 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The kvm component: a VMM on /dev/kvm that notifies pvsched drivers.
+        .target(name: "CKVM"),
+        .target(name: "PVSchedKVM", dependencies: [
+            "PVSchedCore", "PVSchedABI", "CKVM", "PVSchedLinux",
+            .product(name: "Atomics", package: "swift-atomics"),
+            .product(name: "SystemPackage", package: "swift-system"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The guest component: the Embedded Swift kernel in Guest/, built and embedded by a plugin.
+        .plugin(name: "GuestImagePlugin", capability: .buildTool()),
+        .target(name: "PVSchedGuestImage", plugins: ["GuestImagePlugin"]),
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
-            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux",
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched"]),
+        .testTarget(name: "PVSchedKVMTests", dependencies: [
+            "PVSchedKVM", "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedGuestImage", "PVSchedABI",
+        ]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -127,3 +127,13 @@ public enum LinuxScheduling {
         return a
     }
 }
+
+extension LinuxScheduling {
+    /// Sets the calling thread's parameters directly (for the VMM's own device
+    /// threads, which die with the VM: nothing to restore).
+    public static func setCurrentThread(_ parameters: SchedulingParameters) throws(Errno) {
+        var a = attr(for: parameters)
+        let r = pvs_sched_setattr(0, &a)
+        guard r == 0 else { throw Errno(rawValue: -r) }
+    }
+}

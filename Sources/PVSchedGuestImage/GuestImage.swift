@@ -1,0 +1,29 @@
+/// The pvsched guest kernel image (built from Guest/ during `swift build`),
+/// a flat binary loaded at PVSCHED_GPA_KERNEL and entered in long mode.
+public enum GuestImage {
+    /// The kernel image bytes.
+    public static let kernel: [UInt8] = decodeBase64(GeneratedGuestImage.base64)
+
+    static func decodeBase64(_ text: StaticString) -> [UInt8] {
+        var table = [UInt8](repeating: 0xFF, count: 256)
+        for (i, c) in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8.enumerated() {
+            table[Int(c)] = UInt8(i)
+        }
+        var out: [UInt8] = []
+        out.reserveCapacity(text.utf8CodeUnitCount * 3 / 4)
+        var acc: UInt32 = 0, bits = 0
+        text.withUTF8Buffer { buf in
+            for c in buf {
+                let v = table[Int(c)]
+                if v == 0xFF { continue }  // '=' padding
+                acc = acc << 6 | UInt32(v)
+                bits += 6
+                if bits >= 8 {
+                    bits -= 8
+                    out.append(UInt8(truncatingIfNeeded: acc >> UInt32(bits)))
+                }
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,181 @@
+import Atomics
+import CKVM
+import Logging
+import PVSchedABI
+import PVSchedCore
+import PVSchedLinux
+import Synchronization
+
+/// The guest console (port 0xE9): collects bytes per vCPU and hands out whole
+/// lines, so vCPUs printing at once do not interleave mid-line.
+final class Console: Sendable {
+    private struct State { var all: [UInt8] = []; var lines: [[UInt8]] }
+    private let state: Mutex<State>
+    static let maxBytes = 1 << 20
+
+    init(vcpus: Int) { state = Mutex(State(lines: Array(repeating: [], count: vcpus))) }
+
+    func write(_ bytes: UnsafeBufferPointer<UInt8>, vcpu: Int, sink: (@Sendable (String) -> Void)?) {
+        var done: [String] = []
+        state.withLock { s in
+            for b in bytes {
+                if b == UInt8(ascii: "\n") {
+                    if s.all.count < Self.maxBytes { s.all += s.lines[vcpu]; s.all.append(b) }
+                    done.append(String(decoding: s.lines[vcpu], as: UTF8.self))
+                    s.lines[vcpu].removeAll(keepingCapacity: true)
+                } else if s.lines[vcpu].count < 4096 {
+                    s.lines[vcpu].append(b)
+                }
+            }
+        }
+        if let sink { done.forEach(sink) }
+    }
+
+    /// Every complete line printed so far.
+    var output: String { state.withLock { String(decoding: $0.all, as: UTF8.self) } }
+}
+
+/// The pvsched virtual device: the guest registers the guest-physical address
+/// of its shared area and advertises its protocol (in the area's header); the
+/// VMM validates the area (inside guest RAM, size, header), asks the registry
+/// for a driver, and answers accepted or refused with a reason. A doorbell
+/// register gives the guest a synchronous exit to be deboosted at once.
+final class PVSchedDevice: Sendable {
+    private struct Latch { var lo: UInt32 = 0; var hi: UInt32 = 0; var size: UInt32 = 0
+                           var status: UInt32 = PVSCHED_DEV_IDLE; var reason: UInt32 = PVSCHED_REASON_NONE }
+    private let latches: Mutex<[Latch]>
+    private let messages = Mutex<[String]>([])
+    private let doorbells = ManagedAtomic<UInt64>(0)
+
+    init(vcpus: Int) { latches = Mutex(Array(repeating: Latch(), count: vcpus)) }
+
+    /// Human-readable results of every register command, in order.
+    var log: [String] { messages.withLock { $0 } }
+    var doorbellCount: UInt64 { doorbells.load(ordering: .relaxed) }
+
+    func access(_ a: IOAccess, vcpu: Int, vm: VirtualMachine) {
+        let port = UInt32(a.port)
+        if a.isWrite {
+            let v = a.value
+            switch port {
+            case PVSCHED_DEV_AREA_LO: latches.withLock { $0[vcpu].lo = v }
+            case PVSCHED_DEV_AREA_HI: latches.withLock { $0[vcpu].hi = v }
+            case PVSCHED_DEV_AREA_SIZE: latches.withLock { $0[vcpu].size = v }
+            case PVSCHED_DEV_COMMAND: command(v, vcpu: vcpu, vm: vm)
+            case PVSCHED_DEV_DOORBELL: doorbells.wrappingIncrement(ordering: .relaxed)  // the exit itself is the event
+            default: break
+            }
+        } else {
+            let value: UInt32 = latches.withLock { l in
+                switch port {
+                case PVSCHED_DEV_STATUS: return l[vcpu].status
+                case PVSCHED_DEV_REASON: return l[vcpu].reason
+                case PVSCHED_DEV_VCPU_ID: return UInt32(vcpu)
+                default: return 0xFFFF_FFFF
+                }
+            }
+            a.reply(value)
+        }
+    }
+
+    private func command(_ cmd: UInt32, vcpu: Int, vm: VirtualMachine) {
+        let latch = latches.withLock { $0[vcpu] }
+        let result: (UInt32, UInt32, String)
+        switch cmd {
+        case PVSCHED_CMD_REGISTER:
+            result = register(gpa: UInt64(latch.hi) << 32 | UInt64(latch.lo), size: Int(latch.size), vm: vm)
+        case PVSCHED_CMD_UNREGISTER:
+            vm.binding?.setArea(nil)
+            result = (PVSCHED_DEV_ACCEPTED, PVSCHED_REASON_NONE, "area unregistered")
+        default:
+            result = (PVSCHED_DEV_REFUSED, PVSCHED_REASON_BAD_HEADER, "unknown command \(cmd)")
+        }
+        latches.withLock { $0[vcpu].status = result.0; $0[vcpu].reason = result.1 }
+        messages.withLock { $0.append(result.2) }
+        if result.0 == PVSCHED_DEV_REFUSED {
+            vm.logger.warning("pvsched area refused", metadata: ["vm": "\(vm.handle)", "reason": "\(result.2)"])
+        }
+    }
+
+    private func register(gpa: UInt64, size: Int, vm: VirtualMachine) -> (UInt32, UInt32, String) {
+        let refused = PVSCHED_DEV_REFUSED
+        guard let bytes = vm.memory.bytes(at: gpa, length: size) else {
+            return (refused, PVSCHED_REASON_OUT_OF_RAM,
+                    "refused: area 0x\(String(gpa, radix: 16)) + \(size) bytes is not inside guest RAM (\(vm.memory.size) bytes)")
+        }
+        guard size >= Int(PVSCHED_REGION_HEADER_SIZE) else {
+            return (refused, PVSCHED_REASON_TOO_SMALL, "refused: area_size \(size) is smaller than the region header")
+        }
+        let area: SharedArea
+        do throws(SharedAreaError) {
+            area = try SharedArea(validating: bytes)
+        } catch {
+            let reason = error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER
+            return (refused, reason, "refused: \(error)")
+        }
+        guard area.layout.vcpuCount == vm.config.vcpus else {
+            return (refused, PVSCHED_REASON_VCPU_MISMATCH,
+                    "refused: shared area field `vcpu_count`: \(area.layout.vcpuCount), the VM has \(vm.config.vcpus) vCPUs")
+        }
+        guard let registry = vm.registry, let binding = vm.binding else {
+            return (refused, PVSCHED_REASON_NO_DRIVER, "refused: this VM runs without pvsched")
+        }
+        let driver: any Driver
+        do throws(RegistryError) {
+            driver = try registry.negotiate(vm: vm.handle.id, protocolName: area.layout.protocolName,
+                                            version: area.layout.protocolVersion)
+        } catch {
+            return (refused, PVSCHED_REASON_NO_DRIVER, "refused: \(error)")
+        }
+        binding.setArea(area)
+        return (PVSCHED_DEV_ACCEPTED, PVSCHED_REASON_NONE,
+                "accepted: \(area.layout.protocolName) \(area.layout.protocolVersion), driver \(driver.name)")
+    }
+}
+
+/// A one-shot timer per vCPU (port PVSCHED_PORT_TIMER_ARM): the guest arms it
+/// with a delay in µs; a device thread raises PVSCHED_VECTOR_TIMER on that vCPU
+/// when it expires, through the same injection path as any device interrupt.
+final class TimerDevice: @unchecked Sendable {
+    private let deadlines: Mutex<[UInt64]>
+    private let generation = FutexWord()
+    private let running = ManagedAtomic(false)
+    private var thread: PVSchedCore.Thread?
+
+    init(vcpus: Int) { deadlines = Mutex(Array(repeating: 0, count: vcpus)) }
+
+    func arm(vcpu: Int, afterUs: UInt32) {
+        let deadline = afterUs == 0 ? 0 : MonotonicClock.nowNs() &+ UInt64(afterUs) * 1000
+        deadlines.withLock { $0[vcpu] = deadline }
+        generation.bumpAndWake(1)
+    }
+
+    func start(vm: VirtualMachine, priority: UInt8?) {
+        running.store(true, ordering: .relaxed)
+        thread = PVSchedCore.Thread { [self, weak vm] in
+            if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
+            while running.load(ordering: .acquiring) {
+                let seen = generation.value
+                let now = MonotonicClock.nowNs()
+                var due: [Int] = []
+                var next = UInt64.max
+                deadlines.withLock { d in
+                    for i in d.indices where d[i] != 0 {
+                        if d[i] <= now { due.append(i); d[i] = 0 } else { next = min(next, d[i]) }
+                    }
+                }
+                for i in due { vm?.raiseInterrupt(vcpu: i, vector: UInt8(PVSCHED_VECTOR_TIMER)) }
+                if !due.isEmpty { continue }
+                let timeout: Int64 = next == .max ? 100_000_000 : Int64(min(next - now, 100_000_000))
+                generation.wait(while: seen, timeoutNs: timeout)
+            }
+        }
+    }
+
+    func stop() {
+        running.store(false, ordering: .relaxed)
+        generation.bumpAndWake(1)
+        thread?.join()
+        thread = nil
+    }
+}

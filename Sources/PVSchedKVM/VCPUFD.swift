@@ -1,0 +1,86 @@
+import Atomics
+import CKVM
+import SystemPackage
+
+/// A vCPU file descriptor and its mapped `kvm_run`: registers, CPUID, MP state,
+/// interrupt injection and `KVM_RUN`. Every call except `requestImmediateExit`
+/// belongs on the vCPU's own thread.
+public final class VCPUFD: @unchecked Sendable {
+    public let fd: FileDescriptor
+    public let id: Int
+    let runArea: UnsafeMutablePointer<kvm_run>
+    private let runSize: Int
+
+    init(fd: FileDescriptor, id: Int, run: UnsafeMutableRawPointer, runSize: Int) {
+        self.fd = fd; self.id = id; self.runSize = runSize
+        self.runArea = run.assumingMemoryBound(to: kvm_run.self)
+    }
+
+    deinit {
+        _ = ckvm_munmap(runArea, runSize)
+        try? fd.close()
+    }
+
+    public func getRegs() throws(KVMError) -> kvm_regs {
+        var r = kvm_regs()
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_GET_REGS, &r), "KVM_GET_REGS")
+        return r
+    }
+    public func setRegs(_ regs: kvm_regs) throws(KVMError) {
+        var r = regs
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_REGS, &r), "KVM_SET_REGS")
+    }
+    public func getSregs() throws(KVMError) -> kvm_sregs {
+        var s = kvm_sregs()
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_GET_SREGS, &s), "KVM_GET_SREGS")
+        return s
+    }
+    public func setSregs(_ sregs: kvm_sregs) throws(KVMError) {
+        var s = sregs
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_SREGS, &s), "KVM_SET_SREGS")
+    }
+    public func setCPUID(_ entries: CPUIDEntries) throws(KVMError) {
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_CPUID2, entries.raw), "KVM_SET_CPUID2")
+    }
+    /// Makes the vCPU runnable (vCPUs after the first start in INIT_RECEIVED with an irqchip).
+    public func setRunnable() throws(KVMError) {
+        var s = kvm_mp_state(mp_state: UInt32(KVM_MP_STATE_RUNNABLE))
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_MP_STATE, &s), "KVM_SET_MP_STATE")
+    }
+    /// Sets XCR0 (which state components XSAVE manages and the guest may use).
+    public func setXCR0(_ value: UInt64) throws(KVMError) {
+        _ = try check(ckvm_set_xcr0(fd.rawValue, value), "KVM_SET_XCRS")
+    }
+    /// The guest TSC frequency in kHz.
+    public func tscKHz() throws(KVMError) -> UInt64 {
+        UInt64(try check(ckvm_ioctl_value(fd.rawValue, CKVM_GET_TSC_KHZ, 0), "KVM_GET_TSC_KHZ"))
+    }
+    /// Queues an external interrupt (userspace irqchip; only when `readyForInterrupt`).
+    public func interrupt(vector: UInt8) throws(KVMError) {
+        var irq = kvm_interrupt(irq: UInt32(vector))
+        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_INTERRUPT, &irq), "KVM_INTERRUPT")
+    }
+
+    /// Whether the guest can take an injected interrupt now.
+    public var readyForInterrupt: Bool { runArea.pointee.ready_for_interrupt_injection != 0 && runArea.pointee.if_flag != 0 }
+    /// Ask KVM to exit as soon as the guest can take an interrupt.
+    public var requestInterruptWindow: Bool {
+        get { runArea.pointee.request_interrupt_window != 0 }
+        set { runArea.pointee.request_interrupt_window = newValue ? 1 : 0 }
+    }
+
+    /// Makes the current or next KVM_RUN return at once (safe from any thread).
+    public func requestImmediateExit(_ on: Bool) {
+        let p = UnsafeMutableRawPointer(runArea) + MemoryLayout<kvm_run>.offset(of: \kvm_run.immediate_exit)!
+        UnsafeAtomic<UInt8>(at: p.assumingMemoryBound(to: UInt8.AtomicRepresentation.self))
+            .store(on ? 1 : 0, ordering: .releasing)
+    }
+
+    /// Runs the vCPU until the next exit and decodes it.
+    public func run() throws(KVMError) -> VMExit {
+        let r = ckvm_ioctl(fd.rawValue, CKVM_RUN, nil)
+        if r == -Int(Errno.interrupted.rawValue) { return .interrupted }
+        _ = try check(r, "KVM_RUN on vCPU \(id)")
+        return VMExit(runArea)
+    }
+}

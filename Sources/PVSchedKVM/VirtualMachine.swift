@@ -1,0 +1,342 @@
+import Atomics
+import CKVM
+import Logging
+import PVSchedABI
+import PVSchedCore
+import PVSchedLinux
+import Synchronization
+
+/// How a VM run ended.
+public enum VMOutcome: Equatable, Sendable {
+    /// The guest wrote its exit code to the exit port.
+    case exited(code: UInt32)
+    /// The host stopped it (`stop()` or a timeout).
+    case stopped
+    /// A vCPU hit an exit the VMM cannot continue from.
+    case failed(vcpu: Int, reason: String)
+}
+
+/// A running guest on /dev/kvm: guest memory in long mode, N vCPUs each on its
+/// own OS thread with one exit loop, a console, a timer, interrupt delivery,
+/// and the pvsched device through which the guest registers its shared area.
+/// Every vCPU event is sent to the VM's `VMBinding` (its driver).
+public final class VirtualMachine: @unchecked Sendable {
+    public let config: VMConfiguration
+    public let handle: VMHandle
+    public let memory: GuestMemory
+    public let binding: VMBinding?
+    public let registry: DriverRegistry?
+    let kvm: KVMSystem
+    let vm: VMFD
+    let vcpus: [VCPUContext]
+    let logger: Logger
+    public let tscKHz: UInt64
+
+    let console: Console
+    let pvschedDevice: PVSchedDevice
+    let timer: TimerDevice
+    private let stopping = ManagedAtomic(false)
+    private let outcomeLock = Mutex<VMOutcome?>(nil)
+    private let finished = FutexWord()
+    private var threads: [PVSchedCore.Thread] = []
+    private var enforcer: PVSchedCore.Thread?
+    private static let nextID = ManagedAtomic<UInt64>(1)
+
+    /// Creates the VM (memory, page tables, boot info, vCPUs) and binds it to
+    /// `registry` with `actuator` if given. Nothing runs until `start()`.
+    public init(config: VMConfiguration, registry: DriverRegistry? = nil, actuator: (any Actuator)? = nil,
+                governor: GovernorConfig = .default, boost: BoostSettings = BoostSettings(),
+                logger: Logger = Logger(label: "pvsched.vmm")) throws {
+        precondition(config.vcpus >= 1 && config.vcpus <= 16, "1...16 vCPUs")
+        self.config = config
+        self.logger = logger
+        handle = VMHandle(id: Self.nextID.loadThenWrappingIncrement(ordering: .relaxed), name: config.name,
+                          vcpuCount: config.vcpus)
+        kvm = try KVMSystem()
+        vm = try kvm.createVM()
+        try vm.setTSSAddress(0xfffb_d000)
+        if config.interrupts == .inKernelIRQChip { try vm.createIRQChip() }
+        memory = try GuestMemory(size: config.memorySize)
+        try vm.setUserMemoryRegion(slot: 0, guestPhysical: 0, size: memory.size, host: memory.base)
+        try LongMode.writeTables(into: memory)
+        try memory.write(config.image, at: UInt64(PVSCHED_GPA_KERNEL))
+
+        let cpuid = try kvm.supportedCPUID()
+        var contexts: [VCPUContext] = []
+        var khz: UInt64 = 0
+        for i in 0..<config.vcpus {
+            let fd = try vm.createVCPU(id: i)
+            try fd.setCPUID(cpuid)
+            var sregs = try fd.getSregs()
+            LongMode.configure(&sregs)
+            try fd.setSregs(sregs)
+            try fd.setXCR0(0x3)  // x87 + SSE state, matching CR4.OSXSAVE
+            _ = ckvm_reset_fpu(fd.fd.rawValue)
+            var regs = kvm_regs()
+            regs.rip = UInt64(PVSCHED_GPA_KERNEL)
+            regs.rsp = UInt64(config.memorySize) - UInt64(i) * UInt64(PVSCHED_BOOT_STACK_SIZE) - 8
+            regs.rdi = UInt64(i)
+            regs.rsi = UInt64(PVSCHED_GPA_BOOT_INFO)
+            regs.rflags = 2
+            try fd.setRegs(regs)
+            if config.interrupts == .inKernelIRQChip { try fd.setRunnable() }
+            if i == 0 { khz = (try? fd.tscKHz()) ?? 0 }
+            contexts.append(VCPUContext(index: i, fd: fd))
+        }
+        vcpus = contexts
+        tscKHz = khz
+        try Self.writeBootInfo(config: config, memory: memory, tscKHz: khz)
+
+        self.registry = registry
+        if let registry {
+            binding = try registry.bind(vm: handle, actuator: actuator ?? LinuxActuator(), governor: governor, boost: boost)
+        } else {
+            binding = nil
+        }
+        pvschedDevice = PVSchedDevice(vcpus: config.vcpus)
+        console = Console(vcpus: config.vcpus)
+        timer = TimerDevice(vcpus: config.vcpus)
+        ckvm_install_kick_handler()
+    }
+
+    deinit { stop() }
+
+    private static func writeBootInfo(config: VMConfiguration, memory: GuestMemory, tscKHz: UInt64) throws(KVMError) {
+        guard let info = memory.pointer(to: pvsched_boot_info.self, at: UInt64(PVSCHED_GPA_BOOT_INFO)) else {
+            throw KVMError("write boot info", detail: "guest memory too small")
+        }
+        var b = pvsched_boot_info()
+        b.magic = PVSCHED_BOOT_MAGIC
+        b.vcpu_count = UInt32(config.vcpus)
+        b.memory_size = UInt64(config.memorySize)
+        b.tsc_khz = tscKHz
+        b.workload = config.boot.workload.rawValue
+        b.arg = config.boot.arg
+        b.interval_ns = config.boot.intervalNs
+        b.duration_ns = config.boot.durationNs
+        b.pvsched_enabled = config.boot.pvschedEnabled ? 1 : 0
+        b.irqchip = config.interrupts == .inKernelIRQChip ? 1 : 0
+        withUnsafeMutableBytes(of: &b.vcpu_workload) { w in
+            for i in 0..<w.count {
+                w[i] = i < config.boot.perVCPU.count ? (config.boot.perVCPU[i].map { UInt8($0.rawValue) } ?? 0xFF) : 0xFF
+            }
+        }
+        info.pointee = b
+    }
+
+    // MARK: lifecycle
+
+    /// Starts every vCPU thread, the timer device and the budget enforcer.
+    public func start() {
+        timer.start(vm: self, priority: config.deviceThreadPriority)
+        for ctx in vcpus {
+            threads.append(PVSchedCore.Thread { [self] in runLoop(ctx) })
+        }
+        if let binding {
+            enforcer = PVSchedCore.Thread { [self] in
+                while !stopping.load(ordering: .relaxed) {
+                    binding.enforceBudgets()
+                    finished.wait(while: 0, timeoutNs: 1_000_000)
+                }
+            }
+        }
+    }
+
+    /// Waits until the VM ends or `timeoutNs` passes (then stops it).
+    @discardableResult
+    public func wait(timeoutNs: UInt64) -> VMOutcome {
+        let deadline = MonotonicClock.nowNs() &+ timeoutNs
+        while finished.value == 0 {
+            let now = MonotonicClock.nowNs()
+            if now >= deadline { break }
+            finished.wait(while: 0, timeoutNs: Int64(min(deadline - now, 100_000_000)))
+        }
+        stop()
+        return outcomeLock.withLock { $0 } ?? .stopped
+    }
+
+    /// Stops every vCPU, joins the threads and undoes every boost (idempotent).
+    public func stop() {
+        finish(.stopped)
+        for ctx in vcpus { kick(ctx) }
+        timer.stop()
+        for t in threads { t.join() }
+        threads.removeAll()
+        enforcer?.join()
+        enforcer = nil
+        if let registry { registry.unbind(vm: handle.id) }
+    }
+
+    /// Everything the guest printed so far.
+    public var consoleOutput: String { console.output }
+
+    /// How the VM ended (nil while running).
+    public var outcome: VMOutcome? { outcomeLock.withLock { $0 } }
+
+    /// Exits handled by each vCPU.
+    public var exitCounts: [UInt64] { vcpus.map { $0.exits.load(ordering: .relaxed) } }
+
+    func finish(_ outcome: VMOutcome) {
+        let first = outcomeLock.withLock { o -> Bool in
+            if o == nil { o = outcome; return true }
+            return false
+        }
+        stopping.store(true, ordering: .releasing)
+        if first {
+            finished.bumpAndWake()
+            for ctx in vcpus { kick(ctx) }
+        }
+    }
+
+    // MARK: interrupts
+
+    /// Delivers interrupt `vector` to vCPU `vcpu`: notifies the driver first (so a
+    /// boost is in place before the vCPU thread wakes), then queues and wakes.
+    /// Safe from any thread; this is what device threads call.
+    public func raiseInterrupt(vcpu: Int, vector: UInt8) {
+        let ctx = vcpus[vcpu]
+        binding?.notify(.interruptInjection(vector: vector), vcpu: vcpu)
+        switch config.interrupts {
+        case .inKernelIRQChip:
+            do { try vm.signalMSI(apicID: UInt32(vcpu), vector: vector) } catch {
+                logger.error("MSI failed", metadata: ["error": "\(error)"])
+            }
+        case .userspace:
+            ctx.pending.withLock { $0.append(vector) }
+            kick(ctx)
+        }
+    }
+
+    /// Makes vCPU `ctx` leave KVM_RUN (or its halt wait) soon.
+    func kick(_ ctx: VCPUContext) {
+        ctx.wakeups.bumpAndWake(1)
+        if ctx.inGuest.load(ordering: .acquiring) {
+            ctx.fd.requestImmediateExit(true)
+            let tid = ctx.thread.load(ordering: .relaxed)
+            if tid != 0 { _ = ckvm_kick_thread(tid) }
+        }
+    }
+
+    // MARK: the vCPU loop
+
+    private func runLoop(_ ctx: VCPUContext) {
+        let tid = LinuxScheduling.currentThread().rawValue
+        ctx.thread.store(tid, ordering: .relaxed)
+        if let masks = config.vcpuAffinity, ctx.index < masks.count {
+            try? LinuxScheduling.setAffinity(ThreadID(tid), mask: masks[ctx.index])
+        }
+        binding?.setThread(ThreadID(tid), vcpu: ctx.index)
+        defer {
+            binding?.setThread(nil, vcpu: ctx.index)
+            ctx.thread.store(0, ordering: .relaxed)
+        }
+        let fd = ctx.fd
+        while !stopping.load(ordering: .acquiring) {
+            if config.interrupts == .userspace { injectPending(ctx) }
+            binding?.notify(.vmEntry, vcpu: ctx.index)
+            ctx.inGuest.store(true, ordering: .releasing)
+            let exit: VMExit
+            do {
+                exit = try fd.run()
+            } catch {
+                ctx.inGuest.store(false, ordering: .releasing)
+                finish(.failed(vcpu: ctx.index, reason: "\(error)"))
+                break
+            }
+            ctx.inGuest.store(false, ordering: .releasing)
+            ctx.exits.wrappingIncrement(ordering: .relaxed)
+            switch exit {
+            case .io(let access):
+                let reason: ExitReason = access.port == UInt16(PVSCHED_DEV_DOORBELL) && access.isWrite
+                    ? .doorbell : exit.reason
+                binding?.notify(.vmExit(reason), vcpu: ctx.index)
+                handleIO(access, ctx)
+            case .halt:
+                binding?.notify(.vmExit(.halt), vcpu: ctx.index)
+                binding?.notify(.halt, vcpu: ctx.index)
+                waitForInterrupt(ctx)
+            case .interrupted:
+                fd.requestImmediateExit(false)
+                binding?.notify(.vmExit(.intr), vcpu: ctx.index)
+            case .interruptWindowOpen:
+                binding?.notify(.vmExit(.interruptWindow), vcpu: ctx.index)
+            case .mmio(let address, let write, _):
+                binding?.notify(.vmExit(exit.reason), vcpu: ctx.index)
+                finish(.failed(vcpu: ctx.index, reason: "MMIO \(write ? "write" : "read") at 0x\(String(address, radix: 16)) outside RAM"))
+            case .shutdown:
+                finish(.failed(vcpu: ctx.index, reason: "guest shutdown (triple fault)\(registerDump(fd))"))
+            case .internalError(let sub):
+                finish(.failed(vcpu: ctx.index, reason: "KVM internal error, suberror \(sub)\(registerDump(fd))"))
+            case .failEntry(let r):
+                finish(.failed(vcpu: ctx.index, reason: "VM entry failed, reason 0x\(String(r, radix: 16))"))
+            case .unknown(let r):
+                finish(.failed(vcpu: ctx.index, reason: "unhandled exit reason \(r)"))
+            }
+        }
+    }
+
+    private func registerDump(_ fd: VCPUFD) -> String {
+        guard let r = try? fd.getRegs() else { return "" }
+        var text = " at rip 0x\(String(r.rip, radix: 16)), rsp 0x\(String(r.rsp, radix: 16))"
+        if let s = try? fd.getSregs() {
+            text += ", cr0 0x\(String(s.cr0, radix: 16)), cr4 0x\(String(s.cr4, radix: 16)), efer 0x\(String(s.efer, radix: 16))"
+        }
+        return text
+    }
+
+    private func injectPending(_ ctx: VCPUContext) {
+        let fd = ctx.fd
+        let hasPending = ctx.pending.withLock { !$0.isEmpty }
+        guard hasPending else {
+            if fd.requestInterruptWindow { fd.requestInterruptWindow = false }
+            return
+        }
+        if fd.readyForInterrupt {
+            if let v = ctx.pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
+                do { try fd.interrupt(vector: v) } catch {
+                    logger.error("inject failed", metadata: ["vcpu": "\(ctx.index)", "error": "\(error)"])
+                }
+            }
+        }
+        fd.requestInterruptWindow = ctx.pending.withLock { !$0.isEmpty } || !fd.readyForInterrupt
+    }
+
+    /// A halted vCPU (userspace irqchip) sleeps until an interrupt is queued or the VM stops.
+    private func waitForInterrupt(_ ctx: VCPUContext) {
+        while !stopping.load(ordering: .acquiring) {
+            let seen = ctx.wakeups.value
+            if ctx.pending.withLock({ !$0.isEmpty }) { return }
+            ctx.wakeups.wait(while: seen, timeoutNs: -1)
+        }
+    }
+
+    private func handleIO(_ a: IOAccess, _ ctx: VCPUContext) {
+        switch UInt32(a.port) {
+        case PVSCHED_PORT_CONSOLE where a.isWrite:
+            console.write(a.bytes, vcpu: ctx.index, sink: config.consoleLine)
+        case PVSCHED_PORT_EXIT where a.isWrite:
+            finish(.exited(code: a.value))
+        case PVSCHED_PORT_TIMER_ARM where a.isWrite:
+            timer.arm(vcpu: ctx.index, afterUs: a.value)
+        case PVSCHED_DEV_PORT_BASE..<PVSCHED_DEV_PORT_END:
+            pvschedDevice.access(a, vcpu: ctx.index, vm: self)
+        default:
+            if !a.isWrite { a.reply(0xFFFF_FFFF) }
+        }
+    }
+}
+
+/// Per-vCPU state of the VMM: the fd, its thread, queued interrupts.
+final class VCPUContext: @unchecked Sendable {
+    let index: Int
+    let fd: VCPUFD
+    let thread = ManagedAtomic<Int32>(0)
+    let inGuest = ManagedAtomic(false)
+    let exits = ManagedAtomic<UInt64>(0)
+    let pending = Mutex<[UInt8]>([])
+    /// Bumped on every wake-up request; the futex word a halted vCPU sleeps on.
+    let wakeups = FutexWord()
+
+    init(index: Int, fd: VCPUFD) { self.index = index; self.fd = fd }
+}
+

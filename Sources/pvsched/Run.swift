@@ -1,0 +1,74 @@
+import ArgumentParser
+import PVSchedCore
+import PVSchedDrivers
+import PVSchedGuestImage
+import PVSchedKVM
+import PVSchedLinux
+
+extension Workload: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let w = Workload.allCases.first(where: { $0.description == argument }) else { return nil }
+        self = w
+    }
+}
+
+/// Boots the pvsched guest kernel and prints its console.
+struct Run: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Boot the pvsched guest on /dev/kvm and print its console.")
+
+    @Option(help: "Number of vCPUs (1-16).") var vcpus = 1
+    @Option(help: "Guest workload: \(Workload.allCases.map(\.description).joined(separator: ", ")).")
+    var workload: Workload = .selftest
+    @Option(help: "Workload argument (selftest variant).") var arg: UInt32 = 0
+    @Option(help: "Driver for the VM ('none' runs without pvsched).") var driver = "latency-boost"
+    @Option(help: "Workload duration in milliseconds.") var durationMs: UInt64 = 1000
+    @Option(help: "Cyclic wake-up interval in microseconds.") var intervalUs: UInt64 = 1000
+    @Flag(help: "Use the in-kernel irqchip (LAPIC) instead of userspace injection.") var irqchip = false
+    @Option(help: "Give up after this many seconds.") var timeout: Double = 30
+
+    func run() throws {
+        try Preflight.requireKVM()
+        var config = VMConfiguration(image: GuestImage.kernel)
+        config.vcpus = vcpus
+        config.boot.workload = workload
+        config.boot.arg = arg
+        config.boot.durationNs = durationMs * 1_000_000
+        config.boot.intervalNs = intervalUs * 1000
+        config.boot.pvschedEnabled = driver != "none"
+        config.interrupts = irqchip ? .inKernelIRQChip : .userspace
+        config.consoleLine = { print("guest| \($0)") }
+        let registry = DriverRegistry()
+        try BuiltinDrivers.registerAll(in: registry)
+        let vm = try VirtualMachine(config: config, registry: driver == "none" ? nil : registry)
+        if driver != "none" { try registry.assign(driver, to: vm.handle.id) }
+        let stats = vm.binding
+        vm.start()
+        let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))
+        print("outcome: \(outcome)")
+        print("exits per vCPU: \(vm.exitCounts)")
+        if let stats {
+            let t = stats.totals
+            print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount)")
+        }
+        if let results = vm.results() {
+            for r in results.vcpus where r.samples > 0 || r.workUnits > 0 {
+                print(r.summary)
+            }
+        }
+        if case .failed = outcome { throw ExitCode(2) }
+    }
+}
+
+/// Checks that the process can do what the VMM needs, with a clear message otherwise.
+enum Preflight {
+    static func requireKVM() throws {
+        guard KVMSystem.isAvailable else {
+            throw ValidationError("/dev/kvm is missing or not accessible: pvsched needs KVM (run as root on a host with /dev/kvm).")
+        }
+    }
+    static func requireRealTime() throws {
+        guard LinuxScheduling.canUseRealTime else {
+            throw ValidationError("this process may not use SCHED_FIFO: run as root (or with CAP_SYS_NICE).")
+        }
+    }
+}
