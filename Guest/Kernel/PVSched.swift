@@ -64,13 +64,15 @@ enum PVSched {
     }
 
     /// Updates this vCPU's line under the sequence counter, with interrupts off
-    /// so an interrupt handler cannot nest inside the update.
-    static func update(_ body: (inout pvsched_vcpu_guest) -> Void) {
+    /// so an interrupt handler cannot nest inside the update. `clockNs` stamps
+    /// guest_clock_ns when the caller already knows the time (reading the TSC
+    /// costs an exit under PVM, so updates do not read it themselves).
+    static func update(clockNs: UInt64 = 0, _ body: (inout pvsched_vcpu_guest) -> Void) {
         guard let g = line(this_cpu()) else { return }
         let irq = irq_save()
         pvsched_guest_write_begin(g)
         body(&g.pointee)
-        g.pointee.guest_clock_ns = tscToNs(nowTSC())
+        if clockNs != 0 { g.pointee.guest_clock_ns = clockNs }
         pvsched_guest_write_end(g)
         irq_restore(irq)
     }
@@ -114,8 +116,8 @@ enum PVSched {
     }
 
     /// Publishes the next latency-sensitive deadline (guest ns; 0 = none) and idleness.
-    static func sleeping(untilNs deadline: UInt64) {
-        update { g in
+    static func sleeping(untilNs deadline: UInt64, nowNs: UInt64) {
+        update(clockNs: nowNs) { g in
             g.next_deadline_ns = deadline
             g.flags = (g.flags | PVSCHED_FLAG_IDLE) & ~PVSCHED_FLAG_RT_TASK_RUNNING
             g.task_policy = PVSCHED_TASK_IDLE; g.task_priority = 0; g.task_nice = 0

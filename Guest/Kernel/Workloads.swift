@@ -70,10 +70,10 @@ enum Workloads {
     }
 
     /// Arms the VMM timer for `us` µs and sleeps (halts) until it fires.
-    static func sleepFor(us: UInt64, deadlineTSC: UInt64) {
+    static func sleepFor(us: UInt64, deadlineTSC: UInt64, nowTSC now: UInt64) {
         let c = cpu
         let before = c.pointee.timerFired
-        if PVSched.active { PVSched.sleeping(untilNs: tscToNs(deadlineTSC)) }
+        if PVSched.active { PVSched.sleeping(untilNs: deadlineTSC == 0 ? 0 : tscToNs(deadlineTSC), nowNs: tscToNs(now)) }
         outl(UInt16(PVSCHED_PORT_TIMER_ARM), UInt32(max(1, min(us, 10_000_000))))
         cpu_disable_interrupts()
         while c.pointee.timerFired == before { cpu_enable_and_halt(); cpu_disable_interrupts() }
@@ -95,7 +95,7 @@ enum Workloads {
             let now = nowTSC()
             if now >= end { break }
             if next <= now { next = now &+ interval }  // fell behind: start a new period
-            sleepFor(us: (next - now) / tscPerUs, deadlineTSC: next)
+            sleepFor(us: (next - now) / tscPerUs, deadlineTSC: next, nowTSC: now)
             let woke = nowTSC()
             if PVSched.active { PVSched.rtTask(running: true) }
             Results.record(r, latenessNs: woke > next ? tscToNs(woke - next) : 0)
@@ -119,14 +119,25 @@ enum Workloads {
     /// Halts with interrupts on until the duration ends (interrupt handlers do the work).
     static func idleUntilEnd(_ r: UnsafeMutablePointer<pvsched_vcpu_results>) {
         let end = nowTSC() &+ nsToTSC(boot.pointee.duration_ns)
-        while nowTSC() < end {
-            sleepFor(us: min(100_000, (end - nowTSC()) / tscPerUs + 1), deadlineTSC: 0)
+        var now = nowTSC()
+        while now < end {
+            sleepFor(us: min(100_000, (end - now) / tscPerUs + 1), deadlineTSC: 0, nowTSC: now)
+            now = nowTSC()
         }
     }
 
     /// The kvm-component self test: flags, host status, doorbell, interrupts.
     static func selftest(_ index: UInt32) {
         let variant = boot.pointee.arg
+        if variant == PVSCHED_SELFTEST_EXIT_LOOP {
+            let r = Results.mine()
+            let n: UInt64 = 2000
+            let t0 = nowTSC()
+            for _ in 0..<n { _ = inl(UInt16(PVSCHED_DEV_VCPU_ID)) }
+            r.pointee.lateness_sum_ns = tscToNs(nowTSC() - t0)
+            r.pointee.samples = n
+            return
+        }
         cpu_enable_interrupts()
         if variant == PVSCHED_SELFTEST_BAD_FLAGS && index == 0 {
             PVSched.writeRawFlags(0x8000_0000)
@@ -144,7 +155,18 @@ enum Workloads {
             Console.put(", host status now: "); Console.put(PVSched.hostStatus()); Console.put("\n")
         }
         if variant == PVSCHED_SELFTEST_INTERRUPTS {
-            for _ in 0..<3 { sleepFor(us: 1000, deadlineTSC: nowTSC() &+ nsToTSC(1_000_000)) }
+            var t0 = nowTSC()
+            for _ in 0..<100 { _ = inl(UInt16(PVSCHED_DEV_VCPU_ID)) }
+            Console.put("pvsched guest: vCPU "); Console.put(index); Console.put(" port exit round trip ns: ")
+            Console.put(tscToNs(nowTSC() - t0) / 100); Console.put("\n")
+            t0 = nowTSC()
+            for _ in 0..<100 { _ = nowTSC() }
+            Console.put("pvsched guest: rdtsc ns: "); Console.put(tscToNs(nowTSC() - t0) / 100); Console.put("\n")
+            for _ in 0..<3 {
+                t0 = nowTSC()
+                sleepFor(us: 1000, deadlineTSC: t0 &+ nsToTSC(1_000_000), nowTSC: t0)
+                Console.put("pvsched guest: 1000 us sleep took ns: "); Console.put(tscToNs(nowTSC() - t0)); Console.put("\n")
+            }
             Console.put("pvsched guest: vCPU "); Console.put(index); Console.put(" timer interrupts: ")
             Console.put(cpu.pointee.timerFired); Console.put("\n")
         }

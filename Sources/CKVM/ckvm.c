@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "ckvm.h"
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,4 +98,11 @@ long ckvm_reset_fpu(int vcpu_fd) {
     f.fcw = 0x37f;
     f.mxcsr = 0x1f80;
     return ckvm_ioctl(vcpu_fd, KVM_SET_FPU, &f);
+}
+
+int ckvm_unblock_kick_signal(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, ckvm_kick_signal());
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL) == 0 ? 0 : -1;
 }

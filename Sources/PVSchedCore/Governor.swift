@@ -70,9 +70,14 @@ public final class Governor: Sendable {
         return UInt64(limit)
     }
 
+    /// Time from `start` to `now`; 0 when another thread stamped `start` after
+    /// this caller read `now`.
+    @inline(__always)
+    private func elapsed(from start: UInt64, to now: UInt64) -> UInt64 { now > start ? now - start : 0 }
+
     private func roll(_ s: inout State, now: UInt64) {
         guard config.shareWindowNs != .max else { return }
-        if now >= s.windowStart &+ config.shareWindowNs {
+        if now >= s.windowStart, now - s.windowStart >= config.shareWindowNs {
             s.windowStart = now - (now - s.windowStart) % config.shareWindowNs
             s.windowUsedNs = 0
             // Ongoing boosts count from the new window's start.
@@ -84,8 +89,8 @@ public final class Governor: Sendable {
 
     private func used(_ s: State, now: UInt64) -> UInt64 {
         s.vcpus.reduce(s.windowUsedNs) { acc, b in
-            guard let since = b.boostedSince, now > since else { return acc }
-            return acc &+ (now - since)
+            guard let since = b.boostedSince else { return acc }
+            return acc &+ elapsed(from: since, to: now)
         }
     }
 
@@ -109,7 +114,7 @@ public final class Governor: Sendable {
         state.withLock { s in
             roll(&s, now: now)
             if let since = s.vcpus[vcpu].boostedSince {
-                s.windowUsedNs &+= now > since ? now - since : 0
+                s.windowUsedNs &+= elapsed(from: since, to: now)
                 s.vcpus[vcpu].boostedSince = nil
                 s.vcpus[vcpu].boostStart = nil
             }
@@ -122,8 +127,8 @@ public final class Governor: Sendable {
         state.withLock { s in
             roll(&s, now: now)
             guard let since = s.vcpus[vcpu].boostedSince, let start = s.vcpus[vcpu].boostStart else { return nil }
-            if now &- start >= config.maxContinuousBoostNs {
-                s.windowUsedNs &+= now - since
+            if elapsed(from: start, to: now) >= config.maxContinuousBoostNs {
+                s.windowUsedNs &+= elapsed(from: since, to: now)
                 s.vcpus[vcpu].boostedSince = nil
                 s.vcpus[vcpu].boostStart = nil
                 s.vcpus[vcpu].throttledUntil = now &+ config.throttleWindowNs
@@ -132,7 +137,7 @@ public final class Governor: Sendable {
             let limit = shareLimitNs
             let u = used(s, now: now)
             if u > limit {
-                s.windowUsedNs &+= now - since
+                s.windowUsedNs &+= elapsed(from: since, to: now)
                 s.vcpus[vcpu].boostedSince = nil
                 s.vcpus[vcpu].boostStart = nil
                 return .vmShareExhausted(usedNs: u, limitNs: limit)

@@ -160,13 +160,17 @@ public final class VMBinding: Sendable {
                     return .disabled(error)
                 }
             }
+            // A boost past its budget is cut first; the driver still sees the event.
+            var cutBy: GovernorVeto?
             if s.boostStart != nil, let veto = governor.checkOverrun(vcpu: vcpu, now: now) {
                 cut(&s, vcpu: vcpu, veto: veto, now: now)
-                return .vetoed(veto)
+                cutBy = veto
             }
             let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now)
-            return carryOut(driver.decide(event: event, view: view), &s, vcpu: vcpu, now: now)
+            let result = carryOut(driver.decide(event: event, view: view), &s, vcpu: vcpu, now: now)
+            if let cutBy, result == .unchanged { return .vetoed(cutBy) }
+            return result
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }

@@ -220,6 +220,7 @@ public final class VirtualMachine: @unchecked Sendable {
     // MARK: the vCPU loop
 
     private func runLoop(_ ctx: VCPUContext) {
+        _ = ckvm_unblock_kick_signal()
         let tid = LinuxScheduling.currentThread().rawValue
         ctx.thread.store(tid, ordering: .relaxed)
         if let masks = config.vcpuAffinity, ctx.index < masks.count {

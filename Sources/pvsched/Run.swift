@@ -45,7 +45,7 @@ struct Run: ParsableCommand {
         vm.start()
         let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))
         print("outcome: \(outcome)")
-        print("exits per vCPU: \(vm.exitCounts)")
+        print("exits per vCPU: \(vm.exitCounts), guest TSC \(vm.tscKHz) kHz")
         if let stats {
             let t = stats.totals
             print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount)")

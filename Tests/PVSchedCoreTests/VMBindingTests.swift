@@ -70,13 +70,15 @@ import Testing
 
     @Test func governorVetoIsReportedAndCounted() throws {
         let cfg = GovernorConfig(maxContinuousBoostNs: 1, throttleWindowNs: 10_000_000_000, shareWindowNs: .max, maxVMShare: 1)
-        let (_, b, act, _) = try setup(governor: cfg) { _, _ in .boost() }
+        let (_, b, act, d) = try setup(governor: cfg) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
-        // The next event finds the boost past its 1 ns cap: cut and throttled.
+        // The next event finds the boost past its 1 ns cap: cut and throttled; the
+        // driver still sees the event and its new boost is refused.
         guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not cut"); return }
         guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not throttled"); return }
         #expect(act.applied(to: ThreadID(100)) == nil)
-        #expect(b.stats(vcpu: 0).throttleCount == 2)
+        #expect(b.stats(vcpu: 0).throttleCount == 3)  // one cut, two refusals
+        #expect(d.calls.filter { $0 == "vmEntry" }.count == 3)
     }
 
     @Test func enforcerCutsABoostWithoutEvents() throws {

@@ -53,6 +53,8 @@ void ckvm_free(void *p);
  * SA_RESTART, with a handler that does nothing). */
 int ckvm_kick_signal(void);
 void ckvm_install_kick_handler(void);
+/* Unblocks the kick signal on the calling thread (threads inherit their creator's mask). */
+int ckvm_unblock_kick_signal(void);
 /* Sends the kick signal to a thread of this process. */
 int ckvm_kick_thread(int tid);
 

@@ -34,6 +34,7 @@
 #define PVSCHED_SELFTEST_OUT_OF_RAM   2u  /* registers an area outside guest RAM */
 #define PVSCHED_SELFTEST_BAD_FLAGS    3u  /* registers, then writes unknown flag bits */
 #define PVSCHED_SELFTEST_INTERRUPTS   4u  /* also waits for host-raised interrupts */
+#define PVSCHED_SELFTEST_EXIT_LOOP    5u  /* times 2000 port-IO exits: results.samples, lateness_sum_ns */
 
 /* Boot information, at PVSCHED_GPA_BOOT_INFO, written by the host. The guest
  * writes only results_gpa / results_size / guest_status. */
