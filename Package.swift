@@ -47,9 +47,16 @@ let package = Package(
         // The guest component: the Embedded Swift kernel in Guest/, built and embedded by a plugin.
         .plugin(name: "GuestImagePlugin", capability: .buildTool()),
         .target(name: "PVSchedGuestImage", plugins: ["GuestImagePlugin"]),
+        // The experiment harness behind `pvsched demo` and `pvsched bench`.
+        .target(name: "PVSchedExperiments", dependencies: [
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
+            .product(name: "Histogram", package: "hdrhistogram-swift"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
+            "PVSchedExperiments",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -70,11 +70,13 @@ enum Workloads {
     }
 
     /// Arms the VMM timer for `us` µs and sleeps (halts) until it fires.
+    /// The timer is armed before the vCPU declares itself idle: arming is an exit,
+    /// and a latency-sensitive task should not be deboosted before its timer is set.
     static func sleepFor(us: UInt64, deadlineTSC: UInt64, nowTSC now: UInt64) {
         let c = cpu
         let before = c.pointee.timerFired
-        if PVSched.active { PVSched.sleeping(untilNs: deadlineTSC == 0 ? 0 : tscToNs(deadlineTSC), nowNs: tscToNs(now)) }
         outl(UInt16(PVSCHED_PORT_TIMER_ARM), UInt32(max(1, min(us, 10_000_000))))
+        if PVSched.active { PVSched.sleeping(untilNs: deadlineTSC == 0 ? 0 : tscToNs(deadlineTSC), nowNs: tscToNs(now)) }
         cpu_disable_interrupts()
         while c.pointee.timerFired == before { cpu_enable_and_halt(); cpu_disable_interrupts() }
         cpu_enable_interrupts()
@@ -100,8 +102,9 @@ enum Workloads {
             if PVSched.active { PVSched.rtTask(running: true) }
             Results.record(r, latenessNs: woke > next ? tscToNs(woke - next) : 0)
             next &+= interval
-            if PVSched.active { PVSched.rtTask(running: false) }
+            // The RT task stays marked running until sleepFor arms the next wake-up.
         }
+        if PVSched.active { PVSched.rtTask(running: false) }
     }
 
     /// A CPU-bound normal task: counts work units until the duration ends.

@@ -21,10 +21,14 @@ public struct VCPUView: Equatable, Sendable {
     public var boostedSinceNs: UInt64?
     /// Host monotonic time of the event.
     public var nowNs: UInt64
+    /// An interrupt was injected and the vCPU has not entered the guest since
+    /// (so the guest has not seen it yet: its shared state is older than the interrupt).
+    public var interruptPending: Bool
 
-    public init(vcpu: Int, guest: GuestVCPUState?, boosted: Bool, boostedSinceNs: UInt64? = nil, nowNs: UInt64) {
+    public init(vcpu: Int, guest: GuestVCPUState?, boosted: Bool, boostedSinceNs: UInt64? = nil, nowNs: UInt64,
+                interruptPending: Bool = false) {
         self.vcpu = vcpu; self.guest = guest; self.boosted = boosted
-        self.boostedSinceNs = boostedSinceNs; self.nowNs = nowNs
+        self.boostedSinceNs = boostedSinceNs; self.nowNs = nowNs; self.interruptPending = interruptPending
     }
 
     /// How long the current boost has lasted.

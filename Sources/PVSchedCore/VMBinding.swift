@@ -58,6 +58,12 @@ public final class VMBinding: Sendable {
     private struct VCPUState {
         var thread: ThreadID?
         var boostStart: UInt64?
+        /// The last consistent snapshot, used while the guest is mid-update.
+        var lastGuest: GuestVCPUState?
+        /// Consecutive events that found the sequence counter unsettled.
+        var unsettledStreak = 0
+        /// An interruptInjection was seen and no vmEntry since.
+        var injectionPending = false
         var stats = VCPUStats()
         var attachedGeneration: UInt64 = 0
     }
@@ -65,6 +71,9 @@ public final class VMBinding: Sendable {
         let state = Mutex(VCPUState())
     }
     private let slot = Mutex(Slot())
+    /// Consecutive unsettled reads of a vCPU's line after which the area is
+    /// treated as hostile and pvsched is disabled for the VM.
+    public static let unsettledLimit = 1000
     private let vcpus: [VCPUSlot]
 
     init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, logger: Logger) {
@@ -155,9 +164,21 @@ public final class VMBinding: Sendable {
             s.stats.events &+= 1
             var guest: GuestVCPUState?
             if let area {
-                do throws(SharedAreaError) { guest = try area.read(vcpu: vcpu) } catch {
-                    readError = error
-                    return .disabled(error)
+                do throws(SharedAreaError) {
+                    guest = try area.read(vcpu: vcpu)
+                    s.lastGuest = guest
+                    s.unsettledStreak = 0
+                } catch {
+                    // A vCPU preempted (or kicked) in the middle of an update leaves its
+                    // counter odd for a while: decide on the last consistent snapshot.
+                    // Only a counter that stays unsettled event after event is hostile.
+                    if case .sequenceNeverSettled = error, s.unsettledStreak < Self.unsettledLimit {
+                        s.unsettledStreak += 1
+                        guest = s.lastGuest
+                    } else {
+                        readError = error
+                        return .disabled(error)
+                    }
                 }
             }
             // A boost past its budget is cut first; the driver still sees the event.
@@ -166,8 +187,14 @@ public final class VMBinding: Sendable {
                 cut(&s, vcpu: vcpu, veto: veto, now: now)
                 cutBy = veto
             }
+            switch event {
+            case .interruptInjection: s.injectionPending = true
+            case .vmEntry: s.injectionPending = false
+            default: break
+            }
             let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
-                                boostedSinceNs: s.boostStart, nowNs: now)
+                                boostedSinceNs: s.boostStart, nowNs: now,
+                                interruptPending: s.injectionPending && event != .vmEntry)
             let result = carryOut(driver.decide(event: event, view: view), &s, vcpu: vcpu, now: now)
             if let cutBy, result == .unchanged { return .vetoed(cutBy) }
             return result

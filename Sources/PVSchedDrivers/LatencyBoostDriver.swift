@@ -5,7 +5,7 @@ import PVSchedCore
 /// interrupt handler (irq/softirq/nmi), a real-time task or a boost request, and
 /// while a deadline it reported is near. A preempt-disabled section keeps a
 /// running boost for at most `preemptDisabledCapNs`. When nothing holds, it
-/// unboosts.
+/// unboosts, at the next exit the guest caused (IO, MMIO, HLT, doorbell).
 public final class LatencyBoostDriver: Driver {
     /// Tunables of the policy.
     public struct Settings: Equatable, Sendable {
@@ -37,11 +37,27 @@ public final class LatencyBoostDriver: Driver {
         if case .interruptInjection = event { return view.boosted ? .none : .boost() }
         let wants = guestWantsBoost(view)
         if wants { return view.boosted ? .none : .boost() }
-        guard view.boosted else { return .none }
+        // End a boost only where the guest's state is current: at an exit the guest
+        // itself caused, with no injected interrupt still waiting for it. At entry,
+        // after a kick, or with an interrupt pending, the guest still looks idle.
+        guard view.boosted, !view.interruptPending, Self.guestCaused(event) else { return .none }
         if let g = view.guest, g.flags.contains(.preemptDisabled), view.boostedForNs < settings.preemptDisabledCapNs {
             return .none
         }
         return .unboost
+    }
+
+    /// Events at which the guest's shared state reflects what it runs now.
+    static func guestCaused(_ event: VCPUEvent) -> Bool {
+        switch event {
+        case .halt: return true
+        case .vmExit(let reason):
+            switch reason {
+            case .io, .mmio, .halt, .doorbell: return true
+            case .interruptWindow, .intr, .shutdown, .other: return false
+            }
+        case .vmEntry, .interruptInjection: return false
+        }
     }
 
     private func guestWantsBoost(_ view: VCPUView) -> Bool {

@@ -179,3 +179,84 @@ final class TimerDevice: @unchecked Sendable {
         thread = nil
     }
 }
+
+/// The interrupt-response device: a device thread raises PVSCHED_VECTOR_IRQ on
+/// the vCPUs running the `irq-response` workload, one event per interval (with
+/// jitter so it does not phase-lock with the host), stamping the host time; the
+/// guest's handler answers through PVSCHED_PORT_IRQ_ACK and the device records
+/// the response latency (raise → answer) in host nanoseconds.
+final class IRQResponseDevice: @unchecked Sendable {
+    private struct Pending { var seq: UInt32 = 0; var raisedAt: UInt64 = 0; var answered = true }
+    private let pending: Mutex<[Pending]>
+    private let samples = Mutex<[UInt64]>([])
+    private let missed = ManagedAtomic<UInt64>(0)
+    private let targets: [Int]
+    private let intervalNs: UInt64
+    private let running = ManagedAtomic(false)
+    private let sleeper = FutexWord()
+    private var thread: PVSchedCore.Thread?
+
+    init(vcpus: Int, targets: [Int], intervalNs: UInt64) {
+        pending = Mutex(Array(repeating: Pending(), count: vcpus))
+        self.targets = targets
+        self.intervalNs = max(intervalNs, 50_000)
+    }
+
+    /// Response latencies recorded so far (ns), and events the guest never answered.
+    var latencies: [UInt64] { samples.withLock { $0 } }
+    var unanswered: UInt64 { missed.load(ordering: .relaxed) }
+
+    /// The sequence number of the latest event raised on `vcpu` (port IRQ_SEQ).
+    func currentSequence(vcpu: Int) -> UInt32 { pending.withLock { $0[vcpu].seq } }
+
+    /// The guest answered event `seq` on `vcpu` (port IRQ_ACK).
+    func acknowledge(vcpu: Int, seq: UInt32) {
+        let now = MonotonicClock.nowNs()
+        let latency: UInt64? = pending.withLock { p in
+            guard p[vcpu].seq == seq, !p[vcpu].answered else { return nil }
+            p[vcpu].answered = true
+            return now > p[vcpu].raisedAt ? now - p[vcpu].raisedAt : 0
+        }
+        if let latency { samples.withLock { $0.append(latency) } }
+    }
+
+    func start(vm: VirtualMachine, priority: UInt8?) {
+        guard !targets.isEmpty else { return }
+        running.store(true, ordering: .relaxed)
+        let targets = self.targets, interval = self.intervalNs
+        thread = PVSchedCore.Thread { [self, weak vm] in
+            if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
+            var rng: UInt64 = 0x2545_F491_4F6C_DD1D
+            var next = MonotonicClock.nowNs() &+ interval
+            var k = 0
+            while running.load(ordering: .acquiring) {
+                let now = MonotonicClock.nowNs()
+                if now < next {
+                    sleeper.wait(while: sleeper.value, timeoutNs: Int64(next - now))
+                    continue
+                }
+                let vcpu = targets[k % targets.count]
+                k += 1
+                let raisedAt = MonotonicClock.nowNs()
+                let wasAnswered = pending.withLock { p -> Bool in
+                    let answered = p[vcpu].answered
+                    p[vcpu].seq &+= 1
+                    p[vcpu].raisedAt = raisedAt
+                    p[vcpu].answered = false
+                    return answered
+                }
+                if !wasAnswered { missed.wrappingIncrement(ordering: .relaxed) }
+                vm?.raiseInterrupt(vcpu: vcpu, vector: UInt8(PVSCHED_VECTOR_IRQ))
+                rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+                next = raisedAt &+ interval / UInt64(targets.count) + rng % (interval / 2 + 1)
+            }
+        }
+    }
+
+    func stop() {
+        running.store(false, ordering: .relaxed)
+        sleeper.bumpAndWake()
+        thread?.join()
+        thread = nil
+    }
+}

@@ -35,6 +35,7 @@ public final class VirtualMachine: @unchecked Sendable {
     let console: Console
     let pvschedDevice: PVSchedDevice
     let timer: TimerDevice
+    let irqDevice: IRQResponseDevice
     private let stopping = ManagedAtomic(false)
     private let outcomeLock = Mutex<VMOutcome?>(nil)
     private let finished = FutexWord()
@@ -96,6 +97,10 @@ public final class VirtualMachine: @unchecked Sendable {
         pvschedDevice = PVSchedDevice(vcpus: config.vcpus)
         console = Console(vcpus: config.vcpus)
         timer = TimerDevice(vcpus: config.vcpus)
+        let irqTargets = (0..<config.vcpus).filter { i in
+            (i < config.boot.perVCPU.count ? config.boot.perVCPU[i] : nil) ?? config.boot.workload == .irqResponse
+        }
+        irqDevice = IRQResponseDevice(vcpus: config.vcpus, targets: irqTargets, intervalNs: config.boot.intervalNs)
         ckvm_install_kick_handler()
     }
 
@@ -129,11 +134,17 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Starts every vCPU thread, the timer device and the budget enforcer.
     public func start() {
         timer.start(vm: self, priority: config.deviceThreadPriority)
+        irqDevice.start(vm: self, priority: config.deviceThreadPriority)
         for ctx in vcpus {
             threads.append(PVSchedCore.Thread { [self] in runLoop(ctx) })
         }
         if let binding {
+            // The enforcer runs real-time like the device threads: starved by the host
+            // load it protects against, it would cut boosts late (and, holding a vCPU's
+            // lock, could block a boosted vCPU thread).
+            let priority = config.deviceThreadPriority
             enforcer = PVSchedCore.Thread { [self] in
+                if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
                     binding.enforceBudgets()
                     finished.wait(while: 0, timeoutNs: 1_000_000)
@@ -160,6 +171,7 @@ public final class VirtualMachine: @unchecked Sendable {
         finish(.stopped)
         for ctx in vcpus { kick(ctx) }
         timer.stop()
+        irqDevice.stop()
         for t in threads { t.join() }
         threads.removeAll()
         enforcer?.join()
@@ -172,6 +184,10 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// How the VM ended (nil while running).
     public var outcome: VMOutcome? { outcomeLock.withLock { $0 } }
+
+    /// Interrupt-response latencies (raise → guest answer) in ns, and events never answered.
+    public var irqResponseLatencies: [UInt64] { irqDevice.latencies }
+    public var irqResponseUnanswered: UInt64 { irqDevice.unanswered }
 
     /// Exits handled by each vCPU.
     public var exitCounts: [UInt64] { vcpus.map { $0.exits.load(ordering: .relaxed) } }
@@ -248,10 +264,12 @@ public final class VirtualMachine: @unchecked Sendable {
             ctx.exits.wrappingIncrement(ordering: .relaxed)
             switch exit {
             case .io(let access):
+                // The device work the guest asked for is done first, so that a decision
+                // to unboost (a reschedule of this thread) never delays it.
+                handleIO(access, ctx)
                 let reason: ExitReason = access.port == UInt16(PVSCHED_DEV_DOORBELL) && access.isWrite
                     ? .doorbell : exit.reason
                 binding?.notify(.vmExit(reason), vcpu: ctx.index)
-                handleIO(access, ctx)
             case .halt:
                 binding?.notify(.vmExit(.halt), vcpu: ctx.index)
                 binding?.notify(.halt, vcpu: ctx.index)
@@ -319,6 +337,10 @@ public final class VirtualMachine: @unchecked Sendable {
             finish(.exited(code: a.value))
         case PVSCHED_PORT_TIMER_ARM where a.isWrite:
             timer.arm(vcpu: ctx.index, afterUs: a.value)
+        case PVSCHED_PORT_IRQ_ACK where a.isWrite:
+            irqDevice.acknowledge(vcpu: ctx.index, seq: a.value)
+        case PVSCHED_PORT_IRQ_SEQ where !a.isWrite:
+            a.reply(irqDevice.currentSequence(vcpu: ctx.index))
         case PVSCHED_DEV_PORT_BASE..<PVSCHED_DEV_PORT_END:
             pvschedDevice.access(a, vcpu: ctx.index, vm: self)
         default:

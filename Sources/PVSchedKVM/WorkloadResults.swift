@@ -32,6 +32,7 @@ public struct WorkloadResults: Sendable {
 public struct ResultsError: Error, CustomStringConvertible {
     public let field: String
     public let detail: String
+    public init(field: String, detail: String) { self.field = field; self.detail = detail }
     public var description: String { "guest results field `\(field)`: \(detail)" }
 }
 

@@ -48,6 +48,7 @@ struct Run: ParsableCommand {
         print("exits per vCPU: \(vm.exitCounts), guest TSC \(vm.tscKHz) kHz")
         if let stats {
             let t = stats.totals
+            if let reason = stats.disabledReason { print("pvsched disabled for this VM: \(reason)") }
             print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount)")
         }
         if let results = vm.results() {

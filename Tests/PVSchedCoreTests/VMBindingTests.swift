@@ -1,4 +1,5 @@
 import PVSchedABI
+import Synchronization
 import Testing
 @testable import PVSchedCore
 
@@ -35,6 +36,17 @@ import Testing
         #expect(buf.writer.vcpu(1).pointee.host.boost_count == 1)
         #expect(act.calls == [.apply(.fifo(priority: 10), ThreadID(101)), .restore(ThreadID(101))])
         #expect(b.stats(vcpu: 1).boostCount == 1)
+    }
+
+    @Test func interruptPendingLastsFromInjectionToEntry() throws {
+        let seen = Mutex<[Bool]>([])
+        let (_, b, _, _) = try setup { _, v in seen.withLock { $0.append(v.interruptPending) }; return .none }
+        b.notify(.vmExit(.halt), vcpu: 0)
+        b.notify(.interruptInjection(vector: 48), vcpu: 0)
+        b.notify(.halt, vcpu: 0)
+        b.notify(.vmEntry, vcpu: 0)
+        b.notify(.vmExit(.io(port: 1, write: true)), vcpu: 0)
+        #expect(seen.withLock { $0 } == [false, true, true, false, false])
     }
 
     @Test func eventsOutsideTheMaskAreNotDelivered() throws {
@@ -105,6 +117,26 @@ import Testing
         let callsBefore = d.calls.count
         #expect(b.notify(.vmEntry, vcpu: 1) == .unchanged)
         #expect(d.calls.count == callsBefore)
+    }
+
+    @Test func aCounterLeftOddUsesTheLastSnapshotThenDisables() throws {
+        let (_, b, act, _) = try setup(governor: .unlimited) { _, v in
+            v.guest?.flags.contains(.rtTaskRunning) == true ? .boost() : .unboost
+        }
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        buf.writer.setFlags(vcpu: 0, [.rtTaskRunning])
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        // The guest is preempted mid-update: seq odd, fields half-written.
+        buf.writer.vcpu(0).pointee.guest.seq &+= 1
+        buf.writer.vcpu(0).pointee.guest.flags = 0xFFFF
+        // Decisions use the last consistent snapshot: still boosted, nothing garbage applied.
+        for _ in 0..<VMBinding.unsettledLimit { #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged) }
+        #expect(act.applied(to: ThreadID(100)) == .fifo(priority: 10))
+        // A counter that never settles is hostile: pvsched is disabled and the boost undone.
+        #expect(b.notify(.vmEntry, vcpu: 0) == .disabled(.sequenceNeverSettled(vcpu: 0, attempts: SharedArea.maxReadAttempts)))
+        #expect(b.disabledReason?.field == "seq")
+        #expect(act.applied(to: ThreadID(100)) == nil)
     }
 
     @Test func actuatorFailureLeavesThreadUnboosted() throws {

@@ -24,16 +24,34 @@ import Testing
         #expect(d.decide(event: .vmEntry, view: view(flag, boosted: true, since: 1)) == .none)
     }
 
-    @Test func unboostsWhenNothingHolds() {
-        #expect(d.decide(event: .vmEntry, view: view([], boosted: true, since: 9_000)) == .unboost)
-        #expect(d.decide(event: .vmEntry, view: view([.idle], boosted: true, since: 9_000)) == .unboost)
-        #expect(d.decide(event: .vmEntry, view: view([])) == .none)
+    @Test func unboostsWhenNothingHoldsAtAGuestCausedExit() {
+        for e in [VCPUEvent.vmExit(.io(port: 0x530, write: true)), .vmExit(.doorbell), .vmExit(.halt), .halt,
+                  .vmExit(.mmio(address: 0, write: false))] {
+            #expect(d.decide(event: e, view: view([], boosted: true, since: 9_000)) == .unboost)
+            #expect(d.decide(event: e, view: view([.idle], boosted: true, since: 9_000)) == .unboost)
+            #expect(d.decide(event: e, view: view([])) == .none)
+        }
+    }
+
+    @Test func keepsAnInjectionBoostUntilTheGuestHasRun() {
+        // Right after an injection the guest still looks idle: entry and host-caused exits keep the boost.
+        for e in [VCPUEvent.vmEntry, .vmExit(.intr), .vmExit(.interruptWindow)] {
+            #expect(d.decide(event: e, view: view([.idle], boosted: true, since: 9_000)) == .none)
+        }
+        // A halt seen after an injection the guest has not taken yet does not end the boost.
+        var pending = view([.idle], boosted: true, since: 9_000)
+        pending.interruptPending = true
+        #expect(d.decide(event: .halt, view: pending) == .none)
+        #expect(d.decide(event: .vmExit(.halt), view: pending) == .none)
+        // But they may start one the guest asks for.
+        #expect(d.decide(event: .vmEntry, view: view([.boostRequest])) == .boost())
     }
 
     @Test func preemptDisabledKeepsABoostUpToTheCap() {
-        #expect(d.decide(event: .vmExit(.halt), view: view([.preemptDisabled])) == .none)  // does not start one
-        #expect(d.decide(event: .vmEntry, view: view([.preemptDisabled], boosted: true, since: 9_500)) == .none)
-        #expect(d.decide(event: .vmEntry, view: view([.preemptDisabled], boosted: true, since: 8_000)) == .unboost)
+        let exit = VCPUEvent.vmExit(.io(port: 0x510, write: false))
+        #expect(d.decide(event: exit, view: view([.preemptDisabled])) == .none)  // does not start one
+        #expect(d.decide(event: exit, view: view([.preemptDisabled], boosted: true, since: 9_500)) == .none)
+        #expect(d.decide(event: exit, view: view([.preemptDisabled], boosted: true, since: 8_000)) == .unboost)
     }
 
     @Test func nearDeadlineBoosts() {
@@ -50,6 +68,7 @@ import Testing
         let buf = SharedAreaBuffer(vcpus: 1)
         b.setArea(try SharedArea(validating: buf.bytes))
         #expect(b.notify(.interruptInjection(vector: 33), vcpu: 0) == .boosted)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)
         buf.writer.setFlags(vcpu: 0, [.inIRQ])
         #expect(b.notify(.vmExit(.io(port: 0x510, write: true)), vcpu: 0) == .unchanged)
         buf.writer.setFlags(vcpu: 0, [])

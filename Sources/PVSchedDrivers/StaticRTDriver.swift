@@ -1,0 +1,15 @@
+import PVSchedCore
+
+/// The baseline the RFC compares against: run the vCPU real-time all the time,
+/// whatever the guest does (boost at the first entry, never unboost). Use it with
+/// an unlimited governor to reproduce "static real-time vCPUs".
+public final class StaticRTDriver: Driver {
+    public let name: String
+    public let protocolName = PVSCHED_PROTOCOL_LATENCY_NAME
+    public let protocolVersion = ProtocolVersion.latencyProtocol
+    public let events: EventMask = [.vmEntry, .interruptInjection]
+
+    public init(name: String = "static-rt") { self.name = name }
+
+    public func decide(event: VCPUEvent, view: VCPUView) -> Decision { view.boosted ? .none : .boost() }
+}

@@ -1,0 +1,233 @@
+import Histogram
+import Logging
+import PVSchedCore
+import PVSchedDrivers
+import PVSchedGuestImage
+import PVSchedKVM
+import PVSchedLinux
+
+/// How the vCPU threads are scheduled in one part of an experiment.
+public enum Mode: Hashable, Sendable, CustomStringConvertible {
+    /// No host contention, no pvsched: the best the machine can do.
+    case idle
+    /// Host contention, no pvsched (the guest's registration is not offered).
+    case vanilla
+    /// Host contention, vCPU threads SCHED_FIFO all the time (RFC v1's static RT).
+    case staticRT
+    /// Host contention, pvsched with the named driver.
+    case driver(String)
+
+    public var description: String {
+        switch self {
+        case .idle: return "idle"
+        case .vanilla: return "vanilla"
+        case .staticRT: return "static-rt"
+        case .driver(let n): return n
+        }
+    }
+
+    public init(_ text: String) {
+        switch text {
+        case "idle": self = .idle
+        case "vanilla": self = .vanilla
+        case "static-rt": self = .staticRT
+        default: self = .driver(text)
+        }
+    }
+}
+
+/// The guest side of a scenario.
+public enum GuestScenario: String, Sendable, CaseIterable {
+    /// cyclictest on every vCPU.
+    case cyclic
+    /// Host device raises interrupts; every vCPU answers them.
+    case irqResponse = "irq-response"
+    /// vCPU 0 cyclictest, the other vCPUs CPU-bound batch work.
+    case mixed
+}
+
+/// One experiment: a guest workload under host contention, run once per mode.
+public struct Scenario: Sendable {
+    public var guest: GuestScenario = .mixed
+    public var vcpus = 2
+    /// Busy host threads on each host CPU in `cpus`.
+    public var busyThreads = 2
+    /// Also run a second VM (1 vCPU, batch, no pvsched) on the same CPU.
+    public var noisyVM = false
+    public var durationNs: UInt64 = 4_000_000_000
+    public var intervalNs: UInt64 = 1_000_000
+    /// The host CPUs of the experiment: vCPU i runs on `cpus[i % cpus.count]`; each
+    /// CPU also runs `busyThreads` busy threads and a latency probe.
+    public var cpus: [Int] = Array((0..<min(64, Scenario.onlineCPUs)).reversed())
+    /// SCHED_FIFO priority of the host latency probe (below the boost priority,
+    /// so that boosting has a visible cost on the host); nil runs it SCHED_OTHER.
+    public var probePriority: UInt8? = 1
+    public var governor: GovernorConfig = .default
+    public var modes: [Mode] = [.idle, .vanilla, .staticRT, .driver("latency-boost")]
+
+    public init() {}
+
+    public static var onlineCPUs: Int {
+        Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
+    }
+    func cpuMask(vcpu: Int) -> UInt64 { 1 << UInt64(cpus[vcpu % cpus.count]) }
+}
+
+/// Percentiles of a latency distribution, in ns.
+public struct LatencySummary: Codable, Sendable {
+    public var count: UInt64
+    public var average: Double
+    public var p50: UInt64
+    public var p99: UInt64
+    public var p999: UInt64
+    public var max: UInt64
+    /// (percentile, latency ns) points for plotting.
+    public var curve: [[Double]]
+
+    init(_ h: Histogram<UInt64>) {
+        count = h.totalCount
+        average = h.totalCount == 0 ? 0 : h.mean
+        p50 = h.valueAtPercentile(50)
+        p99 = h.valueAtPercentile(99)
+        p999 = h.valueAtPercentile(99.9)
+        max = h.max
+        curve = []
+        if h.totalCount > 0 {
+            for p in [0.0, 10, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99, 100] {
+                curve.append([p, Double(p == 100 ? h.max : h.valueAtPercentile(p))])
+            }
+        }
+    }
+}
+
+/// What one mode measured.
+public struct ModeResult: Codable, Sendable {
+    public var mode: String
+    public var guestLatency: LatencySummary
+    public var hostLatency: LatencySummary
+    /// Busy host threads' work units per second.
+    public var hostThroughput: Double
+    /// Guest batch vCPUs' work units per second.
+    public var guestBatchThroughput: Double
+    public var boostCount: UInt64
+    public var boostedMs: Double
+    public var throttleCount: UInt64
+    public var exits: UInt64
+    public var outcome: String
+}
+
+/// Runs a scenario in every mode, one after the other, on the same machine.
+public struct ExperimentRunner {
+    public let scenario: Scenario
+    public var progress: (@Sendable (_ mode: Mode, _ index: Int, _ elapsed: Double) -> Void)?
+    let logger = Logger(label: "pvsched.experiment")
+
+    public init(scenario: Scenario) { self.scenario = scenario }
+
+    public func run() throws -> [ModeResult] {
+        var results: [ModeResult] = []
+        for (i, mode) in scenario.modes.enumerated() {
+            results.append(try run(mode, index: i))
+        }
+        return results
+    }
+
+    func vmConfig(pvsched: Bool) -> VMConfiguration {
+        var c = VMConfiguration(image: GuestImage.kernel)
+        c.name = "bench"
+        c.vcpus = scenario.vcpus
+        c.boot.durationNs = scenario.durationNs
+        c.boot.intervalNs = scenario.intervalNs
+        c.boot.pvschedEnabled = pvsched
+        switch scenario.guest {
+        case .cyclic: c.boot.workload = .cyclic
+        case .irqResponse: c.boot.workload = .irqResponse
+        case .mixed:
+            c.boot.workload = .batch
+            c.boot.perVCPU = [.cyclic]
+        }
+        c.vcpuAffinity = (0..<scenario.vcpus).map { scenario.cpuMask(vcpu: $0) }
+        return c
+    }
+
+    func run(_ mode: Mode, index: Int) throws -> ModeResult {
+        let contended = mode != .idle
+        let pvsched: Bool
+        let driverName: String?
+        switch mode {
+        case .idle, .vanilla: pvsched = false; driverName = nil
+        case .staticRT: pvsched = true; driverName = "static-rt"
+        case .driver(let n): pvsched = true; driverName = n
+        }
+        let registry = DriverRegistry()
+        try BuiltinDrivers.registerAll(in: registry)
+        let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
+        let vm = try VirtualMachine(config: vmConfig(pvsched: pvsched), registry: pvsched ? registry : nil,
+                                    actuator: LinuxActuator(), governor: governor)
+        if let driverName { try registry.assign(driverName, to: vm.handle.id) }
+        let binding = vm.binding
+
+        var noisy: VirtualMachine?
+        if contended && scenario.noisyVM {
+            var c = VMConfiguration(image: GuestImage.kernel)
+            c.name = "noisy"
+            c.boot.workload = .batch
+            c.boot.durationNs = scenario.durationNs + 2_000_000_000
+            c.boot.pvschedEnabled = false
+            c.vcpuAffinity = [scenario.cpuMask(vcpu: 0)]
+            noisy = try VirtualMachine(config: c)
+        }
+        let load = contended ? scenario.cpus.map { HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
+        let probes = scenario.cpus.map {
+            HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
+        }
+        noisy?.start()
+        let started = MonotonicClock.nowNs()
+        vm.start()
+        let limit = scenario.durationNs + 20_000_000_000
+        var outcome: VMOutcome? = nil
+        while outcome == nil {
+            outcome = vm.outcome
+            let elapsed = MonotonicClock.nowNs() - started
+            progress?(mode, index, Double(elapsed) / 1e9)
+            if outcome != nil || elapsed > limit { break }
+            usleep(100_000)
+        }
+        let final = vm.wait(timeoutNs: 1)
+        let totals = binding?.totals ?? VCPUStats()
+        var hostHistogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
+        for p in probes { hostHistogram.add(p.finish()) }
+        let throughput = load.map { $0.finish() }.reduce(0, +)
+        noisy?.stop()
+
+        var guest = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
+        var batchWork: UInt64 = 0
+        if scenario.guest == .irqResponse {
+            for v in vm.irqResponseLatencies { _ = guest.record(v) }
+        }
+        if let r = vm.results() {
+            for v in r.vcpus {
+                if v.workload == .cyclic { for s in v.rawSamplesNs { _ = guest.record(UInt64(s)) } }
+                if v.workload == .batch { batchWork += v.workUnits }
+            }
+        }
+        if case .failed(let vcpu, let reason) = final {
+            logger.error("VM failed in mode \(mode)", metadata: ["vcpu": "\(vcpu)", "reason": "\(reason)"])
+        }
+        return ModeResult(
+            mode: mode.description,
+            guestLatency: LatencySummary(guest),
+            hostLatency: LatencySummary(hostHistogram),
+            hostThroughput: throughput,
+            guestBatchThroughput: Double(batchWork) / (Double(scenario.durationNs) / 1e9),
+            boostCount: totals.boostCount,
+            boostedMs: Double(totals.boostedNs) / 1e6,
+            throttleCount: totals.throttleCount,
+            exits: vm.exitCounts.reduce(0, +),
+            outcome: "\(final)")
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,142 @@
+import Atomics
+import PVSchedABI
+import PVSchedCore
+import PVSchedDrivers
+import PVSchedGuestImage
+import PVSchedKVM
+import PVSchedLinux
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One benchmark: a measured operation against a baseline measured in the same run.
+public struct BenchResult: Codable, Sendable {
+    public var name: String
+    public var baseline: String
+    /// Median ns per operation over the repetitions.
+    public var nsPerOp: Double
+    public var baselineNsPerOp: Double
+    public var ratio: Double { baselineNsPerOp > 0 ? nsPerOp / baselineNsPerOp : 0 }
+}
+
+/// Micro-benchmarks of the pvsched mechanism: the driver decision, the
+/// shared-area read, the actuator, and the cost pvsched adds to a VM exit.
+public enum MechanismBench {
+    /// Median ns/op of `body` (which runs `n` operations) over `reps` repetitions.
+    static func measure(reps: Int = 7, n: Int, _ body: () -> Void) -> Double {
+        var times: [Double] = []
+        for _ in 0..<reps {
+            let t0 = MonotonicClock.nowNs()
+            body()
+            times.append(Double(MonotonicClock.nowNs() - t0) / Double(n))
+        }
+        return times.sorted()[times.count / 2]
+    }
+
+    public static func driverDecision() -> BenchResult {
+        let n = 1_000_000
+        let lb = LatencyBoostDriver(), nop = NopDriver()
+        let views = (0..<64).map { i in
+            VCPUView(vcpu: 0, guest: GuestVCPUState(flags: .init(rawValue: UInt32(i) & 0x7F)), boosted: i % 3 == 0,
+                     boostedSinceNs: 10, nowNs: UInt64(i) * 1000)
+        }
+        let events: [VCPUEvent] = [.vmEntry, .vmExit(.halt), .halt, .interruptInjection(vector: 48)]
+        var sink = 0
+        let t = measure(n: n) {
+            for i in 0..<n { if lb.decide(event: events[i & 3], view: views[i & 63]) != .none { sink &+= 1 } }
+        }
+        let b = measure(n: n) {
+            for i in 0..<n { if nop.decide(event: events[i & 3], view: views[i & 63]) != .none { sink &+= 1 } }
+        }
+        if sink == -1 { print(sink) }
+        return BenchResult(name: "latency-boost decision", baseline: "nop decision", nsPerOp: t, baselineNsPerOp: b)
+    }
+
+    public static func sharedAreaRead() -> BenchResult {
+        let n = 1_000_000
+        let buf = SharedAreaBuffer(vcpus: 1)
+        let area = try! SharedArea(validating: buf.bytes)
+        buf.writer.update(vcpu: 0) { $0.flags = PVSCHED_FLAG_RT_TASK_RUNNING; $0.task_policy = PVSCHED_TASK_FIFO; $0.task_priority = 5 }
+        var sink: UInt32 = 0
+        let t = measure(n: n) { for _ in 0..<n { sink &+= (try? area.read(vcpu: 0))?.flags.rawValue ?? 0 } }
+        let line = UnsafeRawPointer(buf.writer.vcpu(0))
+        let b = measure(n: n) {
+            for _ in 0..<n { sink &+= line.loadUnaligned(as: pvsched_vcpu_guest.self).flags }
+        }
+        if sink == 1 { print(sink) }
+        return BenchResult(name: "shared-area read (seqlock + validation)", baseline: "plain copy of the guest line",
+                           nsPerOp: t, baselineNsPerOp: b)
+    }
+
+    /// Boost + restore of a real thread, against the sched_getattr system call alone.
+    public static func actuator() -> BenchResult? {
+        guard LinuxScheduling.canUseRealTime else { return nil }
+        let stop = ManagedAtomic(false)
+        let tidBox = ManagedAtomic<Int32>(0)
+        let t = PVSchedCore.Thread {
+            tidBox.store(LinuxScheduling.currentThread().rawValue, ordering: .releasing)
+            while !stop.load(ordering: .relaxed) { usleep(1000) }
+        }
+        while tidBox.load(ordering: .acquiring) == 0 { usleep(100) }
+        let tid = ThreadID(tidBox.load(ordering: .acquiring))
+        let act = LinuxActuator()
+        let n = 2000
+        let cycle = measure(n: n) {
+            for _ in 0..<n {
+                try? act.apply(.fifo(priority: 10), to: tid)
+                try? act.restore(tid)
+            }
+        }
+        let getattr = measure(n: n) { for _ in 0..<n { _ = try? LinuxScheduling.parameters(of: tid) } }
+        stop.store(true, ordering: .relaxed)
+        t.join()
+        return BenchResult(name: "actuator boost + restore", baseline: "one sched_getattr", nsPerOp: cycle, baselineNsPerOp: getattr)
+    }
+
+    /// ns per port-IO exit measured by the guest, with `driver` (nil: no pvsched).
+    static func exitCost(driver: String?) throws -> Double {
+        var c = VMConfiguration(image: GuestImage.kernel)
+        c.boot.workload = .selftest
+        c.boot.arg = PVSCHED_SELFTEST_EXIT_LOOP
+        c.boot.pvschedEnabled = driver != nil
+        let registry = DriverRegistry()
+        try BuiltinDrivers.registerAll(in: registry)
+        let vm = try VirtualMachine(config: c, registry: driver == nil ? nil : registry, actuator: RecordingActuator())
+        if let driver { try registry.assign(driver, to: vm.handle.id) }
+        vm.start()
+        guard vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0), let r = try vm.readResults()?.vcpus.first,
+              r.samples > 0 else {
+            throw ResultsError(field: "samples", detail: "the exit loop did not report")
+        }
+        return Double(r.latenessSumNs) / Double(r.samples)
+    }
+
+    /// Per-exit cost with the nop and latency-boost drivers against no pvsched, interleaved runs.
+    public static func exitOverhead(reps: Int = 5) throws -> [BenchResult] {
+        var base: [Double] = [], nop: [Double] = [], lb: [Double] = []
+        for _ in 0..<reps {
+            base.append(try exitCost(driver: nil))
+            nop.append(try exitCost(driver: "nop"))
+            lb.append(try exitCost(driver: "latency-boost"))
+        }
+        func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+        return [
+            BenchResult(name: "VM exit with nop driver", baseline: "VM exit without pvsched",
+                        nsPerOp: median(nop), baselineNsPerOp: median(base)),
+            BenchResult(name: "VM exit with latency-boost", baseline: "VM exit without pvsched",
+                        nsPerOp: median(lb), baselineNsPerOp: median(base)),
+        ]
+    }
+
+    public static func table(_ results: [BenchResult]) -> String {
+        var out = "benchmark                                      ns/op     baseline                        ns/op   ratio\n"
+        for r in results {
+            out += r.name.padding(toLength: 44, withPad: " ", startingAt: 0)
+            out += String(repeating: " ", count: max(0, 9 - Report.format(r.nsPerOp).count)) + Report.format(r.nsPerOp) + "     "
+            out += r.baseline.padding(toLength: 30, withPad: " ", startingAt: 0)
+            out += String(repeating: " ", count: max(0, 9 - Report.format(r.baselineNsPerOp).count)) + Report.format(r.baselineNsPerOp)
+            out += "   " + String(format: "%.2fx", r.ratio) + "\n"
+        }
+        return out
+    }
+}

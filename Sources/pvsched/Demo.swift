@@ -1,0 +1,111 @@
+import ArgumentParser
+import Foundation
+import PVSchedCore
+import PVSchedExperiments
+
+/// Options shared by `demo` and `bench` for the latency experiment.
+struct ScenarioOptions: ParsableArguments {
+    @Option(help: "Guest workload: cyclic, irq-response or mixed (vCPU 0 cyclic, others batch).")
+    var guest: String = "mixed"
+    @Option(help: "Number of vCPUs.") var vcpus = 2
+    @Option(help: "Busy host threads on each host CPU used.") var busyThreads = 2
+    @Flag(help: "Also run a noisy second VM (batch) on the same CPU.") var noisyVM = false
+    @Option(help: "Seconds per mode.") var seconds: Double = 4
+    @Option(help: "Wake-up / interrupt interval in microseconds.") var intervalUs: UInt64 = 1000
+    @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, or a driver name).")
+    var modes = "idle,vanilla,static-rt,latency-boost"
+    @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
+    var cpus: String?
+    @Option(help: "Governor: longest continuous boost in milliseconds.") var maxBoostMs: Double = 5
+    @Option(help: "Governor: throttle window after a cut boost, in milliseconds.") var throttleMs: Double = 10
+    @Option(help: "Governor: largest share (0-1) of the VM's vCPU time that may be boosted.") var vmShare: Double = 0.5
+    @Flag(help: "Print JSON instead of the table.") var json = false
+    @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
+
+    func scenario() throws -> Scenario {
+        var s = Scenario()
+        guard let g = GuestScenario(rawValue: guest) else {
+            throw ValidationError("--guest must be one of \(GuestScenario.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        guard (1...16).contains(vcpus) else { throw ValidationError("--vcpus must be 1...16") }
+        if g == .mixed && vcpus < 2 { throw ValidationError("--guest mixed needs at least 2 vCPUs") }
+        s.guest = g
+        s.vcpus = vcpus
+        s.busyThreads = busyThreads
+        s.noisyVM = noisyVM
+        s.durationNs = UInt64(seconds * 1e9)
+        s.intervalNs = intervalUs * 1000
+        guard maxBoostMs > 0, throttleMs >= 0, (0...1).contains(vmShare) else {
+            throw ValidationError("governor limits: --max-boost-ms > 0, --throttle-ms >= 0, --vm-share in 0...1")
+        }
+        s.governor = GovernorConfig(maxContinuousBoostNs: UInt64(maxBoostMs * 1e6), throttleWindowNs: UInt64(throttleMs * 1e6),
+                                    shareWindowNs: 100_000_000, maxVMShare: vmShare)
+        s.modes = modes.split(separator: ",").map { Mode(String($0)) }
+        if let cpus {
+            let list = cpus.split(separator: ",").compactMap { Int($0) }
+            guard !list.isEmpty, list.allSatisfy({ (0..<min(64, Scenario.onlineCPUs)).contains($0) }) else {
+                throw ValidationError("--cpus must list online CPUs (0...\(Scenario.onlineCPUs - 1))")
+            }
+            s.cpus = list
+        }
+        return s
+    }
+}
+
+/// The main job: a real KVM guest under host contention, in each mode, side by side.
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure guest and host latency under host contention: vanilla, static real-time and pvsched, side by side.")
+    @OptionGroup var options: ScenarioOptions
+
+    func run() throws {
+        try Preflight.requireKVM()
+        try Preflight.requireRealTime()
+        let scenario = try options.scenario()
+        var runner = ExperimentRunner(scenario: scenario)
+        let total = scenario.modes.count
+        let seconds = Double(scenario.durationNs) / 1e9
+        runner.progress = { mode, index, elapsed in
+            let done = min(1, elapsed / seconds)
+            let bar = String(repeating: "#", count: Int(done * 20)) + String(repeating: ".", count: 20 - Int(done * 20))
+            FileHandle.standardError.write("\r[\(index + 1)/\(total)] \(mode.description.padding(toLength: 14, withPad: " ", startingAt: 0)) [\(bar)] \(String(format: "%4.1f", elapsed)) s ".data(using: .utf8)!)
+        }
+        let results = try runner.run()
+        FileHandle.standardError.write("\r\(String(repeating: " ", count: 60))\r".data(using: .utf8)!)
+        if options.json {
+            print(try Report.json(results))
+        } else {
+            print(Report.table(results, scenario: scenario))
+        }
+        let svg = Report.svg(results, title: "pvsched: \(scenario.guest.rawValue) guest, \(scenario.vcpus) vCPUs, \(scenario.busyThreads) busy host threads")
+        try svg.write(toFile: options.plot, atomically: true, encoding: .utf8)
+        if !options.json { print("plot: \(options.plot)") }
+    }
+}
+
+/// Benchmarks of the mechanism (each against a baseline from the same run).
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead (ratios to baselines).")
+    @Flag(help: "Print JSON.") var json = false
+    @Option(help: "Repetitions of the per-exit measurement.") var exitRuns = 5
+
+    func run() throws {
+        var results = [MechanismBench.driverDecision(), MechanismBench.sharedAreaRead()]
+        if let a = MechanismBench.actuator() { results.append(a) } else {
+            FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
+        }
+        if (try? Preflight.requireKVM()) != nil {
+            results += try MechanismBench.exitOverhead(reps: exitRuns)
+        } else {
+            FileHandle.standardError.write("per-exit benchmark skipped: /dev/kvm not accessible\n".data(using: .utf8)!)
+        }
+        if json {
+            let e = JSONEncoder()
+            e.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try e.encode(results), as: UTF8.self))
+        } else {
+            print(MechanismBench.table(results))
+        }
+    }
+}
