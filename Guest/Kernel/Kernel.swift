@@ -7,7 +7,6 @@ struct CPU {
     var timerFired: UInt32 = 0
     var irqsHandled: UInt64 = 0
     var irqNesting: UInt32 = 0
-    var wakeTSC: UInt64 = 0
 }
 
 nonisolated(unsafe) var bootInfo: UnsafeMutablePointer<pvsched_boot_info>? = nil
@@ -98,7 +97,6 @@ func isrDispatch(_ frame: UnsafeMutablePointer<interrupt_frame>) {
     c.pointee.irqsHandled &+= 1
     switch UInt32(vector) {
     case PVSCHED_VECTOR_TIMER:
-        c.pointee.wakeTSC = nowTSC()
         c.pointee.timerFired &+= 1
     case PVSCHED_VECTOR_IRQ:
         IRQResponse.handle()

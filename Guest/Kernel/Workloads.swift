@@ -104,7 +104,10 @@ enum Workloads {
             next &+= interval
             // The RT task stays marked running until sleepFor arms the next wake-up.
         }
-        if PVSched.active { PVSched.rtTask(running: false) }
+        if PVSched.active {
+            PVSched.rtTask(running: false)
+            PVSched.deboostIfDone()  // what follows is not latency-sensitive
+        }
     }
 
     /// A CPU-bound normal task: counts work units until the duration ends.

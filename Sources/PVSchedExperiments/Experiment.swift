@@ -55,7 +55,7 @@ public struct Scenario: Sendable {
     /// Also run a second VM (1 vCPU, batch, no pvsched) on the same CPU.
     public var noisyVM = false
     public var durationNs: UInt64 = 4_000_000_000
-    public var intervalNs: UInt64 = 1_000_000
+    public var intervalNs: UInt64 = 5_000_000
     /// The host CPUs of the experiment: vCPU i runs on `cpus[i % cpus.count]`; each
     /// CPU also runs `busyThreads` busy threads and a latency probe.
     public var cpus: [Int] = Array((0..<min(64, Scenario.onlineCPUs)).reversed())
