@@ -215,6 +215,60 @@ static inline void pvsched_guest_write_end(volatile struct pvsched_vcpu_guest *g
     __atomic_store_n(&g->seq, s + 1u, __ATOMIC_RELEASE);
 }
 
+/*
+ * BPF drivers. A pvsched BPF program (ELF section "pvsched") is called with a
+ * read-only struct pvsched_bpf_ctx and returns its decision in r0:
+ *   PVSCHED_BPF_NONE, PVSCHED_BPF_UNBOOST, or PVSCHED_BPF_BOOST | (priority << 8)
+ *   (priority 0 = the binding's default). The object declares its driver in a
+ * struct pvsched_bpf_driver_info in section ".pvsched.driver".
+ */
+#define PVSCHED_BPF_NONE     0u
+#define PVSCHED_BPF_BOOST    1u
+#define PVSCHED_BPF_UNBOOST  2u
+
+#define PVSCHED_EVENT_VM_ENTRY      1u
+#define PVSCHED_EVENT_VM_EXIT       2u
+#define PVSCHED_EVENT_HALT          4u
+#define PVSCHED_EVENT_INJECTION     8u
+
+/* Exit reasons in pvsched_bpf_ctx.exit_reason. */
+#define PVSCHED_EXIT_NONE      0u
+#define PVSCHED_EXIT_IO        1u
+#define PVSCHED_EXIT_MMIO      2u
+#define PVSCHED_EXIT_HALT      3u
+#define PVSCHED_EXIT_IRQ_WINDOW 4u
+#define PVSCHED_EXIT_DOORBELL  5u
+#define PVSCHED_EXIT_INTR      6u
+#define PVSCHED_EXIT_SHUTDOWN  7u
+#define PVSCHED_EXIT_OTHER     8u
+
+struct pvsched_bpf_ctx {
+    uint32_t event;             /* PVSCHED_EVENT_* (one bit) */
+    uint32_t exit_reason;       /* PVSCHED_EXIT_* for VM_EXIT */
+    uint32_t vector;            /* for INJECTION */
+    uint32_t vcpu;
+    uint32_t boosted;           /* 1 if the vCPU thread is boosted now */
+    uint32_t interrupt_pending; /* an injection the guest has not entered for yet */
+    uint64_t now_ns;
+    uint64_t boosted_for_ns;    /* how long the current boost has lasted */
+    uint32_t has_guest;         /* 1 if the fields below come from a registered area */
+    uint32_t flags;             /* PVSCHED_FLAG_* */
+    uint32_t task_policy;
+    int32_t  task_priority;
+    int32_t  task_nice;
+    uint32_t reserved;
+    uint64_t next_deadline_ns;
+    uint64_t guest_clock_ns;
+};
+_Static_assert(sizeof(struct pvsched_bpf_ctx) == 80, "bpf ctx");
+
+struct pvsched_bpf_driver_info {
+    char     name[PVSCHED_PROTOCOL_NAME_LEN];
+    uint32_t events;            /* PVSCHED_EVENT_* mask */
+    uint16_t protocol_major;
+    uint16_t protocol_minor;
+};
+
 #ifdef __cplusplus
 }
 #endif
