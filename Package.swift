@@ -47,22 +47,32 @@ let package = Package(
         // The guest component: the Embedded Swift kernel in Guest/, built and embedded by a plugin.
         .plugin(name: "GuestImagePlugin", capability: .buildTool()),
         .target(name: "PVSchedGuestImage", plugins: ["GuestImagePlugin"]),
+        // BPF drivers: ELF loader, verifier, interpreter, maps and the driver adapter.
+        .target(name: "PVSchedBPF", dependencies: [
+            "PVSchedCore", "PVSchedABI",
+            .product(name: "Atomics", package: "swift-atomics"),
+        ]),
+        // The host kernel's BPF (bpf syscall), an oracle for differential tests.
+        .target(name: "CKernelBPF"),
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
-            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
-            "PVSchedExperiments",
+            "PVSchedExperiments", "PVSchedBPF",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched"]),
+        .testTarget(name: "PVSchedBPFTests", dependencies: [
+            "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage",
+        ]),
         .testTarget(name: "PVSchedKVMTests", dependencies: [
             "PVSchedKVM", "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedGuestImage", "PVSchedABI",
         ]),

@@ -1,9 +1,9 @@
 import Foundation
 import PackagePlugin
 
-/// Builds the Embedded Swift guest kernel (Guest/) during `swift build` with the
-/// toolchain's own swiftc, clang, ld.lld and llvm-objcopy, and embeds the image
-/// in the target as a generated Swift source.
+/// Builds the Embedded Swift guest kernel (Guest/) and the sample BPF driver
+/// (BPF/) during `swift build` with the toolchain's own swiftc, clang, ld.lld and
+/// llvm-objcopy, and embeds both in the target as a generated Swift source.
 @main
 struct GuestImagePlugin: BuildToolPlugin {
     func createBuildCommands(context: PluginContext, target: Target) throws -> [Command] {
@@ -11,10 +11,11 @@ struct GuestImagePlugin: BuildToolPlugin {
         let root = context.package.directoryURL
         let guest = root.appending(path: "Guest")
         let abi = root.appending(path: "Sources/PVSchedABI/include")
+        let bpf = root.appending(path: "BPF")
         let work = context.pluginWorkDirectoryURL.appending(path: "guest-build")
         let output = context.pluginWorkDirectoryURL.appending(path: "GeneratedGuestImage.swift")
         var inputs: [URL] = []
-        for dir in [guest, abi] {
+        for dir in [guest, abi, bpf] {
             let files = FileManager.default.enumerator(at: dir, includingPropertiesForKeys: nil)
             while let f = files?.nextObject() as? URL {
                 if !f.hasDirectoryPath { inputs.append(f) }

@@ -3,6 +3,8 @@
 public enum GuestImage {
     /// The kernel image bytes.
     public static let kernel: [UInt8] = decodeBase64(GeneratedGuestImage.base64)
+    /// The sample BPF driver (BPF/latency_boost.bpf.c) as an ELF object, built by the same plugin.
+    public static let sampleBPFDriver: [UInt8] = decodeBase64(GeneratedGuestImage.sampleBPF)
 
     static func decodeBase64(_ text: StaticString) -> [UInt8] {
         var table = [UInt8](repeating: 0xFF, count: 256)

@@ -92,6 +92,7 @@ struct Bench: ParsableCommand {
 
     func run() throws {
         var results = [MechanismBench.driverDecision(), MechanismBench.sharedAreaRead()]
+        results += try MechanismBench.bpf()
         if let a = MechanismBench.actuator() { results.append(a) } else {
             FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
         }
@@ -106,6 +107,9 @@ struct Bench: ParsableCommand {
             print(String(decoding: try e.encode(results), as: UTF8.self))
         } else {
             print(MechanismBench.table(results))
+            if let alu = results.first(where: { $0.name.hasPrefix("BPF interpreter") }) {
+                print(String(format: "BPF interpreter: %.0f million instructions per second on straight-line ALU code", 1000 / alu.nsPerOp))
+            }
         }
     }
 }

@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import PVSchedBPF
 import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
@@ -25,6 +27,7 @@ struct Run: ParsableCommand {
     @Option(help: "Cyclic wake-up interval in microseconds.") var intervalUs: UInt64 = 1000
     @Flag(help: "Use the in-kernel irqchip (LAPIC) instead of userspace injection.") var irqchip = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 30
+    @Option(help: "Load a BPF driver object ('sample' for the bundled BPF/latency_boost.bpf.c) and use it for the VM.") var bpf: String?
 
     func run() throws {
         try Preflight.requireKVM()
@@ -39,6 +42,19 @@ struct Run: ParsableCommand {
         config.consoleLine = { print("guest| \($0)") }
         let registry = DriverRegistry()
         try BuiltinDrivers.registerAll(in: registry)
+        var driver = self.driver
+        var bpfDriver: BPFDriver?
+        if let bpf {
+            let object: [UInt8]
+            if bpf == "sample" { object = GuestImage.sampleBPFDriver } else {
+                guard let data = FileManager.default.contents(atPath: bpf) else { throw ValidationError("cannot read \(bpf)") }
+                object = [UInt8](data)
+            }
+            let d = try BPFDriver(elf: object, trace: { print("bpf| \($0)") })
+            try registry.register(d)
+            driver = d.name
+            bpfDriver = d
+        }
         let vm = try VirtualMachine(config: config, registry: driver == "none" ? nil : registry)
         if driver != "none" { try registry.assign(driver, to: vm.handle.id) }
         let stats = vm.binding
@@ -50,6 +66,12 @@ struct Run: ParsableCommand {
             let t = stats.totals
             if let reason = stats.disabledReason { print("pvsched disabled for this VM: \(reason)") }
             print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount)")
+        }
+        if let bpfDriver {
+            print("bpf driver \(bpfDriver.name): \(bpfDriver.failureCount) failed runs")
+            for m in bpfDriver.maps where m.definition.kind == .array && m.definition.valueSize == 8 {
+                print("  map \(m.definition.name): \((0..<UInt32(m.definition.maxEntries)).map { m.words(at: $0)[0] })")
+            }
         }
         if let results = vm.results() {
             for r in results.vcpus where r.samples > 0 || r.workUnits > 0 {

@@ -7,7 +7,7 @@ struct PVSched: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pvsched",
         abstract: "Cooperative (paravirtual) vCPU scheduling for KVM.",
-        subcommands: [Demo.self, Bench.self, Run.self, Drivers.self, BoostThread.self])
+        subcommands: [Demo.self, Bench.self, Run.self, Drivers.self, BPFCommand.self, BoostThread.self])
 }
 
 /// Lists the built-in drivers.

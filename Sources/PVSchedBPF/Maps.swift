@@ -1,0 +1,102 @@
+import Synchronization
+
+/// How a map was declared (the legacy `struct bpf_map_def`).
+public struct MapDefinition: Equatable, Sendable {
+    public enum Kind: UInt32, Sendable { case hash = 1, array = 2 }
+    public var name: String
+    public var kind: Kind
+    public var keySize: Int
+    public var valueSize: Int
+    public var maxEntries: Int
+    public init(name: String, kind: Kind, keySize: Int, valueSize: Int, maxEntries: Int) {
+        self.name = name; self.kind = kind; self.keySize = keySize; self.valueSize = valueSize; self.maxEntries = maxEntries
+    }
+}
+
+/// A BPF map. Values live in one preallocated slab that is never freed while the
+/// map exists, so a value pointer a program holds stays valid memory (a deleted
+/// hash slot may be reused, as with the kernel's preallocated hash maps).
+public final class BPFMap: @unchecked Sendable {
+    public let definition: MapDefinition
+    let slab: UnsafeMutableRawPointer
+    let slotSize: Int
+    private struct HashState { var slots: [[UInt8]: Int] = [:]; var free: [Int] }
+    private let hash: Mutex<HashState>
+
+    public init(_ d: MapDefinition) throws(BPFError) {
+        guard d.valueSize > 0, d.valueSize <= 1 << 16, d.maxEntries > 0, d.maxEntries <= 1 << 20,
+              d.keySize > 0, d.keySize <= 512 else {
+            throw .badMap(d.name, "key_size \(d.keySize), value_size \(d.valueSize), max_entries \(d.maxEntries) out of range")
+        }
+        if d.kind == .array && d.keySize != 4 { throw .badMap(d.name, "an array map needs key_size 4") }
+        definition = d
+        slotSize = (d.valueSize + 7) & ~7
+        slab = UnsafeMutableRawPointer.allocate(byteCount: slotSize * d.maxEntries, alignment: 8)
+        slab.initializeMemory(as: UInt8.self, repeating: 0, count: slotSize * d.maxEntries)
+        hash = Mutex(HashState(free: Array((0..<d.maxEntries).reversed())))
+    }
+    deinit { slab.deallocate() }
+
+    /// Whether [address, address+size) lies inside one value of this map.
+    @inline(__always)
+    func containsValue(_ address: UInt, _ size: Int) -> Bool {
+        let base = UInt(bitPattern: slab)
+        guard address >= base else { return false }
+        let off = Int(address - base)
+        return off + size <= slotSize * definition.maxEntries && off % slotSize + size <= definition.valueSize
+    }
+
+    private func slot(_ i: Int) -> UnsafeMutableRawPointer { slab + i * slotSize }
+
+    /// The value stored under `key`, or nil.
+    public func lookup(_ key: UnsafeRawBufferPointer) -> UnsafeMutableRawPointer? {
+        switch definition.kind {
+        case .array:
+            let i = Int(key.loadUnaligned(as: UInt32.self))
+            return i < definition.maxEntries ? slot(i) : nil
+        case .hash:
+            let k = Array(key)
+            return hash.withLock { $0.slots[k] }.map(slot)
+        }
+    }
+
+    /// Stores `value` under `key`; 0 or a negative errno (-E2BIG when full, -EINVAL).
+    public func update(_ key: UnsafeRawBufferPointer, _ value: UnsafeRawBufferPointer) -> Int64 {
+        switch definition.kind {
+        case .array:
+            let i = Int(key.loadUnaligned(as: UInt32.self))
+            guard i < definition.maxEntries else { return -7 }
+            slot(i).copyMemory(from: value.baseAddress!, byteCount: definition.valueSize)
+            return 0
+        case .hash:
+            let k = Array(key)
+            let index: Int? = hash.withLock { h in
+                if let i = h.slots[k] { return i }
+                guard let i = h.free.popLast() else { return nil }
+                h.slots[k] = i
+                return i
+            }
+            guard let index else { return -7 }
+            slot(index).copyMemory(from: value.baseAddress!, byteCount: definition.valueSize)
+            return 0
+        }
+    }
+
+    /// Deletes `key`; 0, -ENOENT, or -EINVAL for arrays.
+    public func delete(_ key: UnsafeRawBufferPointer) -> Int64 {
+        guard definition.kind == .hash else { return -22 }
+        let k = Array(key)
+        return hash.withLock { h in
+            guard let i = h.slots.removeValue(forKey: k) else { return -2 }
+            h.free.append(i)
+            return 0
+        }
+    }
+
+    /// Reads entry `key` (array index) as UInt64 words (for tests and the CLI).
+    public func words(at index: UInt32) -> [UInt64] {
+        var k = index
+        guard let p = withUnsafeBytes(of: &k, { lookup($0) }) else { return [] }
+        return (0..<definition.valueSize / 8).map { p.load(fromByteOffset: $0 * 8, as: UInt64.self) }
+    }
+}

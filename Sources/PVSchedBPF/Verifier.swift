@@ -1,0 +1,515 @@
+/// What the verifier knows about the memory r1 points to at entry.
+public struct ContextDescription: Sendable {
+    public var size: Int
+    public var writable: Bool
+    public init(size: Int, writable: Bool) { self.size = size; self.writable = writable }
+}
+
+/// Checks a program before it may run, rejecting it with a message that names the
+/// instruction and the reason: malformed instructions, jumps out of range,
+/// unreachable code, loops (unbounded until proven otherwise), uninitialised
+/// registers and stack, out-of-bounds context/stack/map-value access, writes to
+/// the read-only context, unchecked map lookups, unknown helpers.
+///
+/// Structural checks run on the control-flow graph; then every path is
+/// interpreted abstractly (the program has no loops, so paths are finite), with
+/// a cap on the work for pathological programs.
+public struct Verifier {
+    public let program: Program
+    public let context: ContextDescription
+    public var maxStates = 200_000
+
+    public init(program: Program, context: ContextDescription) { self.program = program; self.context = context }
+
+    private var code: [Instruction] { program.instructions }
+
+    func reject(_ pc: Int, _ reason: String) -> BPFError {
+        .rejected(pc: pc, instruction: pc >= 0 && pc < code.count ? code[pc].description : "-", reason: reason)
+    }
+
+    public func verify() throws(BPFError) {
+        guard !code.isEmpty else { throw reject(0, "empty program") }
+        guard code.count <= 1_000_000 else { throw reject(0, "program too large") }
+        let successors = try structure()
+        try checkReachableAndAcyclic(successors)
+        try explore()
+    }
+
+    // MARK: structure
+
+    /// Successors of each instruction (index -1 entries omitted); validates jumps.
+    private func structure() throws(BPFError) -> [[Int]] {
+        var isSecondSlot = Array(repeating: false, count: code.count)
+        for pc in code.indices where code[pc].isLoadImm64 {
+            guard pc + 1 < code.count else { throw reject(pc, "ldimm64 is missing its second half") }
+            guard code[pc + 1].opcode == 0, code[pc + 1].dst == 0, code[pc + 1].src == 0, code[pc + 1].offset == 0 else {
+                throw reject(pc + 1, "invalid second half of ldimm64")
+            }
+            isSecondSlot[pc + 1] = true
+        }
+        var succ = Array(repeating: [Int](), count: code.count)
+        var pc = 0
+        while pc < code.count {
+            let i = code[pc]
+            func target(_ t: Int) throws(BPFError) -> Int {
+                guard t >= 0 && t < code.count else { throw reject(pc, "jump out of range (to \(t), program has \(code.count) instructions)") }
+                guard !isSecondSlot[t] else { throw reject(pc, "jump into the middle of ldimm64 at \(t - 1)") }
+                return t
+            }
+            let cls = i.instructionClass
+            if i.isLoadImm64 { succ[pc] = [pc + 2]; pc += 2; continue }
+            if cls == BPF.jmp || cls == BPF.jmp32 {
+                switch i.opcode & 0xF0 {
+                case 0x00:
+                    guard i.opcode & 0x08 == 0 else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
+                    succ[pc] = [try target(pc + 1 + (cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset)))]
+                case 0x90:
+                    guard cls == BPF.jmp else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
+                    succ[pc] = []
+                case 0x80:
+                    guard cls == BPF.jmp else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
+                    if i.src == 1 { succ[pc] = [try target(pc + 1 + Int(i.imm)), pc + 1] }
+                    else if i.src == 0 { succ[pc] = [pc + 1] }
+                    else { throw reject(pc, "calls to kernel functions are not supported") }
+                default:
+                    succ[pc] = [pc + 1, try target(pc + 1 + Int(i.offset))]
+                }
+            } else {
+                succ[pc] = [pc + 1]
+            }
+            for s in succ[pc] where s >= code.count { throw reject(pc, "falls through the end of the program") }
+            pc += 1
+        }
+        return succ
+    }
+
+    private func checkReachableAndAcyclic(_ succ: [[Int]]) throws(BPFError) {
+        // 0 unvisited, 1 on the DFS stack, 2 done.
+        var color = Array(repeating: UInt8(0), count: code.count)
+        var stack: [(Int, Int)] = [(0, 0)]
+        color[0] = 1
+        while let (node, next) = stack.last {
+            if next < succ[node].count {
+                stack[stack.count - 1].1 += 1
+                let s = succ[node][next]
+                if color[s] == 1 { throw reject(node, "back-edge to instruction \(s): loops are not allowed (a loop must be proven bounded)") }
+                if color[s] == 0 { color[s] = 1; stack.append((s, 0)) }
+            } else {
+                color[node] = 2
+                stack.removeLast()
+            }
+        }
+        var pc = 0
+        while pc < code.count {
+            if color[pc] == 0 { throw reject(pc, "unreachable instruction") }
+            pc += code[pc].isLoadImm64 ? 2 : 1
+        }
+    }
+
+    // MARK: abstract interpretation
+
+    enum Value: Equatable {
+        case uninit
+        case scalar(UInt64?)                  // known value, if any
+        case ctx(Int)
+        case stack(frame: Int, offset: Int)   // offset from that frame's r10 (negative)
+        case mapPtr(Int)
+        case mapValue(map: Int, offset: Int)
+        case mapValueOrNull(map: Int, offset: Int, id: Int)
+
+        var isPointer: Bool {
+            switch self { case .uninit, .scalar: return false; default: return true }
+        }
+        var name: String {
+            switch self {
+            case .uninit: return "uninitialized"
+            case .scalar: return "a scalar"
+            case .ctx: return "a context pointer"
+            case .stack: return "a stack pointer"
+            case .mapPtr: return "a map"
+            case .mapValue: return "a map value pointer"
+            case .mapValueOrNull: return "a map value pointer that may be NULL"
+            }
+        }
+    }
+
+    struct Frame {
+        var regs: [Value] = Array(repeating: .uninit, count: BPF.maxRegisters)
+        var stackInit = [Bool](repeating: false, count: BPF.stackSize)
+        var spills: [Int: Value] = [:]        // 8-byte aligned slot offset -> pointer spilled there
+        var returnPC = -1
+    }
+
+    struct State {
+        var pc: Int
+        var frames: [Frame]
+        var nextID = 1
+    }
+
+    private func explore() throws(BPFError) {
+        var entry = Frame()
+        entry.regs[1] = .ctx(0)
+        entry.regs[10] = .stack(frame: 0, offset: 0)
+        var work = [State(pc: 0, frames: [entry])]
+        var steps = 0
+        while var st = work.popLast() {
+            while true {
+                steps += 1
+                if steps > maxStates { throw reject(st.pc, "program too complex to verify (\(maxStates) states)") }
+                let outcome = try step(&st)
+                switch outcome {
+                case .next: continue
+                case .done: break
+                case .branch(let other): work.append(other); continue
+                }
+                break
+            }
+        }
+    }
+
+    enum StepOutcome { case next, done, branch(State) }
+
+    private func read(_ f: Frame, _ r: Int, _ pc: Int) throws(BPFError) -> Value {
+        let v = f.regs[r]
+        if v == .uninit { throw reject(pc, "r\(r) is read before it is initialized") }
+        return v
+    }
+
+    private func step(_ st: inout State) throws(BPFError) -> StepOutcome {
+        let pc = st.pc
+        let i = code[pc]
+        let d = Int(i.dst), s = Int(i.src)
+        guard d < BPF.maxRegisters, s < BPF.maxRegisters else { throw reject(pc, "invalid register") }
+        var f = st.frames[st.frames.count - 1]
+        defer { st.frames[st.frames.count - 1] = f }
+        let cls = i.instructionClass
+        func writable(_ r: Int) throws(BPFError) {
+            if r == 10 { throw reject(pc, "r10 (the frame pointer) is read-only") }
+        }
+        switch cls {
+        case BPF.alu, BPF.alu64:
+            try writable(d)
+            let code4 = i.opcode & 0xF0
+            guard code4 <= 0xD0 else { throw reject(pc, "invalid ALU opcode 0x\(String(i.opcode, radix: 16))") }
+            if (code4 == 0x30 || code4 == 0x90) && !(i.offset == 0 || i.offset == 1) { throw reject(pc, "invalid division offset") }
+            if code4 == 0xB0 && !(i.offset == 0 || i.offset == 8 || i.offset == 16 || (cls == BPF.alu64 && i.offset == 32)) {
+                throw reject(pc, "invalid sign-extension width \(i.offset)")
+            }
+            if code4 == 0xD0 && !(i.imm == 16 || i.imm == 32 || i.imm == 64) { throw reject(pc, "invalid byte-swap width \(i.imm)") }
+            if (code4 == 0x60 || code4 == 0x70 || code4 == 0xC0) && i.opcode & BPF.x == 0 {
+                let width: Int32 = cls == BPF.alu64 ? 64 : 32
+                guard i.imm >= 0 && i.imm < width else { throw reject(pc, "invalid shift \(i.imm) (a constant shift must be 0...\(width - 1))") }
+            }
+            // Reserved fields must be zero (as the kernel checks).
+            let isX = i.opcode & BPF.x != 0
+            if code4 == 0x80 {
+                guard !isX, i.src == 0, i.offset == 0, i.imm == 0 else { throw reject(pc, "neg uses reserved fields") }
+            } else if code4 == 0xD0 {
+                guard i.src == 0, i.offset == 0, cls == BPF.alu || !isX else { throw reject(pc, "byte swap uses reserved fields") }
+            } else if isX {
+                let offsetOK = i.offset == 0 || ((code4 == 0x30 || code4 == 0x90) && i.offset == 1) || code4 == 0xB0
+                guard i.imm == 0, offsetOK else { throw reject(pc, "ALU uses reserved fields") }
+            } else {
+                let offsetOK = i.offset == 0 || ((code4 == 0x30 || code4 == 0x90) && i.offset == 1)
+                guard i.src == 0, offsetOK else { throw reject(pc, "ALU uses reserved fields") }
+                if (code4 == 0x30 || code4 == 0x90) && i.imm == 0 { throw reject(pc, "division by zero") }
+            }
+            let useReg = isX && code4 != 0x80 && code4 != 0xD0
+            let src: Value = useReg ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
+            if code4 == 0xB0 && i.offset == 0 {  // mov
+                if cls == BPF.alu64 { f.regs[d] = src; break }
+                if src.isPointer { throw reject(pc, "32-bit move of \(src.name) would leak a pointer as a scalar") }
+                if case .scalar(let v) = src { f.regs[d] = .scalar(v.map { $0 & 0xFFFF_FFFF }) }
+                break
+            }
+            let dv: Value = code4 == 0xB0 ? .scalar(nil) : try read(f, d, pc)
+            if dv.isPointer || src.isPointer {
+                guard cls == BPF.alu64, code4 == 0x00 || code4 == 0x10, !src.isPointer || code4 == 0x00 && !dv.isPointer,
+                      case .scalar(let k?) = (dv.isPointer ? src : dv) else {
+                    throw reject(pc, "arithmetic on \(dv.isPointer ? dv.name : src.name) is not allowed (only adding or subtracting a known constant)")
+                }
+                let delta = Int(Int64(bitPattern: code4 == 0x10 ? 0 &- k : k))
+                f.regs[d] = try offsetPointer(dv.isPointer ? dv : src, by: delta, pc)
+                break
+            }
+            guard case .scalar(let a) = dv, case .scalar(let b) = src else { throw reject(pc, "internal: scalar expected") }
+            f.regs[d] = .scalar(fold(cls, code4, a, b, i))
+        case BPF.jmp, BPF.jmp32:
+            let code4 = i.opcode & 0xF0
+            switch code4 {
+            case 0x00:
+                st.pc = pc + 1 + (cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset))
+                return .next
+            case 0x90:
+                let r0 = try read(f, 0, pc)
+                if st.frames.count == 1 {
+                    if r0.isPointer { throw reject(pc, "r0 is \(r0.name) at exit: a program must return a scalar") }
+                    return .done
+                }
+                let callee = st.frames.removeLast()
+                f = st.frames[st.frames.count - 1]
+                f.regs[0] = r0
+                for r in 1...5 { f.regs[r] = .uninit }
+                st.pc = callee.returnPC
+                return .next
+            case 0x80:
+                if i.src == 1 {
+                    guard st.frames.count < BPF.maxCallDepth else { throw reject(pc, "call depth exceeds \(BPF.maxCallDepth)") }
+                    var callee = Frame()
+                    for r in 1...5 { callee.regs[r] = f.regs[r] }
+                    callee.regs[10] = .stack(frame: st.frames.count, offset: 0)
+                    callee.returnPC = pc + 1
+                    st.frames[st.frames.count - 1] = f
+                    st.frames.append(callee)
+                    f = callee
+                    st.pc = pc + 1 + Int(i.imm)
+                    return .next
+                }
+                try helperCall(Int(i.imm), &f, &st.nextID, st.frames, pc)
+                st.pc = pc + 1
+                return .next
+            default:
+                guard [0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0xA0, 0xB0, 0xC0, 0xD0].contains(code4) else {
+                    throw reject(pc, "invalid jump opcode 0x\(String(i.opcode, radix: 16))")
+                }
+                guard i.opcode & BPF.x != 0 ? i.imm == 0 : i.src == 0 else { throw reject(pc, "jump uses reserved fields") }
+                let a = try read(f, d, pc)
+                let b: Value = i.opcode & BPF.x != 0 ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
+                if a.isPointer, !(code4 == 0x10 || code4 == 0x50), case .mapValueOrNull = a {
+                    throw reject(pc, "only == and != comparisons of \(a.name) with 0 are allowed")
+                }
+                var taken = st
+                taken.pc = pc + 1 + Int(i.offset)
+                st.pc = pc + 1
+                var takenFrame = f
+                // A NULL check refines a lookup result on both paths.
+                if case .mapValueOrNull(let m, let off, let id) = a, case .scalar(0?) = b, code4 == 0x10 || code4 == 0x50 {
+                    let isNull: Value = .scalar(0), nonNull: Value = .mapValue(map: m, offset: off)
+                    for r in 0..<BPF.maxRegisters {
+                        if case .mapValueOrNull(_, _, let rid) = f.regs[r], rid == id {
+                            takenFrame.regs[r] = code4 == 0x10 ? isNull : nonNull
+                            f.regs[r] = code4 == 0x10 ? nonNull : isNull
+                        }
+                    }
+                }
+                // Branches on known constants follow only the feasible side.
+                if case .scalar(let x?) = a, case .scalar(let y?) = b, let result = evaluate(code4, cls, x, y) {
+                    if result { f = takenFrame; st.pc = taken.pc }
+                    return .next
+                }
+                taken.frames[taken.frames.count - 1] = takenFrame
+                return .branch(taken)
+            }
+        case BPF.ldx:
+            try writable(d)
+            let mode = i.opcode & 0xE0
+            guard mode == BPF.mem || (mode == BPF.memsx && BPF.size(i.opcode) < 8) else {
+                throw reject(pc, "unsupported load mode 0x\(String(i.opcode, radix: 16))")
+            }
+            guard i.imm == 0 else { throw reject(pc, "load uses reserved fields") }
+            let base = try read(f, s, pc)
+            f.regs[d] = try access(base, Int(i.offset), BPF.size(i.opcode), write: false, &f, st.frames, pc)
+        case BPF.st, BPF.stx:
+            let mode = i.opcode & 0xE0
+            let base = try read(f, d, pc)
+            let size = BPF.size(i.opcode)
+            if mode == BPF.atomic {
+                guard cls == BPF.stx, size == 4 || size == 8 else { throw reject(pc, "atomic operations need a 32- or 64-bit STX") }
+                let ops: [Int32] = [0x00, 0x01, 0x40, 0x41, 0x50, 0x51, 0xA0, 0xA1, 0xE1, 0xF1]
+                guard ops.contains(i.imm) else { throw reject(pc, "invalid atomic operation 0x\(String(i.imm, radix: 16))") }
+                let v = try read(f, s, pc)
+                if v.isPointer { throw reject(pc, "atomic operand r\(s) is \(v.name)") }
+                if i.imm == BPF.atomicCmpxchg { _ = try read(f, 0, pc) }
+                switch base {
+                case .stack, .mapValue: break
+                default: throw reject(pc, "atomic operation on \(base.name)")
+                }
+                _ = try access(base, Int(i.offset), size, write: false, &f, st.frames, pc)
+                _ = try access(base, Int(i.offset), size, write: true, &f, st.frames, pc, stored: .scalar(nil))
+                if i.imm & BPF.atomicFetch != 0 {
+                    if i.imm == BPF.atomicCmpxchg { f.regs[0] = .scalar(nil) } else { try writable(s); f.regs[s] = .scalar(nil) }
+                }
+                break
+            }
+            guard mode == BPF.mem else { throw reject(pc, "unsupported store mode 0x\(String(i.opcode, radix: 16))") }
+            guard cls == BPF.stx ? i.imm == 0 : i.src == 0 else { throw reject(pc, "store uses reserved fields") }
+            let value: Value = cls == BPF.stx ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
+            _ = try access(base, Int(i.offset), size, write: true, &f, st.frames, pc, stored: value)
+        case BPF.ld:
+            guard i.isLoadImm64 else { throw reject(pc, "legacy packet loads (LD_ABS/LD_IND) are not supported") }
+            try writable(d)
+            let hi = code[pc + 1]
+            switch i.src {
+            case 0: f.regs[d] = .scalar(UInt64(UInt32(bitPattern: i.imm)) | UInt64(UInt32(bitPattern: hi.imm)) << 32)
+            case 1:
+                guard i.imm >= 0, Int(i.imm) < program.maps.count else { throw reject(pc, "reference to unknown map \(i.imm)") }
+                f.regs[d] = .mapPtr(Int(i.imm))
+            case 2:
+                guard i.imm >= 0, Int(i.imm) < program.maps.count, program.maps[Int(i.imm)].definition.kind == .array else {
+                    throw reject(pc, "direct value access needs an array map")
+                }
+                f.regs[d] = .mapValue(map: Int(i.imm), offset: Int(hi.imm))
+            default: throw reject(pc, "unsupported ldimm64 source \(i.src)")
+            }
+            st.pc = pc + 2
+            return .next
+        default:
+            throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))")
+        }
+        st.pc = pc + 1
+        return .next
+    }
+
+    private func offsetPointer(_ p: Value, by delta: Int, _ pc: Int) throws(BPFError) -> Value {
+        switch p {
+        case .ctx(let o): return .ctx(o + delta)
+        case .stack(let fr, let o): return .stack(frame: fr, offset: o + delta)
+        case .mapValue(let m, let o): return .mapValue(map: m, offset: o + delta)
+        default: throw reject(pc, "arithmetic on \(p.name) is not allowed")
+        }
+    }
+
+    /// Checks a memory access and returns what a load yields.
+    private func access(_ base: Value, _ off: Int, _ size: Int, write: Bool, _ f: inout Frame, _ frames: [Frame],
+                        _ pc: Int, stored: Value? = nil) throws(BPFError) -> Value {
+        if let stored, stored.isPointer, !(size == 8) { throw reject(pc, "partial store of \(stored.name)") }
+        switch base {
+        case .ctx(let o):
+            let at = o + off
+            guard at >= 0, at + size <= context.size else {
+                throw reject(pc, "context access at offset \(at) size \(size) is outside the \(context.size)-byte context")
+            }
+            guard at % size == 0 else { throw reject(pc, "misaligned context access at offset \(at) size \(size)") }
+            if write {
+                guard context.writable else { throw reject(pc, "write to the read-only context (offset \(at)): guest fields may not be written") }
+                if let stored, stored.isPointer { throw reject(pc, "storing \(stored.name) into the context leaks a pointer") }
+            }
+            return .scalar(nil)
+        case .stack(let frame, let o):
+            let at = o + off
+            guard at >= -BPF.stackSize, at + size <= 0 else {
+                throw reject(pc, "stack access at fp\(at) size \(size) is outside the \(BPF.stackSize)-byte stack")
+            }
+            let idx = BPF.stackSize + at
+            if frame != frames.count - 1 {
+                // Access to a caller's stack through a passed pointer: reads only of initialized bytes.
+                guard !write else { throw reject(pc, "writes to a caller's stack are not supported") }
+                guard frames[frame].stackInit[idx..<(idx + size)].allSatisfy({ $0 }) else {
+                    throw reject(pc, "read of uninitialized stack at fp\(at)")
+                }
+                return .scalar(nil)
+            }
+            if write {
+                for k in idx..<(idx + size) { f.stackInit[k] = true }
+                let slot = at & ~7
+                f.spills[slot] = nil
+                if size == 8, at % 8 == 0, let stored, stored.isPointer { f.spills[at] = stored }
+                return .scalar(nil)
+            }
+            guard f.stackInit[idx..<(idx + size)].allSatisfy({ $0 }) else {
+                throw reject(pc, "read of uninitialized stack at fp\(at) size \(size)")
+            }
+            if size == 8, at % 8 == 0, let spilled = f.spills[at] { return spilled }
+            return .scalar(nil)
+        case .mapValue(let m, let o):
+            let at = o + off, vs = program.maps[m].definition.valueSize
+            guard at >= 0, at + size <= vs else {
+                throw reject(pc, "map '\(program.maps[m].definition.name)' value access at offset \(at) size \(size) is outside its \(vs)-byte value")
+            }
+            if let stored, stored.isPointer { throw reject(pc, "storing \(stored.name) into a map value leaks a pointer") }
+            return .scalar(nil)
+        case .mapValueOrNull:
+            throw reject(pc, "possible NULL dereference: check the result of bpf_map_lookup_elem against 0 first")
+        default:
+            throw reject(pc, "memory access through \(base.name)")
+        }
+    }
+
+    /// Checks that r`r` points to `size` readable, initialized bytes.
+    private func checkBuffer(_ r: Int, _ size: Int, _ what: String, _ f: inout Frame, _ frames: [Frame], _ pc: Int) throws(BPFError) {
+        let v = try read(f, r, pc)
+        switch v {
+        case .stack, .mapValue, .ctx:
+            _ = try access(v, 0, 1, write: false, &f, frames, pc)
+            if size > 1 {
+                // Check the whole range byte by byte for the stack (initialization) and bounds.
+                for k in 0..<size { _ = try access(v, k, 1, write: false, &f, frames, pc) }
+            }
+        default:
+            throw reject(pc, "r\(r) (\(what)) is \(v.name), expected a pointer to \(size) readable bytes")
+        }
+    }
+
+    private func helperCall(_ id: Int, _ f: inout Frame, _ nextID: inout Int, _ frames: [Frame], _ pc: Int) throws(BPFError) {
+        guard let h = Helper(rawValue: id) else { throw reject(pc, "call to unknown helper \(id)") }
+        func map() throws(BPFError) -> Int {
+            guard case .mapPtr(let m) = try read(f, 1, pc) else { throw reject(pc, "r1 must be a map for helper \(id)") }
+            return m
+        }
+        var result: Value = .scalar(nil)
+        switch h {
+        case .mapLookup:
+            let m = try map()
+            try checkBuffer(2, program.maps[m].definition.keySize, "key", &f, frames, pc)
+            result = .mapValueOrNull(map: m, offset: 0, id: nextID)
+            nextID += 1
+        case .mapUpdate:
+            let m = try map()
+            try checkBuffer(2, program.maps[m].definition.keySize, "key", &f, frames, pc)
+            try checkBuffer(3, program.maps[m].definition.valueSize, "value", &f, frames, pc)
+            if try read(f, 4, pc).isPointer { throw reject(pc, "r4 (flags) must be a scalar") }
+        case .mapDelete:
+            let m = try map()
+            try checkBuffer(2, program.maps[m].definition.keySize, "key", &f, frames, pc)
+        case .tracePrintk:
+            guard case .scalar(let n?) = try read(f, 2, pc), n > 0, n <= 256 else {
+                throw reject(pc, "r2 (format size) must be a known constant in 1...256")
+            }
+            try checkBuffer(1, Int(n), "format", &f, frames, pc)
+            for r in 3...5 where f.regs[r].isPointer { throw reject(pc, "r\(r) passes \(f.regs[r].name) to bpf_trace_printk") }
+        case .ktimeGetNs, .prandomU32:
+            break
+        }
+        for r in 1...5 { f.regs[r] = .uninit }
+        f.regs[0] = result
+    }
+
+    private func fold(_ cls: UInt8, _ code4: UInt8, _ a: UInt64?, _ b: UInt64?, _ i: Instruction) -> UInt64? {
+        if code4 == 0xB0, i.offset != 0 { return nil }
+        guard let a, let b else { return nil }
+        let r: UInt64
+        switch code4 {
+        case 0x00: r = a &+ b
+        case 0x10: r = a &- b
+        case 0x20: r = a &* b
+        case 0x40: r = a | b
+        case 0x50: r = a & b
+        case 0x60: r = cls == BPF.alu64 ? a << (b & 63) : UInt64(UInt32(truncatingIfNeeded: a) << (UInt32(truncatingIfNeeded: b) & 31))
+        case 0x70: r = cls == BPF.alu64 ? a >> (b & 63) : UInt64(UInt32(truncatingIfNeeded: a) >> (UInt32(truncatingIfNeeded: b) & 31))
+        case 0x80: r = 0 &- a
+        case 0xA0: r = a ^ b
+        default: return nil
+        }
+        return cls == BPF.alu64 ? r : r & 0xFFFF_FFFF
+    }
+
+    private func evaluate(_ code4: UInt8, _ cls: UInt8, _ x: UInt64, _ y: UInt64) -> Bool? {
+        let a = cls == BPF.jmp ? x : x & 0xFFFF_FFFF, b = cls == BPF.jmp ? y : y & 0xFFFF_FFFF
+        let sa = cls == BPF.jmp ? Int64(bitPattern: a) : Int64(Int32(truncatingIfNeeded: a))
+        let sb = cls == BPF.jmp ? Int64(bitPattern: b) : Int64(Int32(truncatingIfNeeded: b))
+        switch code4 {
+        case 0x10: return a == b
+        case 0x20: return a > b
+        case 0x30: return a >= b
+        case 0x40: return a & b != 0
+        case 0x50: return a != b
+        case 0x60: return sa > sb
+        case 0x70: return sa >= sb
+        case 0xA0: return a < b
+        case 0xB0: return a <= b
+        case 0xC0: return sa < sb
+        case 0xD0: return sa <= sb
+        default: return nil
+        }
+    }
+}

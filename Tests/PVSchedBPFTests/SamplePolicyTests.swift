@@ -1,0 +1,111 @@
+import CKernelBPF
+import Foundation
+import PVSchedABI
+import PVSchedCore
+import PVSchedDrivers
+import PVSchedGuestImage
+import PVSchedKVM
+import Synchronization
+import Testing
+@testable import PVSchedBPF
+
+/// clang from the Swift toolchain (or PATH), which builds BPF objects.
+let clangPath: String? = {
+    var candidates = ["/opt/swift/usr/bin/clang"]
+    for dir in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") { candidates.append("\(dir)/clang") }
+    return candidates.first { FileManager.default.isExecutableFile(atPath: $0) }
+}()
+
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+/// Compiles BPF/latency_boost.bpf.c with clang and returns the object's bytes.
+func compileSamplePolicy() throws -> [UInt8] {
+    let out = FileManager.default.temporaryDirectory.appendingPathComponent("latency_boost-\(UUID().uuidString).bpf.o")
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: clangPath!)
+    p.arguments = ["-target", "bpf", "-O2", "-ffreestanding", "-I", packageRoot.appendingPathComponent("Sources/PVSchedABI/include").path,
+                   "-c", packageRoot.appendingPathComponent("BPF/latency_boost.bpf.c").path, "-o", out.path]
+    try p.run()
+    p.waitUntilExit()
+    guard p.terminationStatus == 0, let data = FileManager.default.contents(atPath: out.path) else {
+        throw BPFError.elf("clang failed with status \(p.terminationStatus)")
+    }
+    try? FileManager.default.removeItem(at: out)
+    return [UInt8](data)
+}
+
+@Suite(.enabled(if: clangPath != nil, "needs clang (the Swift toolchain's) to build the BPF sample"))
+struct SamplePolicyTests {
+    @Test func loadsAndVerifies() throws {
+        let d = try BPFDriver(elf: try compileSamplePolicy())
+        #expect(d.name == "bpf-latency-boost")
+        #expect(d.events == .all)
+        #expect(d.protocolVersion == .latencyProtocol)
+        #expect(d.maps.map(\.definition.name) == ["decisions"])
+    }
+
+    @Test func makesTheSameDecisionsAsTheBuiltInDriver() throws {
+        let bpf = try BPFDriver(elf: try compileSamplePolicy())
+        let builtin = LatencyBoostDriver()
+        let events: [VCPUEvent] = [.vmEntry, .vmExit(.io(port: 0x530, write: true)), .vmExit(.mmio(address: 0xFEE0_0000, write: true)),
+                                   .vmExit(.halt), .vmExit(.doorbell), .vmExit(.intr), .vmExit(.interruptWindow),
+                                   .vmExit(.other(code: 9)), .halt, .interruptInjection(vector: 48)]
+        var compared = 0
+        var counts = [UInt64](repeating: 0, count: 3)
+        for e in events {
+            for flags in 0..<UInt32(128) {
+                for boosted in [false, true] {
+                    for pending in [false, true] {
+                        for age: UInt64 in [0, 500_000, 999_999, 1_000_000, 5_000_000] {
+                            for hasGuest in [false, true] where hasGuest || flags == 0 {
+                                let guest = hasGuest ? GuestVCPUState(flags: .init(rawValue: flags), task: .fifo(priority: 3),
+                                                                      nextDeadlineNs: 77, guestClockNs: 70) : nil
+                                let view = VCPUView(vcpu: 1, guest: guest, boosted: boosted,
+                                                    boostedSinceNs: boosted ? 10_000_000 - age : nil, nowNs: 10_000_000,
+                                                    interruptPending: pending)
+                                let expected = builtin.decide(event: e, view: view)
+                                #expect(bpf.decide(event: e, view: view) == expected, "\(e) flags \(flags) boosted \(boosted) pending \(pending) age \(age)")
+                                switch expected { case .none: counts[0] += 1; case .boost: counts[1] += 1; case .unboost: counts[2] += 1 }
+                                compared += 1
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #expect(compared > 20_000)
+        #expect(bpf.failureCount == 0)
+        // The program counted its decisions in its array map.
+        #expect((0..<3).map { bpf.maps[0].words(at: UInt32($0))[0] } == counts)
+    }
+
+    @Test(.enabled(if: KVMSystem.isAvailable, "needs /dev/kvm"))
+    func drivesAVMAndCanBeReplacedWhileItRuns() throws {
+        let bpf = try BPFDriver(elf: try compileSamplePolicy())
+        var config = VMConfiguration(image: GuestImage.kernel)
+        config.vcpus = 2
+        config.boot.workload = .cyclic
+        config.boot.durationNs = 500_000_000
+        config.boot.intervalNs = 2_000_000
+        let registry = DriverRegistry()
+        try BuiltinDrivers.registerAll(in: registry)
+        try registry.register(bpf)
+        let act = RecordingActuator()
+        let vm = try VirtualMachine(config: config, registry: registry, actuator: act, governor: .unlimited)
+        try registry.assign(bpf.name, to: vm.handle.id)
+        vm.start()
+        // Swap the BPF driver out and back in, and unload it for good, while the VM runs.
+        usleep(150_000)
+        try registry.assign("latency-boost", to: vm.handle.id)
+        try registry.assign(bpf.name, to: vm.handle.id)
+        usleep(150_000)
+        let boostsBefore = bpf.maps[0].words(at: 1)[0]
+        _ = try registry.unregister(bpf.name, force: true)
+        #expect(vm.wait(timeoutNs: 20_000_000_000) == .exited(code: 0))
+        #expect(boostsBefore > 0)
+        #expect(bpf.failureCount == 0)
+        #expect(registry.driver(named: bpf.name) == nil)
+        #expect(act.calls.contains(.apply(.fifo(priority: 10), ThreadID(act.calls.compactMap {
+            if case .apply(_, let t) = $0 { return t.rawValue } else { return nil } }.first ?? 0))))
+    }
+}
