@@ -81,3 +81,36 @@ isr_stub_table:
 .endr
     .quad 0xFFFF
     .quad 0
+
+    .text
+/* void context_switch(uint64_t *save_rsp, uint64_t new_rsp): saves the
+   callee-saved registers on the current stack, stores its rsp, switches to
+   new_rsp and restores that task's callee-saved registers. */
+    .globl context_switch
+context_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+
+/* First code of a new task (its initial stack returns here): r12 holds the
+   task pointer. Interrupts come on; task_main never returns. */
+    .globl task_trampoline
+task_trampoline:
+    sti
+    movq %r12, %rdi
+    call task_main
+1:  cli
+    hlt
+    jmp 1b

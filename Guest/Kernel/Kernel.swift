@@ -7,6 +7,7 @@ struct CPU {
     var timerFired: UInt32 = 0
     var irqsHandled: UInt64 = 0
     var irqNesting: UInt32 = 0
+    var endTSC: UInt64 = 0
 }
 
 nonisolated(unsafe) var bootInfo: UnsafeMutablePointer<pvsched_boot_info>? = nil
@@ -52,6 +53,7 @@ func kmain(_ vcpu: UInt64, _ info: UInt64) {
         cpus = raw.bindMemory(to: CPU.self, capacity: Int(b.pointee.vcpu_count))
         guest_idt_init()
         Results.setUp()
+        Sched.setUp(vcpus: Int(b.pointee.vcpu_count))
         store_release32(Sync.word(Sync.initDone), 1)
     } else {
         while load_acquire32(Sync.word(Sync.initDone)) == 0 { cpu_pause() }
@@ -98,6 +100,7 @@ func isrDispatch(_ frame: UnsafeMutablePointer<interrupt_frame>) {
     switch UInt32(vector) {
     case PVSCHED_VECTOR_TIMER:
         c.pointee.timerFired &+= 1
+        Sched.timerTick()
     case PVSCHED_VECTOR_IRQ:
         IRQResponse.handle()
     default:
@@ -105,11 +108,17 @@ func isrDispatch(_ frame: UnsafeMutablePointer<interrupt_frame>) {
     }
     if boot.pointee.irqchip != 0 { LAPIC.eoi() }
     PVSched.irqExit()
+    Sched.interruptReturn()
 }
 
 /// The in-kernel LAPIC (xAPIC MMIO), used when the host runs an irqchip.
 enum LAPIC {
     static let base: UInt64 = 0xFEE0_0000
-    static func enable() { mmio_write32(base + 0xF0, 0x100 | PVSCHED_VECTOR_SPURIOUS) }
+    static func enable() {
+        mmio_write32(base + 0xF0, 0x100 | PVSCHED_VECTOR_SPURIOUS)        // software enable
+        mmio_write32(base + 0x320, PVSCHED_VECTOR_TIMER | (2 << 17))      // LVT timer: TSC-deadline mode
+    }
     static func eoi() { mmio_write32(base + 0xB0, 0) }
+    /// Fires PVSCHED_VECTOR_TIMER when the TSC reaches `tsc` (IA32_TSC_DEADLINE).
+    static func armDeadline(_ tsc: UInt64) { cpu_wrmsr(0x6E0, tsc) }
 }

@@ -68,13 +68,19 @@ enum PVSched {
     /// guest_clock_ns when the caller already knows the time (reading the TSC
     /// costs an exit under PVM, so updates do not read it themselves).
     static func update(clockNs: UInt64 = 0, _ body: (inout pvsched_vcpu_guest) -> Void) {
-        guard let g = line(this_cpu()) else { return }
         let irq = irq_save()
+        updateWithInterruptsOff(clockNs: clockNs, body)
+        irq_restore(irq)
+    }
+
+    /// `update` for callers that already run with interrupts off (the scheduler):
+    /// under PVM every cli/sti/pushf is a trap, so they are not repeated.
+    static func updateWithInterruptsOff(clockNs: UInt64 = 0, _ body: (inout pvsched_vcpu_guest) -> Void) {
+        guard let g = line(this_cpu()) else { return }
         pvsched_guest_write_begin(g)
         body(&g.pointee)
         if clockNs != 0 { g.pointee.guest_clock_ns = clockNs }
         pvsched_guest_write_end(g)
-        irq_restore(irq)
     }
 
     static func setFlags(_ set: UInt32, clear: UInt32) {
@@ -103,8 +109,8 @@ enum PVSched {
     }
 
     /// Records that a real-time task (FIFO `priority`) runs now, or that none does.
-    static func rtTask(running: Bool, priority: Int32 = 50) {
-        update { g in
+    static func rtTask(running: Bool, priority: Int32 = 50, interruptsOff: Bool = false) {
+        let body: (inout pvsched_vcpu_guest) -> Void = { g in
             if running {
                 g.flags = (g.flags | PVSCHED_FLAG_RT_TASK_RUNNING) & ~PVSCHED_FLAG_IDLE
                 g.task_policy = PVSCHED_TASK_FIFO; g.task_priority = priority; g.task_nice = 0
@@ -112,16 +118,20 @@ enum PVSched {
                 g.flags &= ~PVSCHED_FLAG_RT_TASK_RUNNING
                 g.task_policy = PVSCHED_TASK_NORMAL; g.task_priority = 0; g.task_nice = 0
             }
+            g.flags &= ~PVSCHED_FLAG_IDLE
+            g.next_deadline_ns = 0
         }
+        if interruptsOff { updateWithInterruptsOff(body) } else { update(body) }
     }
 
     /// Publishes the next latency-sensitive deadline (guest ns; 0 = none) and idleness.
-    static func sleeping(untilNs deadline: UInt64, nowNs: UInt64) {
-        update(clockNs: nowNs) { g in
+    static func sleeping(untilNs deadline: UInt64, nowNs: UInt64, interruptsOff: Bool = false) {
+        let body: (inout pvsched_vcpu_guest) -> Void = { g in
             g.next_deadline_ns = deadline
             g.flags = (g.flags | PVSCHED_FLAG_IDLE) & ~PVSCHED_FLAG_RT_TASK_RUNNING
             g.task_policy = PVSCHED_TASK_IDLE; g.task_priority = 0; g.task_nice = 0
         }
+        if interruptsOff { updateWithInterruptsOff(clockNs: nowNs, body) } else { update(clockNs: nowNs, body) }
     }
 
     static func awake() {

@@ -56,22 +56,76 @@ enum Workloads {
         return w <= PVSCHED_WORKLOAD_MAX ? w : PVSCHED_WORKLOAD_IDLE
     }
 
+    /// Starts the vCPU's workload as tasks and runs them to completion.
     static func run(_ workload: UInt32, cpu index: UInt32) {
         let r = Results.mine()
         r.pointee.workload = workload
         r.pointee.vcpu = index
+        cpu.pointee.endTSC = nowTSC() &+ nsToTSC(boot.pointee.duration_ns)
         switch workload {
-        case PVSCHED_WORKLOAD_SELFTEST: selftest(index)
-        case PVSCHED_WORKLOAD_CYCLIC: cyclic(r)
-        case PVSCHED_WORKLOAD_IRQ_RESPONSE: idleUntilEnd(r)
-        case PVSCHED_WORKLOAD_BATCH: batch(r)
-        default: idleUntilEnd(r)
+        case PVSCHED_WORKLOAD_SELFTEST:
+            selftest(index)
+            return
+        case PVSCHED_WORKLOAD_CYCLIC:
+            Sched.spawn(.cyclic, rtPriority: 50)
+        case PVSCHED_WORKLOAD_BATCH:
+            Sched.spawn(.batch, rtPriority: 0)
+        case PVSCHED_WORKLOAD_CYCLIC_BATCH:
+            Sched.spawn(.cyclic, rtPriority: 50)
+            Sched.spawn(.batch, rtPriority: 0)
+            Sched.spawn(.batch, rtPriority: 0)
+        default:  // irq-response and idle: interrupt handlers do the work while the vCPU idles
+            Sched.spawn(.waitForEnd, rtPriority: 0)
+        }
+        Sched.runUntilAllDone()
+        if PVSched.active {
+            PVSched.rtTask(running: false)
+            PVSched.deboostIfDone()  // what follows is not latency-sensitive
         }
     }
 
-    /// Arms the VMM timer for `us` µs and sleeps (halts) until it fires.
-    /// The timer is armed before the vCPU declares itself idle: arming is an exit,
-    /// and a latency-sensitive task should not be deboosted before its timer is set.
+    static var endTSC: UInt64 { cpu.pointee.endTSC }
+
+    /// cyclictest in the guest: a real-time task sleeps until each period's start
+    /// and records how late it woke against the time it asked for.
+    static func cyclicTask() {
+        let r = Results.mine()
+        let interval = nsToTSC(boot.pointee.interval_ns)
+        let end = endTSC
+        var woke = nowTSC()
+        var next = woke &+ interval
+        while next < end {
+            Sched.sleep(untilTSC: next, now: woke)
+            woke = nowTSC()
+            Results.record(r, latenessNs: woke > next ? tscToNs(woke - next) : 0)
+            next &+= interval
+            if next <= woke { next = woke &+ interval }  // fell a whole period behind: start afresh
+        }
+    }
+
+    /// A CPU-bound normal task: counts work units until the end, with a short
+    /// preemption-off section now and then (as a kernel holding a spinlock would).
+    static func batchTask() {
+        let r = Results.mine()
+        let end = endTSC
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var round: UInt64 = 0
+        while nowTSC() < end {
+            round &+= 1
+            if round % 16 == 0 {
+                Sched.preemptDisable()
+                for _ in 0..<200 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+                Sched.preemptEnable()
+            }
+            for _ in 0..<1_000 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+            r.pointee.work_units &+= 1
+        }
+        if x == 42 { Console.line("") }  // keep the loop
+    }
+
+    /// Self test only (no scheduler): arms the VMM timer for `us` µs and halts until it fires.
+    /// The timer is armed before the vCPU declares itself idle: arming is an exit, and a
+    /// latency-sensitive task should not be deboosted before its timer is set.
     static func sleepFor(us: UInt64, deadlineTSC: UInt64, nowTSC now: UInt64) {
         let c = cpu
         let before = c.pointee.timerFired
@@ -81,55 +135,6 @@ enum Workloads {
         while c.pointee.timerFired == before { cpu_enable_and_halt(); cpu_disable_interrupts() }
         cpu_enable_interrupts()
         if PVSched.active { PVSched.awake() }
-    }
-
-    static var endTSC: UInt64 { startTSC &+ nsToTSC(boot.pointee.duration_ns) }
-    nonisolated(unsafe) static var startTSC: UInt64 = 0
-
-    /// cyclictest in the guest: a real-time task wakes every interval and records
-    /// how late it woke against the time it asked for.
-    static func cyclic(_ r: UnsafeMutablePointer<pvsched_vcpu_results>) {
-        let interval = nsToTSC(boot.pointee.interval_ns)
-        let start = nowTSC()
-        let end = start &+ nsToTSC(boot.pointee.duration_ns)
-        var next = start &+ interval
-        while true {
-            let now = nowTSC()
-            if now >= end { break }
-            if next <= now { next = now &+ interval }  // fell behind: start a new period
-            sleepFor(us: (next - now) / tscPerUs, deadlineTSC: next, nowTSC: now)
-            let woke = nowTSC()
-            if PVSched.active { PVSched.rtTask(running: true) }
-            Results.record(r, latenessNs: woke > next ? tscToNs(woke - next) : 0)
-            next &+= interval
-            // The RT task stays marked running until sleepFor arms the next wake-up.
-        }
-        if PVSched.active {
-            PVSched.rtTask(running: false)
-            PVSched.deboostIfDone()  // what follows is not latency-sensitive
-        }
-    }
-
-    /// A CPU-bound normal task: counts work units until the duration ends.
-    static func batch(_ r: UnsafeMutablePointer<pvsched_vcpu_results>) {
-        let end = nowTSC() &+ nsToTSC(boot.pointee.duration_ns)
-        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
-        cpu_enable_interrupts()
-        while nowTSC() < end {
-            for _ in 0..<10_000 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
-            r.pointee.work_units &+= 1
-        }
-        if x == 42 { Console.line("") }  // keep the loop
-    }
-
-    /// Halts with interrupts on until the duration ends (interrupt handlers do the work).
-    static func idleUntilEnd(_ r: UnsafeMutablePointer<pvsched_vcpu_results>) {
-        let end = nowTSC() &+ nsToTSC(boot.pointee.duration_ns)
-        var now = nowTSC()
-        while now < end {
-            sleepFor(us: min(100_000, (end - now) / tscPerUs + 1), deadlineTSC: 0, nowTSC: now)
-            now = nowTSC()
-        }
     }
 
     /// The kvm-component self test: flags, host status, doorbell, interrupts.

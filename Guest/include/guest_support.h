@@ -33,6 +33,11 @@ struct interrupt_frame {
     uint64_t vector, error_code, rip, cs, rflags, rsp, ss;
 };
 
+/* Context switch between task stacks (entry.S). */
+void context_switch(uint64_t *save_rsp, uint64_t new_rsp);
+void task_trampoline(void);
+static inline uint64_t task_trampoline_address(void) { return (uint64_t)&task_trampoline; }
+
 /* Loads the kernel's IDT (built once by guest_idt_init) on this CPU. */
 void guest_idt_init(void);
 void guest_idt_load(void);

@@ -3,9 +3,10 @@ import PVSchedCore
 
 /// A guest workload the host selects at boot (`PVSCHED_WORKLOAD_*`).
 public enum Workload: UInt32, Sendable, CaseIterable, CustomStringConvertible {
-    case selftest = 0, cyclic = 1, irqResponse = 2, batch = 3, idle = 4
+    case selftest = 0, cyclic = 1, irqResponse = 2, batch = 3, idle = 4, cyclicBatch = 5
     public var description: String {
         switch self {
+        case .cyclicBatch: return "cyclic+batch"
         case .selftest: return "selftest"
         case .cyclic: return "cyclic"
         case .irqResponse: return "irq-response"

@@ -25,8 +25,9 @@
 #define PVSCHED_WORKLOAD_CYCLIC       1u  /* RT task wakes every interval, records lateness */
 #define PVSCHED_WORKLOAD_IRQ_RESPONSE 2u  /* answer host-raised interrupts */
 #define PVSCHED_WORKLOAD_BATCH        3u  /* CPU-bound normal tasks */
-#define PVSCHED_WORKLOAD_IDLE         4u  /* halt until stopped */
-#define PVSCHED_WORKLOAD_MAX          4u
+#define PVSCHED_WORKLOAD_IDLE         4u  /* halt until the duration ends */
+#define PVSCHED_WORKLOAD_CYCLIC_BATCH 5u  /* on one vCPU: the RT cyclic task and two batch tasks */
+#define PVSCHED_WORKLOAD_MAX          5u
 
 /* Selftest variants (pvsched_boot_info.arg). */
 #define PVSCHED_SELFTEST_NORMAL       0u
