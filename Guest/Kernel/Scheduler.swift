@@ -130,8 +130,17 @@ enum Sched {
         }
         if next == prev { armTimer(now: now); return }
         s.pointee.current = next
-        publish(next: next, now: now)
-        armTimer(now: now)
+        // The arm is an exit, where the host re-evaluates the boost, so the order matters:
+        // switching to an RT task, publish first (the exit must see it running);
+        // switching to normal work or idle, arm first (publishing may give the boost
+        // back, and an unboosted vCPU thread can be preempted before the arm takes effect).
+        if next >= 0 && s.pointee.tasks[next]!.pointee.rtPriority > 0 {
+            publish(next: next, now: now)
+            armTimer(now: now)
+        } else {
+            armTimer(now: now)
+            publish(next: next, now: now)
+        }
         let save: UnsafeMutablePointer<UInt64> = prev >= 0 ? pointer(to: s.pointee.tasks[prev]!) : idleSlot(s)
         let target = next >= 0 ? s.pointee.tasks[next]!.pointee.rsp : s.pointee.idleRSP
         context_switch(save, target)
@@ -210,10 +219,15 @@ enum Sched {
         if !s.pointee.needResched { armTimer(now: now) }
     }
 
-    /// Called at the end of every interrupt: preempt if needed.
+    /// Called at the end of every interrupt: preempt if needed. The host boosts on
+    /// every injected interrupt; when the interrupt leaves only normal work running
+    /// (e.g. a round-robin tick), the boost is given back at once.
     static func interruptReturn() {
+        guard schedulers != nil else { return }
         let s = this
-        if s.pointee.needResched && s.pointee.preemptCount == 0 && schedulers != nil { schedule(now: s.pointee.tickTSC) }
+        if s.pointee.needResched && s.pointee.preemptCount == 0 { schedule(now: s.pointee.tickTSC) }
+        let cur = s.pointee.current
+        if cur >= 0, s.pointee.tasks[cur]!.pointee.rtPriority == 0, PVSched.active { PVSched.deboostIfDone() }
     }
 
     /// The running task sleeps until `tsc`; `now` is the caller's last TSC reading.

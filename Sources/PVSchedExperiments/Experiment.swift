@@ -44,6 +44,9 @@ public enum GuestScenario: String, Sendable, CaseIterable {
     case irqResponse = "irq-response"
     /// vCPU 0 cyclictest, the other vCPUs CPU-bound batch work.
     case mixed
+    /// vCPU 0 runs the cyclictest task and two batch tasks (the guest scheduler
+    /// preempts batch for it); the other vCPUs batch. vCPU 0 is always runnable.
+    case rtBatch = "rt+batch"
 }
 
 /// One experiment: a guest workload under host contention, run once per mode.
@@ -145,6 +148,9 @@ public struct ExperimentRunner {
         case .mixed:
             c.boot.workload = .batch
             c.boot.perVCPU = [.cyclic]
+        case .rtBatch:
+            c.boot.workload = .batch
+            c.boot.perVCPU = [.cyclicBatch]
         }
         c.vcpuAffinity = (0..<scenario.vcpus).map { scenario.cpuMask(vcpu: $0) }
         return c
@@ -207,8 +213,8 @@ public struct ExperimentRunner {
         }
         if let r = vm.results() {
             for v in r.vcpus {
-                if v.workload == .cyclic { for s in v.rawSamplesNs { _ = guest.record(UInt64(s)) } }
-                if v.workload == .batch { batchWork += v.workUnits }
+                if v.workload == .cyclic || v.workload == .cyclicBatch { for s in v.rawSamplesNs { _ = guest.record(UInt64(s)) } }
+                if v.workload == .batch || v.workload == .cyclicBatch { batchWork += v.workUnits }
             }
         }
         if case .failed(let vcpu, let reason) = final {

@@ -5,7 +5,7 @@ import PVSchedExperiments
 
 /// Options shared by `demo` and `bench` for the latency experiment.
 struct ScenarioOptions: ParsableArguments {
-    @Option(help: "Guest workload: cyclic, irq-response or mixed (vCPU 0 cyclic, others batch).")
+    @Option(help: "Guest workload: cyclic, irq-response, mixed (vCPU 0 cyclic, others batch) or rt+batch (vCPU 0 cyclic and batch tasks, others batch).")
     var guest: String = "mixed"
     @Option(help: "Number of vCPUs.") var vcpus = 2
     @Option(help: "Busy host threads on each host CPU used.") var busyThreads = 2
