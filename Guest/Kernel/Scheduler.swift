@@ -226,8 +226,11 @@ enum Sched {
         guard schedulers != nil else { return }
         let s = this
         if s.pointee.needResched && s.pointee.preemptCount == 0 { schedule(now: s.pointee.tickTSC) }
+        // Not while a woken task still waits (preemption is off): it may be the RT task.
         let cur = s.pointee.current
-        if cur >= 0, s.pointee.tasks[cur]!.pointee.rtPriority == 0, PVSched.active { PVSched.deboostIfDone() }
+        if !s.pointee.needResched, cur >= 0, s.pointee.tasks[cur]!.pointee.rtPriority == 0, PVSched.active {
+            PVSched.deboostIfDone()
+        }
     }
 
     /// The running task sleeps until `tsc`; `now` is the caller's last TSC reading.

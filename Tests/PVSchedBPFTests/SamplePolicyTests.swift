@@ -85,7 +85,7 @@ struct SamplePolicyTests {
         var config = VMConfiguration(image: GuestImage.kernel)
         config.vcpus = 2
         config.boot.workload = .cyclic
-        config.boot.durationNs = 500_000_000
+        config.boot.durationNs = 1_500_000_000
         config.boot.intervalNs = 2_000_000
         let registry = DriverRegistry()
         try BuiltinDrivers.registerAll(in: registry)
@@ -94,12 +94,14 @@ struct SamplePolicyTests {
         let vm = try VirtualMachine(config: config, registry: registry, actuator: act, governor: .unlimited)
         try registry.assign(bpf.name, to: vm.handle.id)
         vm.start()
-        // Swap the BPF driver out and back in, and unload it for good, while the VM runs.
-        usleep(150_000)
+        // Wait until the BPF driver has boosted (the guest boots slowly on a loaded machine)...
+        let deadline = MonotonicClock.nowNs() + 10_000_000_000
+        while bpf.maps[0].words(at: 1)[0] == 0 && MonotonicClock.nowNs() < deadline && vm.outcome == nil { usleep(1000) }
+        let boostsBefore = bpf.maps[0].words(at: 1)[0]
+        // ...then swap it out and back in, and unload it for good, while the VM runs.
         try registry.assign("latency-boost", to: vm.handle.id)
         try registry.assign(bpf.name, to: vm.handle.id)
-        usleep(150_000)
-        let boostsBefore = bpf.maps[0].words(at: 1)[0]
+        usleep(50_000)
         _ = try registry.unregister(bpf.name, force: true)
         #expect(vm.wait(timeoutNs: 20_000_000_000) == .exited(code: 0))
         #expect(boostsBefore > 0)
