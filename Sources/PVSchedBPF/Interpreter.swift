@@ -268,42 +268,39 @@ public final class Interpreter: Sendable {
     private func atomic(_ i: Instruction, _ p: UnsafeMutableRawPointer, _ size: Int,
                         _ reg: UnsafeMutablePointer<UInt64>, at pc: Int) throws(BPFError) {
         let s = Int(i.src)
-        let fetch = i.imm & BPF.atomicFetch != 0
         if size == 8 {
             let a = UnsafeAtomic<UInt64>(at: p.assumingMemoryBound(to: UnsafeAtomic<UInt64>.Storage.self))
-            let v = reg[s]
-            let old: UInt64
-            switch i.imm & ~BPF.atomicFetch {
-            case 0x00: old = a.loadThenWrappingIncrement(by: v, ordering: .sequentiallyConsistent)
-            case 0x40: old = a.loadThenBitwiseOr(with: v, ordering: .sequentiallyConsistent)
-            case 0x50: old = a.loadThenBitwiseAnd(with: v, ordering: .sequentiallyConsistent)
-            case 0xA0: old = a.loadThenBitwiseXor(with: v, ordering: .sequentiallyConsistent)
-            case 0xE0 where fetch: old = a.exchange(v, ordering: .sequentiallyConsistent)
-            case 0xF0 where fetch:
-                let r = a.compareExchange(expected: reg[0], desired: v, ordering: .sequentiallyConsistent)
-                reg[0] = r.original
-                return
-            default: throw .runtime(pc: pc, reason: "invalid atomic operation 0x\(String(i.imm, radix: 16))")
-            }
-            if fetch { reg[s] = old }
+            try atomicOperation(a, i, value: reg[s], srcRegister: &reg[s], r0: &reg[0], at: pc)
         } else {
             let a = UnsafeAtomic<UInt32>(at: p.assumingMemoryBound(to: UnsafeAtomic<UInt32>.Storage.self))
-            let v = UInt32(truncatingIfNeeded: reg[s])
-            let old: UInt32
-            switch i.imm & ~BPF.atomicFetch {
-            case 0x00: old = a.loadThenWrappingIncrement(by: v, ordering: .sequentiallyConsistent)
-            case 0x40: old = a.loadThenBitwiseOr(with: v, ordering: .sequentiallyConsistent)
-            case 0x50: old = a.loadThenBitwiseAnd(with: v, ordering: .sequentiallyConsistent)
-            case 0xA0: old = a.loadThenBitwiseXor(with: v, ordering: .sequentiallyConsistent)
-            case 0xE0 where fetch: old = a.exchange(v, ordering: .sequentiallyConsistent)
-            case 0xF0 where fetch:
-                let r = a.compareExchange(expected: UInt32(truncatingIfNeeded: reg[0]), desired: v, ordering: .sequentiallyConsistent)
-                reg[0] = UInt64(r.original)
-                return
-            default: throw .runtime(pc: pc, reason: "invalid atomic operation 0x\(String(i.imm, radix: 16))")
-            }
-            if fetch { reg[s] = UInt64(old) }
+            var src = UInt32(truncatingIfNeeded: reg[s]), r0 = UInt32(truncatingIfNeeded: reg[0])
+            let (srcChanged, r0Changed) = try atomicOperation(a, i, value: src, srcRegister: &src, r0: &r0, at: pc)
+            if srcChanged { reg[s] = UInt64(src) }   // 32-bit results are zero-extended
+            if r0Changed { reg[0] = UInt64(r0) }
         }
+    }
+
+    /// One atomic read-modify-write (RFC 9669 §5.3); writes the fetched value to the
+    /// source register (FETCH) or r0 (CMPXCHG). Returns which of the two it wrote.
+    @discardableResult
+    private func atomicOperation<T: AtomicInteger & FixedWidthInteger>(
+        _ a: UnsafeAtomic<T>, _ i: Instruction, value v: T, srcRegister: inout T, r0: inout T, at pc: Int
+    ) throws(BPFError) -> (Bool, Bool) where T.AtomicRepresentation.Value == T {
+        let fetch = i.imm & BPF.atomicFetch != 0
+        let old: T
+        switch i.imm & ~BPF.atomicFetch {
+        case 0x00: old = a.loadThenWrappingIncrement(by: v, ordering: .sequentiallyConsistent)
+        case 0x40: old = a.loadThenBitwiseOr(with: v, ordering: .sequentiallyConsistent)
+        case 0x50: old = a.loadThenBitwiseAnd(with: v, ordering: .sequentiallyConsistent)
+        case 0xA0: old = a.loadThenBitwiseXor(with: v, ordering: .sequentiallyConsistent)
+        case 0xE0 where fetch: old = a.exchange(v, ordering: .sequentiallyConsistent)
+        case 0xF0 where fetch:
+            r0 = a.compareExchange(expected: r0, desired: v, ordering: .sequentiallyConsistent).original
+            return (false, true)
+        default: throw .runtime(pc: pc, reason: "invalid atomic operation 0x\(String(i.imm, radix: 16))")
+        }
+        if fetch { srcRegister = old }
+        return (fetch, false)
     }
 
     /// Helper calls (ids as in Linux).

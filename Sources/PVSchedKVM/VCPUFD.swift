@@ -21,23 +21,19 @@ public final class VCPUFD: @unchecked Sendable {
         try? fd.close()
     }
 
-    public func getRegs() throws(KVMError) -> kvm_regs {
-        var r = kvm_regs()
-        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_GET_REGS, &r), "KVM_GET_REGS")
-        return r
+    public func getRegs() throws(KVMError) -> kvm_regs { try get(CKVM_GET_REGS, "KVM_GET_REGS", kvm_regs()) }
+    public func setRegs(_ regs: kvm_regs) throws(KVMError) { try set(CKVM_SET_REGS, "KVM_SET_REGS", regs) }
+    public func getSregs() throws(KVMError) -> kvm_sregs { try get(CKVM_GET_SREGS, "KVM_GET_SREGS", kvm_sregs()) }
+    public func setSregs(_ sregs: kvm_sregs) throws(KVMError) { try set(CKVM_SET_SREGS, "KVM_SET_SREGS", sregs) }
+
+    private func get<T>(_ request: UInt, _ name: String, _ initial: T) throws(KVMError) -> T {
+        var value = initial
+        _ = try check(ckvm_ioctl(fd.rawValue, request, &value), name)
+        return value
     }
-    public func setRegs(_ regs: kvm_regs) throws(KVMError) {
-        var r = regs
-        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_REGS, &r), "KVM_SET_REGS")
-    }
-    public func getSregs() throws(KVMError) -> kvm_sregs {
-        var s = kvm_sregs()
-        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_GET_SREGS, &s), "KVM_GET_SREGS")
-        return s
-    }
-    public func setSregs(_ sregs: kvm_sregs) throws(KVMError) {
-        var s = sregs
-        _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_SREGS, &s), "KVM_SET_SREGS")
+    private func set<T>(_ request: UInt, _ name: String, _ value: T) throws(KVMError) {
+        var v = value
+        _ = try check(ckvm_ioctl(fd.rawValue, request, &v), name)
     }
     public func setCPUID(_ entries: CPUIDEntries) throws(KVMError) {
         _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_CPUID2, entries.raw), "KVM_SET_CPUID2")
