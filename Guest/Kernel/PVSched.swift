@@ -112,7 +112,8 @@ enum PVSched {
     static func rtTask(running: Bool, priority: Int32 = 50, interruptsOff: Bool = false) {
         let body: (inout pvsched_vcpu_guest) -> Void = { g in
             if running {
-                g.flags = (g.flags | PVSCHED_FLAG_RT_TASK_RUNNING) & ~PVSCHED_FLAG_IDLE
+                // The RT task runs: its boost request (if any) is answered.
+                g.flags = (g.flags | PVSCHED_FLAG_RT_TASK_RUNNING) & ~(PVSCHED_FLAG_IDLE | PVSCHED_FLAG_BOOST_REQUEST)
                 g.task_policy = PVSCHED_TASK_FIFO; g.task_priority = priority; g.task_nice = 0
             } else {
                 g.flags &= ~PVSCHED_FLAG_RT_TASK_RUNNING

@@ -216,6 +216,14 @@ enum Sched {
             }
         }
         if cur >= 0 && curPrio == 0 && now >= s.pointee.sliceEndTSC { s.pointee.needResched = true }
+        // A woken RT task must wait for a preemption-off section to end: ask the host
+        // lazily (a write, no exit) to keep or give the vCPU a boost meanwhile.
+        if s.pointee.needResched && s.pointee.preemptCount > 0 && PVSched.active {
+            for k in 0..<s.pointee.count where s.pointee.tasks[k]!.pointee.state == Task.ready && s.pointee.tasks[k]!.pointee.rtPriority > 0 {
+                PVSched.updateWithInterruptsOff { $0.flags |= PVSCHED_FLAG_BOOST_REQUEST }
+                break
+            }
+        }
         if !s.pointee.needResched { armTimer(now: now) }
     }
 
