@@ -135,9 +135,9 @@ public final class DriverRegistry: Sendable {
 
     /// Binds a VM to the host component. It starts with the default driver (if any).
     public func bind(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig = .default,
-                     boost: BoostSettings = BoostSettings()) throws(RegistryError) -> VMBinding {
+                     boost: BoostSettings = BoostSettings(), trace: EventTrace? = nil) throws(RegistryError) -> VMBinding {
         try control.withLock { _ throws(RegistryError) in
-            let binding = VMBinding(vm: vm, actuator: actuator, governor: governor, boost: boost,
+            let binding = VMBinding(vm: vm, actuator: actuator, governor: governor, boost: boost, trace: trace,
                                     logger: Logger(label: "pvsched.vm"))
             let d: (any Driver)? = try state.withLock { s throws(RegistryError) in
                 guard s.bindings[vm.id] == nil else { throw .vmAlreadyBound(vm.id) }

@@ -1,5 +1,5 @@
 /// Why a vCPU left the guest, as a hypervisor-neutral summary of a VM exit.
-public enum ExitReason: Equatable, Sendable {
+public enum ExitReason: Equatable, Sendable, CustomStringConvertible {
     case io(port: UInt16, write: Bool)
     case mmio(address: UInt64, write: Bool)
     case halt
@@ -8,6 +8,19 @@ public enum ExitReason: Equatable, Sendable {
     case intr
     case shutdown
     case other(code: UInt32)
+
+    public var description: String {
+        switch self {
+        case .io(let port, let write): return "io 0x\(String(port, radix: 16)) \(write ? "out" : "in")"
+        case .mmio(let address, let write): return "mmio 0x\(String(address, radix: 16)) \(write ? "write" : "read")"
+        case .halt: return "hlt"
+        case .interruptWindow: return "interrupt-window"
+        case .doorbell: return "doorbell"
+        case .intr: return "kick"
+        case .shutdown: return "shutdown"
+        case .other(let code): return "other(\(code))"
+        }
+    }
 }
 
 /// A vCPU event the hypervisor component sends to a VM's driver.

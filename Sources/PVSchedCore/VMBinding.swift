@@ -47,6 +47,8 @@ public final class VMBinding: Sendable {
     public let governor: Governor
     public let actuator: any Actuator
     public let boost: BoostSettings
+    /// Records notifications when set (debugging aid; nil costs one check per event).
+    public let trace: EventTrace?
     private let logger: Logger
 
     private struct Slot {
@@ -76,8 +78,10 @@ public final class VMBinding: Sendable {
     public static let unsettledLimit = 1000
     private let vcpus: [VCPUSlot]
 
-    init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, logger: Logger) {
+    init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, trace: EventTrace?,
+         logger: Logger) {
         self.vm = vm
+        self.trace = trace
         self.actuator = actuator
         self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount)
         self.boost = boost
@@ -195,8 +199,11 @@ public final class VMBinding: Sendable {
             let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now,
                                 interruptPending: s.injectionPending && event != .vmEntry)
-            let result = carryOut(driver.decide(event: event, view: view), &s, vcpu: vcpu, now: now)
-            if let cutBy, result == .unchanged { return .vetoed(cutBy) }
+            let decision = driver.decide(event: event, view: view)
+            var result = carryOut(decision, &s, vcpu: vcpu, now: now)
+            if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
+            trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
+                                      interruptPending: view.interruptPending, decision: decision, outcome: result))
             return result
         }
         if let readError { disable(readError) }

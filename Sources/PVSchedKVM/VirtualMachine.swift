@@ -47,7 +47,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// `registry` with `actuator` if given. Nothing runs until `start()`.
     public init(config: VMConfiguration, registry: DriverRegistry? = nil, actuator: (any Actuator)? = nil,
                 governor: GovernorConfig = .default, boost: BoostSettings = BoostSettings(),
-                logger: Logger = Logger(label: "pvsched.vmm")) throws {
+                trace: EventTrace? = nil, logger: Logger = Logger(label: "pvsched.vmm")) throws {
         precondition(config.vcpus >= 1 && config.vcpus <= 16, "1...16 vCPUs")
         self.config = config
         self.logger = logger
@@ -90,7 +90,8 @@ public final class VirtualMachine: @unchecked Sendable {
 
         self.registry = registry
         if let registry {
-            binding = try registry.bind(vm: handle, actuator: actuator ?? LinuxActuator(), governor: governor, boost: boost)
+            binding = try registry.bind(vm: handle, actuator: actuator ?? LinuxActuator(), governor: governor, boost: boost,
+                                        trace: trace)
         } else {
             binding = nil
         }

@@ -28,6 +28,7 @@ struct Run: ParsableCommand {
     @Flag(help: "Use the in-kernel irqchip (LAPIC) instead of userspace injection.") var irqchip = false
     @Option(help: "Give up after this many seconds.") var timeout: Double = 30
     @Option(help: "Load a BPF driver object ('sample' for the bundled BPF/latency_boost.bpf.c) and use it for the VM.") var bpf: String?
+    @Option(help: "Print the last N driver notifications of each vCPU (event, guest state, decision, outcome).") var trace: Int?
 
     func run() throws {
         try Preflight.requireKVM()
@@ -55,7 +56,8 @@ struct Run: ParsableCommand {
             driver = d.name
             bpfDriver = d
         }
-        let vm = try VirtualMachine(config: config, registry: driver == "none" ? nil : registry)
+        let eventTrace = trace.map { EventTrace(vcpus: vcpus, capacity: $0) }
+        let vm = try VirtualMachine(config: config, registry: driver == "none" ? nil : registry, trace: eventTrace)
         if driver != "none" { try registry.assign(driver, to: vm.handle.id) }
         let stats = vm.binding
         vm.start()
@@ -72,6 +74,9 @@ struct Run: ParsableCommand {
             for m in bpfDriver.maps where m.definition.kind == .array && m.definition.valueSize == 8 {
                 print("  map \(m.definition.name): \((0..<UInt32(m.definition.maxEntries)).map { m.words(at: $0)[0] })")
             }
+        }
+        if let eventTrace {
+            for v in 0..<vcpus { for r in eventTrace.records(vcpu: v) { print("trace| \(r)") } }
         }
         if let results = vm.results() {
             for r in results.vcpus where r.samples > 0 || r.workUnits > 0 {

@@ -49,6 +49,20 @@ import Testing
         #expect(seen.withLock { $0 } == [false, true, true, false, false])
     }
 
+    @Test func traceKeepsTheLastNotificationsPerVCPU() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("s") { e, _ in e == .halt ? .unboost : .boost() })
+        try r.setDefault("s")
+        let trace = EventTrace(vcpus: 2, capacity: 3)
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator(), trace: trace)
+        b.setThread(ThreadID(100), vcpu: 0)
+        for e in [VCPUEvent.vmEntry, .vmExit(.halt), .halt, .interruptInjection(vector: 48)] { b.notify(e, vcpu: 0) }
+        let records = trace.records(vcpu: 0)
+        #expect(records.map(\.event) == [.vmExit(.halt), .halt, .interruptInjection(vector: 48)])
+        #expect(records.map(\.outcome) == [.unchanged, .unboosted, .boosted])
+        #expect(trace.records(vcpu: 1).isEmpty)
+    }
+
     @Test func eventsOutsideTheMaskAreNotDelivered() throws {
         let r = DriverRegistry()
         let d = ScriptedDriver("s", events: [.halt])
