@@ -155,8 +155,10 @@ public final class VMBinding: Sendable {
     }
 
     /// Delivers `event` for `vcpu` to the driver and carries out its decision.
+    /// `interruptStillQueued` (for `.vmEntry`) says an injected interrupt could not be
+    /// delivered on this entry (the guest has interrupts off), so it stays pending.
     @discardableResult
-    public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
+    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool = false) -> NotifyOutcome {
         let (driver, generation, area, disabled) = slot.withLock { s in
             (s.driver, s.generation, s.area, s.disabledReason != nil)
         }
@@ -193,12 +195,12 @@ public final class VMBinding: Sendable {
             }
             switch event {
             case .interruptInjection: s.injectionPending = true
-            case .vmEntry: s.injectionPending = false
+            case .vmEntry: s.injectionPending = s.injectionPending && interruptStillQueued
             default: break
             }
             let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now,
-                                interruptPending: s.injectionPending && event != .vmEntry)
+                                interruptPending: s.injectionPending)
             let decision = driver.decide(event: event, view: view)
             var result = carryOut(decision, &s, vcpu: vcpu, now: now)
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }

@@ -219,7 +219,9 @@ public final class VirtualMachine: @unchecked Sendable {
                 logger.error("MSI failed", metadata: ["error": "\(error)"])
             }
         case .userspace:
-            ctx.pending.withLock { $0.append(vector) }
+            // Like an interrupt controller's request register: a vector already
+            // pending is not queued twice (edge interrupts coalesce).
+            ctx.pending.withLock { if !$0.contains(vector) { $0.append(vector) } }
             kick(ctx)
         }
     }
@@ -250,8 +252,8 @@ public final class VirtualMachine: @unchecked Sendable {
         }
         let fd = ctx.fd
         while !stopping.load(ordering: .acquiring) {
-            if config.interrupts == .userspace { injectPending(ctx) }
-            binding?.notify(.vmEntry, vcpu: ctx.index)
+            let queued = config.interrupts == .userspace ? injectPending(ctx) : false
+            binding?.notify(.vmEntry, vcpu: ctx.index, interruptStillQueued: queued)
             ctx.inGuest.store(true, ordering: .releasing)
             let exit: VMExit
             do {
@@ -304,12 +306,14 @@ public final class VirtualMachine: @unchecked Sendable {
         return text
     }
 
-    private func injectPending(_ ctx: VCPUContext) {
+    /// Injects the next queued interrupt if the guest can take it, and asks for an
+    /// interrupt window otherwise. Returns whether interrupts remain queued.
+    private func injectPending(_ ctx: VCPUContext) -> Bool {
         let fd = ctx.fd
         let hasPending = ctx.pending.withLock { !$0.isEmpty }
         guard hasPending else {
             if fd.requestInterruptWindow { fd.requestInterruptWindow = false }
-            return
+            return false
         }
         if fd.readyForInterrupt {
             if let v = ctx.pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
@@ -318,7 +322,9 @@ public final class VirtualMachine: @unchecked Sendable {
                 }
             }
         }
-        fd.requestInterruptWindow = ctx.pending.withLock { !$0.isEmpty } || !fd.readyForInterrupt
+        let remaining = ctx.pending.withLock { !$0.isEmpty }
+        fd.requestInterruptWindow = remaining || !fd.readyForInterrupt
+        return remaining
     }
 
     /// A halted vCPU (userspace irqchip) sleeps until an interrupt is queued or the VM stops.

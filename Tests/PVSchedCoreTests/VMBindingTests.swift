@@ -38,15 +38,17 @@ import Testing
         #expect(b.stats(vcpu: 1).boostCount == 1)
     }
 
-    @Test func interruptPendingLastsFromInjectionToEntry() throws {
+    @Test func interruptPendingLastsFromInjectionToDelivery() throws {
         let seen = Mutex<[Bool]>([])
         let (_, b, _, _) = try setup { _, v in seen.withLock { $0.append(v.interruptPending) }; return .none }
         b.notify(.vmExit(.halt), vcpu: 0)
         b.notify(.interruptInjection(vector: 48), vcpu: 0)
         b.notify(.halt, vcpu: 0)
-        b.notify(.vmEntry, vcpu: 0)
+        b.notify(.vmEntry, vcpu: 0, interruptStillQueued: true)   // the guest had interrupts off
+        b.notify(.vmExit(.doorbell), vcpu: 0)
+        b.notify(.vmEntry, vcpu: 0)                                // delivered now
         b.notify(.vmExit(.io(port: 1, write: true)), vcpu: 0)
-        #expect(seen.withLock { $0 } == [false, true, true, false, false])
+        #expect(seen.withLock { $0 } == [false, true, true, true, true, false, false])
     }
 
     @Test func traceKeepsTheLastNotificationsPerVCPU() throws {
