@@ -16,7 +16,6 @@ enum Console {
             while count > 0 { count -= 1; outb(UInt16(PVSCHED_PORT_CONSOLE), d[count]) }
         }
     }
-    static func put(_ v: Int) { put(UInt64(v)) }
     static func put(_ v: UInt32) { put(UInt64(v)) }
     static func hex(_ v: UInt64) {
         put("0x")

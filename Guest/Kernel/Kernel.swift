@@ -5,7 +5,6 @@ import PVSchedABI
 struct CPU {
     var index: UInt32 = 0
     var timerFired: UInt32 = 0
-    var irqsHandled: UInt64 = 0
     var irqNesting: UInt32 = 0
     var endTSC: UInt64 = 0
 }
@@ -96,7 +95,6 @@ func isrDispatch(_ frame: UnsafeMutablePointer<interrupt_frame>) {
     if vector == UInt64(PVSCHED_VECTOR_SPURIOUS) { return }
     PVSched.irqEnter()
     let c = cpu
-    c.pointee.irqsHandled &+= 1
     switch UInt32(vector) {
     case PVSCHED_VECTOR_TIMER:
         c.pointee.timerFired &+= 1

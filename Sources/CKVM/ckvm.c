@@ -41,12 +41,6 @@ struct kvm_cpuid2 *ckvm_alloc_cpuid(uint32_t entries) {
     return c;
 }
 
-struct kvm_msrs *ckvm_alloc_msrs(uint32_t count) {
-    struct kvm_msrs *m = calloc(1, sizeof(*m) + count * sizeof(struct kvm_msr_entry));
-    if (m) m->nmsrs = count;
-    return m;
-}
-
 void ckvm_free(void *p) { free(p); }
 
 int ckvm_kick_signal(void) { return SIGRTMIN + 1; }

@@ -12,8 +12,6 @@ final class FutexWord: @unchecked Sendable {
     private var atomic: UnsafeAtomic<UInt32> { UnsafeAtomic(at: storage) }
     var value: UInt32 { atomic.load(ordering: .acquiring) }
     private var address: UnsafeMutablePointer<UInt32> { UnsafeMutableRawPointer(storage).assumingMemoryBound(to: UInt32.self) }
-    /// Sets the word (no wake-up).
-    func set(_ v: UInt32) { atomic.store(v, ordering: .releasing) }
     /// Bumps the word and wakes up to `count` waiters.
     func bumpAndWake(_ count: Int32 = Int32.max) {
         atomic.wrappingIncrement(ordering: .releasing)

@@ -16,10 +16,8 @@ static const unsigned long CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION;
 static const unsigned long CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION;
 static const unsigned long CKVM_CREATE_VCPU = KVM_CREATE_VCPU;
 static const unsigned long CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR;
-static const unsigned long CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR;
 static const unsigned long CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP;
 static const unsigned long CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI;
-static const unsigned long CKVM_IRQ_LINE = KVM_IRQ_LINE;
 static const unsigned long CKVM_GET_STATS_FD = KVM_GET_STATS_FD;
 static const unsigned long CKVM_RUN = KVM_RUN;
 static const unsigned long CKVM_GET_REGS = KVM_GET_REGS;
@@ -29,8 +27,6 @@ static const unsigned long CKVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long CKVM_SET_CPUID2 = KVM_SET_CPUID2;
 static const unsigned long CKVM_INTERRUPT = KVM_INTERRUPT;
 static const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
-static const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
-static const unsigned long CKVM_SET_MSRS = KVM_SET_MSRS;
 static const unsigned long CKVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 
 /* ioctl(fd, request, arg); returns the result or -errno. */
@@ -45,8 +41,6 @@ int ckvm_munmap(void *address, size_t size);
 
 /* A kvm_cpuid2 with room for `entries` entries (free with ckvm_free). */
 struct kvm_cpuid2 *ckvm_alloc_cpuid(uint32_t entries);
-/* A kvm_msrs with room for `count` entries (free with ckvm_free). */
-struct kvm_msrs *ckvm_alloc_msrs(uint32_t count);
 void ckvm_free(void *p);
 
 /* The signal that kicks a vCPU thread out of KVM_RUN (installed without
