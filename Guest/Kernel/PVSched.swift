@@ -151,7 +151,7 @@ enum PVSched {
     @discardableResult
     static func deboostIfDone() -> Bool {
         guard let g = line(this_cpu()) else { return false }
-        let flags = load_acquire32(UnsafeMutableRawPointer(g).assumingMemoryBound(to: UInt32.self) + 1)
+        let flags = load_acquire32((UnsafeMutableRawPointer(g) + Int(PVSCHED_OFF_FLAGS)).assumingMemoryBound(to: UInt32.self))
         guard flags & latencyFlags == 0, hostStatus() == PVSCHED_STATUS_BOOSTED else { return false }
         outl(UInt16(PVSCHED_DEV_DOORBELL), this_cpu())
         return true

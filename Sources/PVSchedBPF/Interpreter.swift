@@ -54,7 +54,7 @@ public final class Interpreter: Sendable {
                 return false
             }
             func fault(_ what: String, _ a: UInt64, _ size: Int) -> BPFError {
-                .runtime(pc: pc, reason: "\(what) of \(size) bytes at 0x\(String(a, radix: 16)) is outside the context, the stack and map values")
+                .runtime(pc: pc - 1, reason: "\(what) of \(size) bytes at 0x\(String(a, radix: 16)) is outside the context, the stack and map values")
             }
 
             while true {

@@ -430,11 +430,8 @@ public struct Verifier {
         let v = try read(f, r, pc)
         switch v {
         case .stack, .mapValue, .ctx:
-            _ = try access(v, 0, 1, write: false, &f, frames, pc)
-            if size > 1 {
-                // Check the whole range byte by byte for the stack (initialization) and bounds.
-                for k in 0..<size { _ = try access(v, k, 1, write: false, &f, frames, pc) }
-            }
+            // Byte by byte: bounds everywhere, initialization on the stack.
+            for k in 0..<max(size, 1) { _ = try access(v, k, 1, write: false, &f, frames, pc) }
         default:
             throw reject(pc, "r\(r) (\(what)) is \(v.name), expected a pointer to \(size) readable bytes")
         }

@@ -87,6 +87,13 @@ public final class Governor: Sendable {
         }
     }
 
+    /// Moves `vcpu`'s running boost into the window's used time and clears it.
+    private func finish(_ s: inout State, vcpu: Int, now: UInt64) {
+        if let since = s.vcpus[vcpu].boostedSince { s.windowUsedNs &+= elapsed(from: since, to: now) }
+        s.vcpus[vcpu].boostedSince = nil
+        s.vcpus[vcpu].boostStart = nil
+    }
+
     private func used(_ s: State, now: UInt64) -> UInt64 {
         s.vcpus.reduce(s.windowUsedNs) { acc, b in
             guard let since = b.boostedSince else { return acc }
@@ -113,11 +120,7 @@ public final class Governor: Sendable {
     public func endBoost(vcpu: Int, now: UInt64) {
         state.withLock { s in
             roll(&s, now: now)
-            if let since = s.vcpus[vcpu].boostedSince {
-                s.windowUsedNs &+= elapsed(from: since, to: now)
-                s.vcpus[vcpu].boostedSince = nil
-                s.vcpus[vcpu].boostStart = nil
-            }
+            finish(&s, vcpu: vcpu, now: now)
         }
     }
 
@@ -126,20 +129,16 @@ public final class Governor: Sendable {
     public func checkOverrun(vcpu: Int, now: UInt64) -> GovernorVeto? {
         state.withLock { s in
             roll(&s, now: now)
-            guard let since = s.vcpus[vcpu].boostedSince, let start = s.vcpus[vcpu].boostStart else { return nil }
+            guard let start = s.vcpus[vcpu].boostStart else { return nil }
             if elapsed(from: start, to: now) >= config.maxContinuousBoostNs {
-                s.windowUsedNs &+= elapsed(from: since, to: now)
-                s.vcpus[vcpu].boostedSince = nil
-                s.vcpus[vcpu].boostStart = nil
+                finish(&s, vcpu: vcpu, now: now)
                 s.vcpus[vcpu].throttledUntil = now &+ config.throttleWindowNs
                 return .throttled(untilNs: s.vcpus[vcpu].throttledUntil)
             }
             let limit = shareLimitNs
             let u = used(s, now: now)
             if u > limit {
-                s.windowUsedNs &+= elapsed(from: since, to: now)
-                s.vcpus[vcpu].boostedSince = nil
-                s.vcpus[vcpu].boostStart = nil
+                finish(&s, vcpu: vcpu, now: now)
                 return .vmShareExhausted(usedNs: u, limitNs: limit)
             }
             return nil

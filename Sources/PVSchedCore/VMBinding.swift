@@ -32,6 +32,7 @@ public struct VCPUStats: Equatable, Sendable {
     public var boostedNs: UInt64 = 0
     public var throttleCount: UInt64 = 0
     public var events: UInt64 = 0
+    /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
     public init() {}
 }
@@ -97,7 +98,13 @@ public final class VMBinding: Sendable {
     public var disabledReason: SharedAreaError? { slot.withLock { $0.disabledReason } }
 
     /// Counters for `vcpu`.
-    public func stats(vcpu: Int) -> VCPUStats { vcpus[vcpu].state.withLock { $0.stats } }
+    public func stats(vcpu: Int) -> VCPUStats {
+        vcpus[vcpu].state.withLock { s in
+            var st = s.stats
+            st.boosted = s.boostStart != nil
+            return st
+        }
+    }
 
     /// Totals over all vCPUs.
     public var totals: VCPUStats {
@@ -112,7 +119,7 @@ public final class VMBinding: Sendable {
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
         let old: ThreadID? = vcpus[vcpu].state.withLock { s in
             let old = s.thread
-            if old != thread, let start = s.boostStart { endBoost(&s, vcpu: vcpu, start: start, now: MonotonicClock.nowNs()) }
+            if old != thread { endBoost(&s, vcpu: vcpu, now: MonotonicClock.nowNs()) }
             s.thread = thread
             return old
         }
@@ -139,14 +146,9 @@ public final class VMBinding: Sendable {
             return (old, s.generation)
         }
         let now = MonotonicClock.nowNs()
-        for (i, v) in vcpus.enumerated() {
+        for i in vcpus.indices {
             let handle = VCPUHandle(vm: vm, index: i)
-            let thread: ThreadID? = v.state.withLock { s in
-                if let start = s.boostStart { endBoost(&s, vcpu: i, start: start, now: now) }
-                s.attachedGeneration = generation
-                return s.thread
-            }
-            if let thread { try? actuator.restore(thread) }
+            undoBoost(vcpu: i, now: now) { $0.attachedGeneration = generation }
             old?.detach(vcpu: handle)
             driver?.attach(vcpu: handle)
         }
@@ -261,11 +263,10 @@ public final class VMBinding: Sendable {
             }
             s.boostStart = now
             s.stats.boostCount &+= 1
-            s.stats.boosted = true
             return .boosted
         case .unboost:
-            guard let start = s.boostStart else { return .unchanged }
-            endBoost(&s, vcpu: vcpu, start: start, now: now)
+            guard s.boostStart != nil else { return .unchanged }
+            endBoost(&s, vcpu: vcpu, now: now)
             if let thread = s.thread {
                 do { try actuator.restore(thread) } catch { return .actuatorFailed(error) }
             }
@@ -273,19 +274,33 @@ public final class VMBinding: Sendable {
         }
     }
 
-    private func endBoost(_ s: inout VCPUState, vcpu: Int, start: UInt64, now: UInt64) {
+    /// Ends a running boost's accounting (the governor's too); the caller restores the thread.
+    private func endBoost(_ s: inout VCPUState, vcpu: Int, now: UInt64) {
+        guard s.boostStart != nil else { return }
         governor.endBoost(vcpu: vcpu, now: now)
-        s.stats.boostedNs &+= now > start ? now - start : 0
-        s.boostStart = nil
-        s.stats.boosted = false
+        clearBoost(&s, now: now)
     }
 
-    private func cut(_ s: inout VCPUState, vcpu: Int, veto: GovernorVeto, now: UInt64) {
-        if let start = s.boostStart {
-            s.stats.boostedNs &+= now > start ? now - start : 0
-        }
+    /// Adds the running boost's time to the counters and marks the vCPU unboosted.
+    private func clearBoost(_ s: inout VCPUState, now: UInt64) {
+        if let start = s.boostStart { s.stats.boostedNs &+= now > start ? now - start : 0 }
         s.boostStart = nil
-        s.stats.boosted = false
+    }
+
+    /// Ends `vcpu`'s boost, if any, and puts its thread back (after `also` under the same lock).
+    private func undoBoost(vcpu: Int, now: UInt64, also: (inout VCPUState) -> Void = { _ in }) {
+        let thread: ThreadID? = vcpus[vcpu].state.withLock { s in
+            also(&s)
+            guard s.boostStart != nil else { return nil }
+            endBoost(&s, vcpu: vcpu, now: now)
+            return s.thread
+        }
+        if let thread { try? actuator.restore(thread) }
+    }
+
+    /// A boost the governor ended (it already did its own accounting): count, restore.
+    private func cut(_ s: inout VCPUState, vcpu: Int, veto: GovernorVeto, now: UInt64) {
+        clearBoost(&s, now: now)
         s.stats.throttleCount &+= 1
         if let thread = s.thread { try? actuator.restore(thread) }
         logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)"])
@@ -302,14 +317,7 @@ public final class VMBinding: Sendable {
         guard first else { return }
         logger.error("pvsched disabled for VM: invalid shared area", metadata: ["vm": "\(vm)", "error": "\(error)"])
         let now = MonotonicClock.nowNs()
-        for (i, v) in vcpus.enumerated() {
-            let thread: ThreadID? = v.state.withLock { s in
-                guard let start = s.boostStart else { return nil }
-                endBoost(&s, vcpu: i, start: start, now: now)
-                return s.thread
-            }
-            if let thread { try? actuator.restore(thread) }
-        }
+        for i in vcpus.indices { undoBoost(vcpu: i, now: now) }
     }
 
     private func publish(_ area: SharedArea, vcpu: Int) {

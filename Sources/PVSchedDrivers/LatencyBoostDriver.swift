@@ -34,9 +34,7 @@ public final class LatencyBoostDriver: Driver {
     public static let boostingFlags: GuestVCPUState.Flags = [.inIRQ, .inSoftIRQ, .inNMI, .rtTaskRunning, .boostRequest]
 
     public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
-        if case .interruptInjection = event { return view.boosted ? .none : .boost() }
-        let wants = guestWantsBoost(view)
-        if wants { return view.boosted ? .none : .boost() }
+        if event.kind == .interruptInjection || guestWantsBoost(view) { return view.boosted ? .none : .boost() }
         // End a boost only where the guest's state is current: at an exit the guest
         // itself caused, with no injected interrupt still waiting for it. At entry,
         // after a kick, or with an interrupt pending, the guest still looks idle.

@@ -310,20 +310,18 @@ public final class VirtualMachine: @unchecked Sendable {
     /// interrupt window otherwise. Returns whether interrupts remain queued.
     private func injectPending(_ ctx: VCPUContext) -> Bool {
         let fd = ctx.fd
-        let hasPending = ctx.pending.withLock { !$0.isEmpty }
-        guard hasPending else {
-            if fd.requestInterruptWindow { fd.requestInterruptWindow = false }
-            return false
+        let ready = fd.readyForInterrupt
+        let (vector, remaining) = ctx.pending.withLock { q -> (UInt8?, Bool) in
+            guard !q.isEmpty, ready else { return (nil, !q.isEmpty) }
+            let v = q.removeFirst()
+            return (v, !q.isEmpty)
         }
-        if fd.readyForInterrupt {
-            if let v = ctx.pending.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
-                do { try fd.interrupt(vector: v) } catch {
-                    logger.error("inject failed", metadata: ["vcpu": "\(ctx.index)", "error": "\(error)"])
-                }
+        if let vector {
+            do { try fd.interrupt(vector: vector) } catch {
+                logger.error("inject failed", metadata: ["vcpu": "\(ctx.index)", "error": "\(error)"])
             }
         }
-        let remaining = ctx.pending.withLock { !$0.isEmpty }
-        fd.requestInterruptWindow = remaining || !fd.readyForInterrupt
+        if fd.requestInterruptWindow != remaining { fd.requestInterruptWindow = remaining }
         return remaining
     }
 

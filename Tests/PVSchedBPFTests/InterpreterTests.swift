@@ -66,7 +66,15 @@ import Testing
     }
 
     @Test func unverifiedWildAccessIsStoppedAtRunTime() {
-        #expect(throws: BPFError.self) { try run([A.ldx(BPF.dw, 0, 1, 4096), A.exit], verify: false) }
+        do {
+            // A fixed low address: never inside the context, the stack or a map value.
+            _ = try run(A.lddw(1, 0x1000) + [A.ldx(BPF.dw, 0, 1, 0), A.exit], verify: false)
+            Issue.record("the wild read ran")
+        } catch let error as BPFError {
+            guard case .runtime(let pc, let reason) = error else { Issue.record("\(error)"); return }
+            #expect(pc == 2)  // names the faulting instruction (after the two-slot lddw)
+            #expect(reason.contains("outside the context"))
+        } catch { Issue.record("\(error)") }
     }
 
     @Test func hexProgramsParse() throws {
