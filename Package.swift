@@ -39,7 +39,7 @@ let package = Package(
         // The kvm component: a VMM on /dev/kvm that notifies pvsched drivers.
         .target(name: "CKVM"),
         .target(name: "PVSchedKVM", dependencies: [
-            "PVSchedCore", "PVSchedABI", "CKVM", "PVSchedLinux",
+            "PVSchedCore", "PVSchedABI", "CKVM",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
@@ -54,16 +54,21 @@ let package = Package(
         ]),
         // The host kernel's BPF (bpf syscall), an oracle for differential tests.
         .target(name: "CKernelBPF"),
+        // The composition root: registry + built-in drivers + actuator + VM sessions.
+        .target(name: "PVSchedHost", dependencies: [
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedBPF",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
-            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF",
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF", "PVSchedHost",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
-            "PVSchedExperiments", "PVSchedBPF",
+            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -71,10 +76,10 @@ let package = Package(
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched"]),
         .testTarget(name: "PVSchedBPFTests", dependencies: [
-            "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage",
+            "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage", "PVSchedHost",
         ]),
         .testTarget(name: "PVSchedKVMTests", dependencies: [
-            "PVSchedKVM", "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedGuestImage", "PVSchedABI",
+            "PVSchedKVM", "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedGuestImage", "PVSchedABI", "PVSchedHost",
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -15,15 +15,18 @@ public final class BPFDriver: Driver {
     private let failures = ManagedAtomic<UInt64>(0)
 
     /// Loads an ELF object, verifies it against the pvsched context, and wraps it.
-    public convenience init(elf: [UInt8], budget: Int = 100_000, trace: (@Sendable (String) -> Void)? = nil) throws(BPFError) {
-        try self.init(program: try ELFLoader.load(elf), budget: budget, trace: trace)
+    /// `name` registers the driver under another name than the one it declares.
+    public convenience init(elf: [UInt8], name: String? = nil, budget: Int = 100_000,
+                            trace: (@Sendable (String) -> Void)? = nil) throws(BPFError) {
+        try self.init(program: try ELFLoader.load(elf), name: name, budget: budget, trace: trace)
     }
 
-    public init(program: Program, budget: Int = 100_000, trace: (@Sendable (String) -> Void)? = nil) throws(BPFError) {
+    public init(program: Program, name: String? = nil, budget: Int = 100_000,
+                trace: (@Sendable (String) -> Void)? = nil) throws(BPFError) {
         guard let d = program.driver else { throw .elf("the object declares no driver (section .pvsched.driver)") }
         guard !d.name.isEmpty else { throw .elf("the driver declaration has an empty name") }
         try Verifier(program: program, context: ContextDescription(size: MemoryLayout<pvsched_bpf_ctx>.size, writable: false)).verify()
-        name = d.name
+        self.name = name ?? d.name
         protocolName = String(cString: pvsched_protocol_latency_name())
         protocolVersion = ProtocolVersion(major: d.protocolMajor, minor: d.protocolMinor)
         var mask: EventMask = []

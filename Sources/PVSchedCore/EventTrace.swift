@@ -23,20 +23,33 @@ public struct TraceRecord: Sendable, CustomStringConvertible {
 /// debugging policies (`pvsched run --trace N`). Off unless a binding is given one.
 public final class EventTrace: Sendable {
     public let capacity: Int
-    private let rings: Mutex<[[TraceRecord]]>
+    /// Per vCPU: the records and the index of the oldest once the ring is full.
+    private struct Ring { var records: [TraceRecord] = []; var next = 0 }
+    private let rings: Mutex<[Ring]>
 
     public init(vcpus: Int, capacity: Int) {
         self.capacity = max(1, capacity)
-        rings = Mutex(Array(repeating: [], count: vcpus))
+        rings = Mutex(Array(repeating: Ring(), count: vcpus))
     }
 
     func record(_ r: TraceRecord) {
         rings.withLock { rings in
-            if rings[r.vcpu].count == capacity { rings[r.vcpu].removeFirst() }
-            rings[r.vcpu].append(r)
+            guard r.vcpu >= 0, r.vcpu < rings.count else { return }
+            if rings[r.vcpu].records.count < capacity {
+                rings[r.vcpu].records.append(r)
+            } else {
+                rings[r.vcpu].records[rings[r.vcpu].next] = r
+                rings[r.vcpu].next = (rings[r.vcpu].next + 1) % capacity
+            }
         }
     }
 
-    /// The kept records of `vcpu`, oldest first.
-    public func records(vcpu: Int) -> [TraceRecord] { rings.withLock { $0[vcpu] } }
+    /// The kept records of `vcpu`, oldest first (empty for an unknown vCPU).
+    public func records(vcpu: Int) -> [TraceRecord] {
+        rings.withLock { rings in
+            guard vcpu >= 0, vcpu < rings.count else { return [] }
+            let ring = rings[vcpu]
+            return Array(ring.records[ring.next...] + ring.records[..<ring.next])
+        }
+    }
 }

@@ -44,13 +44,15 @@ public enum GovernorVeto: Equatable, Sendable, CustomStringConvertible {
 /// throttle window after a cut, and a per-VM share of boosted time. It only
 /// answers; the binding acts on its answers.
 public final class Governor: Sendable {
-    public let config: GovernorConfig
+    /// The limits in force (an operator may change them while the VM runs).
+    public var config: GovernorConfig { state.withLock { $0.config } }
     private struct VCPUBudget {
         var boostStart: UInt64?        // when the running boost began
         var boostedSince: UInt64?      // from when the running boost counts in this window
         var throttledUntil: UInt64 = 0
     }
     private struct State {
+        var config: GovernorConfig
         var vcpus: [VCPUBudget]
         var windowStart: UInt64 = 0
         var windowUsedNs: UInt64 = 0   // finished boost time inside the current window
@@ -59,15 +61,19 @@ public final class Governor: Sendable {
     private let vcpuCount: Int
 
     public init(config: GovernorConfig, vcpuCount: Int) {
-        self.config = config
         self.vcpuCount = vcpuCount
-        self.state = Mutex(State(vcpus: Array(repeating: VCPUBudget(), count: vcpuCount)))
+        self.state = Mutex(State(config: config, vcpus: Array(repeating: VCPUBudget(), count: vcpuCount)))
     }
 
-    private var shareLimitNs: UInt64 {
+    /// Replaces the limits; running boosts are judged by the new ones from the next check.
+    public func update(_ config: GovernorConfig) {
+        state.withLock { $0.config = config }
+    }
+
+    private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
         if config.maxVMShare >= 1.0 || config.shareWindowNs == .max { return .max }
         let limit = Double(config.shareWindowNs) * Double(vcpuCount) * max(0, config.maxVMShare)
-        return UInt64(limit)
+        return limit >= Double(UInt64.max) ? .max : UInt64(limit)
     }
 
     /// Time from `start` to `now`; 0 when another thread stamped `start` after
@@ -76,9 +82,10 @@ public final class Governor: Sendable {
     private func elapsed(from start: UInt64, to now: UInt64) -> UInt64 { now > start ? now - start : 0 }
 
     private func roll(_ s: inout State, now: UInt64) {
-        guard config.shareWindowNs != .max else { return }
-        if now >= s.windowStart, now - s.windowStart >= config.shareWindowNs {
-            s.windowStart = now - (now - s.windowStart) % config.shareWindowNs
+        let window = s.config.shareWindowNs
+        guard window != .max, window > 0 else { return }
+        if now >= s.windowStart, now - s.windowStart >= window {
+            s.windowStart = now - (now - s.windowStart) % window
             s.windowUsedNs = 0
             // Ongoing boosts count from the new window's start.
             for i in s.vcpus.indices where s.vcpus[i].boostedSince != nil {
@@ -107,7 +114,7 @@ public final class Governor: Sendable {
             roll(&s, now: now)
             if s.vcpus[vcpu].boostedSince != nil { return nil }
             if now < s.vcpus[vcpu].throttledUntil { return .throttled(untilNs: s.vcpus[vcpu].throttledUntil) }
-            let limit = shareLimitNs
+            let limit = shareLimitNs(s.config)
             let u = used(s, now: now)
             if u >= limit { return .vmShareExhausted(usedNs: u, limitNs: limit) }
             s.vcpus[vcpu].boostedSince = now
@@ -130,12 +137,13 @@ public final class Governor: Sendable {
         state.withLock { s in
             roll(&s, now: now)
             guard let start = s.vcpus[vcpu].boostStart else { return nil }
-            if elapsed(from: start, to: now) >= config.maxContinuousBoostNs {
+            if elapsed(from: start, to: now) >= s.config.maxContinuousBoostNs {
                 finish(&s, vcpu: vcpu, now: now)
-                s.vcpus[vcpu].throttledUntil = now &+ config.throttleWindowNs
+                let (until, overflow) = now.addingReportingOverflow(s.config.throttleWindowNs)
+                s.vcpus[vcpu].throttledUntil = overflow ? .max : until
                 return .throttled(untilNs: s.vcpus[vcpu].throttledUntil)
             }
-            let limit = shareLimitNs
+            let limit = shareLimitNs(s.config)
             let u = used(s, now: now)
             if u > limit {
                 finish(&s, vcpu: vcpu, now: now)

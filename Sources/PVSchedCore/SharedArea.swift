@@ -222,18 +222,24 @@ public enum HostVCPUStatus: UInt32, Sendable {
 /// A host view over a validated shared area in (guest) memory: consistent reads
 /// of each vCPU's guest line and atomic writes of its host line.
 ///
-/// The memory belongs to the VM and must outlive this view; the VMM guarantees it
-/// by keeping guest memory mapped until every binding is gone.
+/// The memory belongs to the VM; the view holds the memory's owner (guest
+/// memory, a mapped file) strongly, so the mapping outlives every copy of it.
+// @unchecked Sendable: `base` points into memory another party (the guest) writes
+// concurrently; every access goes through atomics and the sequence counter.
 public struct SharedArea: @unchecked Sendable {
     public let layout: SharedAreaLayout
     public let base: UnsafeMutableRawPointer
+    /// Keeps the memory behind `base` mapped (nil when the caller guarantees it otherwise).
+    public let owner: AnyObject?
     /// How many times a reader retries while the guest writes before giving up.
     public static let maxReadAttempts = 64
 
     /// Validates the header in `bytes` and returns a view over it.
-    public init(validating bytes: UnsafeMutableRawBufferPointer) throws(SharedAreaError) {
+    public init(validating bytes: UnsafeMutableRawBufferPointer, owner: AnyObject? = nil) throws(SharedAreaError) {
         self.layout = try SharedAreaLayout.validate(UnsafeRawBufferPointer(bytes))
-        self.base = bytes.baseAddress!
+        guard let base = bytes.baseAddress else { throw .areaTooSmall(size: 0, needed: Int(PVSCHED_REGION_HEADER_SIZE)) }
+        self.base = base
+        self.owner = owner
     }
 
     private func area(_ vcpu: Int) throws(SharedAreaError) -> UnsafeMutableRawPointer {

@@ -30,11 +30,123 @@ public enum NotifyOutcome: Equatable, Sendable {
 public struct VCPUStats: Equatable, Sendable {
     public var boostCount: UInt64 = 0
     public var boostedNs: UInt64 = 0
+    /// Boosts the governor cut or refused (all veto reasons).
     public var throttleCount: UInt64 = 0
+    /// Events delivered to the driver.
     public var events: UInt64 = 0
+    /// Events delivered, by kind (`EventCounts.kinds` order).
+    public var eventsByKind = EventCounts()
+    /// Notifications by outcome.
+    public var outcomes = OutcomeCounts()
+    /// Governor vetoes (refusals and cuts) by reason.
+    public var vetoesThrottled: UInt64 = 0
+    public var vetoesVMShare: UInt64 = 0
+    /// How long the driver's `decide` took.
+    public var decisionLatency = LatencyBuckets()
     /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
     public init() {}
+
+    /// Adds `other`'s counters to these (snapshots are or-ed).
+    public mutating func add(_ o: VCPUStats) {
+        boostCount &+= o.boostCount; boostedNs &+= o.boostedNs; throttleCount &+= o.throttleCount
+        events &+= o.events; eventsByKind.add(o.eventsByKind); outcomes.add(o.outcomes)
+        vetoesThrottled &+= o.vetoesThrottled; vetoesVMShare &+= o.vetoesVMShare
+        decisionLatency.add(o.decisionLatency); boosted = boosted || o.boosted
+    }
+}
+
+/// Events delivered to a driver, by kind.
+public struct EventCounts: Equatable, Sendable {
+    public var vmEntry: UInt64 = 0
+    public var vmExit: UInt64 = 0
+    public var halt: UInt64 = 0
+    public var interruptInjection: UInt64 = 0
+    public init() {}
+    mutating func count(_ e: VCPUEvent) {
+        switch e {
+        case .vmEntry: vmEntry &+= 1
+        case .vmExit: vmExit &+= 1
+        case .halt: halt &+= 1
+        case .interruptInjection: interruptInjection &+= 1
+        }
+    }
+    mutating func add(_ o: EventCounts) {
+        vmEntry &+= o.vmEntry; vmExit &+= o.vmExit; halt &+= o.halt; interruptInjection &+= o.interruptInjection
+    }
+    /// (kind name, count) pairs, for listings and metrics.
+    public var byName: [(String, UInt64)] {
+        [("vm_entry", vmEntry), ("vm_exit", vmExit), ("halt", halt), ("interrupt_injection", interruptInjection)]
+    }
+}
+
+/// Notifications by outcome.
+public struct OutcomeCounts: Equatable, Sendable {
+    public var unchanged: UInt64 = 0
+    public var boosted: UInt64 = 0
+    public var unboosted: UInt64 = 0
+    public var vetoed: UInt64 = 0
+    public var disabled: UInt64 = 0
+    public var actuatorFailed: UInt64 = 0
+    public init() {}
+    mutating func count(_ o: NotifyOutcome) {
+        switch o {
+        case .unchanged: unchanged &+= 1
+        case .boosted: boosted &+= 1
+        case .unboosted: unboosted &+= 1
+        case .vetoed: vetoed &+= 1
+        case .disabled: disabled &+= 1
+        case .actuatorFailed: actuatorFailed &+= 1
+        }
+    }
+    mutating func add(_ o: OutcomeCounts) {
+        unchanged &+= o.unchanged; boosted &+= o.boosted; unboosted &+= o.unboosted
+        vetoed &+= o.vetoed; disabled &+= o.disabled; actuatorFailed &+= o.actuatorFailed
+    }
+    /// (outcome name, count) pairs, for listings and metrics.
+    public var byName: [(String, UInt64)] {
+        [("unchanged", unchanged), ("boosted", boosted), ("unboosted", unboosted), ("vetoed", vetoed),
+         ("disabled", disabled), ("actuator_failed", actuatorFailed)]
+    }
+}
+
+/// A fixed histogram of durations in power-of-two buckets (64 ns ... 2^21 ns and
+/// above): cheap enough to update on every event, exact in its bucket counts.
+public struct LatencyBuckets: Equatable, Sendable {
+    /// Upper bounds (inclusive) of the buckets in ns; the last bucket is unbounded.
+    public static let upperBoundsNs: [UInt64] = (6...21).map { UInt64(1) << UInt64($0) }
+    public var counts: [UInt64] = Array(repeating: 0, count: LatencyBuckets.upperBoundsNs.count + 1)
+    public var sumNs: UInt64 = 0
+    public var total: UInt64 = 0
+    public init() {}
+
+    mutating func record(_ ns: UInt64) {
+        // Bucket i holds (2^(i+5), 2^(i+6)]; 64 ns and below fall in bucket 0.
+        let bits = ns <= 64 ? 6 : 64 - (ns - 1).leadingZeroBitCount
+        let i = min(bits - 6, counts.count - 1)
+        counts[i] &+= 1
+        sumNs &+= ns
+        total &+= 1
+    }
+    mutating func add(_ o: LatencyBuckets) {
+        for i in counts.indices { counts[i] &+= o.counts[i] }
+        sumNs &+= o.sumNs; total &+= o.total
+    }
+}
+
+/// Whether the guest's area was accepted, and why not.
+public enum NegotiationStatus: Equatable, Sendable, CustomStringConvertible {
+    /// The guest registered no area (or withdrew it).
+    case none
+    case accepted(String)
+    case refused(String)
+    public var description: String {
+        switch self {
+        case .none: return "no area registered"
+        case .accepted(let s): return "accepted: \(s)"
+        case .refused(let s): return "refused: \(s)"
+        }
+    }
 }
 
 /// The host component's link between one VM and its driver: receives the
@@ -43,7 +155,7 @@ public struct VCPUStats: Equatable, Sendable {
 ///
 /// Created and driven by a `DriverRegistry`; the VMM calls `notify` from vCPU and
 /// device threads. Safe to call from any thread.
-public final class VMBinding: Sendable {
+public final class VMBinding: VMEventSink {
     public let vm: VMHandle
     public let governor: Governor
     public let actuator: any Actuator
@@ -57,6 +169,7 @@ public final class VMBinding: Sendable {
         var generation: UInt64 = 0
         var area: SharedArea?
         var disabledReason: SharedAreaError?
+        var negotiation = NegotiationStatus.none
     }
     private struct VCPUState {
         var thread: ThreadID?
@@ -96,6 +209,14 @@ public final class VMBinding: Sendable {
     public var area: SharedArea? { slot.withLock { $0.area } }
     /// Why pvsched was disabled for this VM (a bad shared area), if it was.
     public var disabledReason: SharedAreaError? { slot.withLock { $0.disabledReason } }
+    /// The result of the guest's last registration.
+    public var negotiation: NegotiationStatus { slot.withLock { $0.negotiation } }
+
+    /// Records the result of a registration (the registrar calls this).
+    public func recordNegotiation(_ status: NegotiationStatus) { slot.withLock { $0.negotiation = status } }
+
+    /// The OS thread of each vCPU (nil while it has none).
+    public var threads: [ThreadID?] { vcpus.map { v in v.state.withLock { $0.thread } } }
 
     /// Counters for `vcpu`.
     public func stats(vcpu: Int) -> VCPUStats {
@@ -108,11 +229,7 @@ public final class VMBinding: Sendable {
 
     /// Totals over all vCPUs.
     public var totals: VCPUStats {
-        vcpus.indices.reduce(into: VCPUStats()) { acc, i in
-            let s = stats(vcpu: i)
-            acc.boostCount += s.boostCount; acc.boostedNs += s.boostedNs
-            acc.throttleCount += s.throttleCount; acc.events += s.events
-        }
+        vcpus.indices.reduce(into: VCPUStats()) { acc, i in acc.add(stats(vcpu: i)) }
     }
 
     /// Records the OS thread that runs `vcpu` (call from that thread when it starts).
@@ -160,7 +277,7 @@ public final class VMBinding: Sendable {
     /// `interruptStillQueued` (for `.vmEntry`) says an injected interrupt could not be
     /// delivered on this entry (the guest has interrupts off), so it stays pending.
     @discardableResult
-    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool = false) -> NotifyOutcome {
+    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
         let (driver, generation, area, disabled) = slot.withLock { s in
             (s.driver, s.generation, s.area, s.disabledReason != nil)
         }
@@ -204,8 +321,12 @@ public final class VMBinding: Sendable {
                                 boostedSinceNs: s.boostStart, nowNs: now,
                                 interruptPending: s.injectionPending)
             let decision = driver.decide(event: event, view: view)
+            let decided = MonotonicClock.nowNs()
+            s.stats.decisionLatency.record(decided > now ? decided - now : 0)
+            s.stats.eventsByKind.count(event)
             var result = carryOut(decision, &s, vcpu: vcpu, now: now)
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
+            s.stats.outcomes.count(result)
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
                                       interruptPending: view.interruptPending, decision: decision, outcome: result))
             return result
@@ -246,6 +367,7 @@ public final class VMBinding: Sendable {
             guard let thread = s.thread else { return .unchanged }
             if let veto = governor.beginBoost(vcpu: vcpu, now: now) {
                 s.stats.throttleCount &+= 1
+                Self.countVeto(veto, &s.stats)
                 return .vetoed(veto)
             }
             var params = boost.boosted
@@ -302,8 +424,16 @@ public final class VMBinding: Sendable {
     private func cut(_ s: inout VCPUState, vcpu: Int, veto: GovernorVeto, now: UInt64) {
         clearBoost(&s, now: now)
         s.stats.throttleCount &+= 1
+        Self.countVeto(veto, &s.stats)
         if let thread = s.thread { try? actuator.restore(thread) }
         logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)"])
+    }
+
+    private static func countVeto(_ veto: GovernorVeto, _ stats: inout VCPUStats) {
+        switch veto {
+        case .throttled: stats.vetoesThrottled &+= 1
+        case .vmShareExhausted: stats.vetoesVMShare &+= 1
+        }
     }
 
     /// Disables pvsched for the VM after a bad read: drops the area and undoes every boost.

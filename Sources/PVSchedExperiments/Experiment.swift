@@ -3,6 +3,7 @@ import Logging
 import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
+import PVSchedHost
 import PVSchedKVM
 import PVSchedLinux
 
@@ -165,12 +166,9 @@ public struct ExperimentRunner {
         case .staticRT: pvsched = true; driverName = "static-rt"
         case .driver(let n): pvsched = true; driverName = n
         }
-        let registry = DriverRegistry()
-        try BuiltinDrivers.registerAll(in: registry)
+        let host = try PVSchedHost(actuator: LinuxActuator())
         let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
-        let vm = try VirtualMachine(config: vmConfig(pvsched: pvsched), registry: pvsched ? registry : nil,
-                                    actuator: LinuxActuator(), governor: governor)
-        if let driverName { try registry.assign(driverName, to: vm.handle.id) }
+        let vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor)
         let binding = vm.binding
 
         var noisy: VirtualMachine?
@@ -181,7 +179,7 @@ public struct ExperimentRunner {
             c.boot.durationNs = scenario.durationNs + 2_000_000_000
             c.boot.pvschedEnabled = false
             c.vcpuAffinity = [scenario.cpuMask(vcpu: 0)]
-            noisy = try VirtualMachine(config: c)
+            noisy = try host.makeVM(config: c, pvsched: false)
         }
         let load = contended ? scenario.cpus.map { HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
         let probes = scenario.cpus.map {

@@ -5,6 +5,7 @@ import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
 import PVSchedKVM
+import PVSchedHost
 import PVSchedLinux
 #if canImport(Glibc)
 import Glibc
@@ -115,10 +116,8 @@ public enum MechanismBench {
         c.boot.workload = .selftest
         c.boot.arg = PVSCHED_SELFTEST_EXIT_LOOP
         c.boot.pvschedEnabled = driver != nil
-        let registry = DriverRegistry()
-        try BuiltinDrivers.registerAll(in: registry)
-        let vm = try VirtualMachine(config: c, registry: driver == nil ? nil : registry, actuator: RecordingActuator())
-        if let driver { try registry.assign(driver, to: vm.handle.id) }
+        let host = try PVSchedHost(actuator: RecordingActuator())
+        let vm = try host.makeVM(config: c, pvsched: driver != nil, driver: driver)
         vm.start()
         guard vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0), let r = try vm.readResults()?.vcpus.first,
               r.samples > 0 else {

@@ -3,7 +3,6 @@ import CKVM
 import Logging
 import PVSchedABI
 import PVSchedCore
-import PVSchedLinux
 import Synchronization
 
 /// The guest console (port 0xE9): collects bytes per vCPU and hands out whole
@@ -37,8 +36,9 @@ final class Console: Sendable {
 
 /// The pvsched virtual device: the guest registers the guest-physical address
 /// of its shared area and advertises its protocol (in the area's header); the
-/// VMM validates the area (inside guest RAM, size, header), asks the registry
-/// for a driver, and answers accepted or refused with a reason. A doorbell
+/// VMM checks that the area lies inside guest RAM, hands it to the host link's
+/// registrar (which validates the header and negotiates a driver), and answers
+/// accepted or refused with a reason. A doorbell
 /// register gives the guest a synchronous exit to be deboosted at once.
 final class PVSchedDevice: Sendable {
     private struct Latch { var lo: UInt32 = 0; var hi: UInt32 = 0; var size: UInt32 = 0
@@ -85,7 +85,7 @@ final class PVSchedDevice: Sendable {
         case PVSCHED_CMD_REGISTER:
             result = register(gpa: UInt64(latch.hi) << 32 | UInt64(latch.lo), size: Int(latch.size), vm: vm)
         case PVSCHED_CMD_UNREGISTER:
-            vm.binding?.setArea(nil)
+            vm.host?.registrar.unregister()
             result = (PVSCHED_DEV_ACCEPTED, PVSCHED_REASON_NONE, "area unregistered")
         default:
             result = (PVSCHED_DEV_REFUSED, PVSCHED_REASON_BAD_HEADER, "unknown command \(cmd)")
@@ -103,33 +103,15 @@ final class PVSchedDevice: Sendable {
             return (refused, PVSCHED_REASON_OUT_OF_RAM,
                     "refused: area 0x\(String(gpa, radix: 16)) + \(size) bytes is not inside guest RAM (\(vm.memory.size) bytes)")
         }
-        guard size >= Int(PVSCHED_REGION_HEADER_SIZE) else {
-            return (refused, PVSCHED_REASON_TOO_SMALL, "refused: area_size \(size) is smaller than the region header")
-        }
-        let area: SharedArea
-        do throws(SharedAreaError) {
-            area = try SharedArea(validating: bytes)
-        } catch {
-            let reason = error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER
-            return (refused, reason, "refused: \(error)")
-        }
-        guard area.layout.vcpuCount == vm.config.vcpus else {
-            return (refused, PVSCHED_REASON_VCPU_MISMATCH,
-                    "refused: shared area field `vcpu_count`: \(area.layout.vcpuCount), the VM has \(vm.config.vcpus) vCPUs")
-        }
-        guard let registry = vm.registry, let binding = vm.binding else {
+        guard let host = vm.host else {
             return (refused, PVSCHED_REASON_NO_DRIVER, "refused: this VM runs without pvsched")
         }
-        let driver: any Driver
-        do throws(RegistryError) {
-            driver = try registry.negotiate(vm: vm.handle.id, protocolName: area.layout.protocolName,
-                                            version: area.layout.protocolVersion)
-        } catch {
-            return (refused, PVSCHED_REASON_NO_DRIVER, "refused: \(error)")
+        switch host.registrar.register(area: bytes, owner: vm.memory) {
+        case .success(let accepted):
+            return (PVSCHED_DEV_ACCEPTED, PVSCHED_REASON_NONE, "accepted: \(accepted)")
+        case .failure(let refusal):
+            return (refused, refusal.code, "refused: \(refusal.message)")
         }
-        binding.setArea(area)
-        return (PVSCHED_DEV_ACCEPTED, PVSCHED_REASON_NONE,
-                "accepted: \(area.layout.protocolName) \(area.layout.protocolVersion), driver \(driver.name)")
     }
 }
 
@@ -153,7 +135,7 @@ final class TimerDevice: @unchecked Sendable {
     func start(vm: VirtualMachine, priority: UInt8?) {
         running.store(true, ordering: .relaxed)
         thread = PVSchedCore.Thread { [self, weak vm] in
-            if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
+            if let priority { try? vm?.threadControl.setCurrentThread(.fifo(priority: priority)) }
             while running.load(ordering: .acquiring) {
                 let seen = generation.value
                 let now = MonotonicClock.nowNs()
@@ -225,7 +207,7 @@ final class IRQResponseDevice: @unchecked Sendable {
         running.store(true, ordering: .relaxed)
         let targets = self.targets, interval = self.intervalNs
         thread = PVSchedCore.Thread { [self, weak vm] in
-            if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
+            if let priority { try? vm?.threadControl.setCurrentThread(.fifo(priority: priority)) }
             var rng: UInt64 = 0x2545_F491_4F6C_DD1D
             var next = MonotonicClock.nowNs() &+ interval
             var k = 0

@@ -3,7 +3,6 @@ import CKVM
 import Logging
 import PVSchedABI
 import PVSchedCore
-import PVSchedLinux
 import Synchronization
 
 /// How a VM run ended.
@@ -19,13 +18,19 @@ public enum VMOutcome: Equatable, Sendable {
 /// A running guest on /dev/kvm: guest memory in long mode, N vCPUs each on its
 /// own OS thread with one exit loop, a console, a timer, interrupt delivery,
 /// and the pvsched device through which the guest registers its shared area.
-/// Every vCPU event is sent to the VM's `VMBinding` (its driver).
+/// Every vCPU event goes out through the host link's narrow event sink; the VMM
+/// knows nothing of drivers, registries, governors or actuators.
+// @unchecked Sendable: the mutable thread lists are touched only by start()/stop(),
+// which the owner calls from one thread; everything else is immutable or locked.
 public final class VirtualMachine: @unchecked Sendable {
     public let config: VMConfiguration
     public let handle: VMHandle
     public let memory: GuestMemory
-    public let binding: VMBinding?
-    public let registry: DriverRegistry?
+    /// The host component's side of this VM (nil runs without pvsched).
+    public let host: VMHostLink?
+    /// Where vCPU events go (the host link's sink).
+    var events: (any VMEventSink)? { host?.events }
+    let threadControl: any ThreadControl
     let kvm: KVMSystem
     let vm: VMFD
     let vcpus: [VCPUContext]
@@ -43,16 +48,25 @@ public final class VirtualMachine: @unchecked Sendable {
     private var enforcer: PVSchedCore.Thread?
     private static let nextID = ManagedAtomic<UInt64>(1)
 
-    /// Creates the VM (memory, page tables, boot info, vCPUs) and binds it to
-    /// `registry` with `actuator` if given. Nothing runs until `start()`.
-    public init(config: VMConfiguration, registry: DriverRegistry? = nil, actuator: (any Actuator)? = nil,
-                governor: GovernorConfig = .default, boost: BoostSettings = BoostSettings(),
-                trace: EventTrace? = nil, logger: Logger = Logger(label: "pvsched.vmm")) throws {
-        precondition(config.vcpus >= 1 && config.vcpus <= 16, "1...16 vCPUs")
+    /// The largest vCPU count the VMM supports.
+    public static let maxVCPUs = 16
+
+    /// Creates the VM (memory, page tables, boot info, vCPUs), sending its events
+    /// through `host` (nil runs it without pvsched). Nothing runs until `start()`.
+    public init(config: VMConfiguration, host: VMHostLink?, threads: any ThreadControl,
+                logger: Logger = Logger(label: "pvsched.vmm")) throws {
+        guard config.vcpus >= 1 && config.vcpus <= Self.maxVCPUs else {
+            throw KVMError("create VM", detail: "vcpus must be 1...\(Self.maxVCPUs), got \(config.vcpus)")
+        }
+        if let host, host.handle.vcpuCount != config.vcpus {
+            throw KVMError("create VM", detail: "host link is for \(host.handle.vcpuCount) vCPUs, the configuration has \(config.vcpus)")
+        }
         self.config = config
         self.logger = logger
-        handle = VMHandle(id: Self.nextID.loadThenWrappingIncrement(ordering: .relaxed), name: config.name,
-                          vcpuCount: config.vcpus)
+        self.host = host
+        self.threadControl = threads
+        handle = host?.handle ?? VMHandle(id: Self.nextID.loadThenWrappingIncrement(ordering: .relaxed) | 1 << 63,
+                                          name: config.name, vcpuCount: config.vcpus)
         kvm = try KVMSystem()
         vm = try kvm.createVM()
         try vm.setTSSAddress(0xfffb_d000)
@@ -88,13 +102,6 @@ public final class VirtualMachine: @unchecked Sendable {
         tscKHz = khz
         try Self.writeBootInfo(config: config, memory: memory, tscKHz: khz)
 
-        self.registry = registry
-        if let registry {
-            binding = try registry.bind(vm: handle, actuator: actuator ?? LinuxActuator(), governor: governor, boost: boost,
-                                        trace: trace)
-        } else {
-            binding = nil
-        }
         pvschedDevice = PVSchedDevice(vcpus: config.vcpus)
         console = Console(vcpus: config.vcpus)
         timer = TimerDevice(vcpus: config.vcpus)
@@ -139,15 +146,15 @@ public final class VirtualMachine: @unchecked Sendable {
         for ctx in vcpus {
             threads.append(PVSchedCore.Thread { [self] in runLoop(ctx) })
         }
-        if let binding {
+        if let events {
             // The enforcer runs real-time like the device threads: starved by the host
             // load it protects against, it would cut boosts late (and, holding a vCPU's
             // lock, could block a boosted vCPU thread).
             let priority = config.deviceThreadPriority
             enforcer = PVSchedCore.Thread { [self] in
-                if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
+                if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
-                    binding.enforceBudgets()
+                    events.enforceBudgets()
                     finished.wait(while: 0, timeoutNs: 1_000_000)
                 }
             }
@@ -157,7 +164,8 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Waits until the VM ends or `timeoutNs` passes (then stops it).
     @discardableResult
     public func wait(timeoutNs: UInt64) -> VMOutcome {
-        let deadline = MonotonicClock.nowNs() &+ timeoutNs
+        let (sum, overflow) = MonotonicClock.nowNs().addingReportingOverflow(timeoutNs)
+        let deadline = overflow ? UInt64.max : sum
         while finished.value == 0 {
             let now = MonotonicClock.nowNs()
             if now >= deadline { break }
@@ -167,8 +175,16 @@ public final class VirtualMachine: @unchecked Sendable {
         return outcomeLock.withLock { $0 } ?? .stopped
     }
 
-    /// Stops every vCPU, joins the threads and undoes every boost (idempotent).
+    /// Serialises stop() (an owner and a monitor thread may both call it).
+    private let stopLock = Mutex(())
+
+    /// Stops every vCPU, joins the threads and undoes every boost (idempotent,
+    /// safe from several threads).
     public func stop() {
+        stopLock.withLock { _ in stopLocked() }
+    }
+
+    private func stopLocked() {
         finish(.stopped)
         for ctx in vcpus { kick(ctx) }
         timer.stop()
@@ -177,7 +193,7 @@ public final class VirtualMachine: @unchecked Sendable {
         threads.removeAll()
         enforcer?.join()
         enforcer = nil
-        if let registry { registry.unbind(vm: handle.id) }
+        host?.release()
     }
 
     /// Everything the guest printed so far.
@@ -212,7 +228,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Safe from any thread; this is what device threads call.
     public func raiseInterrupt(vcpu: Int, vector: UInt8) {
         let ctx = vcpus[vcpu]
-        binding?.notify(.interruptInjection(vector: vector), vcpu: vcpu)
+        events?.notify(.interruptInjection(vector: vector), vcpu: vcpu)
         switch config.interrupts {
         case .inKernelIRQChip:
             do { try vm.signalMSI(apicID: UInt32(vcpu), vector: vector) } catch {
@@ -240,20 +256,20 @@ public final class VirtualMachine: @unchecked Sendable {
 
     private func runLoop(_ ctx: VCPUContext) {
         _ = ckvm_unblock_kick_signal()
-        let tid = LinuxScheduling.currentThread().rawValue
+        let tid = threadControl.currentThread().rawValue
         ctx.thread.store(tid, ordering: .relaxed)
         if let masks = config.vcpuAffinity, ctx.index < masks.count {
-            try? LinuxScheduling.setAffinity(ThreadID(tid), mask: masks[ctx.index])
+            try? threadControl.setAffinity(ThreadID(tid), mask: masks[ctx.index])
         }
-        binding?.setThread(ThreadID(tid), vcpu: ctx.index)
+        events?.setThread(ThreadID(tid), vcpu: ctx.index)
         defer {
-            binding?.setThread(nil, vcpu: ctx.index)
+            events?.setThread(nil, vcpu: ctx.index)
             ctx.thread.store(0, ordering: .relaxed)
         }
         let fd = ctx.fd
         while !stopping.load(ordering: .acquiring) {
             let queued = config.interrupts == .userspace ? injectPending(ctx) : false
-            binding?.notify(.vmEntry, vcpu: ctx.index, interruptStillQueued: queued)
+            events?.notify(.vmEntry, vcpu: ctx.index, interruptStillQueued: queued)
             ctx.inGuest.store(true, ordering: .releasing)
             let exit: VMExit
             do {
@@ -272,18 +288,18 @@ public final class VirtualMachine: @unchecked Sendable {
                 handleIO(access, ctx)
                 let reason: ExitReason = access.port == UInt16(PVSCHED_DEV_DOORBELL) && access.isWrite
                     ? .doorbell : exit.reason
-                binding?.notify(.vmExit(reason), vcpu: ctx.index)
+                events?.notify(.vmExit(reason), vcpu: ctx.index)
             case .halt:
-                binding?.notify(.vmExit(.halt), vcpu: ctx.index)
-                binding?.notify(.halt, vcpu: ctx.index)
+                events?.notify(.vmExit(.halt), vcpu: ctx.index)
+                events?.notify(.halt, vcpu: ctx.index)
                 waitForInterrupt(ctx)
             case .interrupted:
                 fd.requestImmediateExit(false)
-                binding?.notify(.vmExit(.intr), vcpu: ctx.index)
+                events?.notify(.vmExit(.intr), vcpu: ctx.index)
             case .interruptWindowOpen:
-                binding?.notify(.vmExit(.interruptWindow), vcpu: ctx.index)
+                events?.notify(.vmExit(.interruptWindow), vcpu: ctx.index)
             case .mmio(let address, let write, _):
-                binding?.notify(.vmExit(exit.reason), vcpu: ctx.index)
+                events?.notify(.vmExit(exit.reason), vcpu: ctx.index)
                 finish(.failed(vcpu: ctx.index, reason: "MMIO \(write ? "write" : "read") at 0x\(String(address, radix: 16)) outside RAM"))
             case .shutdown:
                 finish(.failed(vcpu: ctx.index, reason: "guest shutdown (triple fault)\(registerDump(fd))"))

@@ -3,6 +3,7 @@ import Foundation
 import PVSchedBPF
 import PVSchedCore
 import PVSchedDrivers
+import PVSchedHost
 import PVSchedGuestImage
 import PVSchedKVM
 import PVSchedLinux
@@ -41,8 +42,8 @@ struct Run: ParsableCommand {
         config.boot.pvschedEnabled = driver != "none"
         config.interrupts = irqchip ? .inKernelIRQChip : .userspace
         config.consoleLine = { print("guest| \($0)") }
-        let registry = DriverRegistry()
-        try BuiltinDrivers.registerAll(in: registry)
+        let host = try PVSchedHost()
+        let registry = host.registry
         var driver = self.driver
         var bpfDriver: BPFDriver?
         if let bpf {
@@ -57,8 +58,8 @@ struct Run: ParsableCommand {
             bpfDriver = d
         }
         let eventTrace = trace.map { EventTrace(vcpus: vcpus, capacity: $0) }
-        let vm = try VirtualMachine(config: config, registry: driver == "none" ? nil : registry, trace: eventTrace)
-        if driver != "none" { try registry.assign(driver, to: vm.handle.id) }
+        let vm = try host.makeVM(config: config, pvsched: driver != "none", driver: driver == "none" ? nil : driver,
+                                 trace: eventTrace)
         let stats = vm.binding
         vm.start()
         let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))

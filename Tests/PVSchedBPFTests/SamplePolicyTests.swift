@@ -4,6 +4,7 @@ import PVSchedABI
 import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
+import PVSchedHost
 import PVSchedKVM
 import Synchronization
 import Testing
@@ -87,12 +88,11 @@ struct SamplePolicyTests {
         config.boot.workload = .cyclic
         config.boot.durationNs = 1_500_000_000
         config.boot.intervalNs = 2_000_000
-        let registry = DriverRegistry()
-        try BuiltinDrivers.registerAll(in: registry)
-        try registry.register(bpf)
         let act = RecordingActuator()
-        let vm = try VirtualMachine(config: config, registry: registry, actuator: act, governor: .unlimited)
-        try registry.assign(bpf.name, to: vm.handle.id)
+        let host = try PVSchedHost(actuator: act)
+        let registry = host.registry
+        try registry.register(bpf)
+        let vm = try host.makeVM(config: config, driver: bpf.name, governor: .unlimited)
         vm.start()
         // Wait until the BPF driver has boosted (the guest boots slowly on a loaded machine)...
         let deadline = MonotonicClock.nowNs() + 10_000_000_000

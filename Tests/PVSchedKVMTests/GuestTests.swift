@@ -2,6 +2,7 @@ import PVSchedABI
 import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
+import PVSchedHost
 import Synchronization
 import Testing
 import Glibc
@@ -16,9 +17,8 @@ func runGuest(_ perVCPU: [Workload], durationMs: UInt64 = 400, intervalUs: UInt6
     config.boot.durationNs = durationMs * 1_000_000
     config.boot.intervalNs = intervalUs * 1000
     config.interrupts = irqchip ? .inKernelIRQChip : .userspace
-    let registry = DriverRegistry()
-    try BuiltinDrivers.registerAll(in: registry)
-    let vm = try VirtualMachine(config: config, registry: registry, actuator: RecordingActuator(), governor: .unlimited)
+    let host = try PVSchedHost(actuator: RecordingActuator())
+    let vm = try host.makeVM(config: config, governor: .unlimited)
     let samples = Mutex<[[GuestVCPUState]]>(Array(repeating: [], count: perVCPU.count))
     let stop = Atomic(false)
     let binding = vm.binding!

@@ -2,6 +2,7 @@ import PVSchedABI
 import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
+import PVSchedHost
 import PVSchedLinux
 import Synchronization
 import Testing
@@ -74,11 +75,10 @@ func bootGuest(vcpus: Int, arg: UInt32 = 0, workload: Workload = .selftest, driv
     config.boot.arg = arg
     config.boot.durationNs = durationMs * 1_000_000
     config.interrupts = irqchip ? .inKernelIRQChip : .userspace
-    let registry = DriverRegistry()
-    try BuiltinDrivers.registerAll(in: registry)
+    let host = try PVSchedHost(actuator: actuator ?? RecordingActuator())
+    let registry = host.registry
     if let driver { try registry.register(driver); try registry.setDefault(driver.name) }
-    let vm = try VirtualMachine(config: config, registry: registry, actuator: actuator ?? RecordingActuator(),
-                                governor: governor)
+    let vm = try host.makeVM(config: config, governor: governor)
     try setUp(vm, registry)
     vm.start()
     let outcome = vm.wait(timeoutNs: 30_000_000_000)

@@ -1,0 +1,141 @@
+import PVSchedABI
+
+/// Where the hypervisor side of a VM sends its vCPU events: the narrow interface
+/// a VMM calls out through (cloud-hypervisor's `VmOps` shape). The VMM knows
+/// nothing of registries, drivers, governors or actuators; the host component
+/// (a `VMBinding`) implements this.
+///
+/// Calling context: `notify`, `setThread` from the vCPU's own thread or a device
+/// thread; `enforceBudgets` from a periodic enforcer thread. All are thread-safe.
+public protocol VMEventSink: AnyObject, Sendable {
+    /// Delivers `event` for `vcpu`. `interruptStillQueued` (for `.vmEntry`) says an
+    /// injected interrupt could not be delivered on this entry, so it stays pending.
+    @discardableResult
+    func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome
+    /// The OS thread that runs `vcpu` now (nil when it stops).
+    func setThread(_ thread: ThreadID?, vcpu: Int)
+    /// Installs (or drops) the guest's validated shared area.
+    func setArea(_ area: SharedArea?)
+    /// Cuts boosts that ran past their budget even when no event comes; returns how many.
+    @discardableResult
+    func enforceBudgets() -> Int
+}
+
+extension VMEventSink {
+    /// Delivers `event` for `vcpu` (no interrupt left queued).
+    @discardableResult
+    public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
+        notify(event, vcpu: vcpu, interruptStillQueued: false)
+    }
+}
+
+/// Why a guest's shared-area registration was refused, with the device's reason code.
+public struct AreaRefusal: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The PVSCHED_REASON_* code the pvsched device reports to the guest.
+    public let code: UInt32
+    /// A message naming the field or the registry's reason.
+    public let message: String
+    public init(code: UInt32, message: String) { self.code = code; self.message = message }
+    public var description: String { message }
+}
+
+/// A guest's area accepted: the protocol it speaks and the driver now serving it.
+public struct AreaAcceptance: Equatable, Sendable, CustomStringConvertible {
+    public let protocolName: String
+    public let protocolVersion: ProtocolVersion
+    public let driver: String
+    public var description: String { "\(protocolName) \(protocolVersion), driver \(driver)" }
+}
+
+/// Validates and negotiates the shared area a guest registers (through a VMM's
+/// pvsched device, or an ivshmem region an attached VM's guest writes): the area
+/// is hostile input; a refusal names the field or the reason.
+public protocol SharedAreaRegistrar: Sendable {
+    /// Validates `bytes` (already known to lie inside memory the VM owns, kept
+    /// alive by `owner`), negotiates a driver and installs the area.
+    func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal>
+    /// The guest withdrew its area.
+    func unregister()
+}
+
+/// Thread utilities the VMM needs from the host OS, behind a protocol so that the
+/// hypervisor component does not depend on the Linux actuator module.
+public protocol ThreadControl: Sendable {
+    /// The calling thread's id.
+    func currentThread() -> ThreadID
+    /// Pins `thread` to the CPUs in `mask` (bit i = CPU i).
+    func setAffinity(_ thread: ThreadID, mask: UInt64) throws
+    /// Sets the calling thread's own parameters (for threads that die with their
+    /// owner, such as a VMM's device threads: nothing to restore).
+    func setCurrentThread(_ parameters: SchedulingParameters) throws
+}
+
+/// What the hypervisor side of one VM holds of the host component: the VM's
+/// identity, where its events go, who checks its guest's area, and how to let go
+/// when the VM stops. Made by the host; the VMM never builds one itself.
+public struct VMHostLink: Sendable {
+    public let handle: VMHandle
+    public let events: any VMEventSink
+    public let registrar: any SharedAreaRegistrar
+    private let onRelease: @Sendable () -> Void
+
+    public init(handle: VMHandle, events: any VMEventSink, registrar: any SharedAreaRegistrar,
+                onRelease: @escaping @Sendable () -> Void) {
+        self.handle = handle; self.events = events; self.registrar = registrar; self.onRelease = onRelease
+    }
+
+    /// The VM stopped: undo its boosts and forget it (idempotent on the host side).
+    public func release() { onRelease() }
+}
+
+/// The registrar of a VM bound in a `DriverRegistry`: validates the header, checks
+/// the vCPU count, negotiates the protocol and installs the area in the binding.
+public struct BindingRegistrar: SharedAreaRegistrar {
+    let registry: DriverRegistry
+    let binding: VMBinding
+
+    public init(registry: DriverRegistry, binding: VMBinding) { self.registry = registry; self.binding = binding }
+
+    public func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
+        let result = negotiate(bytes, owner: owner)
+        switch result {
+        case .success(let accepted): binding.recordNegotiation(.accepted("\(accepted)"))
+        case .failure(let refusal): binding.recordNegotiation(.refused(refusal.message))
+        }
+        return result
+    }
+
+    private func negotiate(_ bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
+        guard bytes.count >= Int(PVSCHED_REGION_HEADER_SIZE) else {
+            return .failure(AreaRefusal(code: PVSCHED_REASON_TOO_SMALL,
+                                        message: "area_size \(bytes.count) is smaller than the region header"))
+        }
+        let area: SharedArea
+        do throws(SharedAreaError) {
+            area = try SharedArea(validating: bytes, owner: owner)
+        } catch {
+            let code = error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER
+            return .failure(AreaRefusal(code: code, message: "\(error)"))
+        }
+        let vcpus = binding.vm.vcpuCount
+        guard area.layout.vcpuCount == vcpus else {
+            return .failure(AreaRefusal(code: PVSCHED_REASON_VCPU_MISMATCH,
+                                        message: "shared area field `vcpu_count`: \(area.layout.vcpuCount), the VM has \(vcpus) vCPUs"))
+        }
+        let driver: any Driver
+        do throws(RegistryError) {
+            driver = try registry.negotiate(vm: binding.vm.id, protocolName: area.layout.protocolName,
+                                            version: area.layout.protocolVersion)
+        } catch {
+            return .failure(AreaRefusal(code: PVSCHED_REASON_NO_DRIVER, message: "\(error)"))
+        }
+        binding.setArea(area)
+        return .success(AreaAcceptance(protocolName: area.layout.protocolName,
+                                       protocolVersion: area.layout.protocolVersion, driver: driver.name))
+    }
+
+    public func unregister() {
+        binding.setArea(nil)
+        binding.recordNegotiation(.none)
+    }
+}
