@@ -17,6 +17,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-atomics", from: "1.2.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.60.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
         // The guest/host protocol ABI: one C header, the single source of truth.
@@ -31,8 +33,10 @@ let package = Package(
         .target(name: "PVSchedDrivers", dependencies: ["PVSchedCore"]),
         // Linux actuator: sched_setattr on vCPU threads, restore on exit and signals.
         .target(name: "CLinuxSched"),
+        // Socket, credential, pidfd, lock-file and spawn wrappers for the host service and the guardian.
+        .target(name: "CHostService"),
         .target(name: "PVSchedLinux", dependencies: [
-            "PVSchedCore", "CLinuxSched",
+            "PVSchedCore", "CLinuxSched", "CHostService",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -59,27 +63,46 @@ let package = Package(
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedBPF",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The control protocol (newline-delimited JSON) and its client.
+        .target(name: "PVSchedControl", dependencies: ["CHostService"]),
+        // The host service: control socket, request handling, metrics endpoint.
+        .target(name: "PVSchedDaemon", dependencies: [
+            "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",
+            "PVSchedLinux",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF", "PVSchedHost",
+            "PVSchedControl", "PVSchedDaemon", "CHostService",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
-            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost",
+            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost", "PVSchedControl", "PVSchedDaemon",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary.
+        .target(name: "PVSchedTesting"),
+        .testTarget(name: "PVSchedDaemonTests", dependencies: [
+            "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
+        ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
-        .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched"]),
+        .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched", "PVSchedTesting"]),
         .testTarget(name: "PVSchedBPFTests", dependencies: [
-            "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage", "PVSchedHost",
+            "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage", "PVSchedHost", "PVSchedTesting",
         ]),
         .testTarget(name: "PVSchedKVMTests", dependencies: [
             "PVSchedKVM", "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedGuestImage", "PVSchedABI", "PVSchedHost",
+            "PVSchedTesting",
         ]),
     ],
     swiftLanguageModes: [.v6]

@@ -170,6 +170,7 @@ public final class VMBinding: VMEventSink {
         var area: SharedArea?
         var disabledReason: SharedAreaError?
         var negotiation = NegotiationStatus.none
+        var refusals: [String: UInt64] = [:]
     }
     private struct VCPUState {
         var thread: ThreadID?
@@ -214,6 +215,17 @@ public final class VMBinding: VMEventSink {
 
     /// Records the result of a registration (the registrar calls this).
     public func recordNegotiation(_ status: NegotiationStatus) { slot.withLock { $0.negotiation = status } }
+
+    /// Records a refused registration and counts it by reason.
+    public func recordRefusal(_ refusal: AreaRefusal) {
+        slot.withLock { s in
+            s.negotiation = .refused(refusal.message)
+            s.refusals[refusal.reason, default: 0] &+= 1
+        }
+    }
+
+    /// Refused registrations by reason (`AreaRefusal.reason`).
+    public var refusalCounts: [String: UInt64] { slot.withLock { $0.refusals } }
 
     /// The OS thread of each vCPU (nil while it has none).
     public var threads: [ThreadID?] { vcpus.map { v in v.state.withLock { $0.thread } } }

@@ -33,6 +33,17 @@ extension VMEventSink {
 public struct AreaRefusal: Error, Equatable, Sendable, CustomStringConvertible {
     /// The PVSCHED_REASON_* code the pvsched device reports to the guest.
     public let code: UInt32
+    /// The reason code's name, for counters and metrics.
+    public var reason: String {
+        switch code {
+        case PVSCHED_REASON_OUT_OF_RAM: return "out_of_ram"
+        case PVSCHED_REASON_TOO_SMALL: return "too_small"
+        case PVSCHED_REASON_BAD_HEADER: return "bad_header"
+        case PVSCHED_REASON_NO_DRIVER: return "no_driver"
+        case PVSCHED_REASON_VCPU_MISMATCH: return "vcpu_mismatch"
+        default: return "other"
+        }
+    }
     /// A message naming the field or the registry's reason.
     public let message: String
     public init(code: UInt32, message: String) { self.code = code; self.message = message }
@@ -56,6 +67,8 @@ public protocol SharedAreaRegistrar: Sendable {
     func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal>
     /// The guest withdrew its area.
     func unregister()
+    /// The VMM refused a registration itself (the area is not inside guest RAM).
+    func reportRefusal(_ refusal: AreaRefusal)
 }
 
 /// Thread utilities the VMM needs from the host OS, behind a protocol so that the
@@ -99,11 +112,13 @@ public struct BindingRegistrar: SharedAreaRegistrar {
     public func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
         let result = negotiate(bytes, owner: owner)
         switch result {
-        case .success(let accepted): binding.recordNegotiation(.accepted("\(accepted)"))
-        case .failure(let refusal): binding.recordNegotiation(.refused(refusal.message))
+        case .success(let accepted): binding.recordNegotiation(.accepted("\(accepted.protocolName) \(accepted.protocolVersion)"))
+        case .failure(let refusal): binding.recordRefusal(refusal)
         }
         return result
     }
+
+    public func reportRefusal(_ refusal: AreaRefusal) { binding.recordRefusal(refusal) }
 
     private func negotiate(_ bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
         guard bytes.count >= Int(PVSCHED_REGION_HEADER_SIZE) else {

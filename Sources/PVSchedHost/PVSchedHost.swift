@@ -121,6 +121,24 @@ public final class PVSchedHost: Sendable {
         return session
     }
 
+    /// Attaches a VM that another VMM runs as a session of this host: the caller
+    /// feeds its events through the session (`events`, `link.registrar`) and
+    /// `onDetach` runs when it is stopped or ends.
+    @discardableResult
+    public func attach(name: String, vcpus: Int, summary: String, driver: String? = nil,
+                       governor: GovernorConfig = .default, boost: BoostSettings = BoostSettings(), traceCapacity: Int = 256,
+                       onDetach: @escaping @Sendable () -> Void = {}) throws -> AttachedVMSession {
+        guard vcpus >= 1 && vcpus <= 1024 else { throw HostError(field: "vcpus", "must be 1...1024, got \(vcpus)") }
+        try reserveName(name)
+        defer { releaseName(name) }
+        let link = try self.link(name: name, vcpus: vcpus, driver: driver, governor: governor, boost: boost,
+                                 trace: EventTrace(vcpus: vcpus, capacity: traceCapacity))
+        let session = AttachedVMSession(link: link, summary: summary, onDetach: onDetach)
+        sessionTable.withLock { $0[link.handle.id] = session }
+        logger.info("VM attached", metadata: ["vm": "\(link.handle)", "vcpus": "\(vcpus)", "what": "\(summary)"])
+        return session
+    }
+
     /// Stops a session's VM (undoing its boosts) and forgets it.
     public func stopVM(_ reference: String) throws(HostError) -> any VMSession {
         let s = try session(reference)

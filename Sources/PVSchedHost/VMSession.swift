@@ -85,3 +85,52 @@ public final class OwnedVMSession: VMSession {
         t?.join()
     }
 }
+
+/// A VM another VMM runs (QEMU, crosvm, ... or another process of ours), which
+/// the host serves without running it: whoever attached it feeds its events
+/// into `events` and its guest's area into `registrar`, and tells it the vCPU
+/// threads. Stopping it detaches: every boost is undone and `onDetach` runs.
+public final class AttachedVMSession: VMSession {
+    public let link: VMHostLink
+    public var handle: VMHandle { link.handle }
+    public var kind: VMSessionKind { .attached }
+    public var binding: VMBinding? { link.events as? VMBinding }
+    /// Where the attacher sends vCPU events.
+    public var events: any VMEventSink { link.events }
+    public let summary: String
+    private let stateBox = Mutex(VMSessionState.running)
+    private let onDetach: @Sendable () -> Void
+
+    init(link: VMHostLink, summary: String, onDetach: @escaping @Sendable () -> Void) {
+        self.link = link
+        self.summary = summary
+        self.onDetach = onDetach
+    }
+
+    public var state: VMSessionState { stateBox.withLock { $0 } }
+
+    /// The VM went away by itself (its VMM exited): detach and record why.
+    public func ended(_ reason: String) {
+        let first = stateBox.withLock { s -> Bool in
+            guard s == .running else { return false }
+            s = .ended(reason)
+            return true
+        }
+        if first { detach() }
+    }
+
+    public func stop() {
+        let first = stateBox.withLock { s -> Bool in
+            guard s == .running else { return false }
+            s = .stopped
+            return true
+        }
+        if first { detach() }
+    }
+
+    private func detach() {
+        onDetach()
+        for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }
+        link.release()
+    }
+}

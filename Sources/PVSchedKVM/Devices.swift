@@ -100,8 +100,9 @@ final class PVSchedDevice: Sendable {
     private func register(gpa: UInt64, size: Int, vm: VirtualMachine) -> (UInt32, UInt32, String) {
         let refused = PVSCHED_DEV_REFUSED
         guard let bytes = vm.memory.bytes(at: gpa, length: size) else {
-            return (refused, PVSCHED_REASON_OUT_OF_RAM,
-                    "refused: area 0x\(String(gpa, radix: 16)) + \(size) bytes is not inside guest RAM (\(vm.memory.size) bytes)")
+            let message = "area 0x\(String(gpa, radix: 16)) + \(size) bytes is not inside guest RAM (\(vm.memory.size) bytes)"
+            vm.host?.registrar.reportRefusal(AreaRefusal(code: PVSCHED_REASON_OUT_OF_RAM, message: message))
+            return (refused, PVSCHED_REASON_OUT_OF_RAM, "refused: \(message)")
         }
         guard let host = vm.host else {
             return (refused, PVSCHED_REASON_NO_DRIVER, "refused: this VM runs without pvsched")

@@ -4,20 +4,67 @@ import PVSchedCore
 import Synchronization
 import SystemPackage
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The Linux actuator: changes a thread's scheduling parameters with
 /// sched_setattr(2), only when they differ from what is in force, and puts each
 /// thread back to the exact parameters it had before (read with sched_getattr(2)).
 ///
 /// Originals live in an async-signal-safe table, so the process restores every
 /// boosted thread on normal exit, on SIGINT/SIGTERM/SIGHUP/SIGQUIT and on fatal
-/// signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) before dying.
+/// signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) before dying. Threads of
+/// other processes are also announced to a `BoostGuardian` (when given) before
+/// their first boost, so that they are restored even if this process is killed.
 public final class LinuxActuator: Actuator {
     private let current = Mutex([ThreadID: SchedulingParameters]())
     private let logger: Logger
+    /// Restores other processes' threads if this process dies.
+    public let guardian: BoostGuardian?
+    private struct Guarded { var process: Int32; var sent: (original: pvs_sched_attr, boosted: pvs_sched_attr)? }
+    /// Per thread: its process (nil for our own threads) and what the guardian last heard.
+    private let guardedThreads = Mutex([ThreadID: Guarded?]())
 
-    public init(logger: Logger = Logger(label: "pvsched.actuator")) {
+    public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
+        self.guardian = guardian
         pvs_install_restore_handlers()
+    }
+
+    /// Announces a boost of another process's thread to the guardian (only when
+    /// the original or the boosted parameters differ from what it last heard).
+    private func announce(_ thread: ThreadID, original: pvs_sched_attr, boosted: pvs_sched_attr) {
+        guard let guardian else { return }
+        let send: Int32? = guardedThreads.withLock { g in
+            if g[thread] == nil { g[thread] = Self.foreignProcess(of: thread).map { Guarded(process: $0, sent: nil) } }
+            guard var entry = g[thread] ?? nil else { return nil }
+            if let sent = entry.sent, Self.same(sent.original, original), Self.same(sent.boosted, boosted) { return nil }
+            entry.sent = (original, boosted)
+            g[thread] = entry
+            return entry.process
+        }
+        if let process = send { guardian.guard_(thread: thread, process: process, original: original, boosted: boosted) }
+    }
+
+    private static func same(_ a: pvs_sched_attr, _ b: pvs_sched_attr) -> Bool {
+        a.sched_policy == b.sched_policy && a.sched_priority == b.sched_priority && a.sched_nice == b.sched_nice
+            && a.sched_flags == b.sched_flags && a.sched_runtime == b.sched_runtime
+    }
+
+    /// The process of `thread` if it is not this process (from /proc/TID/status).
+    static func foreignProcess(of thread: ThreadID) -> Int32? {
+        if access("/proc/self/task/\(thread.rawValue)", F_OK) == 0 { return nil }
+        guard let f = fopen("/proc/\(thread.rawValue)/status", "re") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(cString: line)
+            if text.hasPrefix("Tgid:") {
+                return Int32(String(text.dropFirst(5).filter { $0.isNumber }))
+            }
+        }
+        return nil
     }
 
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
@@ -32,6 +79,7 @@ public final class LinuxActuator: Actuator {
                 guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
             }
             var attr = LinuxScheduling.attr(for: parameters)
+            announce(thread, original: original, boosted: attr)
             let r = pvs_sched_setattr(thread.rawValue, &attr)
             guard r == 0 else {
                 if cur[thread] == nil { pvs_restore_table_forget(thread.rawValue) }

@@ -86,7 +86,7 @@ struct Demo: ParsableCommand {
 /// Benchmarks of the mechanism (each against a baseline from the same run).
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead (ratios to baselines).")
+        abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead, control socket (ratios to baselines).")
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Repetitions of the per-exit measurement.") var exitRuns = 5
 
@@ -96,6 +96,8 @@ struct Bench: ParsableCommand {
         if let a = MechanismBench.actuator() { results.append(a) } else {
             FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
         }
+        results += try ControlBench.roundTrip()
+        results.append(try ControlBench.decisionUnderControlLoad())
         if (try? Preflight.requireKVM()) != nil {
             results += try MechanismBench.exitOverhead(reps: exitRuns)
         } else {

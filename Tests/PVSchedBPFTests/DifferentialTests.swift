@@ -1,4 +1,5 @@
 import CKernelBPF
+import PVSchedTesting
 import Testing
 @testable import PVSchedBPF
 
@@ -60,7 +61,7 @@ func randomProgram(_ rng: inout Rng) -> [Instruction] {
     return code
 }
 
-@Suite(.enabled(if: kernelBPFAvailable, "needs the bpf syscall (root) to use the kernel as an oracle"))
+@Suite(.enabled(if: kernelBPFAvailable || Requirement.bpf.isRequired, "needs the bpf syscall (root) to use the kernel as an oracle"))
 struct DifferentialTests {
     @Test func interpreterAndVerifierAgreeWithTheKernelOnGeneratedPrograms() throws {
         var rng = Rng(s: 0x9E37_79B9_7F4A_7C15)

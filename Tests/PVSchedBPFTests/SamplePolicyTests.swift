@@ -7,6 +7,7 @@ import PVSchedGuestImage
 import PVSchedHost
 import PVSchedKVM
 import Synchronization
+import PVSchedTesting
 import Testing
 @testable import PVSchedBPF
 
@@ -80,7 +81,7 @@ struct SamplePolicyTests {
         #expect((0..<3).map { bpf.maps[0].words(at: UInt32($0))[0] } == counts)
     }
 
-    @Test(.enabled(if: KVMSystem.isAvailable, "needs /dev/kvm"))
+    @Test(.enabled(if: Requirement.kvm.shouldRun, "\(Requirement.kvm.reason)"))
     func drivesAVMAndCanBeReplacedWhileItRuns() throws {
         let bpf = try BPFDriver(elf: try compileSamplePolicy())
         var config = VMConfiguration(image: GuestImage.kernel)

@@ -4,6 +4,7 @@ import PVSchedDrivers
 import PVSchedGuestImage
 import PVSchedHost
 import Synchronization
+import PVSchedTesting
 import Testing
 import Glibc
 @testable import PVSchedKVM
@@ -39,7 +40,7 @@ func runGuest(_ perVCPU: [Workload], durationMs: UInt64 = 400, intervalUs: UInt6
     return (vm, outcome, samples.withLock { $0 })
 }
 
-@Suite(.serialized, .enabled(if: kvmAvailable, "needs /dev/kvm (run as root on a KVM host)"))
+@Suite(.serialized, .enabled(if: Requirement.kvm.shouldRun, "\(Requirement.kvm.reason)"))
 struct GuestWorkloadTests {
     @Test(arguments: [1, 2])
     func cyclicWakesEveryIntervalAndReportsItsRTTask(vcpus: Int) throws {

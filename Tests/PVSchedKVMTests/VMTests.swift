@@ -5,6 +5,7 @@ import PVSchedGuestImage
 import PVSchedHost
 import PVSchedLinux
 import Synchronization
+import PVSchedTesting
 import Testing
 import Glibc
 @testable import PVSchedKVM
@@ -85,7 +86,7 @@ func bootGuest(vcpus: Int, arg: UInt32 = 0, workload: Workload = .selftest, driv
     return (vm, outcome, registry)
 }
 
-@Suite(.serialized, .enabled(if: kvmAvailable, "needs /dev/kvm (run as root on a KVM host)"))
+@Suite(.serialized, .enabled(if: Requirement.kvm.shouldRun, "\(Requirement.kvm.reason)"))
 struct VMBootTests {
     @Test(arguments: [1, 2])
     func selftestBootsRegistersAndIsBoostedThenDeboosted(vcpus: Int) throws {
@@ -114,7 +115,7 @@ struct VMBootTests {
         #expect(vm.pvschedDevice.doorbellCount == UInt64(vcpus))
     }
 
-    @Test(.enabled(if: rtAvailable, "needs root for SCHED_FIFO"))
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func boostChangesTheRealThreadPolicyAndRestoresIt() throws {
         let act = CheckingActuator()
         let (_, outcome, _) = try bootGuest(vcpus: 2, actuator: act, governor: .unlimited)

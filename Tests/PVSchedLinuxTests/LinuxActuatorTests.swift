@@ -1,6 +1,7 @@
 import CLinuxSched
 import PVSchedCore
 import Synchronization
+import PVSchedTesting
 import Testing
 import Glibc
 @testable import PVSchedLinux
@@ -28,7 +29,7 @@ final class ParkedThread: Sendable {
 let realTimeAvailable = LinuxScheduling.canUseRealTime
 
 @Suite(.serialized) struct LinuxActuatorTests {
-    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func boostsARealThreadAndRestoresItsOriginalParameters() throws {
         let t = ParkedThread()
         defer { t.finish() }
@@ -48,7 +49,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         #expect(act.applied(to: t.id) == nil)
     }
 
-    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func restoreAllPutsEveryThreadBack() throws {
         let a = ParkedThread(), b = ParkedThread()
         defer { a.finish(); b.finish() }
@@ -60,7 +61,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         #expect(try LinuxScheduling.parameters(of: b.id) == .other(nice: 0))
     }
 
-    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"))
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func bindingBoostsTheVCPUThreadThroughLatencyBoostDecisions() throws {
         let t = ParkedThread()
         defer { t.finish() }
@@ -105,7 +106,7 @@ let pvschedBinary: String? = {
 }()
 
 @Suite(.serialized) struct SignalRestoreTests {
-    @Test(.enabled(if: realTimeAvailable, "needs root or CAP_SYS_NICE for SCHED_FIFO"),
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"),
           .enabled(if: pvschedBinary != nil, "the pvsched binary is not built (run `swift build` first)"),
           arguments: [SIGTERM, SIGINT])
     func aSignalledProcessRestoresTheThreadsItBoosted(signal: Int32) throws {

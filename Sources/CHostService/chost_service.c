@@ -1,0 +1,253 @@
+#define _GNU_SOURCE
+#include "chost_service.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static int fill_addr(struct sockaddr_un *a, const char *path) {
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof a->sun_path) return -ENAMETOOLONG;
+    strcpy(a->sun_path, path);
+    return 0;
+}
+
+int pvs_unix_listen(const char *path, unsigned mode, int backlog) {
+    struct sockaddr_un a;
+    int r = fill_addr(&a, path);
+    if (r) return r;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    unlink(path);
+    /* The socket file is created with the umask applied: make it no wider than mode. */
+    mode_t old = umask(0777 & ~mode);
+    r = bind(fd, (struct sockaddr *)&a, sizeof a);
+    umask(old);
+    if (r < 0 || chmod(path, mode) < 0 || listen(fd, backlog) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int pvs_unix_connect(const char *path) {
+    struct sockaddr_un a;
+    int r = fill_addr(&a, path);
+    if (r) return r;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int pvs_accept(int fd) {
+    for (;;) {
+        int c = accept4(fd, NULL, NULL, SOCK_CLOEXEC);
+        if (c >= 0) return c;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+int pvs_peer_cred(int fd, int32_t *pid, uint32_t *uid, uint32_t *gid) {
+    struct ucred c;
+    socklen_t len = sizeof c;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &c, &len) < 0) return -errno;
+    *pid = c.pid; *uid = c.uid; *gid = c.gid;
+    return 0;
+}
+
+int pvs_set_timeouts(int fd, int recv_ms, int send_ms) {
+    struct timeval r = { recv_ms / 1000, (recv_ms % 1000) * 1000 };
+    struct timeval s = { send_ms / 1000, (send_ms % 1000) * 1000 };
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &r, sizeof r) < 0) return -errno;
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &s, sizeof s) < 0) return -errno;
+    return 0;
+}
+
+int pvs_send_all(int fd, const void *buf, size_t len) {
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        p += n; len -= (size_t)n;
+    }
+    return 0;
+}
+
+long pvs_recv(int fd, void *buf, size_t len) {
+    for (;;) {
+        ssize_t n = recv(fd, buf, len, 0);
+        if (n >= 0) return n;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+void pvs_shutdown(int fd) { shutdown(fd, SHUT_RDWR); }
+
+int pvs_lock_file(const char *path) {
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) return -errno;
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        close(fd);
+        return -e;
+    }
+    return fd;
+}
+
+int pvs_pidfd_open(int32_t pid) {
+    long fd = syscall(SYS_pidfd_open, (pid_t)pid, 0);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+int pvs_poll2(int a, int b, int timeout_ms) {
+    struct pollfd p[2] = { { a, POLLIN, 0 }, { b, POLLIN, 0 } };
+    for (;;) {
+        int r = poll(p, b >= 0 ? 2 : 1, timeout_ms);
+        if (r < 0) { if (errno == EINTR) continue; return -errno; }
+        int mask = 0;
+        if (p[0].revents) mask |= 1;
+        if (b >= 0 && p[1].revents) mask |= 2;
+        return mask;
+    }
+}
+
+int pvs_process_in_group(int32_t pid, uint32_t gid) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f) return -errno;
+    char line[4096];
+    int found = 0;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "Groups:", 7) != 0) continue;
+        char *p = line + 7;
+        for (;;) {
+            char *end;
+            unsigned long g = strtoul(p, &end, 10);
+            if (end == p) break;
+            if (g == gid) { found = 1; break; }
+            p = end;
+        }
+        break;
+    }
+    fclose(f);
+    return found;
+}
+
+int pvs_group_id(const char *name, uint32_t *gid) {
+    struct group *g = getgrnam(name);
+    if (!g) return -ENOENT;
+    *gid = g->gr_gid;
+    return 0;
+}
+
+int pvs_chown(const char *path, uint32_t uid, uint32_t gid) { return chown(path, uid, gid) < 0 ? -errno : 0; }
+
+int pvs_mkdir(const char *path, unsigned mode) {
+    if (mkdir(path, mode) < 0 && errno != EEXIST) return -errno;
+    return 0;
+}
+
+static void stop_set(sigset_t *s) {
+    sigemptyset(s);
+    sigaddset(s, SIGINT); sigaddset(s, SIGTERM); sigaddset(s, SIGHUP); sigaddset(s, SIGQUIT);
+}
+
+void pvs_block_stop_signals(int how) {
+    sigset_t s;
+    stop_set(&s);
+    pthread_sigmask(how ? SIG_BLOCK : SIG_UNBLOCK, &s, NULL);
+}
+
+int pvs_wait_stop_signal(void) {
+    sigset_t s;
+    stop_set(&s);
+    int sig = 0;
+    while (sigwait(&s, &sig) != 0) {}
+    return sig;
+}
+
+int pvs_spawn_with_pipe(const char *path, char *const argv[], int32_t *pid) {
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0) return -errno;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, p[0], 0);
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    /* The child starts with no signals blocked, whatever this thread blocks. */
+    sigset_t none;
+    sigemptyset(&none);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    pid_t child;
+    int r = posix_spawn(&child, path, &fa, &attr, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&attr);
+    close(p[0]);
+    if (r != 0) { close(p[1]); return -r; }
+    *pid = child;
+    return p[1];
+}
+
+int pvs_write_all(int fd, const void *buf, size_t len) {
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        p += n; len -= (size_t)n;
+    }
+    return 0;
+}
+
+int pvs_read_exact(int fd, void *buf, size_t len) {
+    char *p = buf;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, p + got, len - got);
+        if (n < 0) { if (errno == EINTR) continue; return -errno; }
+        if (n == 0) return 0;
+        got += (size_t)n;
+    }
+    return 1;
+}
+
+int pvs_waitpid(int32_t pid, int nohang) {
+    int status;
+    for (;;) {
+        pid_t r = waitpid(pid, &status, nohang ? WNOHANG : 0);
+        if (r >= 0) return r;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+void pvs_ignore_stop_signals(void) {
+    signal(SIGINT, SIG_IGN); signal(SIGTERM, SIG_IGN); signal(SIGHUP, SIG_IGN);
+    signal(SIGQUIT, SIG_IGN); signal(SIGPIPE, SIG_IGN);
+}
+
+void pvs_close(int fd) { close(fd); }
+
+void pvs_set_process_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

@@ -1,0 +1,175 @@
+import CHostService
+import Logging
+import PVSchedControl
+import PVSchedCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Who may use the control socket: root, the daemon's own user, and members of
+/// an optional admin group. The socket file is 0600 (0660 with an admin group);
+/// the peer credentials of every connection (SO_PEERCRED) are checked as well.
+public struct ControlAccess: Sendable {
+    public let adminGroup: UInt32?
+    public init(adminGroup: UInt32? = nil) { self.adminGroup = adminGroup }
+
+    /// Whether a peer with these credentials may send requests.
+    public func allows(pid: Int32, uid: UInt32, gid: UInt32) -> Bool {
+        if uid == 0 || uid == geteuid() { return true }
+        guard let g = adminGroup else { return false }
+        return gid == g || pvs_process_in_group(pid, g) == 1
+    }
+}
+
+/// Why the control socket could not be set up.
+public struct ControlServerError: Error, CustomStringConvertible {
+    public let operation: String
+    public let errno: Int32
+    public var description: String { "\(operation): \(String(cString: strerror(errno)))" }
+}
+
+/// The daemon's control socket: newline-delimited JSON requests on a Unix
+/// socket, one dedicated OS thread per connection (at most `maxConnections`),
+/// each request answered by the `ControlHandler` in order. A request line over
+/// the size limit is answered with `too_large` and the connection closed; a
+/// client that disconnects mid-request leaves nothing behind.
+public final class ControlServer: Sendable {
+    public let path: String
+    public static let maxConnections = 64
+    private let listenFD: Int32
+    private let handler: ControlHandler
+    private let access: ControlAccess
+    private let logger: Logger
+    private let connections = Mutex<Set<Int32>>([])
+    private let workers = Mutex<[Int32: PVSchedCore.Thread]>([:])
+    private let acceptThread = Mutex<PVSchedCore.Thread?>(nil)
+    private let stopping = Atomic(false)
+
+    /// Creates the socket at `path` (mode 0600, or 0660 owned by the admin group).
+    public init(path: String, access: ControlAccess, handler: ControlHandler,
+                logger: Logger = Logger(label: "pvsched.control")) throws(ControlServerError) {
+        self.path = path
+        self.handler = handler
+        self.access = access
+        self.logger = logger
+        if let slash = path.lastIndex(of: "/"), slash != path.startIndex {
+            let dir = String(path[..<slash])
+            let r = pvs_mkdir(dir, 0o755)
+            guard r == 0 else { throw ControlServerError(operation: "create \(dir)", errno: -r) }
+        }
+        let fd = pvs_unix_listen(path, access.adminGroup == nil ? 0o600 : 0o660, 64)
+        guard fd >= 0 else { throw ControlServerError(operation: "listen on \(path)", errno: -fd) }
+        if let g = access.adminGroup {
+            let r = pvs_chown(path, geteuid(), g)
+            guard r == 0 else { pvs_close(fd); throw ControlServerError(operation: "chown \(path)", errno: -r) }
+        }
+        listenFD = fd
+    }
+
+    /// Starts accepting connections on a dedicated thread.
+    public func start() {
+        let t = PVSchedCore.Thread { [self] in acceptLoop() }
+        acceptThread.withLock { $0 = t }
+    }
+
+    /// Stops accepting, closes every connection, waits for the threads, removes the socket.
+    public func stop() {
+        guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        pvs_shutdown(listenFD)
+        let t = acceptThread.withLock { a in
+            let t = a
+            a = nil
+            return t
+        }
+        t?.join()
+        pvs_close(listenFD)
+        for fd in connections.withLock({ Array($0) }) { pvs_shutdown(fd) }
+        let all = workers.withLock { w in
+            let all = Array(w.values)
+            w.removeAll()
+            return all
+        }
+        for w in all { w.join() }
+        unlink(path)
+    }
+
+    private func acceptLoop() {
+        while !stopping.load(ordering: .relaxed) {
+            let fd = pvs_accept(listenFD)
+            if fd < 0 {
+                if stopping.load(ordering: .relaxed) { return }
+                if fd == -EMFILE || fd == -ENFILE || fd == -ENOMEM { usleep(10_000); continue }
+                if fd == -ECONNABORTED { continue }
+                logger.error("accept failed", metadata: ["errno": "\(-fd)"])
+                usleep(10_000)
+                continue
+            }
+            reapFinished()
+            let admitted: Bool = connections.withLock { c in
+                guard c.count < Self.maxConnections else { return false }
+                c.insert(fd)
+                return true
+            }
+            guard admitted else {
+                send(fd, ControlResponse.failure(id: .null, error: ControlError(.busy, "too many connections (limit \(Self.maxConnections))")))
+                pvs_close(fd)
+                continue
+            }
+            let t = PVSchedCore.Thread { [self] in serve(fd) }
+            workers.withLock { $0[fd] = t }
+        }
+    }
+
+    /// Joins workers whose connection has closed.
+    private func reapFinished() {
+        let open = connections.withLock { $0 }
+        let done: [PVSchedCore.Thread] = workers.withLock { w in
+            let finished = w.keys.filter { !open.contains($0) }
+            return finished.compactMap { w.removeValue(forKey: $0) }
+        }
+        for t in done { t.join() }
+    }
+
+    private func serve(_ fd: Int32) {
+        defer {
+            connections.withLock { _ = $0.remove(fd) }
+            pvs_close(fd)
+        }
+        var pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0
+        guard pvs_peer_cred(fd, &pid, &uid, &gid) == 0, access.allows(pid: pid, uid: uid, gid: gid) else {
+            logger.warning("control connection refused", metadata: ["uid": "\(uid)", "pid": "\(pid)"])
+            send(fd, ControlResponse.failure(id: .null, error: ControlError(
+                .permissionDenied, "uid \(uid) may not use the pvsched control socket (root, the daemon's user or its admin group only)")))
+            return
+        }
+        _ = pvs_set_timeouts(fd, 600_000, 10_000)
+        var pending: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
+        while !stopping.load(ordering: .relaxed) {
+            let n = chunk.withUnsafeMutableBytes { pvs_recv(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { return }
+            pending += chunk[0..<n]
+            while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                var line = pending[..<nl]
+                if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
+                let response = line.isEmpty ? nil : handler.respond(to: line)
+                pending.removeSubrange(...nl)
+                if let response, !send(fd, response) { return }
+            }
+            if pending.count > ControlProtocol.maxRequestBytes {
+                send(fd, ControlResponse.failure(id: .null, error: ControlError(
+                    .tooLarge, "request line exceeds \(ControlProtocol.maxRequestBytes) bytes")))
+                return
+            }
+        }
+    }
+
+    @discardableResult
+    private func send(_ fd: Int32, _ line: [UInt8]) -> Bool {
+        var out = line
+        out.append(UInt8(ascii: "\n"))
+        return out.withUnsafeBytes { pvs_send_all(fd, $0.baseAddress, $0.count) } == 0
+    }
+}

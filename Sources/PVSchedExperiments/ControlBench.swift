@@ -1,0 +1,128 @@
+import CHostService
+import Logging
+import PVSchedControl
+import PVSchedCore
+import PVSchedDaemon
+import PVSchedHost
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Benchmarks of the host service: the control socket's round trip against a
+/// bare Unix-socket ping-pong, and the per-event decision path of a VM with and
+/// without 4 clients hammering the control socket (measured in the same run).
+public enum ControlBench {
+    /// A host with one attached 1-vCPU VM (recording actuator) served on a temporary socket.
+    final class Setup {
+        let host: PVSchedHost
+        let handler: ControlHandler
+        let server: ControlServer
+        let session: AttachedVMSession
+        let buffer = SharedAreaBuffer(vcpus: 1)
+        let path = "/tmp/pvsched-bench-\(getpid()).sock"
+
+        init() throws {
+            var quiet = Logger(label: "pvsched.bench")
+            quiet.logLevel = .warning
+            host = try PVSchedHost(actuator: RecordingActuator(), logger: quiet)
+            handler = ControlHandler(host: host)
+            server = try ControlServer(path: path, access: ControlAccess(), handler: handler)
+            server.start()
+            session = try host.attach(name: "bench", vcpus: 1, summary: "benchmark", driver: "latency-boost",
+                                      governor: .unlimited)
+            session.events.setThread(ThreadID(1_000_000), vcpu: 0)
+            _ = session.link.registrar.register(area: buffer.bytes, owner: buffer)
+        }
+
+        deinit { session.stop(); server.stop(); handler.shutdown() }
+    }
+
+    /// Round-trip latency of `daemon.info` over the socket (p50 and p99) against
+    /// a ping-pong of the same bytes on a bare Unix socket pair.
+    public static func roundTrip(samples: Int = 3000) throws -> [BenchResult] {
+        let setup = try Setup()
+        let client = try ControlClient(path: setup.path)
+        var control: [Double] = []
+        for i in 0..<samples + 200 {
+            let t0 = MonotonicClock.nowNs()
+            _ = try client.call("daemon.info")
+            if i >= 200 { control.append(Double(MonotonicClock.nowNs() - t0)) }
+        }
+        let line = ControlRequest.encode(id: 1, method: "daemon.info", params: [:]) + [10]
+        var fds: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return [] }
+        let echoFD = fds[1]
+        let echo = PVSchedCore.Thread {
+            var buf = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = buf.withUnsafeMutableBytes { pvs_recv(echoFD, $0.baseAddress, $0.count) }
+                if n <= 0 { return }
+                _ = buf.withUnsafeBytes { pvs_send_all(echoFD, $0.baseAddress, n) }
+            }
+        }
+        var bare: [Double] = []
+        var reply = [UInt8](repeating: 0, count: 4096)
+        for i in 0..<samples + 200 {
+            let t0 = MonotonicClock.nowNs()
+            _ = line.withUnsafeBytes { pvs_send_all(fds[0], $0.baseAddress, $0.count) }
+            var got = 0
+            while got < line.count {
+                let n = reply.withUnsafeMutableBytes { pvs_recv(fds[0], $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                got += n
+            }
+            if i >= 200 { bare.append(Double(MonotonicClock.nowNs() - t0)) }
+        }
+        pvs_shutdown(fds[0]); echo.join(); close(fds[0]); close(fds[1])
+        func pct(_ v: [Double], _ p: Double) -> Double { v.sorted()[min(v.count - 1, Int(Double(v.count) * p))] }
+        return [
+            BenchResult(name: "control round trip p50 (daemon.info)", baseline: "bare Unix-socket ping-pong p50",
+                        nsPerOp: pct(control, 0.5), baselineNsPerOp: pct(bare, 0.5)),
+            BenchResult(name: "control round trip p99 (daemon.info)", baseline: "bare Unix-socket ping-pong p99",
+                        nsPerOp: pct(control, 0.99), baselineNsPerOp: pct(bare, 0.99)),
+        ]
+    }
+
+    /// CPU time of the decision path (`notify` with latency-boost, the guest's area,
+    /// the governor and a recording actuator) per event while 4 clients hammer the
+    /// control socket with `vm.stats` (which reads the same vCPU's counters), against
+    /// the same path with the socket idle. Thread CPU time, so that the 2 cores being
+    /// shared with the clients does not count as cost; idle and loaded rounds interleave.
+    public static func decisionUnderControlLoad(rounds: Int = 9) throws -> BenchResult {
+        let setup = try Setup()
+        let events: [VCPUEvent] = [.interruptInjection(vector: 48), .vmEntry, .vmExit(.halt), .halt]
+        let n = 200_000
+        func run() -> Double {
+            let t0 = threadCPUNs()
+            for i in 0..<n { setup.session.events.notify(events[i & 3], vcpu: 0) }
+            return Double(threadCPUNs() - t0) / Double(n)
+        }
+        var idle: [Double] = [], loaded: [Double] = []
+        for _ in 0..<rounds {
+            idle.append(run())
+            let stop = Atomic(false)
+            let path = setup.path
+            let clients = (0..<4).map { _ in
+                PVSchedCore.Thread {
+                    guard let c = try? ControlClient(path: path) else { return }
+                    while !stop.load(ordering: .relaxed) { _ = try? c.call("vm.stats", ["vm": "bench"]) }
+                }
+            }
+            usleep(20_000)
+            loaded.append(run())
+            stop.store(true, ordering: .relaxed)
+            for c in clients { c.join() }
+        }
+        func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+        return BenchResult(name: "decision path, 4 clients on the socket", baseline: "decision path, socket idle",
+                           nsPerOp: median(loaded), baselineNsPerOp: median(idle))
+    }
+
+    static func threadCPUNs() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

@@ -1,0 +1,64 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Something a test needs from the machine. A test whose requirement is missing
+/// is skipped with the reason, unless CI sets `PVSCHED_REQUIRE_<NAME>=1`: then it
+/// runs and fails, so that a green CI means the test really ran.
+public enum Requirement: String, CaseIterable, Sendable {
+    case kvm = "KVM"
+    case root = "ROOT"
+    case realTime = "RT"
+    case qemu = "QEMU"
+    case bpf = "BPF"
+
+    /// Whether this machine has it.
+    public var isMet: Bool {
+        switch self {
+        case .kvm: return access("/dev/kvm", R_OK | W_OK) == 0
+        case .root, .bpf: return geteuid() == 0
+        case .realTime:
+            var p = sched_param(sched_priority: 1)
+            var old = sched_param()
+            let policy = sched_getscheduler(0)
+            _ = sched_getparam(0, &old)
+            guard sched_setscheduler(0, SCHED_FIFO, &p) == 0 else { return false }
+            _ = sched_setscheduler(0, policy, &old)
+            return true
+        case .qemu: return access("/usr/bin/qemu-system-x86_64", X_OK) == 0
+        }
+    }
+
+    /// Whether CI demands it (`PVSCHED_REQUIRE_<NAME>=1`).
+    public var isRequired: Bool {
+        guard let v = getenv("PVSCHED_REQUIRE_\(rawValue)") else { return false }
+        return String(cString: v) == "1"
+    }
+
+    /// Run the test: the requirement is met, or required (and the test will fail).
+    public var shouldRun: Bool { isMet || isRequired }
+
+    /// Why a test is skipped without it.
+    public var reason: String {
+        switch self {
+        case .kvm: return "needs /dev/kvm (run as root on a KVM host)"
+        case .root: return "needs root"
+        case .realTime: return "needs real-time scheduling (root or CAP_SYS_NICE)"
+        case .qemu: return "needs qemu-system-x86_64"
+        case .bpf: return "needs the bpf syscall (root)"
+        }
+    }
+
+    /// Throws when the requirement is missing (a test that runs because CI requires it).
+    public func check() throws {
+        guard isMet else { throw RequirementMissing(requirement: self) }
+    }
+}
+
+/// A required capability is missing on this machine.
+public struct RequirementMissing: Error, CustomStringConvertible {
+    public let requirement: Requirement
+    public var description: String {
+        "PVSCHED_REQUIRE_\(requirement.rawValue)=1 but this machine lacks it: \(requirement.reason)"
+    }
+}

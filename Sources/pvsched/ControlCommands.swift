@@ -1,0 +1,322 @@
+import ArgumentParser
+import Foundation
+import PVSchedControl
+import PVSchedCore
+import PVSchedGuestImage
+
+/// Options of every verb that talks to the daemon.
+struct ControlOptions: ParsableArguments {
+    @Option(help: "The daemon's control socket.") var socket = ControlProtocol.defaultSocketPath
+    @Flag(help: "Print the daemon's JSON answer.") var json = false
+
+    func connect() throws -> ControlClient {
+        do { return try ControlClient(path: socket) } catch {
+            throw DaemonUnavailable(message: error.message)
+        }
+    }
+
+    /// Calls `method` and prints the JSON result when --json; returns the result.
+    func call(_ method: String, _ params: [String: JSON] = [:]) throws -> JSON {
+        let client = try connect()
+        do {
+            let result = try client.call(method, params)
+            if json { print(result.pretty) }
+            return result
+        } catch {
+            throw CleanExit.message("pvsched: \(error)", code: 1)
+        }
+    }
+}
+
+/// No daemon (or no access to it): said once, exit status 1.
+struct DaemonUnavailable: Error, CustomStringConvertible {
+    let message: String
+    var description: String { message }
+}
+
+/// An error message and exit status, printed without a stack of context.
+enum CleanExit {
+    static func message(_ text: String, code: Int32) -> ExitCode {
+        FileHandleOut.stderr(text)
+        return ExitCode(code)
+    }
+}
+
+/// Formats a table with left-aligned columns.
+func table(_ header: [String], _ rows: [[String]]) -> String {
+    let widths = header.indices.map { i in max(header[i].count, rows.map { i < $0.count ? $0[i].count : 0 }.max() ?? 0) }
+    func line(_ r: [String]) -> String {
+        r.enumerated().map { i, c in c.padding(toLength: widths[i], withPad: " ", startingAt: 0) }.joined(separator: "  ")
+            .trimmingCharacters(in: .whitespaces)
+    }
+    return ([line(header)] + rows.map(line)).joined(separator: "\n")
+}
+
+extension JSON {
+    /// A short text form for table cells.
+    var cell: String {
+        switch self {
+        case .null: return "-"
+        case .bool(let b): return b ? "yes" : "no"
+        case .int(let i): return "\(i)"
+        case .double(let d): return String(format: "%.3g", d)
+        case .string(let s): return s
+        case .array(let a): return a.isEmpty ? "-" : a.map(\.cell).joined(separator: ",")
+        case .object: return "{...}"
+        }
+    }
+}
+
+/// `pvsched vm ...`: the VMs of the running daemon.
+struct VMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vm", abstract: "List, start and stop the daemon's VMs; show or replace a VM's driver.",
+        subcommands: [VMList.self, VMStart.self, VMStop.self, VMDriver.self, VMGovernor.self, VMTrace.self])
+}
+
+struct VMList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "list", abstract: "List the daemon's VMs.")
+    @OptionGroup var control: ControlOptions
+    func run() throws {
+        let vms = try control.call("vm.list")
+        guard !control.json else { return }
+        let rows = (vms.arrayValue ?? []).map { v -> [String] in
+            let vcpus = (v["vcpus"]?.arrayValue ?? []).map { c in
+                "\(c["index"]?.cell ?? "?"):\(c["thread"]?.cell ?? "-")\(c["boosted"]?.boolValue == true ? "*" : "")"
+            }.joined(separator: " ")
+            return [v["id"]?.cell ?? "", v["name"]?.cell ?? "", v["kind"]?.cell ?? "", v["state"]?.cell ?? "",
+                    v["driver"]?.cell ?? "-", vcpus, v["negotiation"]?.cell ?? ""]
+        }
+        print(rows.isEmpty ? "no VMs" : table(["ID", "NAME", "KIND", "STATE", "DRIVER", "VCPU:TID (*boosted)", "NEGOTIATION"], rows))
+    }
+}
+
+struct VMStart: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "start", abstract: "Start a VM of the built-in VMM in the daemon.")
+    @OptionGroup var control: ControlOptions
+    @Option(help: "VM name (default: vmN).") var name: String?
+    @Option(help: "Number of vCPUs (1-16).") var vcpus: Int64 = 1
+    @Option(help: "Guest workload: selftest, cyclic, irq-response, batch, idle, cyclic+batch.") var workload = "cyclic"
+    @Option(help: "How long the guest workload runs, in milliseconds.") var durationMs: Int64 = 60_000
+    @Option(help: "Wake-up / interrupt interval in microseconds.") var intervalUs: Int64 = 1000
+    @Option(help: "Driver for the VM (default: the daemon's default driver).") var driver: String?
+    @Flag(help: "Use the in-kernel irqchip.") var irqchip = false
+    @Flag(help: "Run the VM without pvsched.") var noPvsched = false
+    @Option(help: "Governor: longest continuous boost, µs.") var maxBoostUs: Int64?
+    @Option(help: "Governor: throttle window after a cut, µs.") var throttleUs: Int64?
+    @Option(help: "Governor: largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
+    @Flag(help: "Governor: no limits (for static-rt).") var unlimited = false
+
+    func run() throws {
+        var p: [String: JSON] = ["vcpus": .int(vcpus), "workload": .string(workload), "durationMs": .int(durationMs),
+                                 "intervalUs": .int(intervalUs), "irqchip": .bool(irqchip), "pvsched": .bool(!noPvsched),
+                                 "unlimited": .bool(unlimited)]
+        if let name { p["name"] = .string(name) }
+        if let driver { p["driver"] = .string(driver) }
+        if let maxBoostUs { p["maxContinuousBoostUs"] = .int(maxBoostUs) }
+        if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
+        if let vmShare { p["maxVMShare"] = .double(vmShare) }
+        let vm = try control.call("vm.start", p)
+        if !control.json { print("started \(vm["name"]?.cell ?? "?") (id \(vm["id"]?.cell ?? "?")), driver \(vm["driver"]?.cell ?? "-")") }
+    }
+}
+
+struct VMStop: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM (its boosts are undone).")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "VM name or id.") var vm: String
+    func run() throws {
+        let r = try control.call("vm.stop", ["vm": .string(vm)])
+        if !control.json { print("stopped \(r["name"]?.cell ?? vm)") }
+    }
+}
+
+struct VMDriver: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "driver", abstract: "Show a VM's driver, or replace it (prints the previous one).")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "VM name or id.") var vm: String
+    @Argument(help: "The new driver.") var driver: String?
+    @Flag(help: "Drop the VM's explicit driver: it goes back to the default.") var unassign = false
+
+    func validate() throws {
+        if unassign && driver != nil { throw ValidationError("give a driver or --unassign, not both") }
+    }
+
+    func run() throws {
+        if unassign {
+            let r = try control.call("vm.driver.unassign", ["vm": .string(vm)])
+            if !control.json { print("previous driver: \(r["previous"]?.cell ?? "-")\ndriver: \(r["driver"]?.cell ?? "-")") }
+        } else if let driver {
+            let r = try control.call("vm.driver.replace", ["vm": .string(vm), "driver": .string(driver)])
+            if !control.json { print("previous driver: \(r["previous"]?.cell ?? "-")\ndriver: \(r["driver"]?.cell ?? "-")") }
+        } else {
+            let r = try control.call("vm.driver.get", ["vm": .string(vm)])
+            if !control.json { print(r["driver"]?.cell ?? "-") }
+        }
+    }
+}
+
+struct VMGovernor: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "governor", abstract: "Show or change a VM's boost budget.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "VM name or id.") var vm: String
+    @Option(help: "Longest continuous boost, µs.") var maxBoostUs: Int64?
+    @Option(help: "Throttle window after a cut, µs.") var throttleUs: Int64?
+    @Option(help: "Window of the VM share, µs.") var shareWindowUs: Int64?
+    @Option(help: "Largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
+
+    func run() throws {
+        var p: [String: JSON] = ["vm": .string(vm)]
+        if let maxBoostUs { p["maxContinuousBoostUs"] = .int(maxBoostUs) }
+        if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
+        if let shareWindowUs { p["shareWindowUs"] = .int(shareWindowUs) }
+        if let vmShare { p["maxVMShare"] = .double(vmShare) }
+        let r = try control.call(p.count > 1 ? "vm.governor.set" : "vm.governor.get", p)
+        if !control.json {
+            for key in ["maxContinuousBoostUs", "throttleWindowUs", "shareWindowUs", "maxVMShare"] {
+                print("\(key): \(r[key].map { $0 == .null ? "unlimited" : $0.cell } ?? "?")")
+            }
+        }
+    }
+}
+
+struct VMTrace: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "trace", abstract: "Show a VM's last driver notifications.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "VM name or id.") var vm: String
+    @Option(help: "Notifications per vCPU (1-4096).") var last: Int64 = 20
+    func run() throws {
+        let r = try control.call("vm.trace", ["vm": .string(vm), "last": .int(last)])
+        guard !control.json else { return }
+        for t in r.arrayValue ?? [] {
+            print("\(t["timeUs"]?.cell ?? "") µs vCPU \(t["vcpu"]?.cell ?? "") \(t["event"]?.cell ?? "") flags \(t["flags"]?.cell ?? "-") "
+                  + "boosted \(t["boosted"]?.cell ?? "") -> \(t["decision"]?.cell ?? "") (\(t["outcome"]?.cell ?? ""))")
+        }
+    }
+}
+
+/// `pvsched stats [VM]`: per-vCPU counters.
+struct StatsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stats", abstract: "Per-vCPU counters of the daemon's VMs.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "VM name or id (default: all).") var vm: String?
+    func run() throws {
+        var p: [String: JSON] = [:]
+        if let vm { p["vm"] = .string(vm) }
+        let r = try control.call("vm.stats", p)
+        guard !control.json else { return }
+        var rows: [[String]] = []
+        for v in r["vms"]?.arrayValue ?? [] {
+            for c in v["vcpus"]?.arrayValue ?? [] {
+                let boostedMs = Double(c["boostedNs"]?.intValue ?? 0) / 1e6
+                rows.append([v["name"]?.cell ?? "", c["index"]?.cell ?? "", v["driver"]?.cell ?? "-", c["thread"]?.cell ?? "-",
+                             c["boosted"]?.cell ?? "", c["events"]?.cell ?? "", c["boosts"]?.cell ?? "",
+                             String(format: "%.1f", boostedMs), c["throttles"]?.cell ?? "",
+                             "\(c["vetoes"]?["throttled"]?.cell ?? "0")/\(c["vetoes"]?["vm_share"]?.cell ?? "0")"])
+            }
+        }
+        print(rows.isEmpty ? "no VMs" : table(["VM", "VCPU", "DRIVER", "TID", "BOOSTED", "EVENTS", "BOOSTS", "BOOSTED MS",
+                                               "THROTTLES", "VETOES THR/SHARE"], rows))
+    }
+}
+
+/// `pvsched top`: a live per-vCPU view, refreshed every second.
+struct TopCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "top", abstract: "A live per-vCPU view of the daemon's VMs.")
+    @Option(help: "The daemon's control socket.") var socket = ControlProtocol.defaultSocketPath
+    @Option(help: "Seconds between refreshes (0.1-60).") var interval: Double = 1
+    @Option(help: "Stop after this many refreshes (default: until interrupted).") var count: Int?
+    @Flag(help: "Print one JSON line per refresh instead of a screen.") var json = false
+
+    func validate() throws {
+        guard interval >= 0.1 && interval <= 60 else { throw ValidationError("--interval must be 0.1...60 seconds") }
+        if let count, count < 1 { throw ValidationError("--count must be at least 1") }
+    }
+
+    func run() throws {
+        let client: ControlClient
+        do { client = try ControlClient(path: socket) } catch { throw DaemonUnavailable(message: error.message) }
+        var previous: [String: (t: Int64, boosts: Int64, boostedNs: Int64)] = [:]
+        var n = 0
+        let tty = isatty(1) == 1 && !json
+        while count.map({ n < $0 }) ?? true {
+            if n > 0 { usleep(UInt32(interval * 1e6)) }
+            n += 1
+            let r: JSON
+            do { r = try client.call("vm.stats") } catch { throw CleanExit.message("pvsched top: \(error)", code: 1) }
+            let t = r["timeNs"]?.intValue ?? 0
+            var rows: [[String]] = []
+            var lines: [JSON] = []
+            for v in r["vms"]?.arrayValue ?? [] {
+                for c in v["vcpus"]?.arrayValue ?? [] {
+                    let key = "\(v["name"]?.cell ?? "")/\(c["index"]?.cell ?? "")"
+                    let boosts = c["boosts"]?.intValue ?? 0, boostedNs = c["boostedNs"]?.intValue ?? 0
+                    var rate = 0.0, pct = 0.0
+                    if let p = previous[key], t > p.t {
+                        let dt = Double(t - p.t) / 1e9
+                        rate = Double(boosts - p.boosts) / dt
+                        pct = min(100, Double(boostedNs - p.boostedNs) / Double(t - p.t) * 100)
+                    }
+                    previous[key] = (t, boosts, boostedNs)
+                    let vetoes = "\(c["vetoes"]?["throttled"]?.cell ?? "0")/\(c["vetoes"]?["vm_share"]?.cell ?? "0")"
+                    rows.append([v["name"]?.cell ?? "", c["index"]?.cell ?? "", v["driver"]?.cell ?? "-",
+                                 c["boosted"]?.boolValue == true ? "BOOSTED" : "-", String(format: "%.1f", rate),
+                                 String(format: "%.1f", pct), c["throttles"]?.cell ?? "0", vetoes])
+                    lines.append(["vm": v["name"] ?? .null, "vcpu": c["index"] ?? .null, "driver": v["driver"] ?? .null,
+                                  "boosted": c["boosted"] ?? .null, "boostsPerSecond": .double(rate), "boostedPercent": .double(pct),
+                                  "throttles": c["throttles"] ?? .null, "vetoes": c["vetoes"] ?? .null])
+                }
+            }
+            if json {
+                print(String(decoding: JSON.array(lines).encoded, as: UTF8.self))
+            } else {
+                if tty { print("\u{1B}[H\u{1B}[2J", terminator: "") }
+                print("pvsched top — \(rows.count) vCPUs, every \(interval) s (Ctrl-C to quit)")
+                print(rows.isEmpty ? "no VMs" : table(["VM", "VCPU", "DRIVER", "NOW", "BOOSTS/S", "BOOSTED %", "THROTTLES",
+                                                       "VETOES THR/SHARE"], rows))
+            }
+            fflush(nil)
+        }
+    }
+}
+
+/// `pvsched bpf load FILE`: load a BPF driver object into the running daemon.
+struct BPFLoad: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "load", abstract: "Load a BPF driver object into the running daemon.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "The ELF object (clang -target bpf -O2 -c), or 'sample' for the bundled latency-boost policy.") var object: String
+    @Option(help: "Register it under this name instead of the one it declares.") var name: String?
+
+    func run() throws {
+        let bytes: [UInt8]
+        if object == "sample" { bytes = GuestImage.sampleBPFDriver } else {
+            guard let data = FileManager.default.contents(atPath: object) else {
+                throw ValidationError("cannot read \(object): no such file or not readable")
+            }
+            bytes = [UInt8](data)
+        }
+        guard bytes.count <= ControlProtocol.maxRequestBytes / 2 else {
+            throw ValidationError("\(object) is \(bytes.count) bytes; the limit is \(ControlProtocol.maxRequestBytes / 2)")
+        }
+        var p: [String: JSON] = ["object": .string(Data(bytes).base64EncodedString())]
+        if let name { p["name"] = .string(name) }
+        let r = try control.call("bpf.load", p)
+        if !control.json { print("loaded BPF driver '\(r["name"]?.cell ?? "?")' (\(r["protocol"]?.cell ?? "") \(r["version"]?.cell ?? ""))") }
+    }
+}
+
+/// `pvsched bpf unload NAME`.
+struct BPFUnload: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "unload", abstract: "Unload a BPF driver from the running daemon.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "The driver's name.") var name: String
+    @Flag(help: "Unload even if VMs use it (they go back to the default driver).") var force = false
+    func run() throws {
+        let r = try control.call("bpf.unload", ["name": .string(name), "force": .bool(force)])
+        if !control.json {
+            let moved = r["moved"]?.arrayValue ?? []
+            print("unloaded '\(name)'\(moved.isEmpty ? "" : "; moved to the default driver: \(moved.map(\.cell).joined(separator: ", "))")")
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The one command for all the set-up and all the tests: installs what the tests
+# need (Debian packages with apt-get when run as root), builds, and runs every test.
+# CI (.ci/run) calls this same script with PVSCHED_REQUIRE_* set, which turns
+# "skipped: needs /dev/kvm" (or root, RT) into failures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="/opt/swift/usr/bin:$PATH"
+command -v swift >/dev/null || { echo "swift toolchain not found (expected at /opt/swift)" >&2; exit 1; }
+
+# What the tests use beyond the toolchain:
+#   curl        - scrapes the daemon's Prometheus endpoint
+#   util-linux  - setpriv, to act as another user against the control socket
+PACKAGES=(curl util-linux)
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "missing Debian packages: ${missing[*]} (run as root to install them; the tests that need them will fail)" >&2
+    fi
+fi
+
+swift --version
+swift build
+swift test
