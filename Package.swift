@@ -60,15 +60,19 @@ let package = Package(
         .target(name: "CKernelBPF"),
         // The composition root: registry + built-in drivers + actuator + VM sessions.
         .target(name: "PVSchedHost", dependencies: [
-            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedBPF",
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedBPF", "PVSchedControl", "PVSchedABI",
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Atomics", package: "swift-atomics"),
         ]),
+        // KVM events from the host kernel (BPF/kvm_events.bpf.c through libbpf) for attached VMs.
+        .target(name: "CKernelEvents", linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "PVSchedKernelEvents", dependencies: ["PVSchedCore", "CKernelEvents"]),
         // The control protocol (newline-delimited JSON) and its client.
         .target(name: "PVSchedControl", dependencies: ["CHostService"]),
         // The host service: control socket, request handling, metrics endpoint.
         .target(name: "PVSchedDaemon", dependencies: [
             "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",
-            "PVSchedLinux",
+            "PVSchedLinux", "PVSchedKernelEvents",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -1,8 +1,8 @@
 import Foundation
 import PackagePlugin
 
-/// Builds the Embedded Swift guest kernel (Guest/) and the sample BPF driver
-/// (BPF/) during `swift build` with the toolchain's own swiftc, clang, ld.lld and
+/// Builds the Embedded Swift guest kernel (Guest/), the sample BPF driver and the
+/// kernel BPF event source (BPF/) during `swift build` with the toolchain's own swiftc, clang, ld.lld and
 /// llvm-objcopy, and embeds both in the target as a generated Swift source.
 @main
 struct GuestImagePlugin: BuildToolPlugin {
@@ -12,10 +12,11 @@ struct GuestImagePlugin: BuildToolPlugin {
         let guest = root.appending(path: "Guest")
         let abi = root.appending(path: "Sources/PVSchedABI/include")
         let bpf = root.appending(path: "BPF")
+        let events = root.appending(path: "Sources/CKernelEvents/include")
         let work = context.pluginWorkDirectoryURL.appending(path: "guest-build")
         let output = context.pluginWorkDirectoryURL.appending(path: "GeneratedGuestImage.swift")
         var inputs: [URL] = []
-        for dir in [guest, abi, bpf] {
+        for dir in [guest, abi, bpf, events] {
             let files = FileManager.default.enumerator(at: dir, includingPropertiesForKeys: nil)
             while let f = files?.nextObject() as? URL {
                 if !f.hasDirectoryPath { inputs.append(f) }

@@ -15,7 +15,7 @@ public enum ControlProtocol {
     /// Every method, for listings and the schema test.
     public static let methods: [String] = [
         "daemon.info", "drivers.list", "drivers.set_default", "bpf.load", "bpf.unload",
-        "vm.list", "vm.start", "vm.stop", "vm.driver.get", "vm.driver.replace", "vm.driver.unassign",
+        "vm.list", "vm.start", "vm.attach", "vm.stop", "vm.driver.get", "vm.driver.replace", "vm.driver.unassign",
         "vm.stats", "vm.governor.get", "vm.governor.set", "vm.trace", "thread.boost", "thread.restore",
     ]
 }
@@ -191,6 +191,24 @@ public struct Params: Sendable {
         case .bool(let b)?: return b
         default: throw ControlError(.invalidParams, field: field(name), "must be true or false")
         }
+    }
+
+    public mutating func intArray(_ name: String, count: ClosedRange<Int>, in range: ClosedRange<Int64>) throws(ControlError) -> [Int64] {
+        read.insert(name)
+        guard case .array(let a)? = values[name] else {
+            throw ControlError(.invalidParams, field: field(name), values[name] == nil ? "missing" : "must be an array of integers")
+        }
+        guard count.contains(a.count) else {
+            throw ControlError(.invalidParams, field: field(name), "needs \(count.lowerBound)...\(count.upperBound) entries, got \(a.count)")
+        }
+        var out: [Int64] = []
+        for (i, v) in a.enumerated() {
+            guard case .int(let x) = v, range.contains(x) else {
+                throw ControlError(.invalidParams, field: "\(field(name))[\(i)]", "must be an integer in \(range.lowerBound)...\(range.upperBound)")
+            }
+            out.append(x)
+        }
+        return out
     }
 
     /// Whether the request carried `name` (even as null).

@@ -27,6 +27,9 @@ public final class Thread: @unchecked Sendable {
     /// Waits for the thread to finish.
     public func join() { pthread_join(handle, nil) }
 
+    /// Whether the caller is this thread (a thread cannot join itself).
+    public var isCurrent: Bool { pthread_equal(handle, pthread_self()) != 0 }
+
     /// Sends `signal` to the thread (used to kick a vCPU out of KVM_RUN).
     public func signal(_ signal: Int32) { pthread_kill(handle, signal) }
 }

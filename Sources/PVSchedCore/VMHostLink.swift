@@ -55,6 +55,9 @@ public struct AreaAcceptance: Equatable, Sendable, CustomStringConvertible {
     public let protocolName: String
     public let protocolVersion: ProtocolVersion
     public let driver: String
+    public init(protocolName: String, protocolVersion: ProtocolVersion, driver: String) {
+        self.protocolName = protocolName; self.protocolVersion = protocolVersion; self.driver = driver
+    }
     public var description: String { "\(protocolName) \(protocolVersion), driver \(driver)" }
 }
 

@@ -15,6 +15,7 @@ import Synchronization
 public final class ControlHandler: Sendable {
     public let host: PVSchedHost
     let operatorBoosts: OperatorBoosts
+    let attacher: VMAttacher
     let metricsAddress: String?
     private let logger: Logger
 
@@ -23,10 +24,14 @@ public final class ControlHandler: Sendable {
         self.metricsAddress = metricsAddress
         self.logger = logger
         operatorBoosts = OperatorBoosts(actuator: host.actuator)
+        attacher = VMAttacher(host: host, logger: logger)
     }
 
-    /// Stops the operator-boost timer and undoes its boosts.
-    public func shutdown() { operatorBoosts.shutdown() }
+    /// Stops the operator-boost timer and undoes its boosts; detaches the kernel events.
+    public func shutdown() {
+        operatorBoosts.shutdown()
+        attacher.shutdown()
+    }
 
     /// Parses and carries out one request line; returns the response line.
     public func respond(to line: some Collection<UInt8>) -> [UInt8] {
@@ -83,6 +88,14 @@ public final class ControlHandler: Sendable {
             try p.finish()
             return .array(host.sessions.map(vmJSON))
         case "vm.start": return try startVM(&p)
+        case "vm.attach":
+            let (session, info) = try attacher.attach(&p)
+            var vm = vmJSON(session)
+            if case .object(var o) = vm, case .object(let extra) = info {
+                for (k, v) in extra { o[k] = v }
+                vm = .object(o)
+            }
+            return vm
         case "vm.stop":
             let ref = try p.string("vm")
             try p.finish()

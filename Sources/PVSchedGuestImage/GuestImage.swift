@@ -5,6 +5,8 @@ public enum GuestImage {
     public static let kernel: [UInt8] = decodeBase64(GeneratedGuestImage.base64)
     /// The sample BPF driver (BPF/latency_boost.bpf.c) as an ELF object, built by the same plugin.
     public static let sampleBPFDriver: [UInt8] = decodeBase64(GeneratedGuestImage.sampleBPF)
+    /// The kernel BPF event source for attached VMs (BPF/kvm_events.bpf.c), built by the same plugin.
+    public static let kvmEventsBPF: [UInt8] = decodeBase64(GeneratedGuestImage.kvmEventsBPF)
 
     static func decodeBase64(_ text: StaticString) -> [UInt8] {
         var table = [UInt8](repeating: 0xFF, count: 256)

@@ -42,6 +42,8 @@ public struct VMConfiguration: Sendable {
     public var name = "guest"
     public var vcpus = 1
     public var memorySize = 64 << 20
+    /// Back guest RAM with this shared file (for a daemon that attaches from outside); nil: anonymous.
+    public var memoryFile: String?
     /// The flat kernel image, loaded at `PVSCHED_GPA_KERNEL` and entered in long mode.
     public var image: [UInt8]
     public var interrupts: InterruptMode = .userspace

@@ -71,7 +71,8 @@ public final class VirtualMachine: @unchecked Sendable {
         vm = try kvm.createVM()
         try vm.setTSSAddress(0xfffb_d000)
         if config.interrupts == .inKernelIRQChip { try vm.createIRQChip() }
-        memory = try GuestMemory(size: config.memorySize)
+        memory = try config.memoryFile.map { path throws(KVMError) in try GuestMemory(size: config.memorySize, sharedFile: path) }
+            ?? GuestMemory(size: config.memorySize)
         try vm.setUserMemoryRegion(slot: 0, guestPhysical: 0, size: memory.size, host: memory.base)
         try LongMode.writeTables(into: memory)
         try memory.write(config.image, at: UInt64(PVSCHED_GPA_KERNEL))
@@ -208,6 +209,10 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Exits handled by each vCPU.
     public var exitCounts: [UInt64] { vcpus.map { $0.exits.load(ordering: .relaxed) } }
+    /// Interrupts the VMM's devices raised for each vCPU.
+    public var injectionCounts: [UInt64] { vcpus.map { $0.injections.load(ordering: .relaxed) } }
+    /// The OS thread of each vCPU (0 before it starts or after it ends).
+    public var vcpuThreads: [Int32] { vcpus.map { $0.thread.load(ordering: .relaxed) } }
 
     func finish(_ outcome: VMOutcome) {
         let first = outcomeLock.withLock { o -> Bool in
@@ -228,6 +233,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Safe from any thread; this is what device threads call.
     public func raiseInterrupt(vcpu: Int, vector: UInt8) {
         let ctx = vcpus[vcpu]
+        ctx.injections.wrappingIncrement(ordering: .relaxed)
         events?.notify(.interruptInjection(vector: vector), vcpu: vcpu)
         switch config.interrupts {
         case .inKernelIRQChip:
@@ -377,6 +383,7 @@ final class VCPUContext: @unchecked Sendable {
     let thread = ManagedAtomic<Int32>(0)
     let inGuest = ManagedAtomic(false)
     let exits = ManagedAtomic<UInt64>(0)
+    let injections = ManagedAtomic<UInt64>(0)
     let pending = Mutex<[UInt8]>([])
     /// Bumped on every wake-up request; the futex word a halted vCPU sleeps on.
     let wakeups = FutexWord()

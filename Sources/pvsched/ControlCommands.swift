@@ -71,7 +71,7 @@ extension JSON {
 struct VMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm", abstract: "List, start and stop the daemon's VMs; show or replace a VM's driver.",
-        subcommands: [VMList.self, VMStart.self, VMStop.self, VMDriver.self, VMGovernor.self, VMTrace.self])
+        subcommands: [VMList.self, VMStart.self, VMAttach.self, VMStop.self, VMDriver.self, VMGovernor.self, VMTrace.self])
 }
 
 struct VMList: ParsableCommand {
@@ -121,8 +121,57 @@ struct VMStart: ParsableCommand {
     }
 }
 
+struct VMAttach: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "attach", abstract: "Attach the daemon to a VM another process runs (its events come from the host kernel).",
+        discussion: "Give the file `pvsched run --export FILE` writes, or the VMM's pid and vCPU thread ids (and, for the shared area, its memory file and the area's offset and size).")
+    @OptionGroup var control: ControlOptions
+    @Option(help: "The export file of `pvsched run --export`.") var export: String?
+    @Option(help: "The VMM process id.") var pid: Int64?
+    @Option(help: "vCPU thread ids in vCPU order, comma-separated.") var threads: String?
+    @Option(help: "The shared memory file holding the guest's area (under /dev/shm).") var memory: String?
+    @Option(help: "Offset of the area in the memory file.") var areaOffset: Int64?
+    @Option(help: "Size of the area.") var areaSize: Int64?
+    @Option(help: "VM name (default: pidN).") var name: String?
+    @Option(help: "Driver for the VM (default: the daemon's default driver).") var driver: String?
+
+    func validate() throws {
+        if export == nil && (pid == nil || threads == nil) { throw ValidationError("give --export FILE, or --pid and --threads") }
+        if export != nil && (pid != nil || threads != nil) { throw ValidationError("--export and --pid/--threads exclude each other") }
+    }
+
+    func run() throws {
+        var p: [String: JSON] = [:]
+        if let export {
+            guard let data = FileManager.default.contents(atPath: export), let doc = try? JSON.parse(Array(data)) else {
+                throw ValidationError("--export: cannot read \(export) as JSON")
+            }
+            for key in ["pid", "threads", "memory", "areaOffset", "areaSize"] { if let v = doc[key], v != .null { p[key] = v } }
+            if doc["threads"]?.arrayValue?.contains(.int(0)) == true {
+                throw ValidationError("--export: the VM's vCPU threads have not all started yet (a thread id is 0); try again")
+            }
+        } else {
+            p["pid"] = .int(pid ?? 0)
+            let list = (threads ?? "").split(separator: ",").map { Int64($0.trimmingCharacters(in: .whitespaces)) }
+            guard !list.isEmpty, list.allSatisfy({ $0 != nil }) else { throw ValidationError("--threads must be comma-separated thread ids") }
+            p["threads"] = .array(list.map { .int($0!) })
+            if let memory { p["memory"] = .string(memory) }
+            if let areaOffset { p["areaOffset"] = .int(areaOffset) }
+            if let areaSize { p["areaSize"] = .int(areaSize) }
+        }
+        if let name { p["name"] = .string(name) }
+        if let driver { p["driver"] = .string(driver) }
+        let r = try control.call("vm.attach", p)
+        if !control.json {
+            print("attached \(r["name"]?.cell ?? "?") (id \(r["id"]?.cell ?? "?")), driver \(r["driver"]?.cell ?? "-")")
+            print("area: \(r["negotiation"]?.cell ?? "-")")
+            print("events: \(r["events"]?.cell ?? "-")")
+        }
+    }
+}
+
 struct VMStop: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM (its boosts are undone).")
+    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop a VM, or detach from an attached one (its boosts are undone).")
     @OptionGroup var control: ControlOptions
     @Argument(help: "VM name or id.") var vm: String
     func run() throws {

@@ -30,6 +30,8 @@ struct Run: ParsableCommand {
     @Option(help: "Give up after this many seconds.") var timeout: Double = 30
     @Option(help: "Load a BPF driver object ('sample' for the bundled BPF/latency_boost.bpf.c) and use it for the VM.") var bpf: String?
     @Option(help: "Print the last N driver notifications of each vCPU (event, guest state, decision, outcome).") var trace: Int?
+    @Option(help: "Run no driver here: share guest memory (/dev/shm) and write the pid, vCPU thread ids and the shared area's place to this JSON file, for `pvsched vm attach --export FILE` (the daemon then drives the VM from kernel events).")
+    var export: String?
 
     func run() throws {
         try Preflight.requireKVM()
@@ -58,13 +60,26 @@ struct Run: ParsableCommand {
             bpfDriver = d
         }
         let eventTrace = trace.map { EventTrace(vcpus: vcpus, capacity: $0) }
-        let vm = try host.makeVM(config: config, pvsched: driver != "none", driver: driver == "none" ? nil : driver,
+        var exported: ExportedVMLink?
+        let vm: VirtualMachine
+        if let export {
+            config.memoryFile = "/dev/shm/pvsched-vm-\(getpid()).mem"
+            config.boot.pvschedEnabled = true
+            let link = ExportedVMLink(name: config.name, vcpus: vcpus, memoryFile: config.memoryFile, path: export)
+            exported = link
+            vm = try VirtualMachine(config: config, host: link.link, threads: host.threads)
+            print("exporting to \(export) (guest memory \(config.memoryFile!)); no driver runs here")
+        } else {
+            vm = try host.makeVM(config: config, pvsched: driver != "none", driver: driver == "none" ? nil : driver,
                                  trace: eventTrace)
+        }
         let stats = vm.binding
         vm.start()
         let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))
         print("outcome: \(outcome)")
         print("exits per vCPU: \(vm.exitCounts), guest TSC \(vm.tscKHz) kHz")
+        print("injections per vCPU: \(vm.injectionCounts)")
+        if let exported { print("exported events: injections \(exported.injectionCounts), exits \(exported.exitCounts)") }
         if let stats {
             let t = stats.totals
             if let reason = stats.disabledReason { print("pvsched disabled for this VM: \(reason)") }

@@ -1,0 +1,67 @@
+/* The record format between the kernel BPF object BPF/kvm_events.bpf.c and the
+ * daemon's event source (one definition, included by both). Host-internal: not
+ * part of the guest/host ABI. */
+#ifndef PVSCHED_KVM_EVENTS_H
+#define PVSCHED_KVM_EVENTS_H
+
+#ifdef __bpf__
+typedef unsigned int pvs_u32;
+typedef unsigned long long pvs_u64;
+#else
+#include <stdint.h>
+typedef uint32_t pvs_u32;
+typedef uint64_t pvs_u64;
+#endif
+
+/* What happened (pvsched_kvm_event.kind). */
+enum pvsched_kvm_event_kind {
+    /* A watched vCPU thread is being woken (sched_waking), before it runs.
+     * `vector` is the vector KVM accepted for it just before on the same CPU, if any. */
+    PVSCHED_KEV_WAKING = 1,
+    /* KVM accepted an interrupt (kvm_apic_accept_irq) in a watched VMM process's
+     * context: `arg` is the APIC id, `vector` the vector. */
+    PVSCHED_KEV_ACCEPT_IRQ = 2,
+    /* A watched vCPU thread blocked (sched_switch away in a sleeping state). */
+    PVSCHED_KEV_BLOCK = 3,
+    /* A watched vCPU thread woke from KVM's halt wait (kvm_vcpu_wakeup). */
+    PVSCHED_KEV_HALT_WAKEUP = 4,
+    /* Exits the host kernel reports, in the vCPU thread's context. */
+    PVSCHED_KEV_EXIT_PIO = 5,       /* arg: port, vector: 1 for a write */
+    PVSCHED_KEV_EXIT_MMIO = 6,      /* arg: guest-physical address */
+    PVSCHED_KEV_EXIT_USERSPACE = 7, /* arg: the exit reason */
+    PVSCHED_KEV_EXIT = 8,           /* kvm_exit (VMX/SVM hosts) */
+    /* A watched vCPU thread was switched in (it runs again and goes back into the
+     * guest; under PVM kvm_entry does not fire, so this stands for the entry). */
+    PVSCHED_KEV_RUN = 9,
+    /* A signal is being sent to a watched vCPU thread (signal_generate): how a
+     * VMM with a userspace irqchip kicks a running vCPU out of the guest to
+     * deliver an interrupt. `vector` is the signal number. */
+    PVSCHED_KEV_KICK = 10,
+};
+
+/* One record in the ring buffer. */
+struct pvsched_kvm_event {
+    pvs_u64 time_ns;   /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+    pvs_u32 kind;
+    pvs_u32 tid;       /* the vCPU thread (0 for ACCEPT_IRQ) */
+    pvs_u32 tgid;      /* its process (or the delivering process for ACCEPT_IRQ) */
+    pvs_u32 vector;
+    pvs_u64 arg;
+    pvs_u32 cpu;
+    pvs_u32 vm;        /* the daemon's slot for the VM (from the filter maps) */
+    pvs_u32 vcpu;      /* the vCPU index (the APIC id for ACCEPT_IRQ) */
+    pvs_u32 pad;
+};
+
+/* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU. */
+struct pvsched_kvm_vcpu {
+    pvs_u32 vm;
+    pvs_u32 vcpu;
+};
+
+#define PVSCHED_KEV_MAX_THREADS 4096
+#define PVSCHED_KEV_RINGBUF_BYTES (1u << 20)
+/* An acceptance this recent (same CPU) is taken to be what wakes the vCPU. */
+#define PVSCHED_KEV_CORRELATE_NS 200000ull
+
+#endif

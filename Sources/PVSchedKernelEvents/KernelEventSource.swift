@@ -1,0 +1,210 @@
+import CKernelEvents
+import PVSchedCore
+import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Why kernel events are not available (the message says which and why).
+public struct KernelEventsUnavailable: Error, CustomStringConvertible {
+    public let reason: String
+    public var description: String {
+        "KVM events from the host kernel are unavailable: \(reason). Attached VMs get no interrupt, halt, wake-up or exit events."
+    }
+}
+
+/// One attach point of the kernel BPF object and whether it works here.
+public struct KernelAttachPoint: Sendable, CustomStringConvertible {
+    public let section: String
+    public let attached: Bool
+    public let error: String
+    public var description: String { attached ? "\(section): attached" : "\(section): unavailable (\(error))" }
+}
+
+/// Counters of the kernel event path for one attached VM.
+public struct KernelEventCounts: Sendable, Equatable {
+    /// Records by kind (`PVSCHED_KEV_*` raw value → count).
+    public var records: [UInt32: UInt64] = [:]
+    /// Events delivered to the VM's binding.
+    public var notified: UInt64 = 0
+    /// Notifications that boosted, and the latency from the kernel's timestamp to
+    /// the boost applied (ns), for the ones that did.
+    public var boosts: UInt64 = 0
+    public var boostLatenciesNs: [UInt64] = []
+    /// Summed delay from the kernel's timestamp to the consumer picking the record up, for boosting records.
+    public var consumerLagNs: UInt64 = 0
+    public init() {}
+}
+
+/// KVM events from the host kernel for VMs another process runs: loads
+/// BPF/kvm_events.bpf.c with libbpf, keeps its filter maps to the vCPU threads of
+/// attached VMs, and turns ring-buffer records into the same `VCPUEvent`s the
+/// built-in VMM sends, on one dedicated consumer thread:
+///
+/// | kernel record | event |
+/// |---|---|
+/// | sched_waking of a vCPU thread (vector from kvm_apic_accept_irq on that CPU) | `interruptInjection(vector)` |
+/// | signal_generate to a vCPU thread (a userspace irqchip's kick) | `interruptInjection(vector: 0)` |
+/// | kvm_apic_accept_irq in the VMM process, for APIC id N | `interruptInjection(vector)` on vCPU N |
+/// | sched_switch away from a vCPU thread, sleeping | `halt` |
+/// | kvm_vcpu_wakeup in a vCPU thread, or sched_switch to it | `vmEntry` (kvm_entry does not fire under PVM) |
+/// | kvm_pio / kvm_mmio / kvm_userspace_exit / kvm_exit | `vmExit(reason)` |
+public final class KernelEventSource: Sendable {
+    /// The attach points and their state.
+    public let attachPoints: [KernelAttachPoint]
+    // @unchecked Sendable box: the handle is used by the consumer thread (poll) and
+    // control threads (map updates); libbpf's map calls are plain syscalls, and the
+    // ring buffer is only polled by the consumer thread.
+    private final class Handle: @unchecked Sendable {
+        let raw: OpaquePointer
+        init(_ raw: OpaquePointer) { self.raw = raw }
+    }
+    private let handle: Handle
+    private struct Watched {
+        let sink: any VMEventSink
+        let vcpuCount: Int
+        var counts = KernelEventCounts()
+        var vcpus: [VCPUTrack]
+    }
+    /// Per vCPU: what recent records already reported, to send one event per happening.
+    struct VCPUTrack {
+        /// When KVM last accepted an interrupt for it in the VMM's process (0: none pending).
+        var lastAcceptNs: UInt64 = 0
+        /// A kvm_pio was reported and its kvm_userspace_exit is still to come.
+        var pioPending = false
+    }
+    private let vms = Mutex<[UInt32: Watched]>([:])
+    private let running = Atomic(true)
+    private let consumer = Mutex<PVSchedCore.Thread?>(nil)
+
+    /// Loads and attaches the BPF object (`object`: the ELF bytes). Needs root,
+    /// the kernel's BTF and libbpf.so.1.
+    public init(object: [UInt8]) throws(KernelEventsUnavailable) {
+        guard geteuid() == 0 else { throw KernelEventsUnavailable(reason: "the bpf syscall needs root") }
+        guard access("/sys/kernel/btf/vmlinux", R_OK) == 0 else {
+            throw KernelEventsUnavailable(reason: "the kernel has no BTF (/sys/kernel/btf/vmlinux), which the tp_btf attach points need")
+        }
+        var err = [CChar](repeating: 0, count: 256)
+        let raw = object.withUnsafeBytes { pvs_kev_open($0.baseAddress, $0.count, &err, err.count) }
+        guard let raw else { throw KernelEventsUnavailable(reason: String(cString: err)) }
+        handle = Handle(raw)
+        attachPoints = (0..<pvs_kev_program_count(raw)).map { i in
+            KernelAttachPoint(section: String(cString: pvs_kev_program_section(raw, i)),
+                              attached: pvs_kev_program_state(raw, i) == 2, error: String(cString: pvs_kev_program_error(raw, i)))
+        }
+        let t = PVSchedCore.Thread { [self] in consume() }
+        consumer.withLock { $0 = t }
+    }
+
+    /// A one-line summary: which attach points work and which do not.
+    public var summary: String { attachPoints.map(\.description).joined(separator: "; ") }
+
+    /// Starts reporting the events of `threads` (vCPU i's thread at index i) and of
+    /// the VMM process `process` to `sink`, as VM `slot`.
+    public func watch(slot: UInt32, process: Int32, threads: [ThreadID?], sink: any VMEventSink) {
+        vms.withLock { $0[slot] = Watched(sink: sink, vcpuCount: threads.count, vcpus: Array(repeating: VCPUTrack(), count: threads.count)) }
+        _ = pvs_kev_watch_process(handle.raw, UInt32(bitPattern: process), slot)
+        for (i, t) in threads.enumerated() {
+            if let t { _ = pvs_kev_watch_thread(handle.raw, UInt32(bitPattern: t.rawValue), slot, UInt32(i)) }
+        }
+    }
+
+    /// Stops reporting VM `slot`'s events.
+    public func unwatch(slot: UInt32, process: Int32, threads: [ThreadID?]) {
+        for t in threads.compactMap({ $0 }) { _ = pvs_kev_unwatch_thread(handle.raw, UInt32(bitPattern: t.rawValue)) }
+        _ = pvs_kev_unwatch_process(handle.raw, UInt32(bitPattern: process))
+        vms.withLock { _ = $0.removeValue(forKey: slot) }
+    }
+
+    /// The counters of VM `slot`.
+    public func counts(slot: UInt32) -> KernelEventCounts? { vms.withLock { $0[slot]?.counts } }
+
+    /// Records the BPF side dropped because the ring buffer was full.
+    public var dropped: UInt64 { pvs_kev_dropped(handle.raw) }
+
+    /// Stops the consumer and detaches every program.
+    public func close() {
+        guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
+        let t = consumer.withLock { c in
+            let t = c
+            c = nil
+            return t
+        }
+        t?.join()
+        pvs_kev_close(handle.raw)
+    }
+
+    deinit { close() }
+
+    private func consume() {
+        while running.load(ordering: .relaxed) {
+            var records: UnsafePointer<pvsched_kvm_event>?
+            let n = pvs_kev_poll(handle.raw, 100, &records)
+            guard n > 0, let records else { continue }
+            for i in 0..<Int(n) { deliver(records[i]) }
+        }
+    }
+
+    /// Sends one record's event to its VM's sink.
+    private func deliver(_ r: pvsched_kvm_event) {
+        let now = MonotonicClock.nowNs()
+        let target: (sink: any VMEventSink, event: VCPUEvent)? = vms.withLock { vms in
+            guard var w = vms[r.vm], Int(r.vcpu) < w.vcpuCount else { return nil }
+            w.counts.records[r.kind, default: 0] &+= 1
+            let event = Self.event(for: r, track: &w.vcpus[Int(r.vcpu)])
+            if event != nil { w.counts.notified &+= 1 }
+            vms[r.vm] = w
+            return event.map { (w.sink, $0) }
+        }
+        guard let target else { return }
+        let outcome = target.sink.notify(target.event, vcpu: Int(r.vcpu))
+        guard outcome == .boosted else { return }
+        let applied = MonotonicClock.nowNs()
+        vms.withLock { vms in
+            guard var w = vms[r.vm] else { return }
+            w.counts.boosts &+= 1
+            if w.counts.boostLatenciesNs.count < 100_000 {
+                w.counts.boostLatenciesNs.append(applied > r.time_ns ? applied - r.time_ns : 0)
+            }
+            w.counts.consumerLagNs &+= now > r.time_ns ? now - r.time_ns : 0
+            vms[r.vm] = w
+        }
+    }
+
+    /// The event a record stands for (nil: counted, not sent). One happening, one
+    /// event: an acceptance in the VMM's process and the wake-up or kick it causes
+    /// are one injection (a wake-up within `PVSCHED_KEV_CORRELATE_NS` of an
+    /// acceptance for the same vCPU is not sent again), and a port-IO exit that goes
+    /// on to the VMM (kvm_pio, then kvm_userspace_exit) is one exit.
+    static func event(for r: pvsched_kvm_event, track t: inout VCPUTrack) -> VCPUEvent? {
+        switch Int32(r.kind) {
+        case Int32(PVSCHED_KEV_ACCEPT_IRQ.rawValue):
+            t.lastAcceptNs = r.time_ns
+            return .interruptInjection(vector: UInt8(truncatingIfNeeded: r.vector))
+        case Int32(PVSCHED_KEV_WAKING.rawValue), Int32(PVSCHED_KEV_KICK.rawValue):
+            if t.lastAcceptNs != 0, r.time_ns >= t.lastAcceptNs, r.time_ns - t.lastAcceptNs < PVSCHED_KEV_CORRELATE_NS {
+                t.lastAcceptNs = 0
+                return nil
+            }
+            return .interruptInjection(vector: r.kind == PVSCHED_KEV_WAKING.rawValue ? UInt8(truncatingIfNeeded: r.vector) : 0)
+        case Int32(PVSCHED_KEV_BLOCK.rawValue): return .halt
+        case Int32(PVSCHED_KEV_HALT_WAKEUP.rawValue), Int32(PVSCHED_KEV_RUN.rawValue): return .vmEntry
+        case Int32(PVSCHED_KEV_EXIT_PIO.rawValue):
+            t.pioPending = true
+            return .vmExit(.io(port: UInt16(truncatingIfNeeded: r.arg), write: r.vector != 0))
+        case Int32(PVSCHED_KEV_EXIT_MMIO.rawValue): return .vmExit(.mmio(address: r.arg, write: r.vector == 1))
+        case Int32(PVSCHED_KEV_EXIT_USERSPACE.rawValue):
+            let pio = t.pioPending
+            t.pioPending = false
+            switch r.arg {
+            case 2 where pio: return nil                      // KVM_EXIT_IO, already reported by kvm_pio
+            case 5: return .vmExit(.halt)                    // KVM_EXIT_HLT (userspace irqchip)
+            case 10: return .vmExit(.intr)                   // KVM_EXIT_INTR: a kick
+            default: return .vmExit(.other(code: UInt32(truncatingIfNeeded: r.arg)))
+            }
+        case Int32(PVSCHED_KEV_EXIT.rawValue): return .vmExit(.other(code: 0))
+        default: return nil
+        }
+    }
+}

@@ -1,0 +1,91 @@
+import Foundation
+import PVSchedControl
+import PVSchedCore
+import PVSchedLinux
+import PVSchedTesting
+import Testing
+
+/// The built-in VMM run as a separate process with no driver of its own
+/// (`pvsched run --export`), driven by the daemon from KVM events the host
+/// kernel reports through BPF.
+@Suite(.serialized, .enabled(if: Requirement.root.shouldRun && Requirement.kvm.shouldRun && Requirement.bpf.shouldRun,
+                             "needs root, /dev/kvm and the bpf syscall"))
+struct KernelEventsTests {
+    /// Reads the export file once it names every vCPU thread and the area.
+    func readExport(_ path: String) -> JSON? {
+        guard let data = FileManager.default.contents(atPath: path), let doc = try? JSON.parse(Array(data)),
+              let threads = doc["threads"]?.arrayValue, !threads.isEmpty, !threads.contains(.int(0)),
+              doc["areaOffset"]?.intValue != nil else { return nil }
+        return doc
+    }
+
+    func counts(_ d: DaemonProcess, _ export: String) throws -> (vmmInjections: Int64, vmmExits: Int64, injections: Int64, exits: Int64) {
+        let doc = try #require(readExport(export))
+        let s = try d.client().call("vm.stats", ["vm": "ext"])
+        let v = try #require(s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue?.first)
+        return (doc["injections"]?.arrayValue?.first?.intValue ?? 0, doc["exits"]?.arrayValue?.first?.intValue ?? 0,
+                v["eventsByKind"]?["interrupt_injection"]?.intValue ?? 0, v["eventsByKind"]?["vm_exit"]?.intValue ?? 0)
+    }
+
+    @Test func anotherProcessesVMIsDrivenByKernelEvents() throws {
+        try Requirement.root.check(); try Requirement.kvm.check(); try Requirement.bpf.check()
+        let d = try DaemonProcess()
+        let export = "/tmp/pvsched-export-\(getpid()).json"
+        unlink(export)
+        let vmm = Process()
+        vmm.executableURL = URL(fileURLWithPath: d.binary)
+        vmm.arguments = ["run", "--export", export, "--workload", "cyclic", "--duration-ms", "20000", "--interval-us", "2000",
+                         "--timeout", "40"]
+        vmm.standardOutput = FileHandle.nullDevice
+        try vmm.run()
+        defer { if vmm.isRunning { kill(vmm.processIdentifier, SIGKILL) }; vmm.waitUntilExit(); unlink(export) }
+        #expect(eventually(20) { readExport(export) != nil })
+        let attach = try d.cli(["vm", "attach", "--export", export, "--name", "ext"])
+        #expect(attach.status == 0, "\(attach.stderr)")
+        #expect(attach.stdout.contains("area: accepted: pvsched-latency"))
+        #expect(attach.stdout.contains("tp_btf/sched_waking: attached"))
+        usleep(500_000)
+        let a = try counts(d, export)
+        usleep(3_000_000)
+        let b = try counts(d, export)
+        // The daemon's events match the VMM's own counters over the same window (the
+        // VMM refreshes its counts every 100 ms, hence a tolerance of 10%).
+        let vmmInjections = Double(b.vmmInjections - a.vmmInjections), injections = Double(b.injections - a.injections)
+        let vmmExits = Double(b.vmmExits - a.vmmExits), exits = Double(b.exits - a.exits)
+        #expect(vmmInjections > 500)
+        #expect(abs(injections - vmmInjections) <= 0.1 * vmmInjections, "injections: daemon \(injections), VMM \(vmmInjections)")
+        #expect(abs(exits - vmmExits) <= 0.1 * vmmExits, "exits: daemon \(exits), VMM \(vmmExits)")
+        // Injections arrive before the vCPU runs: an injection, then the entry.
+        let trace = try d.client().call("vm.trace", ["vm": "ext", "last": 200]).arrayValue ?? []
+        let kinds = trace.compactMap { $0["event"]?.stringValue }
+        let injectionThenEntry = zip(kinds, kinds.dropFirst()).contains { $0.hasPrefix("interruptInjection") && $1 == "vmEntry" }
+        #expect(injectionThenEntry, "\(kinds.prefix(20))")
+        let stats = try d.client().call("vm.stats", ["vm": "ext"])
+        let outcomes = stats["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue?.first?["outcomes"]
+        #expect((outcomes?["boosted"]?.intValue ?? 0) > 0)
+        #expect((outcomes?["unboosted"]?.intValue ?? 0) > 0)
+        // Detaching undoes the boost of the other process's vCPU thread.
+        let tid = Int32(readExport(export)?["threads"]?.arrayValue?.first?.intValue ?? 0)
+        #expect(try d.cli(["vm", "stop", "ext"]).status == 0)
+        #expect(!isRealTime(tid))
+    }
+
+    @Test func attachRefusesBadParameters() throws {
+        try Requirement.root.check(); try Requirement.kvm.check()
+        let d = try DaemonProcess()
+        let c = try d.client()
+        let me = Int64(getpid())
+        for (params, field) in [
+            (["pid": JSON.int(me), "threads": .array([.int(1)])] as [String: JSON], "params.threads"),
+            (["pid": .int(999_999_999), "threads": .array([.int(1)])], "params.pid"),
+            (["pid": .int(me), "threads": .array([])], "params.threads"),
+            (["pid": .int(me), "threads": .array([.int(me)]), "memory": "/etc/passwd", "areaOffset": 0, "areaSize": 192], "params.memory"),
+            (["pid": .int(me), "threads": .array([.int(me)]), "memory": "/dev/shm/../etc/passwd", "areaOffset": 0, "areaSize": 192], "params.memory"),
+        ] {
+            do { _ = try c.call("vm.attach", params); Issue.record("accepted \(params)") } catch let e as ControlError {
+                #expect(e.field == field, "\(e)")
+            }
+        }
+        #expect(try c.call("vm.list").arrayValue?.isEmpty == true)
+    }
+}
