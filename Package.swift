@@ -82,7 +82,7 @@ let package = Package(
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF", "PVSchedHost",
-            "PVSchedControl", "PVSchedDaemon", "CHostService",
+            "PVSchedControl", "PVSchedDaemon", "CHostService", "PVSchedKernelEvents",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -30,6 +30,7 @@ struct task_struct {
 } __attribute__((preserve_access_index));
 
 enum { BPF_MAP_TYPE_HASH = 1, BPF_MAP_TYPE_PERCPU_ARRAY = 6, BPF_MAP_TYPE_RINGBUF = 27 };
+enum { BPF_RB_FORCE_WAKEUP = 2 };
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static u64 (*bpf_ktime_get_ns)(void) = (void *)5;
@@ -96,7 +97,10 @@ static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32
     e->vm = vm;
     e->vcpu = vcpu;
     e->pad = 0;
-    bpf_ringbuf_submit(e, 0);
+    /* Injections wake the consumer at once (a boost must land before the vCPU
+     * runs); other records let the ring buffer decide (fewer wake-ups). */
+    bpf_ringbuf_submit(e, kind == PVSCHED_KEV_WAKING || kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ
+                              ? BPF_RB_FORCE_WAKEUP : 0);
 }
 
 /* The current thread's (vm, vcpu), if it is a watched vCPU thread. */

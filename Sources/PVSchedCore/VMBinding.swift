@@ -112,25 +112,34 @@ public struct OutcomeCounts: Equatable, Sendable {
 
 /// A fixed histogram of durations in power-of-two buckets (64 ns ... 2^21 ns and
 /// above): cheap enough to update on every event, exact in its bucket counts.
+/// Inline storage: a snapshot taken by a reader never makes the vCPU thread's
+/// next update copy (and allocate) the buckets.
 public struct LatencyBuckets: Equatable, Sendable {
     /// Upper bounds (inclusive) of the buckets in ns; the last bucket is unbounded.
     public static let upperBoundsNs: [UInt64] = (6...21).map { UInt64(1) << UInt64($0) }
-    public var counts: [UInt64] = Array(repeating: 0, count: LatencyBuckets.upperBoundsNs.count + 1)
+    static let bucketCount = 17
+    private var storage = InlineArray<17, UInt64>(repeating: 0)
     public var sumNs: UInt64 = 0
     public var total: UInt64 = 0
     public init() {}
 
+    /// The count of each bucket (the last is the overflow bucket).
+    public var counts: [UInt64] { (0..<Self.bucketCount).map { storage[$0] } }
+
     mutating func record(_ ns: UInt64) {
         // Bucket i holds (2^(i+5), 2^(i+6)]; 64 ns and below fall in bucket 0.
         let bits = ns <= 64 ? 6 : 64 - (ns - 1).leadingZeroBitCount
-        let i = min(bits - 6, counts.count - 1)
-        counts[i] &+= 1
+        let i = min(bits - 6, Self.bucketCount - 1)
+        storage[i] &+= 1
         sumNs &+= ns
         total &+= 1
     }
     mutating func add(_ o: LatencyBuckets) {
-        for i in counts.indices { counts[i] &+= o.counts[i] }
+        for i in 0..<Self.bucketCount { storage[i] &+= o.storage[i] }
         sumNs &+= o.sumNs; total &+= o.total
+    }
+    public static func == (a: LatencyBuckets, b: LatencyBuckets) -> Bool {
+        a.sumNs == b.sumNs && a.total == b.total && (0..<bucketCount).allSatisfy { a.storage[$0] == b.storage[$0] }
     }
 }
 

@@ -19,12 +19,13 @@ public final class ControlHandler: Sendable {
     let metricsAddress: String?
     private let logger: Logger
 
-    public init(host: PVSchedHost, metricsAddress: String? = nil, logger: Logger = Logger(label: "pvsched.control")) {
+    public init(host: PVSchedHost, metricsAddress: String? = nil, eventsPriority: UInt8? = 90,
+                logger: Logger = Logger(label: "pvsched.control")) {
         self.host = host
         self.metricsAddress = metricsAddress
         self.logger = logger
         operatorBoosts = OperatorBoosts(actuator: host.actuator)
-        attacher = VMAttacher(host: host, logger: logger)
+        attacher = VMAttacher(host: host, eventsPriority: eventsPriority, logger: logger)
     }
 
     /// Stops the operator-boost timer and undoes its boosts; detaches the kernel events.

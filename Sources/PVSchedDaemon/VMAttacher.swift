@@ -58,14 +58,21 @@ final class VMAttacher: Sendable {
     private let logger: Logger
     private let source = Mutex<Result<KernelEventSource, KernelEventsUnavailable>?>(nil)
 
-    init(host: PVSchedHost, logger: Logger) { self.host = host; self.logger = logger }
+    /// SCHED_FIFO priority of the kernel-event consumer thread (nil: SCHED_OTHER).
+    let eventsPriority: UInt8?
+
+    init(host: PVSchedHost, eventsPriority: UInt8?, logger: Logger) {
+        self.host = host; self.eventsPriority = eventsPriority; self.logger = logger
+    }
 
     /// The kernel event source, opened once (its failure is remembered and reported).
     var kernelEvents: Result<KernelEventSource, KernelEventsUnavailable> {
         source.withLock { s in
             if let s { return s }
             let r: Result<KernelEventSource, KernelEventsUnavailable>
-            do throws(KernelEventsUnavailable) { r = .success(try KernelEventSource(object: GuestImage.kvmEventsBPF)) } catch {
+            do throws(KernelEventsUnavailable) {
+                r = .success(try KernelEventSource(object: GuestImage.kvmEventsBPF, consumerPriority: eventsPriority, threads: host.threads))
+            } catch {
                 r = .failure(error)
             }
             switch r {

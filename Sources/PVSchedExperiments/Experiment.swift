@@ -4,6 +4,7 @@ import PVSchedCore
 import PVSchedDrivers
 import PVSchedGuestImage
 import PVSchedHost
+import PVSchedKernelEvents
 import PVSchedKVM
 import PVSchedLinux
 
@@ -17,6 +18,9 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
     case staticRT
     /// Host contention, pvsched with the named driver.
     case driver(String)
+    /// Host contention, the named driver fed from KVM events the host kernel reports
+    /// (BPF), as for a VM another process runs, instead of the VMM's own notifications.
+    case kernel(String)
 
     public var description: String {
         switch self {
@@ -24,6 +28,7 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
         case .vanilla: return "vanilla"
         case .staticRT: return "static-rt"
         case .driver(let n): return n
+        case .kernel(let n): return "kernel:\(n)"
         }
     }
 
@@ -32,6 +37,7 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
         case "idle": self = .idle
         case "vanilla": self = .vanilla
         case "static-rt": self = .staticRT
+        case _ where text.hasPrefix("kernel:"): self = .kernel(String(text.dropFirst("kernel:".count)))
         default: self = .driver(text)
         }
     }
@@ -165,11 +171,20 @@ public struct ExperimentRunner {
         case .idle, .vanilla: pvsched = false; driverName = nil
         case .staticRT: pvsched = true; driverName = "static-rt"
         case .driver(let n): pvsched = true; driverName = n
+        case .kernel(let n): pvsched = true; driverName = n
         }
         let host = try PVSchedHost(actuator: LinuxActuator())
         let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
-        let vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor)
-        let binding = vm.binding
+        var kernelDriven: KernelDrivenVM?
+        let vm: VirtualMachine
+        if case .kernel = mode {
+            let source = try KernelEventSource(object: GuestImage.kvmEventsBPF, consumerPriority: 90, threads: host.threads)
+            kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host, source: source)
+            vm = kernelDriven!.vm
+        } else {
+            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor)
+        }
+        defer { kernelDriven?.stop(); kernelDriven?.source.close() }
 
         var noisy: VirtualMachine?
         if contended && scenario.noisyVM {
@@ -187,7 +202,8 @@ public struct ExperimentRunner {
         }
         noisy?.start()
         let started = MonotonicClock.nowNs()
-        vm.start()
+        if let kernelDriven, let driverName { try kernelDriven.start(driver: driverName, governor: governor) } else { vm.start() }
+        let binding = kernelDriven?.binding ?? vm.binding
         let limit = scenario.durationNs + 20_000_000_000
         var outcome: VMOutcome? = nil
         while outcome == nil {

@@ -26,6 +26,8 @@ public final class PVSchedHost: Sendable {
     public let threads: any ThreadControl
     private let logger: Logger
     private let sessionTable = Mutex<[UInt64: any VMSession]>([:])
+    /// Whether this process may run threads real-time (enforcers of attached VMs do).
+    private let canUseRealTime = LinuxScheduling.canUseRealTime
     private let nextID = Atomic<UInt64>(1)
 
     /// A host with the built-in drivers registered (`latency-boost` the default)
@@ -133,7 +135,8 @@ public final class PVSchedHost: Sendable {
         defer { releaseName(name) }
         let link = try self.link(name: name, vcpus: vcpus, driver: driver, governor: governor, boost: boost,
                                  trace: EventTrace(vcpus: vcpus, capacity: traceCapacity))
-        let session = AttachedVMSession(link: link, summary: summary, onDetach: onDetach)
+        let session = AttachedVMSession(link: link, summary: summary, threads: threads,
+                                        enforcerPriority: canUseRealTime ? 90 : nil, onDetach: onDetach)
         sessionTable.withLock { $0[link.handle.id] = session }
         logger.info("VM attached", metadata: ["vm": "\(link.handle)", "vcpus": "\(vcpus)", "what": "\(summary)"])
         return session

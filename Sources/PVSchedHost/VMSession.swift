@@ -1,7 +1,12 @@
+import Atomics
 import Logging
 import PVSchedCore
 import PVSchedKVM
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// How the host serves a VM: one it runs itself (built-in VMM) or one another
 /// VMM runs and pvsched attaches to (QEMU and others plug in here).
@@ -90,6 +95,8 @@ public final class OwnedVMSession: VMSession {
 /// the host serves without running it: whoever attached it feeds its events
 /// into `events` and its guest's area into `registrar`, and tells it the vCPU
 /// threads. Stopping it detaches: every boost is undone and `onDetach` runs.
+/// An enforcer thread cuts boosts that outlive their budget even when no event
+/// comes (the built-in VMM runs the same enforcer for its own VMs).
 public final class AttachedVMSession: VMSession {
     public let link: VMHostLink
     public var handle: VMHandle { link.handle }
@@ -100,11 +107,22 @@ public final class AttachedVMSession: VMSession {
     public let summary: String
     private let stateBox = Mutex(VMSessionState.running)
     private let onDetach: @Sendable () -> Void
+    private let enforcing = ManagedAtomic(true)
+    private let enforcer = Mutex<PVSchedCore.Thread?>(nil)
 
-    init(link: VMHostLink, summary: String, onDetach: @escaping @Sendable () -> Void) {
+    init(link: VMHostLink, summary: String, threads: any ThreadControl, enforcerPriority: UInt8?,
+         onDetach: @escaping @Sendable () -> Void) {
         self.link = link
         self.summary = summary
         self.onDetach = onDetach
+        let t = PVSchedCore.Thread { [enforcing, events = link.events] in
+            if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
+            while enforcing.load(ordering: .relaxed) {
+                events.enforceBudgets()
+                usleep(1000)
+            }
+        }
+        enforcer.withLock { $0 = t }
     }
 
     public var state: VMSessionState { stateBox.withLock { $0 } }
@@ -129,6 +147,13 @@ public final class AttachedVMSession: VMSession {
     }
 
     private func detach() {
+        enforcing.store(false, ordering: .relaxed)
+        let t = enforcer.withLock { e in
+            let t = e
+            e = nil
+            return t
+        }
+        if let t, !t.isCurrent { t.join() }
         onDetach()
         for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }
         link.release()

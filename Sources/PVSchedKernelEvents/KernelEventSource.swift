@@ -77,10 +77,19 @@ public final class KernelEventSource: Sendable {
     private let vms = Mutex<[UInt32: Watched]>([:])
     private let running = Atomic(true)
     private let consumer = Mutex<PVSchedCore.Thread?>(nil)
+    private let consumerCPU = Atomic<UInt64>(0)
+    private let recordCount = Atomic<UInt64>(0)
+
+    /// CPU time the consumer thread has used (ns), and the records it handled.
+    public var consumerCPUNs: UInt64 { consumerCPU.load(ordering: .relaxed) }
+    public var recordsHandled: UInt64 { recordCount.load(ordering: .relaxed) }
 
     /// Loads and attaches the BPF object (`object`: the ELF bytes). Needs root,
-    /// the kernel's BTF and libbpf.so.1.
-    public init(object: [UInt8]) throws(KernelEventsUnavailable) {
+    /// the kernel's BTF and libbpf.so.1. The consumer thread runs SCHED_FIFO at
+    /// `consumerPriority` (through `threads`) when given: it plays the part of the
+    /// built-in VMM's device threads, and a boost it applies late under host load
+    /// is a boost lost.
+    public init(object: [UInt8], consumerPriority: UInt8? = nil, threads: (any ThreadControl)? = nil) throws(KernelEventsUnavailable) {
         guard geteuid() == 0 else { throw KernelEventsUnavailable(reason: "the bpf syscall needs root") }
         guard access("/sys/kernel/btf/vmlinux", R_OK) == 0 else {
             throw KernelEventsUnavailable(reason: "the kernel has no BTF (/sys/kernel/btf/vmlinux), which the tp_btf attach points need")
@@ -93,7 +102,10 @@ public final class KernelEventSource: Sendable {
             KernelAttachPoint(section: String(cString: pvs_kev_program_section(raw, i)),
                               attached: pvs_kev_program_state(raw, i) == 2, error: String(cString: pvs_kev_program_error(raw, i)))
         }
-        let t = PVSchedCore.Thread { [self] in consume() }
+        let t = PVSchedCore.Thread { [self] in
+            if let consumerPriority, let threads { try? threads.setCurrentThread(.fifo(priority: consumerPriority)) }
+            consume()
+        }
         consumer.withLock { $0 = t }
     }
 
@@ -143,6 +155,10 @@ public final class KernelEventSource: Sendable {
             let n = pvs_kev_poll(handle.raw, 100, &records)
             guard n > 0, let records else { continue }
             for i in 0..<Int(n) { deliver(records[i]) }
+            recordCount.add(UInt64(n), ordering: .relaxed)
+            var ts = timespec()
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+            consumerCPU.store(UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec), ordering: .relaxed)
         }
     }
 

@@ -12,7 +12,7 @@ struct ScenarioOptions: ParsableArguments {
     @Flag(help: "Also run a noisy second VM (batch) on the same CPU.") var noisyVM = false
     @Option(help: "Seconds per mode.") var seconds: Double = 4
     @Option(help: "Wake-up / interrupt interval in microseconds (a guest wake-up costs ~0.5-0.9 ms of emulated execution under PVM: keep it well above that).") var intervalUs: UInt64 = 5000
-    @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, or a driver name).")
+    @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, a driver name, or kernel:DRIVER for that driver fed from the host kernel's KVM events, as for an attached VM).")
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
@@ -99,6 +99,9 @@ struct Bench: ParsableCommand {
         results += try ControlBench.roundTrip()
         results.append(try ControlBench.decisionUnderControlLoad())
         if (try? Preflight.requireKVM()) != nil {
+            do { results += try KernelEventBench.compare() } catch {
+                FileHandle.standardError.write("kernel-event benchmark skipped: \(error)\n".data(using: .utf8)!)
+            }
             results += try MechanismBench.exitOverhead(reps: exitRuns)
         } else {
             FileHandle.standardError.write("per-exit benchmark skipped: /dev/kvm not accessible\n".data(using: .utf8)!)
