@@ -11,7 +11,8 @@ command -v swift >/dev/null || { echo "swift toolchain not found (expected at /o
 # What the tests use beyond the toolchain:
 #   curl        - scrapes the daemon's Prometheus endpoint
 #   util-linux  - setpriv, to act as another user against the control socket
-PACKAGES=(curl util-linux)
+#   libbpf1     - libbpf.so.1, which loads the kernel KVM event source (BPF/kvm_events.bpf.c)
+PACKAGES=(curl util-linux libbpf1)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

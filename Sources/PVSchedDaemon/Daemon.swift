@@ -126,8 +126,8 @@ public final class Daemon {
     public func shutdown() {
         server.stop()
         metrics?.stop()
-        handler.shutdown()
-        host.shutdown()
+        host.shutdown()       // stops owned VMs, detaches attached ones (their kernel events first)
+        handler.shutdown()    // then the operator boosts and the kernel event source
         guardian?.close()
         pvs_close(lockFD)
         logger.info("pvsched daemon stopped; every boost undone")

@@ -115,6 +115,7 @@ public final class KernelEventSource: Sendable {
     /// Starts reporting the events of `threads` (vCPU i's thread at index i) and of
     /// the VMM process `process` to `sink`, as VM `slot`.
     public func watch(slot: UInt32, process: Int32, threads: [ThreadID?], sink: any VMEventSink) {
+        guard running.load(ordering: .relaxed) else { return }
         vms.withLock { $0[slot] = Watched(sink: sink, vcpuCount: threads.count, vcpus: Array(repeating: VCPUTrack(), count: threads.count)) }
         _ = pvs_kev_watch_process(handle.raw, UInt32(bitPattern: process), slot)
         for (i, t) in threads.enumerated() {
@@ -124,6 +125,7 @@ public final class KernelEventSource: Sendable {
 
     /// Stops reporting VM `slot`'s events.
     public func unwatch(slot: UInt32, process: Int32, threads: [ThreadID?]) {
+        guard running.load(ordering: .relaxed) else { return }
         for t in threads.compactMap({ $0 }) { _ = pvs_kev_unwatch_thread(handle.raw, UInt32(bitPattern: t.rawValue)) }
         _ = pvs_kev_unwatch_process(handle.raw, UInt32(bitPattern: process))
         vms.withLock { _ = $0.removeValue(forKey: slot) }

@@ -11,6 +11,10 @@ struct BPFCommand: ParsableCommand {
 
 /// Loads PROGRAM (an ELF object, or raw instructions as hex) for the tools.
 func loadProgram(_ path: String, section: String) throws -> Program {
+    let looksLikeHex = path.allSatisfy { $0.isHexDigit || $0.isWhitespace || $0 == "x" }
+    if !looksLikeHex && !FileManager.default.fileExists(atPath: path) {
+        throw ValidationError("\(path): no such file (give an ELF object, a file of hex instructions, or hex instructions)")
+    }
     if FileManager.default.fileExists(atPath: path), let data = FileManager.default.contents(atPath: path) {
         let bytes = [UInt8](data)
         if bytes.starts(with: [0x7F, 0x45, 0x4C, 0x46]) { return try ELFLoader.load(bytes, section: section) }

@@ -18,6 +18,12 @@ struct BoostThread: ParsableCommand {
     @Option(help: "SCHED_FIFO priority (1-99).") var priority: UInt8 = 10
     @Option(help: "How long to hold the boost.") var seconds: Double = 10
 
+    func validate() throws {
+        guard tid > 0 else { throw ValidationError("TID must be a thread id (> 0), got \(tid)") }
+        guard (1...99).contains(priority) else { throw ValidationError("--priority must be 1...99, got \(priority)") }
+        guard seconds > 0 && seconds <= 86_400 else { throw ValidationError("--seconds must be in (0, 86400]") }
+    }
+
     func run() throws {
         let actuator = LinuxActuator()
         let thread = ThreadID(tid)

@@ -29,6 +29,14 @@ struct ScenarioOptions: ParsableArguments {
         }
         guard (1...16).contains(vcpus) else { throw ValidationError("--vcpus must be 1...16") }
         if g == .mixed && vcpus < 2 { throw ValidationError("--guest mixed needs at least 2 vCPUs") }
+        guard (0...64).contains(busyThreads) else { throw ValidationError("--busy-threads must be 0...64, got \(busyThreads)") }
+        guard seconds > 0 && seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600], got \(seconds)") }
+        guard (100...1_000_000).contains(intervalUs) else {
+            throw ValidationError("--interval-us must be 100...1000000, got \(intervalUs)")
+        }
+        guard maxBoostMs.isFinite, throttleMs.isFinite, maxBoostMs <= 60_000, throttleMs <= 60_000 else {
+            throw ValidationError("--max-boost-ms and --throttle-ms must be at most 60000")
+        }
         s.guest = g
         s.vcpus = vcpus
         s.busyThreads = busyThreads
@@ -41,6 +49,7 @@ struct ScenarioOptions: ParsableArguments {
         s.governor = GovernorConfig(maxContinuousBoostNs: UInt64(maxBoostMs * 1e6), throttleWindowNs: UInt64(throttleMs * 1e6),
                                     shareWindowNs: 100_000_000, maxVMShare: vmShare)
         s.modes = modes.split(separator: ",").map { Mode(String($0)) }
+        guard !s.modes.isEmpty else { throw ValidationError("--modes must name at least one mode") }
         if let cpus {
             let list = cpus.split(separator: ",").compactMap { Int($0) }
             guard !list.isEmpty, list.allSatisfy({ (0..<min(64, Scenario.onlineCPUs)).contains($0) }) else {
@@ -89,6 +98,10 @@ struct Bench: ParsableCommand {
         abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead, control socket (ratios to baselines).")
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Repetitions of the per-exit measurement.") var exitRuns = 5
+
+    func validate() throws {
+        guard (1...100).contains(exitRuns) else { throw ValidationError("--exit-runs must be 1...100, got \(exitRuns)") }
+    }
 
     func run() throws {
         var results = [MechanismBench.driverDecision(), MechanismBench.sharedAreaRead()]

@@ -33,6 +33,19 @@ struct Run: ParsableCommand {
     @Option(help: "Run no driver here: share guest memory (/dev/shm) and write the pid, vCPU thread ids and the shared area's place to this JSON file, for `pvsched vm attach --export FILE` (the daemon then drives the VM from kernel events).")
     var export: String?
 
+    func validate() throws {
+        guard (1...VirtualMachine.maxVCPUs).contains(vcpus) else {
+            throw ValidationError("--vcpus must be 1...\(VirtualMachine.maxVCPUs), got \(vcpus)")
+        }
+        guard (1...86_400_000).contains(durationMs) else { throw ValidationError("--duration-ms must be 1...86400000, got \(durationMs)") }
+        guard (50...1_000_000).contains(intervalUs) else { throw ValidationError("--interval-us must be 50...1000000, got \(intervalUs)") }
+        guard timeout > 0 && timeout <= 86_400 else { throw ValidationError("--timeout must be in (0, 86400] seconds") }
+        if let trace, !(1...100_000).contains(trace) { throw ValidationError("--trace must be 1...100000, got \(trace)") }
+        if export != nil && (bpf != nil || driver != "latency-boost") {
+            throw ValidationError("--export runs no driver here: it excludes --driver and --bpf")
+        }
+    }
+
     func run() throws {
         try Preflight.requireKVM()
         var config = VMConfiguration(image: GuestImage.kernel)
