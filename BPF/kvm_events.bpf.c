@@ -141,6 +141,7 @@ int on_waking(u64 *ctx) {
         vector = last->vector;
         last->time_ns = 0;
     }
+    v->woken = 1;
     emit(PVSCHED_KEV_WAKING, tid, (u32)p->tgid, vector, 0, v->vm, v->vcpu);
     return 0;
 }
@@ -156,9 +157,13 @@ int on_switch(u64 *ctx) {
         struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
         if (v) emit(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu);
     }
+    /* The first run after a wake-up only (not every return from a preemption). */
     u32 next_tid = (u32)next->pid;
     struct pvsched_kvm_vcpu *n = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
-    if (n) emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu);
+    if (n && n->woken) {
+        n->woken = 0;
+        emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu);
+    }
     return 0;
 }
 

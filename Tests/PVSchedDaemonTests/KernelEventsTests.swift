@@ -19,8 +19,11 @@ struct KernelEventsTests {
         return doc
     }
 
+    /// The VMM's counts, then the daemon's 300 ms later (so that records still in the
+    /// ring buffer are counted; the same lag at both ends of a window cancels out).
     func counts(_ d: DaemonProcess, _ export: String) throws -> (vmmInjections: Int64, vmmExits: Int64, injections: Int64, exits: Int64) {
         let doc = try #require(readExport(export))
+        usleep(300_000)
         let s = try d.client().call("vm.stats", ["vm": "ext"])
         let v = try #require(s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue?.first)
         return (doc["injections"]?.arrayValue?.first?.intValue ?? 0, doc["exits"]?.arrayValue?.first?.intValue ?? 0,
@@ -52,8 +55,8 @@ struct KernelEventsTests {
         // VMM refreshes its counts every 100 ms, hence a tolerance of 10%).
         let vmmInjections = Double(b.vmmInjections - a.vmmInjections), injections = Double(b.injections - a.injections)
         let vmmExits = Double(b.vmmExits - a.vmmExits), exits = Double(b.exits - a.exits)
-        #expect(vmmInjections > 500)
-        #expect(abs(injections - vmmInjections) <= 0.1 * vmmInjections, "injections: daemon \(injections), VMM \(vmmInjections)")
+        #expect(vmmInjections > 100, "the VMM raised only \(vmmInjections) interrupts in 3 s: \(a) -> \(b)")
+        #expect(abs(injections - vmmInjections) <= 0.1 * vmmInjections, "injections: daemon \(injections), VMM \(vmmInjections); \(a) -> \(b)")
         #expect(abs(exits - vmmExits) <= 0.1 * vmmExits, "exits: daemon \(exits), VMM \(vmmExits)")
         // Injections arrive before the vCPU runs: an injection, then the entry.
         let trace = try d.client().call("vm.trace", ["vm": "ext", "last": 200]).arrayValue ?? []

@@ -53,10 +53,14 @@ struct pvsched_kvm_event {
     pvs_u32 pad;
 };
 
-/* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU. */
+/* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU;
+ * `woken` is the BPF side's own note that the thread was woken and has not run
+ * since (the daemon writes 0). */
 struct pvsched_kvm_vcpu {
     pvs_u32 vm;
     pvs_u32 vcpu;
+    pvs_u32 woken;
+    pvs_u32 pad;
 };
 
 #define PVSCHED_KEV_MAX_THREADS 4096
