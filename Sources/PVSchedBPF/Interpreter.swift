@@ -39,6 +39,7 @@ public final class Interpreter: Sendable {
             let ctxBase = UInt(bitPattern: context.baseAddress), ctxEnd = ctxBase + UInt(context.count)
             let stackBase = UInt(bitPattern: stack.baseAddress!), stackEnd = stackBase + UInt(stack.count)
             reg[1] = UInt64(ctxBase)
+            reg[2] = UInt64(context.count)  // the blob's length, for programs run on memory (`bpf run`)
             reg[10] = UInt64(stackBase) + UInt64(BPF.stackSize)
             var frames: [Frame] = []
             var pc = 0
@@ -82,10 +83,11 @@ public final class Interpreter: Sendable {
                         continue
                     }
                     if code4 == 0x80 {  // call
+                        guard op == 0x85 else { throw .runtime(pc: pc - 1, reason: "invalid opcode 0x\(String(op, radix: 16)) (callx is not supported)") }
                         if i.src == 1 {
                             guard frames.count < BPF.maxCallDepth - 1 else { throw .runtime(pc: pc - 1, reason: "call depth exceeds \(BPF.maxCallDepth)") }
                             frames.append(Frame(returnPC: pc, saved: (reg[6], reg[7], reg[8], reg[9]), fp: reg[10]))
-                            reg[10] += UInt64(BPF.stackSize)
+                            reg[10] &+= UInt64(BPF.stackSize)  // r10 may hold anything without the verifier
                             pc += Int(i.imm)
                         } else {
                             reg[0] = try helper(Int(i.imm), reg, ok: ok, at: pc - 1)
@@ -93,6 +95,7 @@ public final class Interpreter: Sendable {
                         continue
                     }
                     if code4 == 0x90 {  // exit
+                        guard op == 0x95 else { throw .runtime(pc: pc - 1, reason: "invalid opcode 0x\(String(op, radix: 16))") }
                         guard let f = frames.popLast() else { return reg[0] }
                         (reg[6], reg[7], reg[8], reg[9]) = f.saved
                         reg[10] = f.fp

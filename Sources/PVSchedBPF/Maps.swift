@@ -23,11 +23,31 @@ public final class BPFMap: @unchecked Sendable {
     private struct HashState { var slots: [[UInt8]: Int] = [:]; var free: [Int] }
     private let hash: Mutex<HashState>
 
-    public init(_ d: MapDefinition) throws(BPFError) {
-        guard d.valueSize > 0, d.valueSize <= 1 << 16, d.maxEntries > 0, d.maxEntries <= 1 << 20,
-              d.keySize > 0, d.keySize <= 512 else {
-            throw .badMap(d.name, "key_size \(d.keySize), value_size \(d.valueSize), max_entries \(d.maxEntries) out of range")
+    /// Most maps one program may declare.
+    public static let maxMaps = 64
+    /// Most memory one map may take, and all of a program's maps together.
+    public static let maxMapBytes = 16 << 20
+    public static let maxTotalBytes = 64 << 20
+
+    /// The memory a map with this definition takes; throws if a field is out of
+    /// range or it would take more than `maxMapBytes`.
+    public static func checkedFootprint(_ d: MapDefinition) throws(BPFError) -> Int {
+        guard d.keySize > 0, d.keySize <= 512 else { throw .badMap(d.name, "key_size \(d.keySize) is outside 1...512") }
+        guard d.valueSize > 0, d.valueSize <= 1 << 16 else { throw .badMap(d.name, "value_size \(d.valueSize) is outside 1...65536") }
+        guard d.maxEntries > 0, d.maxEntries <= 1 << 20 else {
+            throw .badMap(d.name, "max_entries \(d.maxEntries) is outside 1...\(1 << 20)")
         }
+        let slot = (d.valueSize + 7) & ~7
+        let perEntry = slot + (d.kind == .hash ? d.keySize + 64 : 0)
+        let (bytes, overflow) = perEntry.multipliedReportingOverflow(by: d.maxEntries)
+        guard !overflow, bytes <= maxMapBytes else {
+            throw .badMap(d.name, "value_size \(d.valueSize) x max_entries \(d.maxEntries) needs more than the \(maxMapBytes >> 20) MiB a map may take")
+        }
+        return bytes
+    }
+
+    public init(_ d: MapDefinition) throws(BPFError) {
+        _ = try Self.checkedFootprint(d)
         if d.kind == .array && d.keySize != 4 { throw .badMap(d.name, "an array map needs key_size 4") }
         definition = d
         slotSize = (d.valueSize + 7) & ~7

@@ -2,7 +2,12 @@
 public struct ContextDescription: Sendable {
     public var size: Int
     public var writable: Bool
-    public init(size: Int, writable: Bool) { self.size = size; self.writable = writable }
+    /// r2 holds the context's length at entry (a memory blob, as other runtimes'
+    /// test harnesses pass it); pvsched drivers get only r1, as in the kernel.
+    public var lengthInR2: Bool
+    public init(size: Int, writable: Bool, lengthInR2: Bool = false) {
+        self.size = size; self.writable = writable; self.lengthInR2 = lengthInR2
+    }
 }
 
 /// Checks a program before it may run, rejecting it with a message that names the
@@ -64,10 +69,15 @@ public struct Verifier {
                     guard i.opcode & 0x08 == 0 else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
                     succ[pc] = [try target(pc + 1 + (cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset)))]
                 case 0x90:
-                    guard cls == BPF.jmp else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
+                    // exit is 0x95 only: the X (register source) form does not exist.
+                    guard i.opcode == 0x95 else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
                     succ[pc] = []
                 case 0x80:
-                    guard cls == BPF.jmp else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
+                    // call is 0x85 only: 0x8d (callx, a call through a register) is not supported.
+                    guard i.opcode == 0x85 else {
+                        throw reject(pc, i.opcode == 0x8D ? "callx (0x8d, an indirect call) is not supported"
+                                                          : "invalid opcode 0x\(String(i.opcode, radix: 16))")
+                    }
                     if i.src == 1 { succ[pc] = [try target(pc + 1 + Int(i.imm)), pc + 1] }
                     else if i.src == 0 { succ[pc] = [pc + 1] }
                     else { throw reject(pc, "calls to kernel functions are not supported") }
@@ -149,6 +159,7 @@ public struct Verifier {
     private func explore() throws(BPFError) {
         var entry = Frame()
         entry.regs[1] = .ctx(0)
+        if context.lengthInR2 { entry.regs[2] = .scalar(UInt64(context.size)) }
         entry.regs[10] = .stack(frame: 0, offset: 0)
         var work = [State(pc: 0, frames: [entry])]
         var steps = 0
@@ -360,11 +371,22 @@ public struct Verifier {
         return .next
     }
 
+    /// Largest pointer offset tracked (as Linux's BPF_MAX_VAR_OFF): beyond it no
+    /// access can be valid, and offset arithmetic stays far from overflowing.
+    static let maxPointerOffset = 1 << 29
+
     private func offsetPointer(_ p: Value, by delta: Int, _ pc: Int) throws(BPFError) -> Value {
+        func moved(_ o: Int) throws(BPFError) -> Int {
+            let (n, overflow) = o.addingReportingOverflow(delta)
+            guard !overflow, n >= -Self.maxPointerOffset, n <= Self.maxPointerOffset else {
+                throw reject(pc, "pointer offset \(o) + \(delta) is out of range (at most ±\(Self.maxPointerOffset))")
+            }
+            return n
+        }
         switch p {
-        case .ctx(let o): return .ctx(o + delta)
-        case .stack(let fr, let o): return .stack(frame: fr, offset: o + delta)
-        case .mapValue(let m, let o): return .mapValue(map: m, offset: o + delta)
+        case .ctx(let o): return .ctx(try moved(o))
+        case .stack(let fr, let o): return .stack(frame: fr, offset: try moved(o))
+        case .mapValue(let m, let o): return .mapValue(map: m, offset: try moved(o))
         default: throw reject(pc, "arithmetic on \(p.name) is not allowed")
         }
     }

@@ -28,7 +28,7 @@ struct BPFRun: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run", abstract: "Run a BPF program (ELF file, or instructions as hex) on a memory blob and print r0.")
     @Argument(help: "An ELF object, a file of hex instructions, or hex instructions.") var program: String
-    @Option(help: "The memory r1 points to, as hex bytes (writable).") var mem: String = ""
+    @Option(help: "The memory r1 points to, as hex bytes (writable); r2 holds its length.") var mem: String = ""
     @Option(help: "ELF section of the program.") var section = "pvsched"
     @Option(help: "Instruction budget.") var budget = 1_000_000
     @Flag(help: "Skip the verifier (the interpreter still checks every memory access).") var noVerify = false
@@ -44,7 +44,9 @@ struct BPFRun: ParsableCommand {
             blob.append(b)
             digits = digits.dropFirst(2)
         }
-        if !noVerify { try Verifier(program: p, context: ContextDescription(size: blob.count, writable: true)).verify() }
+        if !noVerify {
+            try Verifier(program: p, context: ContextDescription(size: blob.count, writable: true, lengthInR2: true)).verify()
+        }
         let interpreter = Interpreter(program: p, instructionBudget: budget, trace: { print("trace: \($0)") })
         let r0 = try blob.withUnsafeMutableBytes { try interpreter.run(context: $0, contextWritable: true) }
         print("r0 = \(r0) (0x\(String(r0, radix: 16)))")
