@@ -10,6 +10,9 @@ let package = Package(
         .library(name: "PVSchedDrivers", targets: ["PVSchedDrivers"]),
         .library(name: "PVSchedLinux", targets: ["PVSchedLinux"]),
         .library(name: "PVSchedKVM", targets: ["PVSchedKVM"]),
+        .library(name: "PVSchedBPF", targets: ["PVSchedBPF"]),
+        .library(name: "PVSchedControl", targets: ["PVSchedControl"]),
+        .library(name: "PVSchedABI", targets: ["PVSchedABI"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -32,3 +32,9 @@ swift build
 # Serially: many tests run real VMs, real-time threads and a daemon on a 2-core machine, and
 # several of them time what they see; run side by side they starve each other.
 swift test --no-parallel
+# The libFuzzer targets (ELF loader, verifier + interpreter, shared area, control
+# requests), each for a bounded time from the corpus in Fuzz/Corpus.
+# PVSCHED_FUZZ_SECONDS=0 skips them.
+if [ "${PVSCHED_FUZZ_SECONDS:-15}" != 0 ]; then
+    bash Fuzz/run.sh "${PVSCHED_FUZZ_SECONDS:-15}"
+fi

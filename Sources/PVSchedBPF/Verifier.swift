@@ -2,11 +2,15 @@
 public struct ContextDescription: Sendable {
     public var size: Int
     public var writable: Bool
-    /// r2 holds the context's length at entry (a memory blob, as other runtimes'
-    /// test harnesses pass it); pvsched drivers get only r1, as in the kernel.
-    public var lengthInR2: Bool
-    public init(size: Int, writable: Bool, lengthInR2: Bool = false) {
-        self.size = size; self.writable = writable; self.lengthInR2 = lengthInR2
+    /// The context is a raw memory region (`pvsched bpf run`'s blob), not a driver
+    /// context: r2 holds its length at entry (as other runtimes' test harnesses
+    /// pass it), and accesses to it may be misaligned, as Linux allows for memory
+    /// on x86 (no strict alignment). A driver context follows Linux's per-type
+    /// context rule instead: only r1, and aligned accesses. The stack is always
+    /// aligned, as in Linux.
+    public var memoryBlob: Bool
+    public init(size: Int, writable: Bool, memoryBlob: Bool = false) {
+        self.size = size; self.writable = writable; self.memoryBlob = memoryBlob
     }
 }
 
@@ -17,14 +21,26 @@ public struct ContextDescription: Sendable {
 /// the read-only context, unchecked map lookups, unknown helpers.
 ///
 /// Structural checks run on the control-flow graph; then every path is
-/// interpreted abstractly (the program has no loops, so paths are finite), with
-/// a cap on the work for pathological programs.
+/// interpreted abstractly, with a cap on the work (`maxStates` instructions).
+///
+/// Loops (back-edges), as Linux 5.3 and later: a loop is accepted when every path
+/// through it is explored to its end within the cap, which proves it bounded (a
+/// counter with known values, such as `for (i = 0; i < 16; i++)`). A loop that
+/// comes back to an instruction in exactly the state it had before can never end
+/// and is rejected at once. With `allowUnprovenLoops` (the runtime's instruction
+/// budget is then what guarantees termination), a loop is explored until its
+/// state repeats, with known values widened to unknown after a few iterations.
 public struct Verifier {
     public let program: Program
     public let context: ContextDescription
     public var maxStates = 200_000
+    /// Accept loops the verifier cannot prove bounded; the interpreter's
+    /// instruction budget ends them at run time.
+    public var allowUnprovenLoops = false
 
-    public init(program: Program, context: ContextDescription) { self.program = program; self.context = context }
+    public init(program: Program, context: ContextDescription, allowUnprovenLoops: Bool = false) {
+        self.program = program; self.context = context; self.allowUnprovenLoops = allowUnprovenLoops
+    }
 
     private var code: [Instruction] { program.instructions }
 
@@ -36,8 +52,8 @@ public struct Verifier {
         guard !code.isEmpty else { throw reject(0, "empty program") }
         guard code.count <= 1_000_000 else { throw reject(0, "program too large") }
         let successors = try structure()
-        try checkReachableAndAcyclic(successors)
-        try explore()
+        let loopHeads = try checkReachable(successors)
+        try explore(loopHeads: loopHeads)
     }
 
     // MARK: structure
@@ -62,7 +78,12 @@ public struct Verifier {
                 return t
             }
             let cls = i.instructionClass
-            if i.isLoadImm64 { succ[pc] = [pc + 2]; pc += 2; continue }
+            if i.isLoadImm64 {
+                guard pc + 2 < code.count else { throw reject(pc, "falls through the end of the program") }
+                succ[pc] = [pc + 2]
+                pc += 2
+                continue
+            }
             if cls == BPF.jmp || cls == BPF.jmp32 {
                 switch i.opcode & 0xF0 {
                 case 0x00:
@@ -93,16 +114,18 @@ public struct Verifier {
         return succ
     }
 
-    private func checkReachableAndAcyclic(_ succ: [[Int]]) throws(BPFError) {
+    /// Checks that every instruction is reachable; returns the targets of back-edges (loop heads).
+    private func checkReachable(_ succ: [[Int]]) throws(BPFError) -> Set<Int> {
         // 0 unvisited, 1 on the DFS stack, 2 done.
         var color = Array(repeating: UInt8(0), count: code.count)
         var stack: [(Int, Int)] = [(0, 0)]
+        var loopHeads = Set<Int>()
         color[0] = 1
         while let (node, next) = stack.last {
             if next < succ[node].count {
                 stack[stack.count - 1].1 += 1
                 let s = succ[node][next]
-                if color[s] == 1 { throw reject(node, "back-edge to instruction \(s): loops are not allowed (a loop must be proven bounded)") }
+                if color[s] == 1 { loopHeads.insert(s) }
                 if color[s] == 0 { color[s] = 1; stack.append((s, 0)) }
             } else {
                 color[node] = 2
@@ -114,11 +137,12 @@ public struct Verifier {
             if color[pc] == 0 { throw reject(pc, "unreachable instruction") }
             pc += code[pc].isLoadImm64 ? 2 : 1
         }
+        return loopHeads
     }
 
     // MARK: abstract interpretation
 
-    enum Value: Equatable {
+    enum Value: Hashable {
         case uninit
         case scalar(UInt64?)                  // known value, if any
         case ctx(Int)
@@ -143,7 +167,7 @@ public struct Verifier {
         }
     }
 
-    struct Frame {
+    struct Frame: Hashable {
         var regs: [Value] = Array(repeating: .uninit, count: BPF.maxRegisters)
         var stackInit = [Bool](repeating: false, count: BPF.stackSize)
         var spills: [Int: Value] = [:]        // 8-byte aligned slot offset -> pointer spilled there
@@ -154,19 +178,50 @@ public struct Verifier {
         var pc: Int
         var frames: [Frame]
         var nextID = 1
+        /// The state this path last reached each loop head in, and how often it did.
+        var lastAtHead: [Int: [Frame]] = [:]
+        var headVisits: [Int: Int] = [:]
     }
 
-    private func explore() throws(BPFError) {
+    /// How many times a loop head is explored with known values before, with
+    /// `allowUnprovenLoops`, they are widened to unknown so that its state settles.
+    static let iterationsBeforeWidening = 8
+
+    private func explore(loopHeads: Set<Int>) throws(BPFError) {
         var entry = Frame()
         entry.regs[1] = .ctx(0)
-        if context.lengthInR2 { entry.regs[2] = .scalar(UInt64(context.size)) }
+        if context.memoryBlob { entry.regs[2] = .scalar(UInt64(context.size)) }
         entry.regs[10] = .stack(frame: 0, offset: 0)
         var work = [State(pc: 0, frames: [entry])]
+        // Per loop head: the states any path reached it in. A path that reaches a
+        // head in a state another path already explored from is pruned (what follows
+        // was or will be verified); one that reaches it in a state it had itself
+        // earlier loops forever.
+        var seen: [Int: Set<[Frame]>] = [:]
         var steps = 0
-        while var st = work.popLast() {
+        paths: while var st = work.popLast() {
             while true {
                 steps += 1
-                if steps > maxStates { throw reject(st.pc, "program too complex to verify (\(maxStates) states)") }
+                if steps > maxStates {
+                    if let head = loopHeads.min() {
+                        throw reject(st.pc, "the loop at instruction \(head) could not be proven bounded within \(maxStates) instructions "
+                                     + "(load with loops allowed to rely on the runtime budget)")
+                    }
+                    throw reject(st.pc, "program too complex to verify (\(maxStates) states)")
+                }
+                if loopHeads.contains(st.pc) {
+                    let visits = st.headVisits[st.pc, default: 0]
+                    st.headVisits[st.pc] = visits + 1
+                    if allowUnprovenLoops && visits >= Self.iterationsBeforeWidening { widen(&st) }
+                    if st.lastAtHead[st.pc] == st.frames {
+                        // The same instruction in the same state as on the last round: it runs the same, forever.
+                        if allowUnprovenLoops { continue paths }  // verified from this state already
+                        throw reject(st.pc, "infinite loop: instruction \(st.pc) is reached again in the same state")
+                    }
+                    if seen[st.pc, default: []].contains(st.frames) { continue paths }
+                    st.lastAtHead[st.pc] = st.frames
+                    seen[st.pc, default: []].insert(st.frames)
+                }
                 let outcome = try step(&st)
                 switch outcome {
                 case .next: continue
@@ -174,6 +229,16 @@ public struct Verifier {
                 case .branch(let other): work.append(other); continue
                 }
                 break
+            }
+        }
+    }
+
+    /// Forgets the known values of scalars in registers (not pointers), so that a
+    /// loop's states stop changing from one iteration to the next.
+    private func widen(_ st: inout State) {
+        for k in st.frames.indices {
+            for r in 0..<BPF.maxRegisters {
+                if case .scalar(.some) = st.frames[k].regs[r] { st.frames[k].regs[r] = .scalar(nil) }
             }
         }
     }
@@ -401,7 +466,9 @@ public struct Verifier {
             guard at >= 0, at + size <= context.size else {
                 throw reject(pc, "context access at offset \(at) size \(size) is outside the \(context.size)-byte context")
             }
-            guard at % size == 0 else { throw reject(pc, "misaligned context access at offset \(at) size \(size)") }
+            guard at % size == 0 || context.memoryBlob else {
+                throw reject(pc, "misaligned context access at offset \(at) size \(size)")
+            }
             if write {
                 guard context.writable else { throw reject(pc, "write to the read-only context (offset \(at)): guest fields may not be written") }
                 if let stored, stored.isPointer { throw reject(pc, "storing \(stored.name) into the context leaks a pointer") }
@@ -412,6 +479,8 @@ public struct Verifier {
             guard at >= -BPF.stackSize, at + size <= 0 else {
                 throw reject(pc, "stack access at fp\(at) size \(size) is outside the \(BPF.stackSize)-byte stack")
             }
+            // As in Linux, stack accesses are always aligned (its spill tracking relies on it).
+            guard at % size == 0 else { throw reject(pc, "misaligned stack access at fp\(at) size \(size)") }
             let idx = BPF.stackSize + at
             if frame != frames.count - 1 {
                 // Access to a caller's stack through a passed pointer: reads only of initialized bytes.

@@ -32,6 +32,11 @@ struct BPFRun: ParsableCommand {
     @Option(help: "ELF section of the program.") var section = "pvsched"
     @Option(help: "Instruction budget.") var budget = 1_000_000
     @Flag(help: "Skip the verifier (the interpreter still checks every memory access).") var noVerify = false
+    @Flag(help: "Accept loops the verifier cannot prove bounded (the instruction budget ends them).") var allowLoops = false
+
+    func validate() throws {
+        guard (1...100_000_000).contains(budget) else { throw ValidationError("--budget must be 1...100000000, got \(budget)") }
+    }
 
     func run() throws {
         let p = try loadProgram(program, section: section)
@@ -45,7 +50,8 @@ struct BPFRun: ParsableCommand {
             digits = digits.dropFirst(2)
         }
         if !noVerify {
-            try Verifier(program: p, context: ContextDescription(size: blob.count, writable: true, lengthInR2: true)).verify()
+            try Verifier(program: p, context: ContextDescription(size: blob.count, writable: true, memoryBlob: true),
+                         allowUnprovenLoops: allowLoops).verify()
         }
         let interpreter = Interpreter(program: p, instructionBudget: budget, trace: { print("trace: \($0)") })
         let r0 = try blob.withUnsafeMutableBytes { try interpreter.run(context: $0, contextWritable: true) }

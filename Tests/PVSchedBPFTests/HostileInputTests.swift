@@ -70,13 +70,13 @@ import Testing
 
     @Test func aProgramInTextLoadsOnce() throws {
         let p = try ELFLoader.load(try Self.file("elf-text-section-duplicated.o"), section: ".text")
-        try Verifier(program: p, context: ContextDescription(size: 8, writable: true, lengthInR2: true)).verify()
+        try Verifier(program: p, context: ContextDescription(size: 8, writable: true, memoryBlob: true)).verify()
     }
 
     @Test func r2HoldsTheBlobLength() throws {
         // r0 = r2; exit
         let p = try Program.fromHex("bf20000000000000 9500000000000000")
-        try Verifier(program: p, context: ContextDescription(size: 24, writable: true, lengthInR2: true)).verify()
+        try Verifier(program: p, context: ContextDescription(size: 24, writable: true, memoryBlob: true)).verify()
         var blob = [UInt8](repeating: 0, count: 24)
         #expect(try blob.withUnsafeMutableBytes { try Interpreter(program: p).run(context: $0, contextWritable: true) } == 24)
     }
@@ -110,5 +110,15 @@ import Testing
             } catch {}
         }
         #expect(accepted < 3000)
+    }
+}
+
+/// Inputs the libFuzzer targets (Fuzz/) found, kept as regression tests.
+@Suite struct FuzzFoundTests {
+    @Test func ldimm64AtTheEndIsRejectedNotTrapped() throws {
+        // lddw r2, ... as the last instruction: its successor is past the end.
+        let p = Program(instructions: Instruction.decode([0x18, 0x02, 0x00, 0xFF, 0xFF, 0x7F, 0x21, 0x00,
+                                                          0x00, 0x00, 0x00, 0x00, 0x00, 0x79, 0x00, 0x00]))
+        #expect(throws: BPFError.self) { try Verifier(program: p, context: ContextDescription(size: 64, writable: true)).verify() }
     }
 }

@@ -22,7 +22,6 @@ import Testing
     @Test func structuralErrors() {
         rejects([A.mov(0, 0), A.exit, A.mov(0, 1), A.exit], at: 2, "unreachable instruction")
         rejects([A.ja(5), A.exit], at: 0, "jump out of range")
-        rejects([A.mov(0, 0), A.alu(A.add, 0, imm: 1), A.jmp(A.jlt, 0, imm: 10, -2), A.exit], at: 2, "loops are not allowed")
         rejects([A.mov(0, 0)], at: 0, "falls through the end")
         rejects([A.mov(0, 0), A.jmp(A.jeq, 0, imm: 0, 1)] + A.lddw(1, 5) + [A.exit], at: 1, "middle of ldimm64")
         rejects([.init(opcode: 0xFF), A.exit], at: 0, "invalid ALU opcode")
@@ -30,6 +29,26 @@ import Testing
         rejects([A.mov(0, 1), A.alu(A.rsh, 0, imm: 32, wide: false), A.exit], at: 1, "invalid shift 32")
         rejects([A.mov(0, 1), A.alu(A.mod, 0, imm: 0), A.exit], at: 1, "division by zero")
         rejects([A.alu(A.movc, 0, imm: 1, off: 8), A.exit], at: 0, "reserved fields")
+    }
+
+    @Test func boundedLoopsAreAcceptedUnboundedOnesAreNot() throws {
+        // r0 = 0; do r0 += 1 while r0 < 10; exit — bounded: its counter is known.
+        let counted = [A.mov(0, 0), A.alu(A.add, 0, imm: 1), A.jmp(A.jlt, 0, imm: 10, -2), A.exit]
+        try Verifier(program: Program(instructions: counted), context: ContextDescription(size: 8, writable: false)).verify()
+        var ctx = [UInt8](repeating: 0, count: 8)
+        #expect(try ctx.withUnsafeMutableBytes { try Interpreter(program: Program(instructions: counted)).run(context: $0) } == 10)
+        // r0 = 0; while r0 != 1 {}: the same state forever.
+        rejects([A.mov(0, 0), A.jmp(A.jeq, 0, imm: 1, 1), A.ja(-2), A.exit], at: 1, "infinite loop")
+        // A loop on a value the verifier does not know (read from the context): not provably bounded...
+        let unknown = [A.ldx(BPF.dw, 2, 1, 0), A.mov(0, 0), A.alu(A.add, 0, imm: 1), A.jmpr(A.jlt, 0, 2, -2), A.exit]
+        rejects(unknown, at: 2, "could not be proven bounded")
+        // ...unless loaded with the runtime budget as the guarantee.
+        let p = Program(instructions: unknown)
+        try Verifier(program: p, context: ContextDescription(size: 80, writable: false), allowUnprovenLoops: true).verify()
+        var big = [UInt8](repeating: 0xFF, count: 80)
+        #expect(throws: BPFError.budgetExceeded(1000)) {
+            try big.withUnsafeMutableBytes { try Interpreter(program: p, instructionBudget: 1000).run(context: $0) }
+        }
     }
 
     @Test func registersAndStack() {
