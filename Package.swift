@@ -97,11 +97,11 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary.
-        .target(name: "PVSchedTesting"),
+        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore"]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
         ]),
-        .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI"]),
+        .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI", "PVSchedTesting"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched", "PVSchedTesting"]),
         .testTarget(name: "PVSchedBPFTests", dependencies: [

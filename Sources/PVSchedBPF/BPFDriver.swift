@@ -40,6 +40,7 @@ public final class BPFDriver: Driver {
 
     /// Runs that failed (and decided nothing).
     public var failureCount: UInt64 { failures.load(ordering: .relaxed) }
+    public var failedDecisions: UInt64 { failureCount }
     public var maps: [BPFMap] { interpreter.program.maps }
 
     public func decide(event: VCPUEvent, view: VCPUView) -> Decision {

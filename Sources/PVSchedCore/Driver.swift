@@ -57,9 +57,13 @@ public protocol Driver: AnyObject, Sendable {
     func detach(vcpu: VCPUHandle)
     /// The policy: a pure function of the event and the view.
     func decide(event: VCPUEvent, view: VCPUView) -> Decision
+    /// Decisions that failed so far (a BPF program that faulted or ran out of
+    /// budget decides nothing). A driver that keeps failing is ejected from a VM.
+    var failedDecisions: UInt64 { get }
 }
 
 extension Driver {
     public func attach(vcpu: VCPUHandle) {}
     public func detach(vcpu: VCPUHandle) {}
+    public var failedDecisions: UInt64 { 0 }
 }

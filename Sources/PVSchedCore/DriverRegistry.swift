@@ -134,11 +134,14 @@ public final class DriverRegistry: Sendable {
     // MARK: VMs
 
     /// Binds a VM to the host component. It starts with the default driver (if any).
+    /// `clock` is where the binding reads the time (a manual clock in tests).
     public func bind(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig = .default,
-                     boost: BoostSettings = BoostSettings(), trace: EventTrace? = nil) throws(RegistryError) -> VMBinding {
+                     boost: BoostSettings = BoostSettings(), trace: EventTrace? = nil,
+                     clock: any HostClock = SystemClock()) throws(RegistryError) -> VMBinding {
         try control.withLock { _ throws(RegistryError) in
             let binding = VMBinding(vm: vm, actuator: actuator, governor: governor, boost: boost, trace: trace,
-                                    logger: Logger(label: "pvsched.vm"))
+                                    logger: Logger(label: "pvsched.vm"), clock: clock,
+                                    ejector: { [weak self] b, driver, reason in self?.eject(b, driver: driver, reason: reason) })
             let d: (any Driver)? = try state.withLock { s throws(RegistryError) in
                 guard s.bindings[vm.id] == nil else { throw .vmAlreadyBound(vm.id) }
                 s.bindings[vm.id] = binding
@@ -146,6 +149,22 @@ public final class DriverRegistry: Sendable {
             }
             if let d { binding.install(d) }
             return binding
+        }
+    }
+
+    /// Ejects `driver` from the VM of binding `b` because it kept failing: the VM
+    /// loses its explicit assignment and goes back to the default driver (or to
+    /// none, if the failing driver is the default), and the reason is recorded.
+    func eject(_ b: VMBinding, driver name: String, reason: String) {
+        control.withLock { _ in
+            let fallback: (any Driver)? = state.withLock { s in
+                guard s.bindings[b.vm.id] === b, b.driver?.name == name else { return nil }
+                s.explicit[b.vm.id] = nil
+                return s.defaultName.flatMap { $0 == name ? nil : s.drivers[$0] }
+            }
+            guard b.driver?.name == name else { return }
+            b.install(fallback)
+            b.recordEjection("driver '\(name)' ejected: \(reason); now \(fallback.map { "'\($0.name)'" } ?? "no driver")")
         }
     }
 

@@ -180,6 +180,10 @@ public final class VMBinding: VMEventSink {
         var disabledReason: SharedAreaError?
         var negotiation = NegotiationStatus.none
         var refusals: [String: UInt64] = [:]
+        /// A driver that kept failing, to be ejected by the next budget check (off the vCPU lock).
+        var ejectRequest: (driver: String, generation: UInt64, reason: String)?
+        /// Why the last driver was ejected.
+        var ejection: String?
     }
     private struct VCPUState {
         var thread: ThreadID?
@@ -188,6 +192,8 @@ public final class VMBinding: VMEventSink {
         var lastGuest: GuestVCPUState?
         /// Consecutive events that found the sequence counter unsettled.
         var unsettledStreak = 0
+        /// Consecutive decisions the driver failed to make.
+        var failureStreak = 0
         /// An interruptInjection was seen and no vmEntry since.
         var injectionPending = false
         var stats = VCPUStats()
@@ -200,10 +206,20 @@ public final class VMBinding: VMEventSink {
     /// Consecutive unsettled reads of a vCPU's line after which the area is
     /// treated as hostile and pvsched is disabled for the VM.
     public static let unsettledLimit = 1000
+    /// Consecutive failed decisions of one vCPU after which its driver is ejected
+    /// (the VM goes back to the default driver).
+    public static let failureLimit = 100
+    /// Carries out an ejection (set by the registry that made the binding).
+    let ejector: @Sendable (VMBinding, _ driver: String, _ reason: String) -> Void
+    /// Where every timestamp of this binding (boosts, budgets) comes from.
+    public let clock: any HostClock
     private let vcpus: [VCPUSlot]
 
     init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, trace: EventTrace?,
-         logger: Logger) {
+         logger: Logger, clock: any HostClock = SystemClock(),
+         ejector: @escaping @Sendable (VMBinding, String, String) -> Void = { _, _, _ in }) {
+        self.ejector = ejector
+        self.clock = clock
         self.vm = vm
         self.trace = trace
         self.actuator = actuator
@@ -221,6 +237,11 @@ public final class VMBinding: VMEventSink {
     public var disabledReason: SharedAreaError? { slot.withLock { $0.disabledReason } }
     /// The result of the guest's last registration.
     public var negotiation: NegotiationStatus { slot.withLock { $0.negotiation } }
+    /// Why a driver was last ejected from this VM, if one was.
+    public var ejection: String? { slot.withLock { $0.ejection } }
+
+    /// Records an ejection (the registry calls this once it has replaced the driver).
+    public func recordEjection(_ text: String) { slot.withLock { $0.ejection = text } }
 
     /// Records the result of a registration (the registrar calls this).
     public func recordNegotiation(_ status: NegotiationStatus) { slot.withLock { $0.negotiation = status } }
@@ -257,7 +278,7 @@ public final class VMBinding: VMEventSink {
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
         let old: ThreadID? = vcpus[vcpu].state.withLock { s in
             let old = s.thread
-            if old != thread { endBoost(&s, vcpu: vcpu, now: MonotonicClock.nowNs()) }
+            if old != thread { endBoost(&s, vcpu: vcpu, now: clock.nowNs()) }
             s.thread = thread
             return old
         }
@@ -283,7 +304,7 @@ public final class VMBinding: VMEventSink {
             s.generation &+= 1
             return (old, s.generation)
         }
-        let now = MonotonicClock.nowNs()
+        let now = clock.nowNs()
         for i in vcpus.indices {
             let handle = VCPUHandle(vm: vm, index: i)
             undoBoost(vcpu: i, now: now) { $0.attachedGeneration = generation }
@@ -303,8 +324,9 @@ public final class VMBinding: VMEventSink {
             (s.driver, s.generation, s.area, s.disabledReason != nil)
         }
         guard !disabled, let driver, driver.events.contains(event.kind) else { return .unchanged }
-        let now = MonotonicClock.nowNs()
+        let now = clock.nowNs()
         var readError: SharedAreaError?
+        var failing = false
         let outcome: NotifyOutcome = vcpus[vcpu].state.withLock { s in
             guard s.attachedGeneration == generation else { return .unchanged }  // raced a replacement
             s.stats.events &+= 1
@@ -341,8 +363,15 @@ public final class VMBinding: VMEventSink {
             let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now,
                                 interruptPending: s.injectionPending)
+            let failedBefore = driver.failedDecisions
             let decision = driver.decide(event: event, view: view)
-            let decided = MonotonicClock.nowNs()
+            let decided = clock.nowNs()
+            if driver.failedDecisions != failedBefore {
+                s.failureStreak += 1
+                if s.failureStreak == Self.failureLimit { failing = true }
+            } else {
+                s.failureStreak = 0
+            }
             s.stats.decisionLatency.record(decided > now ? decided - now : 0)
             s.stats.eventsByKind.count(event)
             var result = carryOut(decision, &s, vcpu: vcpu, now: now)
@@ -354,6 +383,12 @@ public final class VMBinding: VMEventSink {
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }
+        if failing {
+            let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
+            slot.withLock { s in
+                if s.ejectRequest == nil, s.generation == generation { s.ejectRequest = (driver.name, generation, reason) }
+            }
+        }
         return outcome
     }
 
@@ -361,7 +396,17 @@ public final class VMBinding: VMEventSink {
     /// a vCPU that never exits cannot keep a boost. Returns how many were cut.
     @discardableResult
     public func enforceBudgets() -> Int {
-        let now = MonotonicClock.nowNs()
+        // A driver that kept failing is ejected here, away from the vCPU locks.
+        let eject: (driver: String, generation: UInt64, reason: String)? = slot.withLock { s in
+            let e = s.ejectRequest
+            s.ejectRequest = nil
+            return e.flatMap { $0.generation == s.generation ? $0 : nil }
+        }
+        if let eject {
+            logger.error("driver ejected", metadata: ["vm": "\(vm)", "driver": "\(eject.driver)", "reason": "\(eject.reason)"])
+            ejector(self, eject.driver, eject.reason)
+        }
+        let now = clock.nowNs()
         var cutCount = 0
         for (i, v) in vcpus.enumerated() {
             let wasCut: Bool = v.state.withLock { s in
@@ -467,7 +512,7 @@ public final class VMBinding: VMEventSink {
         }
         guard first else { return }
         logger.error("pvsched disabled for VM: invalid shared area", metadata: ["vm": "\(vm)", "error": "\(error)"])
-        let now = MonotonicClock.nowNs()
+        let now = clock.nowNs()
         for i in vcpus.indices { undoBoost(vcpu: i, now: now) }
     }
 
@@ -479,7 +524,7 @@ public final class VMBinding: VMEventSink {
     }
 
     private func isThrottled(_ vcpu: Int) -> Bool {
-        governor.isThrottled(vcpu: vcpu, now: MonotonicClock.nowNs())
+        governor.isThrottled(vcpu: vcpu, now: clock.nowNs())
     }
 
     private func publishAll(_ area: SharedArea) {

@@ -287,7 +287,7 @@ public final class ControlHandler: Sendable {
         return ["id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
                 "state": .string("\(s.state)"), "summary": .string(s.summary), "pvsched": .bool(b != nil),
                 "driver": JSON(b?.driver?.name), "negotiation": .string(b.map { "\($0.negotiation)" } ?? "pvsched off"),
-                "disabled": JSON(b?.disabledReason.map { "\($0)" }), "vcpus": .array(vcpus)]
+                "disabled": JSON(b?.disabledReason.map { "\($0)" }), "ejected": JSON(b?.ejection), "vcpus": .array(vcpus)]
     }
 
     func statsJSON(_ s: any VMSession) -> JSON {

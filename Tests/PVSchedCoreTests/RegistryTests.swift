@@ -1,3 +1,4 @@
+import Synchronization
 import Testing
 @testable import PVSchedCore
 
@@ -108,5 +109,49 @@ import Testing
         #expect(g.beginBoost(vcpu: 0, now: 700) == .vmShareExhausted(usedNs: 600, limitNs: 500))
         // A new window starts afresh.
         #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)
+    }
+}
+
+/// A driver whose every decision fails (as a faulting BPF program's would).
+final class FailingDriver: Driver {
+    let name = "failing"
+    let protocolName = "pvsched-latency"
+    let protocolVersion = ProtocolVersion(major: 1, minor: 0)
+    let events: EventMask = .all
+    private let failed = Mutex<UInt64>(0)
+    var failedDecisions: UInt64 { failed.withLock { $0 } }
+    func decide(event: VCPUEvent, view: VCPUView) -> Decision {
+        failed.withLock { $0 += 1 }
+        return .none
+    }
+}
+
+@Suite struct DriverEjectionTests {
+    @Test func aDriverThatKeepsFailingIsEjectedToTheDefault() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("fallback") { _, _ in .none })
+        try r.register(FailingDriver())
+        try r.setDefault("fallback")
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator())
+        try r.assign("failing", to: testVM.id)
+        for _ in 0..<(VMBinding.failureLimit - 1) { b.notify(.vmEntry, vcpu: 0) }
+        b.enforceBudgets()
+        #expect(b.driver?.name == "failing")   // not yet: one short of the limit
+        b.notify(.vmEntry, vcpu: 0)
+        #expect(b.driver?.name == "failing")   // requested, carried out by the next budget check
+        b.enforceBudgets()
+        #expect(b.driver?.name == "fallback")
+        #expect(b.ejection?.contains("driver 'failing' ejected: 100 decisions in a row failed on vCPU 0; now 'fallback'") == true)
+    }
+
+    @Test func aFailingDefaultDriverLeavesTheVMWithNone() throws {
+        let r = DriverRegistry()
+        try r.register(FailingDriver())
+        try r.setDefault("failing")
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator())
+        for _ in 0..<VMBinding.failureLimit { b.notify(.halt, vcpu: 0) }
+        b.enforceBudgets()
+        #expect(b.driver == nil)
+        #expect(b.ejection?.hasSuffix("now no driver") == true)
     }
 }

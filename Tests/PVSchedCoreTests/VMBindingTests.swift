@@ -1,11 +1,12 @@
 import PVSchedABI
 import Synchronization
+import PVSchedTesting
 import Testing
 @testable import PVSchedCore
 
 @Suite struct VMBindingTests {
     // No budget unless a test is about budgets: on a loaded machine 5 ms can pass between two calls.
-    private func setup(governor: GovernorConfig = .unlimited,
+    private func setup(governor: GovernorConfig = .unlimited, clock: any HostClock = SystemClock(),
                        script: @escaping @Sendable (VCPUEvent, VCPUView) -> Decision)
         throws -> (DriverRegistry, VMBinding, RecordingActuator, ScriptedDriver) {
         let r = DriverRegistry()
@@ -13,7 +14,7 @@ import Testing
         try r.register(d)
         try r.setDefault("s")
         let act = RecordingActuator()
-        let b = try r.bind(vm: testVM, actuator: act, governor: governor)
+        let b = try r.bind(vm: testVM, actuator: act, governor: governor, clock: clock)
         b.setThread(ThreadID(100), vcpu: 0)
         b.setThread(ThreadID(101), vcpu: 1)
         return (r, b, act, d)
@@ -98,22 +99,36 @@ import Testing
     }
 
     @Test func governorVetoIsReportedAndCounted() throws {
-        let cfg = GovernorConfig(maxContinuousBoostNs: 1, throttleWindowNs: 10_000_000_000, shareWindowNs: .max, maxVMShare: 1)
-        let (_, b, act, d) = try setup(governor: cfg) { _, _ in .boost() }
+        let clock = ManualClock()
+        let cfg = GovernorConfig(maxContinuousBoostNs: 5_000_000, throttleWindowNs: 10_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, d) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
-        // The next event finds the boost past its 1 ns cap: cut and throttled; the
+        clock.advance(by: 4_999_999)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)   // still inside its 5 ms cap
+        clock.advance(by: 1)
+        // The next event finds the boost at its cap: cut and throttled; the
         // driver still sees the event and its new boost is refused.
         guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not cut"); return }
         guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("not throttled"); return }
         #expect(act.applied(to: ThreadID(100)) == nil)
         #expect(b.stats(vcpu: 0).throttleCount == 3)  // one cut, two refusals
-        #expect(d.calls.filter { $0 == "vmEntry" }.count == 3)
+        #expect(d.calls.filter { $0 == "vmEntry" }.count == 4)
+        // The throttle lasts 10 ms after the cut, then a boost is allowed again.
+        clock.advance(by: 9_999_999)
+        guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("throttle ended early"); return }
+        clock.advance(by: 1)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        #expect(b.stats(vcpu: 0).boostedNs == 5_000_000)
     }
 
     @Test func enforcerCutsABoostWithoutEvents() throws {
-        let cfg = GovernorConfig(maxContinuousBoostNs: 1, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
-        let (_, b, act, _) = try setup(governor: cfg) { _, _ in .boost() }
+        let clock = ManualClock()
+        let cfg = GovernorConfig(maxContinuousBoostNs: 2_000_000, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
+        clock.advance(by: 1_999_999)
+        #expect(b.enforceBudgets() == 0)
+        clock.advance(by: 1)
         #expect(b.enforceBudgets() == 1)
         #expect(act.applied(to: ThreadID(101)) == nil)
     }
