@@ -1,3 +1,4 @@
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -32,4 +33,17 @@ public final class Thread: @unchecked Sendable {
 
     /// Sends `signal` to the thread (used to kick a vCPU out of KVM_RUN).
     public func signal(_ signal: Int32) { pthread_kill(handle, signal) }
+}
+
+extension Mutex where Value == Thread? {
+    /// Takes the thread out (so that only one caller joins it) and joins it,
+    /// unless the caller is that thread itself (it is then left to finish).
+    public func takeAndJoin() {
+        let t = withLock { slot in
+            let t = slot
+            slot = nil
+            return t
+        }
+        if let t, !t.isCurrent { t.join() }
+    }
 }

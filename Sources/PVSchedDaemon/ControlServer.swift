@@ -78,12 +78,7 @@ public final class ControlServer: Sendable {
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
         pvs_shutdown(listenFD)
-        let t = acceptThread.withLock { a in
-            let t = a
-            a = nil
-            return t
-        }
-        t?.join()
+        acceptThread.takeAndJoin()
         pvs_close(listenFD)
         for fd in connections.withLock({ Array($0) }) { pvs_shutdown(fd) }
         let all = workers.withLock { w in

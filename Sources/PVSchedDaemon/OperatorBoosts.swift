@@ -53,12 +53,7 @@ final class OperatorBoosts: Sendable {
 
     func shutdown() {
         running.store(false, ordering: .relaxed)
-        let t = expiry.withLock { e in
-            let t = e
-            e = nil
-            return t
-        }
-        t?.join()
+        expiry.takeAndJoin()
         expire(now: .max)
     }
 

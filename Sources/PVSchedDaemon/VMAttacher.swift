@@ -198,11 +198,6 @@ final class ProcessWatcher: Sendable {
     /// Stops watching (safe from the onExit callback itself).
     func stop() {
         running.store(false, ordering: .relaxed)
-        let t = thread.withLock { t in
-            let x = t
-            t = nil
-            return x
-        }
-        if let t, !t.isCurrent { t.join() }
+        thread.takeAndJoin()
     }
 }

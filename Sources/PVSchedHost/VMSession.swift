@@ -82,12 +82,7 @@ public final class OwnedVMSession: VMSession {
     public func stop() {
         stateBox.withLock { s in if s == .running { s = .stopped } }
         vm.stop()
-        let t = monitor.withLock { m in
-            let t = m
-            m = nil
-            return t
-        }
-        t?.join()
+        monitor.takeAndJoin()
     }
 }
 
@@ -148,12 +143,7 @@ public final class AttachedVMSession: VMSession {
 
     private func detach() {
         enforcing.store(false, ordering: .relaxed)
-        let t = enforcer.withLock { e in
-            let t = e
-            e = nil
-            return t
-        }
-        if let t, !t.isCurrent { t.join() }
+        enforcer.takeAndJoin()
         onDetach()
         for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }
         link.release()

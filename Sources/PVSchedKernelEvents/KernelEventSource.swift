@@ -140,12 +140,7 @@ public final class KernelEventSource: Sendable {
     /// Stops the consumer and detaches every program.
     public func close() {
         guard running.exchange(false, ordering: .acquiringAndReleasing) else { return }
-        let t = consumer.withLock { c in
-            let t = c
-            c = nil
-            return t
-        }
-        t?.join()
+        consumer.takeAndJoin()
         pvs_kev_close(handle.raw)
     }
 

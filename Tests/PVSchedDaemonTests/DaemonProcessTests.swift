@@ -73,6 +73,15 @@ func eventually(_ seconds: Double, _ condition: () throws -> Bool) rethrows -> B
     return try condition()
 }
 
+/// Another process (a sleeping one) whose thread the daemon boosts.
+func startSleeper() throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: "/bin/sleep")
+    p.arguments = ["60"]
+    try p.run()
+    return p
+}
+
 func isRealTime(_ tid: Int32) -> Bool {
     (try? LinuxScheduling.parameters(of: ThreadID(tid)))??.isRealTime ?? false
 }
@@ -188,10 +197,7 @@ struct DaemonProcessTests {
     @Test func guardianRestoresAnotherProcessesThreadWhenTheDaemonIsKilled() throws {
         try Requirement.root.check(); try Requirement.kvm.check()
         let d = try DaemonProcess()
-        let victim = Process()
-        victim.executableURL = URL(fileURLWithPath: "/bin/sleep")
-        victim.arguments = ["60"]
-        try victim.run()
+        let victim = try startSleeper()
         defer { kill(victim.processIdentifier, SIGKILL); victim.waitUntilExit() }
         let tid = victim.processIdentifier
         let before = try LinuxScheduling.parameters(of: ThreadID(tid))
@@ -211,10 +217,7 @@ struct DaemonProcessTests {
     @Test func sigtermStopsCleanlyWithEveryBoostUndone() throws {
         try Requirement.root.check(); try Requirement.kvm.check()
         let d = try DaemonProcess()
-        let victim = Process()
-        victim.executableURL = URL(fileURLWithPath: "/bin/sleep")
-        victim.arguments = ["60"]
-        try victim.run()
+        let victim = try startSleeper()
         defer { kill(victim.processIdentifier, SIGKILL); victim.waitUntilExit() }
         let tid = victim.processIdentifier
         #expect(try d.cli(["vm", "start", "--name", "t", "--workload", "cyclic", "--duration-ms", "60000"]).status == 0)
