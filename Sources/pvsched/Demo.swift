@@ -20,6 +20,10 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Governor: throttle window after a cut boost, in milliseconds.") var throttleMs: Double = 10
     @Option(help: "Governor: largest share (0-1) of the VM's vCPU time that may be boosted.") var vmShare: Double = 0.5
     @Flag(help: "Print JSON instead of the table.") var json = false
+    @Option(help: "Run each mode this many times, interleaved, and report each figure's median and spread (1-20).")
+    var runs = 1
+    @Option(help: "Run these scenarios one after the other: 'all' (mixed, cyclic, irq-response, rt+batch, mixed with a noisy VM), or a comma-separated list of --guest values (a '+noisy' suffix adds the noisy VM).")
+    var scenarios: String?
     @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
 
     func scenario() throws -> Scenario {
@@ -29,6 +33,7 @@ struct ScenarioOptions: ParsableArguments {
         }
         guard (1...16).contains(vcpus) else { throw ValidationError("--vcpus must be 1...16") }
         if g == .mixed && vcpus < 2 { throw ValidationError("--guest mixed needs at least 2 vCPUs") }
+        guard (1...20).contains(runs) else { throw ValidationError("--runs must be 1...20, got \(runs)") }
         guard (0...64).contains(busyThreads) else { throw ValidationError("--busy-threads must be 0...64, got \(busyThreads)") }
         guard seconds > 0 && seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600], got \(seconds)") }
         guard (100...1_000_000).contains(intervalUs) else {
@@ -59,6 +64,27 @@ struct ScenarioOptions: ParsableArguments {
         }
         return s
     }
+
+    /// The scenarios to run: `--scenarios`, or the one the other options describe.
+    func allScenarios() throws -> [Scenario] {
+        let base = try scenario()
+        guard let scenarios else { return [base] }
+        let names = scenarios == "all" ? ["mixed", "cyclic", "irq-response", "rt+batch", "mixed+noisy"]
+                                       : scenarios.split(separator: ",").map(String.init)
+        guard !names.isEmpty else { throw ValidationError("--scenarios must name at least one scenario") }
+        return try names.map { name in
+            let noisy = name.hasSuffix("+noisy")
+            let guestName = noisy ? String(name.dropLast("+noisy".count)) : name
+            guard let g = GuestScenario(rawValue: guestName) else {
+                throw ValidationError("--scenarios: '\(name)' is not one of \(GuestScenario.allCases.map(\.rawValue).joined(separator: ", ")) (optionally with +noisy)")
+            }
+            var s = base
+            s.guest = g
+            s.noisyVM = noisy || base.noisyVM
+            if g == .mixed && s.vcpus < 2 { s.vcpus = 2 }
+            return s
+        }
+    }
 }
 
 /// The main job: a real KVM guest under host contention, in each mode, side by side.
@@ -70,14 +96,28 @@ struct Demo: ParsableCommand {
     func run() throws {
         try Preflight.requireKVM()
         try Preflight.requireRealTime()
-        let scenario = try options.scenario()
+        let scenarios = try options.allScenarios()
+        for (k, scenario) in scenarios.enumerated() {
+            if k > 0 && !options.json { print("") }
+            try run(scenario, plot: scenarios.count == 1 ? options.plot
+                                                       : options.plot.replacingOccurrences(of: ".svg", with: "-\(scenario.guest.rawValue)\(scenario.noisyVM ? "-noisy" : "").svg"))
+        }
+    }
+
+    private func run(_ scenario: Scenario, plot: String) throws {
         var runner = ExperimentRunner(scenario: scenario)
-        let total = scenario.modes.count
+        let total = scenario.modes.count * options.runs
         let seconds = Double(scenario.durationNs) / 1e9
         runner.progress = { mode, index, elapsed in
             let done = min(1, elapsed / seconds)
             let bar = String(repeating: "#", count: Int(done * 20)) + String(repeating: ".", count: 20 - Int(done * 20))
             FileHandle.standardError.write("\r[\(index + 1)/\(total)] \(mode.description.padding(toLength: 14, withPad: " ", startingAt: 0)) [\(bar)] \(String(format: "%4.1f", elapsed)) s ".data(using: .utf8)!)
+        }
+        if options.runs > 1 {
+            let repeated = try runner.run(repeats: options.runs)
+            FileHandle.standardError.write("\r\(String(repeating: " ", count: 60))\r".data(using: .utf8)!)
+            print(options.json ? try Report.json(repeated: repeated) : Report.repeatedTable(repeated, scenario: scenario))
+            return
         }
         let results = try runner.run()
         FileHandle.standardError.write("\r\(String(repeating: " ", count: 60))\r".data(using: .utf8)!)
@@ -87,8 +127,8 @@ struct Demo: ParsableCommand {
             print(Report.table(results, scenario: scenario))
         }
         let svg = Report.svg(results, title: "pvsched: \(scenario.guest.rawValue) guest, \(scenario.vcpus) vCPUs, \(scenario.busyThreads) busy host threads")
-        try svg.write(toFile: options.plot, atomically: true, encoding: .utf8)
-        if !options.json { print("plot: \(options.plot)") }
+        try svg.write(toFile: plot, atomically: true, encoding: .utf8)
+        if !options.json { print("plot: \(plot)") }
     }
 }
 
