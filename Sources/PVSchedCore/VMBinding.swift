@@ -197,10 +197,16 @@ public final class VMBinding: VMEventSink {
         /// An interruptInjection was seen and no vmEntry since.
         var injectionPending = false
         var stats = VCPUStats()
+        /// When the counters were last published for the control plane.
+        var publishedAtNs: UInt64 = 0
         var attachedGeneration: UInt64 = 0
     }
     private final class VCPUSlot: Sendable {
         let state = Mutex(VCPUState())
+        /// A copy of the counters for the control plane (stats, top, metrics), so
+        /// that readers never take `state`: a reader preempted while holding the
+        /// vCPU's lock would stall the vCPU thread. Writers never wait for it.
+        let published = Mutex(VCPUStats())
     }
     private let slot = Mutex(Slot())
     /// Consecutive unsettled reads of a vCPU's line after which the area is
@@ -261,6 +267,22 @@ public final class VMBinding: VMEventSink {
     public var threads: [ThreadID?] { vcpus.map { v in v.state.withLock { $0.thread } } }
 
     /// Counters for `vcpu`.
+    /// Counters of `vcpu` as last published for the control plane: at most ~1 ms
+    /// old while the VM runs (the enforcer republishes), and read without touching
+    /// the vCPU's own lock, so that any number of readers cost its thread nothing.
+    public func publishedStats(vcpu: Int) -> VCPUStats {
+        vcpus[vcpu].published.withLock { $0 }
+    }
+
+    /// Publishes `s`'s counters unless a reader holds the copy right now (the next
+    /// publish catches up). Call under the vCPU's lock.
+    private func publishStats(_ s: inout VCPUState, vcpu: Int, now: UInt64) {
+        var snapshot = s.stats
+        snapshot.boosted = s.boostStart != nil
+        if vcpus[vcpu].published.withLockIfAvailable({ $0 = snapshot }) != nil { s.publishedAtNs = now }
+    }
+
+    /// Exact counters of `vcpu` (takes the vCPU's lock).
     public func stats(vcpu: Int) -> VCPUStats {
         vcpus[vcpu].state.withLock { s in
             var st = s.stats
@@ -377,6 +399,7 @@ public final class VMBinding: VMEventSink {
             var result = carryOut(decision, &s, vcpu: vcpu, now: now)
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
             s.stats.outcomes.count(result)
+            if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
                                       interruptPending: view.interruptPending, decision: decision, outcome: result))
             return result
@@ -410,6 +433,7 @@ public final class VMBinding: VMEventSink {
         var cutCount = 0
         for (i, v) in vcpus.enumerated() {
             let wasCut: Bool = v.state.withLock { s in
+                defer { if s.publishedAtNs != now { publishStats(&s, vcpu: i, now: now) } }
                 guard s.boostStart != nil, let veto = governor.checkOverrun(vcpu: i, now: now) else { return false }
                 cut(&s, vcpu: i, veto: veto, now: now)
                 return true
@@ -481,6 +505,7 @@ public final class VMBinding: VMEventSink {
             also(&s)
             guard s.boostStart != nil else { return nil }
             endBoost(&s, vcpu: vcpu, now: now)
+            publishStats(&s, vcpu: vcpu, now: now)
             return s.thread
         }
         if let thread { try? actuator.restore(thread) }

@@ -282,7 +282,7 @@ public final class ControlHandler: Sendable {
         let threads = b?.threads ?? Array(repeating: nil, count: s.handle.vcpuCount)
         let vcpus: [JSON] = threads.enumerated().map { i, t in
             ["index": JSON(i), "thread": t.map { JSON($0.rawValue) } ?? .null,
-             "boosted": .bool(b?.stats(vcpu: i).boosted ?? false)]
+             "boosted": .bool(b?.publishedStats(vcpu: i).boosted ?? false)]
         }
         return ["id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
                 "state": .string("\(s.state)"), "summary": .string(s.summary), "pvsched": .bool(b != nil),
@@ -294,7 +294,7 @@ public final class ControlHandler: Sendable {
         let b = s.binding
         let threads = b?.threads ?? []
         let vcpus: [JSON] = (0..<s.handle.vcpuCount).map { i in
-            let st = b?.stats(vcpu: i) ?? VCPUStats()
+            let st = b?.publishedStats(vcpu: i) ?? VCPUStats()
             return ["index": JSON(i), "thread": i < threads.count ? threads[i].map { JSON($0.rawValue) } ?? .null : .null,
                     "boosted": .bool(st.boosted), "events": JSON(st.events),
                     "eventsByKind": .object(Dictionary(uniqueKeysWithValues: st.eventsByKind.byName.map { ($0.0, JSON($0.1)) })),

@@ -38,7 +38,7 @@ public final class MetricsExporter: Sendable {
             let vm = s.handle.name
             let driver = b.driver?.name ?? "none"
             for v in 0..<s.handle.vcpuCount {
-                let now = b.stats(vcpu: v)
+                let now = b.publishedStats(vcpu: v)
                 let key = "\(s.handle.id)/\(v)"
                 let before = seen.withLock { $0[key]?.stats } ?? VCPUStats()
                 seen.withLock { $0[key] = Seen(stats: now, refusals: [:]) }

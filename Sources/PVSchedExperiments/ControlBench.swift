@@ -94,7 +94,11 @@ public enum ControlBench {
     /// boosted vCPU thread), the daemon's and the clients' threads on the last one,
     /// so that what is measured is what the control plane does to the decision path
     /// (locks, shared cache lines), not the CPUs being shared.
-    public static func decisionUnderControlLoad(rounds: Int = 9) throws -> BenchResult {
+    /// Two ratios: against the socket idle (everything the clients cost, the
+    /// shared CPUs' caches and SMT siblings included), and against 4 clients
+    /// calling `daemon.info`, which never touches the VM (what reading the VM's
+    /// counters adds: locks and shared cache lines).
+    public static func decisionUnderControlLoad(rounds: Int = 9) throws -> [BenchResult] {
         let cpus = Scenario.onlineCPUs
         let control = LinuxThreadControl()
         // Threads created from here on (the server's, the clients') inherit this mask.
@@ -116,25 +120,37 @@ public enum ControlBench {
             t.join()
             return Double(result.load(ordering: .relaxed)) / Double(n)
         }
-        var idle: [Double] = [], loaded: [Double] = []
-        for _ in 0..<rounds {
-            idle.append(run())
+        /// One round with 4 clients calling `method` in a loop (nil: no clients).
+        func round(_ method: String?) -> Double {
+            guard let method else { return run() }
             let stop = Atomic(false)
             let path = setup.path
+            let params: [String: JSON] = method == "vm.stats" ? ["vm": "bench"] : [:]
             let clients = (0..<4).map { _ in
                 PVSchedCore.Thread {
                     guard let c = try? ControlClient(path: path) else { return }
-                    while !stop.load(ordering: .relaxed) { _ = try? c.call("vm.stats", ["vm": "bench"]) }
+                    while !stop.load(ordering: .relaxed) { _ = try? c.call(method, params) }
                 }
             }
             usleep(20_000)
-            loaded.append(run())
+            let t = run()
             stop.store(true, ordering: .relaxed)
             for c in clients { c.join() }
+            return t
+        }
+        var idle: [Double] = [], unrelated: [Double] = [], loaded: [Double] = []
+        for _ in 0..<rounds {
+            idle.append(round(nil))
+            unrelated.append(round("daemon.info"))
+            loaded.append(round("vm.stats"))
         }
         func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
-        return BenchResult(name: "decision path, 4 clients on the socket", baseline: "decision path, socket idle",
-                           nsPerOp: median(loaded), baselineNsPerOp: median(idle))
+        return [
+            BenchResult(name: "decision path, 4 clients reading its VM", baseline: "decision path, socket idle",
+                        nsPerOp: median(loaded), baselineNsPerOp: median(idle)),
+            BenchResult(name: "decision path, 4 clients reading its VM", baseline: "4 clients on daemon.info",
+                        nsPerOp: median(loaded), baselineNsPerOp: median(unrelated)),
+        ]
     }
 
     static func threadCPUNs() -> UInt64 {

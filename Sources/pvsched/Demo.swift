@@ -150,7 +150,7 @@ struct Bench: ParsableCommand {
             FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
         }
         results += try ControlBench.roundTrip()
-        results.append(try ControlBench.decisionUnderControlLoad())
+        results += try ControlBench.decisionUnderControlLoad()
         if (try? Preflight.requireKVM()) != nil {
             do { results += try KernelEventBench.compare() } catch {
                 FileHandle.standardError.write("kernel-event benchmark skipped: \(error)\n".data(using: .utf8)!)
