@@ -71,11 +71,11 @@ public final class Interpreter: Sendable {
                 case BPF.alu64:
                     let src: UInt64 = op & BPF.x != 0 ? reg[s] : UInt64(bitPattern: Int64(i.imm))
                     guard d != 10 else { throw .runtime(pc: pc - 1, reason: "r10 is read-only") }
-                    reg[d] = try alu64(op & 0xF0, reg[d], src, i, pc - 1)
+                    reg[d] = try BPFSemantics.alu64(op & 0xF0, reg[d], src, i, pc - 1)
                 case BPF.alu:
                     let src: UInt32 = op & BPF.x != 0 ? UInt32(truncatingIfNeeded: reg[s]) : UInt32(bitPattern: i.imm)
                     guard d != 10 else { throw .runtime(pc: pc - 1, reason: "r10 is read-only") }
-                    reg[d] = try alu32(op, reg[d], src, i, pc - 1)
+                    reg[d] = try BPFSemantics.alu32(op, reg[d], src, i, pc - 1)
                 case BPF.jmp, BPF.jmp32:
                     let code4 = op & 0xF0
                     if code4 == 0x00 {  // ja / gotol
@@ -102,26 +102,9 @@ public final class Interpreter: Sendable {
                         pc = f.returnPC
                         continue
                     }
-                    let wide = op & 0x07 == BPF.jmp
-                    var a = reg[d]
-                    var b: UInt64 = op & BPF.x != 0 ? reg[s] : UInt64(bitPattern: Int64(i.imm))
-                    if !wide { a = UInt64(UInt32(truncatingIfNeeded: a)); b = UInt64(UInt32(truncatingIfNeeded: b)) }
-                    let sa: Int64 = wide ? Int64(bitPattern: a) : Int64(Int32(truncatingIfNeeded: a))
-                    let sb: Int64 = wide ? Int64(bitPattern: b) : Int64(Int32(truncatingIfNeeded: b))
-                    let taken: Bool
-                    switch code4 {
-                    case 0x10: taken = a == b
-                    case 0x20: taken = a > b
-                    case 0x30: taken = a >= b
-                    case 0x40: taken = a & b != 0
-                    case 0x50: taken = a != b
-                    case 0x60: taken = sa > sb
-                    case 0x70: taken = sa >= sb
-                    case 0xA0: taken = a < b
-                    case 0xB0: taken = a <= b
-                    case 0xC0: taken = sa < sb
-                    case 0xD0: taken = sa <= sb
-                    default: throw .runtime(pc: pc - 1, reason: "invalid jump opcode 0x\(String(op, radix: 16))")
+                    let b: UInt64 = op & BPF.x != 0 ? reg[s] : UInt64(bitPattern: Int64(i.imm))
+                    guard let taken = BPFSemantics.condition(code4, wide: op & 0x07 == BPF.jmp, reg[d], b) else {
+                        throw .runtime(pc: pc - 1, reason: "invalid jump opcode 0x\(String(op, radix: 16))")
                     }
                     if taken { pc += Int(i.offset) }
                 case BPF.ldx:
@@ -181,92 +164,6 @@ public final class Interpreter: Sendable {
         }
     }
 
-    @inline(__always)
-    private func alu64(_ code: UInt8, _ dst: UInt64, _ src: UInt64, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
-        switch code {
-        case 0x00: return dst &+ src
-        case 0x10: return dst &- src
-        case 0x20: return dst &* src
-        case 0x30:
-            if i.offset == 1 {
-                let b = Int64(bitPattern: src)
-                return b == 0 ? 0 : UInt64(bitPattern: Int64(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
-            }
-            return src == 0 ? 0 : dst / src
-        case 0x40: return dst | src
-        case 0x50: return dst & src
-        case 0x60: return dst << (src & 63)
-        case 0x70: return dst >> (src & 63)
-        case 0x80: return 0 &- dst
-        case 0x90:
-            if i.offset == 1 {
-                let b = Int64(bitPattern: src)
-                return b == 0 ? dst : UInt64(bitPattern: Int64(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
-            }
-            return src == 0 ? dst : dst % src
-        case 0xA0: return dst ^ src
-        case 0xB0:
-            switch i.offset {
-            case 8: return UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: src)))
-            case 16: return UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: src)))
-            case 32: return UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: src)))
-            default: return src
-            }
-        case 0xC0: return UInt64(bitPattern: Int64(bitPattern: dst) >> Int64(src & 63))
-        case 0xD0:  // bswap (unconditional)
-            switch i.imm {
-            case 16: return UInt64(UInt16(truncatingIfNeeded: dst).byteSwapped)
-            case 32: return UInt64(UInt32(truncatingIfNeeded: dst).byteSwapped)
-            case 64: return dst.byteSwapped
-            default: throw .runtime(pc: pc, reason: "bswap width \(i.imm)")
-            }
-        default: throw .runtime(pc: pc, reason: "invalid ALU64 opcode 0x\(String(i.opcode, radix: 16))")
-        }
-    }
-
-    @inline(__always)
-    private func alu32(_ op: UInt8, _ dst64: UInt64, _ src: UInt32, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
-        let dst = UInt32(truncatingIfNeeded: dst64)
-        let r: UInt32
-        switch op & 0xF0 {
-        case 0x00: r = dst &+ src
-        case 0x10: r = dst &- src
-        case 0x20: r = dst &* src
-        case 0x30:
-            if i.offset == 1 {
-                let b = Int32(bitPattern: src)
-                r = b == 0 ? 0 : UInt32(bitPattern: Int32(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
-            } else { r = src == 0 ? 0 : dst / src }
-        case 0x40: r = dst | src
-        case 0x50: r = dst & src
-        case 0x60: r = dst << (src & 31)
-        case 0x70: r = dst >> (src & 31)
-        case 0x80: r = 0 &- dst
-        case 0x90:
-            if i.offset == 1 {
-                let b = Int32(bitPattern: src)
-                r = b == 0 ? dst : UInt32(bitPattern: Int32(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
-            } else { r = src == 0 ? dst : dst % src }
-        case 0xA0: r = dst ^ src
-        case 0xB0:
-            switch i.offset {
-            case 8: r = UInt32(bitPattern: Int32(Int8(truncatingIfNeeded: src)))
-            case 16: r = UInt32(bitPattern: Int32(Int16(truncatingIfNeeded: src)))
-            default: r = src
-            }
-        case 0xC0: r = UInt32(bitPattern: Int32(bitPattern: dst) >> Int32(src & 31))
-        case 0xD0:  // to_le / to_be on a little-endian host
-            let toBE = op & BPF.x != 0
-            switch i.imm {
-            case 16: return UInt64(toBE ? UInt16(truncatingIfNeeded: dst64).byteSwapped : UInt16(truncatingIfNeeded: dst64))
-            case 32: return UInt64(toBE ? UInt32(truncatingIfNeeded: dst64).byteSwapped : UInt32(truncatingIfNeeded: dst64))
-            case 64: return toBE ? dst64.byteSwapped : dst64
-            default: throw .runtime(pc: pc, reason: "endianness width \(i.imm)")
-            }
-        default: throw .runtime(pc: pc, reason: "invalid ALU opcode 0x\(String(op, radix: 16))")
-        }
-        return UInt64(r)
-    }
 
     private func atomic(_ i: Instruction, _ p: UnsafeMutableRawPointer, _ size: Int,
                         _ reg: UnsafeMutablePointer<UInt64>, at pc: Int) throws(BPFError) {
@@ -373,5 +270,121 @@ enum TraceFormat {
             }
         }
         return out.hasSuffix("\n") ? String(out.dropLast()) : out
+    }
+}
+
+/// The meaning of eBPF's ALU operations and jump conditions (RFC 9669), in one
+/// place: the interpreter runs them and the verifier folds known values and
+/// decides branches on constants with the very same functions.
+enum BPFSemantics {
+    @inline(__always)
+    static func alu64(_ code: UInt8, _ dst: UInt64, _ src: UInt64, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
+        switch code {
+        case 0x00: return dst &+ src
+        case 0x10: return dst &- src
+        case 0x20: return dst &* src
+        case 0x30:
+            if i.offset == 1 {
+                let b = Int64(bitPattern: src)
+                return b == 0 ? 0 : UInt64(bitPattern: Int64(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
+            }
+            return src == 0 ? 0 : dst / src
+        case 0x40: return dst | src
+        case 0x50: return dst & src
+        case 0x60: return dst << (src & 63)
+        case 0x70: return dst >> (src & 63)
+        case 0x80: return 0 &- dst
+        case 0x90:
+            if i.offset == 1 {
+                let b = Int64(bitPattern: src)
+                return b == 0 ? dst : UInt64(bitPattern: Int64(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
+            }
+            return src == 0 ? dst : dst % src
+        case 0xA0: return dst ^ src
+        case 0xB0:
+            switch i.offset {
+            case 8: return UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: src)))
+            case 16: return UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: src)))
+            case 32: return UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: src)))
+            default: return src
+            }
+        case 0xC0: return UInt64(bitPattern: Int64(bitPattern: dst) >> Int64(src & 63))
+        case 0xD0:  // bswap (unconditional)
+            switch i.imm {
+            case 16: return UInt64(UInt16(truncatingIfNeeded: dst).byteSwapped)
+            case 32: return UInt64(UInt32(truncatingIfNeeded: dst).byteSwapped)
+            case 64: return dst.byteSwapped
+            default: throw .runtime(pc: pc, reason: "bswap width \(i.imm)")
+            }
+        default: throw .runtime(pc: pc, reason: "invalid ALU64 opcode 0x\(String(i.opcode, radix: 16))")
+        }
+    }
+
+    @inline(__always)
+    static func alu32(_ op: UInt8, _ dst64: UInt64, _ src: UInt32, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
+        let dst = UInt32(truncatingIfNeeded: dst64)
+        let r: UInt32
+        switch op & 0xF0 {
+        case 0x00: r = dst &+ src
+        case 0x10: r = dst &- src
+        case 0x20: r = dst &* src
+        case 0x30:
+            if i.offset == 1 {
+                let b = Int32(bitPattern: src)
+                r = b == 0 ? 0 : UInt32(bitPattern: Int32(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
+            } else { r = src == 0 ? 0 : dst / src }
+        case 0x40: r = dst | src
+        case 0x50: r = dst & src
+        case 0x60: r = dst << (src & 31)
+        case 0x70: r = dst >> (src & 31)
+        case 0x80: r = 0 &- dst
+        case 0x90:
+            if i.offset == 1 {
+                let b = Int32(bitPattern: src)
+                r = b == 0 ? dst : UInt32(bitPattern: Int32(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
+            } else { r = src == 0 ? dst : dst % src }
+        case 0xA0: r = dst ^ src
+        case 0xB0:
+            switch i.offset {
+            case 8: r = UInt32(bitPattern: Int32(Int8(truncatingIfNeeded: src)))
+            case 16: r = UInt32(bitPattern: Int32(Int16(truncatingIfNeeded: src)))
+            default: r = src
+            }
+        case 0xC0: r = UInt32(bitPattern: Int32(bitPattern: dst) >> Int32(src & 31))
+        case 0xD0:  // to_le / to_be on a little-endian host
+            let toBE = op & BPF.x != 0
+            switch i.imm {
+            case 16: return UInt64(toBE ? UInt16(truncatingIfNeeded: dst64).byteSwapped : UInt16(truncatingIfNeeded: dst64))
+            case 32: return UInt64(toBE ? UInt32(truncatingIfNeeded: dst64).byteSwapped : UInt32(truncatingIfNeeded: dst64))
+            case 64: return toBE ? dst64.byteSwapped : dst64
+            default: throw .runtime(pc: pc, reason: "endianness width \(i.imm)")
+            }
+        default: throw .runtime(pc: pc, reason: "invalid ALU opcode 0x\(String(op, radix: 16))")
+        }
+        return UInt64(r)
+    }
+
+    /// Whether jump condition `code4` (the opcode's operation bits) holds for `x`
+    /// and `y`, compared as 64-bit values (`wide`, BPF_JMP) or 32-bit (BPF_JMP32);
+    /// nil for a code that is not a condition.
+    @inline(__always)
+    static func condition(_ code4: UInt8, wide: Bool, _ x: UInt64, _ y: UInt64) -> Bool? {
+        let a = wide ? x : x & 0xFFFF_FFFF, b = wide ? y : y & 0xFFFF_FFFF
+        let sa = wide ? Int64(bitPattern: a) : Int64(Int32(truncatingIfNeeded: a))
+        let sb = wide ? Int64(bitPattern: b) : Int64(Int32(truncatingIfNeeded: b))
+        switch code4 {
+        case 0x10: return a == b
+        case 0x20: return a > b
+        case 0x30: return a >= b
+        case 0x40: return a & b != 0
+        case 0x50: return a != b
+        case 0x60: return sa > sb
+        case 0x70: return sa >= sb
+        case 0xA0: return a < b
+        case 0xB0: return a <= b
+        case 0xC0: return sa < sb
+        case 0xD0: return sa <= sb
+        default: return nil
+        }
     }
 }

@@ -562,42 +562,15 @@ public struct Verifier {
         f.regs[0] = result
     }
 
+    /// The value of an ALU operation on known operands, computed as the interpreter
+    /// would (nil when an operand is unknown or the operation would fail).
     private func fold(_ cls: UInt8, _ code4: UInt8, _ a: UInt64?, _ b: UInt64?, _ i: Instruction) -> UInt64? {
-        if code4 == 0xB0, i.offset != 0 { return nil }
         guard let a, let b else { return nil }
-        let r: UInt64
-        switch code4 {
-        case 0x00: r = a &+ b
-        case 0x10: r = a &- b
-        case 0x20: r = a &* b
-        case 0x40: r = a | b
-        case 0x50: r = a & b
-        case 0x60: r = cls == BPF.alu64 ? a << (b & 63) : UInt64(UInt32(truncatingIfNeeded: a) << (UInt32(truncatingIfNeeded: b) & 31))
-        case 0x70: r = cls == BPF.alu64 ? a >> (b & 63) : UInt64(UInt32(truncatingIfNeeded: a) >> (UInt32(truncatingIfNeeded: b) & 31))
-        case 0x80: r = 0 &- a
-        case 0xA0: r = a ^ b
-        default: return nil
-        }
-        return cls == BPF.alu64 ? r : r & 0xFFFF_FFFF
+        if cls == BPF.alu64 { return try? BPFSemantics.alu64(code4, a, b, i, 0) }
+        return try? BPFSemantics.alu32(i.opcode, a, UInt32(truncatingIfNeeded: b), i, 0)
     }
 
     private func evaluate(_ code4: UInt8, _ cls: UInt8, _ x: UInt64, _ y: UInt64) -> Bool? {
-        let a = cls == BPF.jmp ? x : x & 0xFFFF_FFFF, b = cls == BPF.jmp ? y : y & 0xFFFF_FFFF
-        let sa = cls == BPF.jmp ? Int64(bitPattern: a) : Int64(Int32(truncatingIfNeeded: a))
-        let sb = cls == BPF.jmp ? Int64(bitPattern: b) : Int64(Int32(truncatingIfNeeded: b))
-        switch code4 {
-        case 0x10: return a == b
-        case 0x20: return a > b
-        case 0x30: return a >= b
-        case 0x40: return a & b != 0
-        case 0x50: return a != b
-        case 0x60: return sa > sb
-        case 0x70: return sa >= sb
-        case 0xA0: return a < b
-        case 0xB0: return a <= b
-        case 0xC0: return sa < sb
-        case 0xD0: return sa <= sb
-        default: return nil
-        }
+        BPFSemantics.condition(code4, wide: cls == BPF.jmp, x, y)
     }
 }

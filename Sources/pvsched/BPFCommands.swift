@@ -6,7 +6,7 @@ import PVSchedBPF
 /// BPF tools: run a program on a memory blob, verify an object.
 struct BPFCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bpf", abstract: "Run and verify BPF programs; load and unload BPF drivers in the daemon.",
-                                                    subcommands: [BPFRun.self, BPFVerify.self, BPFLoad.self, BPFUnload.self])
+                                                    subcommands: [BPFRun.self, BPFVerify.self, BPFDump.self, BPFLoad.self, BPFUnload.self])
 }
 
 /// Loads PROGRAM (an ELF object, or raw instructions as hex) for the tools.
@@ -71,5 +71,29 @@ struct BPFVerify: ParsableCommand {
         let p = driver.interpreter.program
         print("\(object): driver '\(driver.name)' (\(driver.protocolName) \(driver.protocolVersion)), \(p.instructions.count) instructions, verified")
         for m in p.maps { print("  map \(m.definition.name): \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries") }
+    }
+}
+
+/// Prints a program's instructions, bpftool style: index, opcode, meaning.
+struct BPFDump: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "dump", abstract: "Disassemble a BPF program (an ELF object or hex instructions).")
+    @Argument(help: "An ELF object, a file of hex instructions, or hex instructions.") var program: String
+    @Option(help: "ELF section of the program.") var section = "pvsched"
+
+    func run() throws {
+        let p = try loadProgram(program, section: section)
+        if let d = p.driver { print("driver '\(d.name)', protocol \(d.protocolMajor).\(d.protocolMinor), events 0x\(String(d.events, radix: 16))") }
+        for (k, m) in p.maps.enumerated() {
+            print("map \(k) '\(m.definition.name)': \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries")
+        }
+        let width = String(max(0, p.instructions.count - 1)).count
+        var k = 0
+        while k < p.instructions.count {
+            let i = p.instructions[k]
+            let index = String(repeating: " ", count: width - String(k).count) + String(k)
+            let hex = String(format: "%02x", i.opcode)
+            print("\(index): (\(hex)) \(i)")
+            k += i.isLoadImm64 ? 2 : 1
+        }
     }
 }

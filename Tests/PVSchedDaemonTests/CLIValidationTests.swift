@@ -15,7 +15,7 @@ import Testing
         ["demo", "--max-boost-ms", "0"], ["demo", "--runs", "0"], ["demo", "--runs", "21"], ["demo", "--scenarios", "nope"],
         ["bench", "--exit-runs", "-1"],
         ["bpf", "run", "/nonexistent.o"], ["bpf", "run", "zz"], ["bpf", "run", "9500000000000000", "--mem", "zz"],
-        ["bpf", "verify", "/nonexistent.o"], ["bpf", "load", "/nonexistent.o", "--socket", none],
+        ["bpf", "verify", "/nonexistent.o"], ["bpf", "dump", "/nonexistent.o"], ["bpf", "dump", "zz"], ["bpf", "load", "/nonexistent.o", "--socket", none],
         ["bpf", "unload", "x", "--socket", none],
         ["vm", "list", "--socket", none], ["vm", "start", "--socket", none], ["vm", "attach"], ["vm", "stop"],
         ["vm", "driver", "--socket", none, "vm1"], ["vm", "governor", "--socket", none, "vm1", "--vm-share", "x"],
@@ -32,5 +32,18 @@ import Testing
         #expect(!r.signaled, "\(args) died of a signal: \(r.stderr)")
         #expect(r.status == 64 || r.status == 1, "\(args) exited \(r.status): \(r.stderr)")
         #expect(!r.stderr.isEmpty, "\(args) said nothing")
+    }
+}
+
+@Suite struct BPFDumpTests {
+    @Test func dumpDisassemblesAnObject() throws {
+        guard let binary = PVSchedBinary.path else { Issue.record("the pvsched executable is not built"); return }
+        let seed = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("PVSchedBPFTests/Crashers/seed-latency_boost.o").path
+        let r = try PVSchedBinary.run(binary, ["bpf", "dump", seed])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.contains("driver 'bpf-latency-boost'"))
+        #expect(r.stdout.contains("map 0 'decisions': array"))
+        #expect(r.stdout.contains(" 0: (61) r2 = *(u32 *)(r1 + 0)"))
     }
 }
