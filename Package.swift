@@ -85,7 +85,7 @@ let package = Package(
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF", "PVSchedHost",
-            "PVSchedControl", "PVSchedDaemon", "CHostService", "PVSchedKernelEvents",
+            "PVSchedControl", "PVSchedDaemon", "CHostService", "PVSchedKernelEvents", "PVSchedTesting",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -97,12 +97,12 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary.
-        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore"]),
+        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI"]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
         ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI", "PVSchedTesting"]),
-        .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore"]),
+        .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore", "PVSchedTesting"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched", "PVSchedTesting"]),
         .testTarget(name: "PVSchedBPFTests", dependencies: [
             "PVSchedBPF", "PVSchedCore", "PVSchedDrivers", "PVSchedABI", "CKernelBPF", "PVSchedKVM", "PVSchedGuestImage", "PVSchedHost", "PVSchedTesting",

@@ -42,20 +42,57 @@ public struct VCPUView: Equatable, Sendable {
 /// guest's shared state into decisions. Drivers are registered by name in a
 /// `DriverRegistry`, implement one guest protocol at one version, and see only
 /// the core library's types, so the same driver runs under the real VMM, a BPF
-/// adapter or a simulator.
+/// adapter, the kernel event path of an attached VM, or a simulator.
+///
+/// ## The contract (in the style of sched_ext's `struct sched_ext_ops`)
+///
+/// **Calling context.** `decide` is called on the thread that produced the event:
+/// the vCPU's own thread for `vmEntry`, `vmExit` and `halt`; a device thread (the
+/// built-in VMM's timer or interrupt source) or the kernel-event consumer thread
+/// (attached VMs) for `interruptInjection`. `attach` and `detach` are called on
+/// the control thread that assigns or replaces the driver (a CLI request, VM
+/// start or stop), never concurrently with each other for the same VM.
+///
+/// **Locking.** `decide` runs while the binding holds that vCPU's lock, and a
+/// vCPU thread may be waiting on it: it must not block, sleep, take locks that
+/// the control plane holds for long, or call back into the binding or the
+/// registry (re-entry deadlocks). It should be a pure function of its arguments;
+/// counters it keeps must be atomics. Different vCPUs of one VM call it
+/// concurrently.
+///
+/// **Pairing.** For each vCPU, `attach` is called once before the first `decide`
+/// and `detach` once after the last, when the driver is replaced, unassigned,
+/// ejected or the VM stops. A `decide` that raced a replacement is discarded (a
+/// generation counter), so no decision of a detached driver is ever applied; its
+/// boosts are undone before the new driver's `attach`.
+///
+/// **Event order.** Per vCPU: `vmEntry` before the vCPU enters the guest (with the
+/// host's notion of an interrupt still pending), then for each exit `vmExit(reason)`
+/// after the VMM handled the exit's I/O, followed by `halt` when the exit was a halt
+/// that blocks the vCPU. `interruptInjection` arrives from another thread at any
+/// point, always before the vCPU is woken or kicked for that interrupt. An attached
+/// VM's events come from the host kernel in the same order, but on one consumer
+/// thread and later (see `KernelEventSource`).
+///
+/// **Failure.** A driver that cannot decide returns `.none` and counts the failure in
+/// `failedDecisions`; after `VMBinding.failureLimit` failures in a row on one vCPU
+/// the driver is ejected from the VM (back to the default driver), with the reason
+/// recorded.
 public protocol Driver: AnyObject, Sendable {
     /// The unique registry name.
     var name: String { get }
     /// The guest protocol this driver understands.
     var protocolName: String { get }
     var protocolVersion: ProtocolVersion { get }
-    /// The events the driver is called for.
+    /// The events the driver is called for; it is never called for others.
     var events: EventMask { get }
-    /// Called when the driver starts serving a vCPU (assignment or replacement).
+    /// Called when the driver starts serving a vCPU (assignment or replacement),
+    /// on the control thread, before any `decide` for that vCPU.
     func attach(vcpu: VCPUHandle)
-    /// Called when the driver stops serving a vCPU.
+    /// Called when the driver stops serving a vCPU, after its last `decide`.
     func detach(vcpu: VCPUHandle)
-    /// The policy: a pure function of the event and the view.
+    /// The policy: a pure function of the event and the view. Runs under the
+    /// vCPU's lock: must not block or re-enter the binding.
     func decide(event: VCPUEvent, view: VCPUView) -> Decision
     /// Decisions that failed so far (a BPF program that faulted or ran out of
     /// budget decides nothing). A driver that keeps failing is ejected from a VM.

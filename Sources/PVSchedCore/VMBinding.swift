@@ -329,9 +329,12 @@ public final class VMBinding: VMEventSink {
         let now = clock.nowNs()
         for i in vcpus.indices {
             let handle = VCPUHandle(vm: vm, index: i)
+            // The new driver is attached before the vCPU accepts its decisions (until
+            // the generation below is set, notify refuses both drivers); the old one
+            // is detached after its last decision (an in-flight one holds the lock).
+            driver?.attach(vcpu: handle)
             undoBoost(vcpu: i, now: now) { $0.attachedGeneration = generation }
             old?.detach(vcpu: handle)
-            driver?.attach(vcpu: handle)
         }
         if let area { publishAll(area) }
         return old

@@ -9,6 +9,7 @@ import Synchronization
 
 #if canImport(Glibc)
 import Glibc
+import PVSchedTesting
 #endif
 
 /// Benchmarks of the host service: the control socket's round trip against a

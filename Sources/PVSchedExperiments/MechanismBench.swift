@@ -9,6 +9,7 @@ import PVSchedHost
 import PVSchedLinux
 #if canImport(Glibc)
 import Glibc
+import PVSchedTesting
 #endif
 
 /// One benchmark: a measured operation against a baseline measured in the same run.

@@ -1,7 +1,7 @@
 import ArgumentParser
 import PVSchedControl
 import PVSchedCore
-import PVSchedHost
+import PVSchedDrivers
 
 /// The pvsched command-line tool.
 struct PVSched: ParsableCommand {
@@ -32,8 +32,9 @@ struct Drivers: ParsableCommand {
             do { list = try client.call("drivers.list") } catch { throw CleanExit.message("pvsched: \(error)", code: 1) }
         } else {
             fromDaemon = false
-            let host = try PVSchedHost(actuator: RecordingActuator())
-            list = .array(host.registry.drivers.map { d in
+            let registry = DriverRegistry()
+            try BuiltinDrivers.registerAll(in: registry)
+            list = .array(registry.drivers.map { d in
                 ["name": .string(d.name), "protocol": .string(d.protocolName), "version": .string("\(d.protocolVersion)"),
                  "vms": [], "default": .bool(d.isDefault), "kind": "builtin"]
             })

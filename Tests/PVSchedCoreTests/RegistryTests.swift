@@ -1,6 +1,7 @@
 import Synchronization
 import Testing
 @testable import PVSchedCore
+import PVSchedTesting
 
 @Suite struct RegistryTests {
     @Test func namesAreUnique() throws {

@@ -2,6 +2,7 @@ import PVSchedABI
 import Synchronization
 import Testing
 @testable import PVSchedCore
+import PVSchedTesting
 
 @Suite struct SharedAreaTests {
     @Test func abiLayoutMatchesHeader() {

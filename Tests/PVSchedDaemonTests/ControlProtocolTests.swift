@@ -4,6 +4,7 @@ import PVSchedCore
 import PVSchedDaemon
 import PVSchedHost
 import Testing
+import PVSchedTesting
 
 /// A host with the built-ins and a recording actuator, served by a handler.
 func makeHandler() throws -> ControlHandler {

@@ -1,6 +1,7 @@
 import PVSchedCore
 import Testing
 @testable import PVSchedDrivers
+import PVSchedTesting
 
 @Suite struct LatencyBoostDriverTests {
     let d = LatencyBoostDriver(settings: .init(preemptDisabledCapNs: 1_000, deadlineHorizonNs: 500))

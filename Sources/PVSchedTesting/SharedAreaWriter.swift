@@ -1,4 +1,5 @@
 import PVSchedABI
+import PVSchedCore
 
 /// Writes a shared area the way a guest does (header, then seqlocked guest lines),
 /// through the ABI header's own C structs and helpers. For simulators, tests and
