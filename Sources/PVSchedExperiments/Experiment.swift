@@ -231,8 +231,8 @@ public struct ExperimentRunner {
                 if v.workload == .batch || v.workload == .cyclicBatch { batchWork += v.workUnits }
             }
         }
-        if case .failed(let vcpu, let reason) = final {
-            logger.error("VM failed in mode \(mode)", metadata: ["vcpu": "\(vcpu)", "reason": "\(reason)"])
+        if case .failed(let vcpu, let failure) = final {
+            logger.error("VM failed in mode \(mode)", metadata: ["vcpu": "\(vcpu)", "reason": "\(failure)"])
         }
         return ModeResult(
             mode: mode.description,

@@ -6,13 +6,61 @@ import PVSchedCore
 import Synchronization
 
 /// How a VM run ended.
-public enum VMOutcome: Equatable, Sendable {
+public enum VMOutcome: Equatable, Sendable, CustomStringConvertible {
     /// The guest wrote its exit code to the exit port.
     case exited(code: UInt32)
     /// The host stopped it (`stop()` or a timeout).
     case stopped
     /// A vCPU hit an exit the VMM cannot continue from.
-    case failed(vcpu: Int, reason: String)
+    case failed(vcpu: Int, failure: VMFailure)
+
+    public var description: String {
+        switch self {
+        case .exited(let code): return "exited(code: \(code))"
+        case .stopped: return "stopped"
+        case .failed(let vcpu, let failure): return "failed on vCPU \(vcpu): \(failure)"
+        }
+    }
+}
+
+/// Why a vCPU could not go on, as a typed record (the registers where the guest was, if read).
+public enum VMFailure: Equatable, Sendable, CustomStringConvertible {
+    /// The guest shut down (a triple fault).
+    case shutdown(registers: RegisterDump?)
+    /// KVM reported an internal error (under PVM, often an instruction its emulator cannot run).
+    case internalError(suberror: UInt32, registers: RegisterDump?)
+    /// Entering the guest failed (hardware reason code).
+    case failEntry(reason: UInt64)
+    /// The guest touched memory-mapped I/O outside RAM; this VMM has no MMIO devices.
+    case mmioOutsideRAM(address: UInt64, write: Bool)
+    /// An exit reason the VMM does not handle.
+    case unhandled(reason: UInt32)
+    /// The KVM_RUN ioctl itself failed.
+    case kvm(String)
+
+    public var description: String {
+        switch self {
+        case .shutdown(let r): return "guest shutdown (triple fault)\(r.map { " at \($0)" } ?? "")"
+        case .internalError(let sub, let r): return "KVM internal error, suberror \(sub)\(r.map { " at \($0)" } ?? "")"
+        case .failEntry(let reason): return "VM entry failed, reason 0x\(String(reason, radix: 16))"
+        case .mmioOutsideRAM(let a, let w): return "MMIO \(w ? "write" : "read") at 0x\(String(a, radix: 16)) outside RAM"
+        case .unhandled(let r): return "unhandled exit reason \(r)"
+        case .kvm(let e): return "KVM_RUN failed: \(e)"
+        }
+    }
+}
+
+/// The registers of a vCPU that failed, for the report.
+public struct RegisterDump: Equatable, Sendable, CustomStringConvertible {
+    public var rip: UInt64, rsp: UInt64
+    public var cr0: UInt64?, cr4: UInt64?, efer: UInt64?
+    public var description: String {
+        var text = "rip 0x\(String(rip, radix: 16)), rsp 0x\(String(rsp, radix: 16))"
+        if let cr0, let cr4, let efer {
+            text += ", cr0 0x\(String(cr0, radix: 16)), cr4 0x\(String(cr4, radix: 16)), efer 0x\(String(efer, radix: 16))"
+        }
+        return text
+    }
 }
 
 /// A running guest on /dev/kvm: guest memory in long mode, N vCPUs each on its
@@ -282,7 +330,7 @@ public final class VirtualMachine: @unchecked Sendable {
                 exit = try fd.run()
             } catch {
                 ctx.inGuest.store(false, ordering: .releasing)
-                finish(.failed(vcpu: ctx.index, reason: "\(error)"))
+                finish(.failed(vcpu: ctx.index, failure: .kvm("\(error)")))
                 break
             }
             ctx.inGuest.store(false, ordering: .releasing)
@@ -306,26 +354,23 @@ public final class VirtualMachine: @unchecked Sendable {
                 events?.notify(.vmExit(.interruptWindow), vcpu: ctx.index)
             case .mmio(let address, let write, _):
                 events?.notify(.vmExit(exit.reason), vcpu: ctx.index)
-                finish(.failed(vcpu: ctx.index, reason: "MMIO \(write ? "write" : "read") at 0x\(String(address, radix: 16)) outside RAM"))
+                finish(.failed(vcpu: ctx.index, failure: .mmioOutsideRAM(address: address, write: write)))
             case .shutdown:
-                finish(.failed(vcpu: ctx.index, reason: "guest shutdown (triple fault)\(registerDump(fd))"))
+                finish(.failed(vcpu: ctx.index, failure: .shutdown(registers: registerDump(fd))))
             case .internalError(let sub):
-                finish(.failed(vcpu: ctx.index, reason: "KVM internal error, suberror \(sub)\(registerDump(fd))"))
+                finish(.failed(vcpu: ctx.index, failure: .internalError(suberror: UInt32(truncatingIfNeeded: sub), registers: registerDump(fd))))
             case .failEntry(let r):
-                finish(.failed(vcpu: ctx.index, reason: "VM entry failed, reason 0x\(String(r, radix: 16))"))
+                finish(.failed(vcpu: ctx.index, failure: .failEntry(reason: UInt64(r))))
             case .unknown(let r):
-                finish(.failed(vcpu: ctx.index, reason: "unhandled exit reason \(r)"))
+                finish(.failed(vcpu: ctx.index, failure: .unhandled(reason: UInt32(truncatingIfNeeded: r))))
             }
         }
     }
 
-    private func registerDump(_ fd: VCPUFD) -> String {
-        guard let r = try? fd.getRegs() else { return "" }
-        var text = " at rip 0x\(String(r.rip, radix: 16)), rsp 0x\(String(r.rsp, radix: 16))"
-        if let s = try? fd.getSregs() {
-            text += ", cr0 0x\(String(s.cr0, radix: 16)), cr4 0x\(String(s.cr4, radix: 16)), efer 0x\(String(s.efer, radix: 16))"
-        }
-        return text
+    private func registerDump(_ fd: VCPUFD) -> RegisterDump? {
+        guard let r = try? fd.getRegs() else { return nil }
+        let s = try? fd.getSregs()
+        return RegisterDump(rip: r.rip, rsp: r.rsp, cr0: s?.cr0, cr4: s?.cr4, efer: s?.efer)
     }
 
     /// Injects the next queued interrupt if the guest can take it, and asks for an
