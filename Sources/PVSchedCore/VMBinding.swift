@@ -41,7 +41,8 @@ public struct VCPUStats: Equatable, Sendable {
     /// Governor vetoes (refusals and cuts) by reason.
     public var vetoesThrottled: UInt64 = 0
     public var vetoesVMShare: UInt64 = 0
-    /// How long the driver's `decide` took.
+    /// Time from the event to the driver's decision: reading the guest's line, the
+    /// governor's check and `decide` itself.
     public var decisionLatency = LatencyBuckets()
     /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
@@ -333,7 +334,10 @@ public final class VMBinding: VMEventSink {
             // the generation below is set, notify refuses both drivers); the old one
             // is detached after its last decision (an in-flight one holds the lock).
             driver?.attach(vcpu: handle)
-            undoBoost(vcpu: i, now: now) { $0.attachedGeneration = generation }
+            undoBoost(vcpu: i, now: now) { s in
+                s.attachedGeneration = generation
+                s.failureStreak = 0
+            }
             old?.detach(vcpu: handle)
         }
         if let area { publishAll(area) }
