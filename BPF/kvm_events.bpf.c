@@ -103,12 +103,13 @@ static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32
                               ? BPF_RB_FORCE_WAKEUP : 0);
 }
 
-/* The current thread's (vm, vcpu), if it is a watched vCPU thread. */
-static __attribute__((always_inline)) struct pvsched_kvm_vcpu *current_vcpu(u32 *tid, u32 *tgid) {
+/* Reports `kind` if the current thread is a watched vCPU thread (the events KVM
+ * traces in the vCPU thread's own context: wake-up from halt, exits). */
+static __attribute__((always_inline)) void emit_if_vcpu(u32 kind, u32 vector, u64 arg) {
     u64 id = bpf_get_current_pid_tgid();
-    *tid = (u32)id;
-    *tgid = (u32)(id >> 32);
-    return bpf_map_lookup_elem(&vcpu_threads, tid);
+    u32 tid = (u32)id;
+    struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
+    if (v) emit(kind, tid, (u32)(id >> 32), vector, arg, v->vm, v->vcpu);
 }
 
 SEC("tp_btf/kvm_apic_accept_irq")
@@ -178,45 +179,30 @@ int on_signal(u64 *ctx) {
 
 SEC("tp_btf/kvm_vcpu_wakeup")
 int on_vcpu_wakeup(u64 *ctx) {
-    u32 tid, tgid;
-    struct pvsched_kvm_vcpu *v = current_vcpu(&tid, &tgid);
-    if (!v) return 0;
-    emit(PVSCHED_KEV_HALT_WAKEUP, tid, tgid, 0, ctx[0], v->vm, v->vcpu);
+    emit_if_vcpu(PVSCHED_KEV_HALT_WAKEUP, 0, ctx[0]);
     return 0;
 }
 
 SEC("tp_btf/kvm_pio")
 int on_pio(u64 *ctx) {
-    u32 tid, tgid;
-    struct pvsched_kvm_vcpu *v = current_vcpu(&tid, &tgid);
-    if (!v) return 0;
-    emit(PVSCHED_KEV_EXIT_PIO, tid, tgid, (u32)ctx[0], (u32)ctx[1], v->vm, v->vcpu);
+    emit_if_vcpu(PVSCHED_KEV_EXIT_PIO, (u32)ctx[0], (u32)ctx[1]);
     return 0;
 }
 
 SEC("tp_btf/kvm_mmio")
 int on_mmio(u64 *ctx) {
-    u32 tid, tgid;
-    struct pvsched_kvm_vcpu *v = current_vcpu(&tid, &tgid);
-    if (!v) return 0;
-    emit(PVSCHED_KEV_EXIT_MMIO, tid, tgid, (u32)ctx[0], ctx[2], v->vm, v->vcpu);
+    emit_if_vcpu(PVSCHED_KEV_EXIT_MMIO, (u32)ctx[0], ctx[2]);
     return 0;
 }
 
 SEC("tp_btf/kvm_userspace_exit")
 int on_userspace_exit(u64 *ctx) {
-    u32 tid, tgid;
-    struct pvsched_kvm_vcpu *v = current_vcpu(&tid, &tgid);
-    if (!v) return 0;
-    emit(PVSCHED_KEV_EXIT_USERSPACE, tid, tgid, 0, (u32)ctx[0], v->vm, v->vcpu);
+    emit_if_vcpu(PVSCHED_KEV_EXIT_USERSPACE, 0, (u32)ctx[0]);
     return 0;
 }
 
 SEC("tp_btf/kvm_exit")
 int on_exit(u64 *ctx) {
-    u32 tid, tgid;
-    struct pvsched_kvm_vcpu *v = current_vcpu(&tid, &tgid);
-    if (!v) return 0;
-    emit(PVSCHED_KEV_EXIT, tid, tgid, 0, 0, v->vm, v->vcpu);
+    emit_if_vcpu(PVSCHED_KEV_EXIT, 0, 0);
     return 0;
 }

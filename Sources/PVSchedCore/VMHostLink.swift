@@ -104,6 +104,31 @@ public struct VMHostLink: Sendable {
     public func release() { onRelease() }
 }
 
+extension SharedArea {
+    /// Validates an area a guest registered for a VM of `vcpuCount` vCPUs: the
+    /// header (every field), then the vCPU count. A refusal carries the pvsched
+    /// device's reason code and names the field. Every registrar starts here.
+    public static func validated(_ bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?,
+                                 vcpuCount: Int) -> Result<SharedArea, AreaRefusal> {
+        guard bytes.count >= Int(PVSCHED_REGION_HEADER_SIZE) else {
+            return .failure(AreaRefusal(code: PVSCHED_REASON_TOO_SMALL,
+                                        message: "area_size \(bytes.count) is smaller than the region header"))
+        }
+        let area: SharedArea
+        do throws(SharedAreaError) {
+            area = try SharedArea(validating: bytes, owner: owner)
+        } catch {
+            let code = error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER
+            return .failure(AreaRefusal(code: code, message: "\(error)"))
+        }
+        guard area.layout.vcpuCount == vcpuCount else {
+            return .failure(AreaRefusal(code: PVSCHED_REASON_VCPU_MISMATCH,
+                                        message: "shared area field `vcpu_count`: \(area.layout.vcpuCount), the VM has \(vcpuCount) vCPUs"))
+        }
+        return .success(area)
+    }
+}
+
 /// The registrar of a VM bound in a `DriverRegistry`: validates the header, checks
 /// the vCPU count, negotiates the protocol and installs the area in the binding.
 public struct BindingRegistrar: SharedAreaRegistrar {
@@ -124,21 +149,10 @@ public struct BindingRegistrar: SharedAreaRegistrar {
     public func reportRefusal(_ refusal: AreaRefusal) { binding.recordRefusal(refusal) }
 
     private func negotiate(_ bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
-        guard bytes.count >= Int(PVSCHED_REGION_HEADER_SIZE) else {
-            return .failure(AreaRefusal(code: PVSCHED_REASON_TOO_SMALL,
-                                        message: "area_size \(bytes.count) is smaller than the region header"))
-        }
         let area: SharedArea
-        do throws(SharedAreaError) {
-            area = try SharedArea(validating: bytes, owner: owner)
-        } catch {
-            let code = error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER
-            return .failure(AreaRefusal(code: code, message: "\(error)"))
-        }
-        let vcpus = binding.vm.vcpuCount
-        guard area.layout.vcpuCount == vcpus else {
-            return .failure(AreaRefusal(code: PVSCHED_REASON_VCPU_MISMATCH,
-                                        message: "shared area field `vcpu_count`: \(area.layout.vcpuCount), the VM has \(vcpus) vCPUs"))
+        switch SharedArea.validated(bytes, owner: owner, vcpuCount: binding.vm.vcpuCount) {
+        case .success(let a): area = a
+        case .failure(let refusal): return .failure(refusal)
         }
         let driver: any Driver
         do throws(RegistryError) {

@@ -78,12 +78,11 @@ public enum ControlBench {
             if i >= 200 { bare.append(Double(MonotonicClock.nowNs() - t0)) }
         }
         pvs_shutdown(fds[0]); echo.join(); close(fds[0]); close(fds[1])
-        func pct(_ v: [Double], _ p: Double) -> Double { v.sorted()[min(v.count - 1, Int(Double(v.count) * p))] }
         return [
             BenchResult(name: "control round trip p50 (daemon.info)", baseline: "bare Unix-socket ping-pong p50",
-                        nsPerOp: pct(control, 0.5), baselineNsPerOp: pct(bare, 0.5)),
+                        nsPerOp: Sample.percentile(control, 0.5), baselineNsPerOp: Sample.percentile(bare, 0.5)),
             BenchResult(name: "control round trip p99 (daemon.info)", baseline: "bare Unix-socket ping-pong p99",
-                        nsPerOp: pct(control, 0.99), baselineNsPerOp: pct(bare, 0.99)),
+                        nsPerOp: Sample.percentile(control, 0.99), baselineNsPerOp: Sample.percentile(bare, 0.99)),
         ]
     }
 
@@ -145,12 +144,11 @@ public enum ControlBench {
             unrelated.append(round("daemon.info"))
             loaded.append(round("vm.stats"))
         }
-        func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
         return [
             BenchResult(name: "decision path, 4 clients reading its VM", baseline: "decision path, socket idle",
-                        nsPerOp: median(loaded), baselineNsPerOp: median(idle)),
+                        nsPerOp: Sample.median(loaded), baselineNsPerOp: Sample.median(idle)),
             BenchResult(name: "decision path, 4 clients reading its VM", baseline: "4 clients on daemon.info",
-                        nsPerOp: median(loaded), baselineNsPerOp: median(unrelated)),
+                        nsPerOp: Sample.median(loaded), baselineNsPerOp: Sample.median(unrelated)),
         ]
     }
 

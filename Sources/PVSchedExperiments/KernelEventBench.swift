@@ -47,12 +47,6 @@ public enum KernelEventBench {
         return c
     }
 
-    static func percentile(_ v: [UInt64], _ p: Double) -> Double {
-        guard !v.isEmpty else { return 0 }
-        let s = v.sorted()
-        return Double(s[min(s.count - 1, Int(Double(s.count) * p))])
-    }
-
     /// Event → boost latency (p50, p99, max) and CPU per event, kernel path against
     /// in-process path. Nil when kernel events are unavailable (the reason is thrown).
     public static func compare() throws -> [BenchResult] {
@@ -81,9 +75,9 @@ public enum KernelEventBench {
         let k = counts.boostLatenciesNs
         return [
             BenchResult(name: "kernel event → boost applied, p50", baseline: "in-process injection → boost, p50",
-                        nsPerOp: percentile(k, 0.5), baselineNsPerOp: percentile(inProcess, 0.5)),
+                        nsPerOp: Sample.percentile(k, 0.5), baselineNsPerOp: Sample.percentile(inProcess, 0.5)),
             BenchResult(name: "kernel event → boost applied, p99", baseline: "in-process injection → boost, p99",
-                        nsPerOp: percentile(k, 0.99), baselineNsPerOp: percentile(inProcess, 0.99)),
+                        nsPerOp: Sample.percentile(k, 0.99), baselineNsPerOp: Sample.percentile(inProcess, 0.99)),
             BenchResult(name: "kernel event → boost applied, max", baseline: "in-process injection → boost, max",
                         nsPerOp: Double(k.max() ?? 0), baselineNsPerOp: Double(inProcess.max() ?? 0)),
             BenchResult(name: "kernel path CPU per event (consumer)", baseline: "in-process CPU per notify",

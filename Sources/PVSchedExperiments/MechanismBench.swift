@@ -22,6 +22,18 @@ public struct BenchResult: Codable, Sendable {
     public var ratio: Double { baselineNsPerOp > 0 ? nsPerOp / baselineNsPerOp : 0 }
 }
 
+/// Order statistics of measured samples, for every benchmark and report.
+enum Sample {
+    /// The value at fraction `p` (0...1) of the sorted samples (0 when empty).
+    static func percentile<T: BinaryInteger>(_ v: [T], _ p: Double) -> Double { percentile(v.map { Double($0) }, p) }
+    static func percentile(_ v: [Double], _ p: Double) -> Double {
+        guard !v.isEmpty else { return 0 }
+        let s = v.sorted()
+        return s[min(s.count - 1, Int(Double(s.count) * p))]
+    }
+    static func median(_ v: [Double]) -> Double { percentile(v, 0.5) }
+}
+
 /// Micro-benchmarks of the pvsched mechanism: the driver decision, the
 /// shared-area read, the actuator, and the cost pvsched adds to a VM exit.
 public enum MechanismBench {
@@ -33,7 +45,7 @@ public enum MechanismBench {
             body()
             times.append(Double(MonotonicClock.nowNs() - t0) / Double(n))
         }
-        return times.sorted()[times.count / 2]
+        return Sample.median(times)
     }
 
     public static func driverDecision() -> BenchResult {
@@ -135,12 +147,11 @@ public enum MechanismBench {
             nop.append(try exitCost(driver: "nop"))
             lb.append(try exitCost(driver: "latency-boost"))
         }
-        func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
         return [
             BenchResult(name: "VM exit with nop driver", baseline: "VM exit without pvsched",
-                        nsPerOp: median(nop), baselineNsPerOp: median(base)),
+                        nsPerOp: Sample.median(nop), baselineNsPerOp: Sample.median(base)),
             BenchResult(name: "VM exit with latency-boost", baseline: "VM exit without pvsched",
-                        nsPerOp: median(lb), baselineNsPerOp: median(base)),
+                        nsPerOp: Sample.median(lb), baselineNsPerOp: Sample.median(base)),
         ]
     }
 

@@ -28,9 +28,8 @@ extension Report {
         let runs = results.first?.runs.count ?? 0
         let vanilla = results.first { $0.mode == "vanilla" }
         func stat(_ v: [Double], _ fmt: (Double) -> String) -> String {
-            guard !v.isEmpty else { return "-" }
-            let s = v.sorted()
-            return "\(fmt(s[s.count / 2])) [\(fmt(s.first!))-\(fmt(s.last!))]"
+            guard let lo = v.min(), let hi = v.max() else { return "-" }
+            return "\(fmt(Sample.median(v))) [\(fmt(lo))-\(fmt(hi))]"
         }
         let header = ["mode", "guest p99", "guest max", "host p99", "host max", "host work", "boosts"]
         var rows: [[String]] = [header]
@@ -47,19 +46,11 @@ extension Report {
                          r.mode == "idle" ? "-" : stat(work) { String(format: "%.2fx", $0) },
                          stat(r.runs.map { Double($0.boostCount) }) { String(Int($0)) }])
         }
-        let widths = (0..<header.count).map { c in rows.map { $0[c].count }.max()! }
         var out = "guest: \(scenario.guest.rawValue)\(scenario.noisyVM ? " with a noisy VM" : ""), \(scenario.vcpus) vCPUs, "
         out += "\(scenario.busyThreads) busy host threads per CPU, \(scenario.durationNs / 1_000_000_000) s per mode, "
         out += "interval \(scenario.intervalNs / 1000) µs; \(runs) runs interleaved\n"
         out += "median [min-max] over the runs; latencies in µs; host work relative to vanilla in the same round\n\n"
-        for (i, row) in rows.enumerated() {
-            out += row.enumerated().map { c, cell in
-                c == 0 ? cell.padding(toLength: widths[c], withPad: " ", startingAt: 0)
-                       : String(repeating: " ", count: widths[c] - cell.count) + cell
-            }.joined(separator: "  ") + "\n"
-            if i == 0 { out += widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n" }
-        }
-        return out
+        return out + render(rows)
     }
 
     /// Machine-readable repeated results.

@@ -23,7 +23,6 @@ public enum Report {
                          format(h.average / 1000), us(h.p99), us(h.max),
                          r.mode == "idle" ? "-" : work, String(r.boostCount), format(r.boostedMs), String(r.throttleCount)])
         }
-        let widths = (0..<header.count).map { c in rows.map { $0[c].count }.max()! }
         let cpus = scenario.cpus.map(String.init).joined(separator: ",")
         var out = "guest: \(scenario.guest.rawValue), \(scenario.vcpus) vCPUs on host CPUs \(cpus) with \(scenario.busyThreads) busy host threads per CPU"
         out += scenario.noisyVM ? " and a noisy VM" : ""
@@ -31,6 +30,17 @@ public enum Report {
         out += "latencies in µs (guest: wake-up lateness / interrupt response; host: cyclictest-like probe at "
         out += scenario.probePriority.map { "SCHED_FIFO \($0)" } ?? "SCHED_OTHER"
         out += "); host work relative to vanilla\n\n"
+        out += render(rows)
+        out += "\n" + comparison(results)
+        return out
+    }
+
+    /// Rows as aligned columns (the first left-aligned, the rest right-aligned), with
+    /// a rule under the header row.
+    static func render(_ rows: [[String]]) -> String {
+        guard let header = rows.first else { return "" }
+        let widths = header.indices.map { c in rows.map { $0[c].count }.max()! }
+        var out = ""
         for (i, row) in rows.enumerated() {
             out += row.enumerated().map { c, cell in
                 c == 0 ? cell.padding(toLength: widths[c], withPad: " ", startingAt: 0)
@@ -38,7 +48,6 @@ public enum Report {
             }.joined(separator: "  ") + "\n"
             if i == 0 { out += widths.map { String(repeating: "-", count: $0) }.joined(separator: "  ") + "\n" }
         }
-        out += "\n" + comparison(results)
         return out
     }
 

@@ -90,13 +90,9 @@ public final class ExportedVMLink: VMEventSink, SharedAreaRegistrar {
 
     public func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
         let layout: SharedAreaLayout
-        do throws(SharedAreaError) { layout = try SharedAreaLayout.validate(UnsafeRawBufferPointer(bytes)) } catch {
-            return .failure(AreaRefusal(code: error.field == "area_size" ? PVSCHED_REASON_TOO_SMALL : PVSCHED_REASON_BAD_HEADER,
-                                        message: "\(error)"))
-        }
-        guard layout.vcpuCount == handle.vcpuCount else {
-            return .failure(AreaRefusal(code: PVSCHED_REASON_VCPU_MISMATCH,
-                                        message: "shared area field `vcpu_count`: \(layout.vcpuCount), the VM has \(handle.vcpuCount) vCPUs"))
+        switch SharedArea.validated(bytes, owner: owner, vcpuCount: handle.vcpuCount) {
+        case .success(let area): layout = area.layout
+        case .failure(let refusal): return .failure(refusal)
         }
         if let memory = owner as? GuestMemory, let p = bytes.baseAddress {
             update { $0.areaOffset = p - memory.base; $0.areaSize = bytes.count }

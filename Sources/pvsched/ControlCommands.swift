@@ -193,11 +193,9 @@ struct VMDriver: ParsableCommand {
     }
 
     func run() throws {
-        if unassign {
-            let r = try control.call("vm.driver.unassign", ["vm": .string(vm)])
-            if !control.json { print("previous driver: \(r["previous"]?.cell ?? "-")\ndriver: \(r["driver"]?.cell ?? "-")") }
-        } else if let driver {
-            let r = try control.call("vm.driver.replace", ["vm": .string(vm), "driver": .string(driver)])
+        if unassign || driver != nil {
+            let r = unassign ? try control.call("vm.driver.unassign", ["vm": .string(vm)])
+                             : try control.call("vm.driver.replace", ["vm": .string(vm), "driver": .string(driver ?? "")])
             if !control.json { print("previous driver: \(r["previous"]?.cell ?? "-")\ndriver: \(r["driver"]?.cell ?? "-")") }
         } else {
             let r = try control.call("vm.driver.get", ["vm": .string(vm)])
