@@ -70,12 +70,19 @@ let package = Package(
         // KVM events from the host kernel (BPF/kvm_events.bpf.c through libbpf) for attached VMs.
         .target(name: "CKernelEvents", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "PVSchedKernelEvents", dependencies: ["PVSchedCore", "CKernelEvents"]),
+        // Attaching to VMs another VMM runs: QMP, vCPU threads by name, the ivshmem
+        // transport and the watcher that delivers events when no exits are seen.
+        .target(name: "PVSchedAttach", dependencies: [
+            "PVSchedCore", "PVSchedABI", "PVSchedControl", "CHostService",
+            .product(name: "Atomics", package: "swift-atomics"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The control protocol (newline-delimited JSON) and its client.
         .target(name: "PVSchedControl", dependencies: ["CHostService"]),
         // The host service: control socket, request handling, metrics endpoint.
         .target(name: "PVSchedDaemon", dependencies: [
             "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",
-            "PVSchedLinux", "PVSchedKernelEvents",
+            "PVSchedLinux", "PVSchedKernelEvents", "PVSchedAttach",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -100,6 +107,7 @@ let package = Package(
         .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI"]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
+            "PVSchedExperiments", "PVSchedAttach", "PVSchedABI",
         ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI", "PVSchedTesting"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore", "PVSchedTesting"]),

@@ -4,7 +4,8 @@
 #include "pvsched_bpf.h"
 
 PVSCHED_DRIVER("bpf-latency-boost", PVSCHED_EVENT_VM_ENTRY | PVSCHED_EVENT_VM_EXIT |
-                                    PVSCHED_EVENT_HALT | PVSCHED_EVENT_INJECTION);
+                                    PVSCHED_EVENT_HALT | PVSCHED_EVENT_INJECTION |
+                                    PVSCHED_EVENT_GUEST_UPDATE | PVSCHED_EVENT_DEADLINE);
 
 struct bpf_map_def SEC("maps") decisions = {
     .type = BPF_MAP_TYPE_ARRAY, .key_size = 4, .value_size = 8, .max_entries = 3,
@@ -15,7 +16,7 @@ struct bpf_map_def SEC("maps") decisions = {
 #define PREEMPT_DISABLED_CAP_NS 1000000ull
 
 static __attribute__((noinline)) int guest_caused(const struct pvsched_bpf_ctx *ctx) {
-    if (ctx->event == PVSCHED_EVENT_HALT) return 1;
+    if (ctx->event == PVSCHED_EVENT_HALT || ctx->event == PVSCHED_EVENT_GUEST_UPDATE) return 1;
     if (ctx->event != PVSCHED_EVENT_VM_EXIT) return 0;
     switch (ctx->exit_reason) {
     case PVSCHED_EXIT_IO: case PVSCHED_EXIT_MMIO: case PVSCHED_EXIT_HALT: case PVSCHED_EXIT_DOORBELL:
@@ -26,7 +27,7 @@ static __attribute__((noinline)) int guest_caused(const struct pvsched_bpf_ctx *
 }
 
 static unsigned int decide(const struct pvsched_bpf_ctx *ctx) {
-    if (ctx->event == PVSCHED_EVENT_INJECTION)
+    if (ctx->event == PVSCHED_EVENT_INJECTION || ctx->event == PVSCHED_EVENT_DEADLINE)
         return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;
     if (ctx->has_guest && (ctx->flags & BOOSTING_FLAGS))
         return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;

@@ -34,6 +34,8 @@ public final class BPFDriver: Driver {
         if d.events & PVSCHED_EVENT_VM_EXIT != 0 { mask.insert(.vmExit) }
         if d.events & PVSCHED_EVENT_HALT != 0 { mask.insert(.halt) }
         if d.events & PVSCHED_EVENT_INJECTION != 0 { mask.insert(.interruptInjection) }
+        if d.events & PVSCHED_EVENT_GUEST_UPDATE != 0 { mask.insert(.guestUpdate) }
+        if d.events & PVSCHED_EVENT_DEADLINE != 0 { mask.insert(.deadline) }
         events = mask
         interpreter = Interpreter(program: program, instructionBudget: budget, trace: trace)
     }
@@ -80,6 +82,8 @@ public final class BPFDriver: Driver {
             }
         case .halt: c.event = PVSCHED_EVENT_HALT
         case .interruptInjection(let v): c.event = PVSCHED_EVENT_INJECTION; c.vector = UInt32(v)
+        case .guestUpdate: c.event = PVSCHED_EVENT_GUEST_UPDATE
+        case .deadline: c.event = PVSCHED_EVENT_DEADLINE
         }
         c.vcpu = UInt32(view.vcpu)
         c.boosted = view.boosted ? 1 : 0

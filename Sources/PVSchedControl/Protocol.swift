@@ -211,6 +211,12 @@ public struct Params: Sendable {
         return out
     }
 
+    /// Like `intArray`, nil when the request does not carry `name` (or carries null).
+    public mutating func optionalIntArray(_ name: String, count: ClosedRange<Int>, in range: ClosedRange<Int64>) throws(ControlError) -> [Int64]? {
+        if values[name] == nil || values[name] == .null { read.insert(name); return nil }
+        return try intArray(name, count: count, in: range)
+    }
+
     /// Whether the request carried `name` (even as null).
     public func has(_ name: String) -> Bool { values[name] != nil }
 

@@ -33,6 +33,13 @@ public enum VCPUEvent: Equatable, Sendable {
     case halt
     /// A device thread is about to deliver an interrupt to the vCPU (sent before the wake-up).
     case interruptInjection(vector: UInt8)
+    /// A watcher saw the guest's line change (VMs whose exits the host does not
+    /// see: QEMU under TCG, or any VMM without kernel events). The guest's state is
+    /// current at this event, as at an exit the guest caused.
+    case guestUpdate
+    /// The deadline the guest published for this vCPU is `inNs` away (host clock):
+    /// a watcher wakes shortly before it, so a driver can boost ahead of the guest timer.
+    case deadline(inNs: UInt64)
 
     /// The mask bit that subscribes a driver to this event.
     public var kind: EventMask {
@@ -41,6 +48,8 @@ public enum VCPUEvent: Equatable, Sendable {
         case .vmExit: return .vmExit
         case .halt: return .halt
         case .interruptInjection: return .interruptInjection
+        case .guestUpdate: return .guestUpdate
+        case .deadline: return .deadline
         }
     }
 }
@@ -53,5 +62,7 @@ public struct EventMask: OptionSet, Hashable, Sendable {
     public static let vmExit = EventMask(rawValue: 1 << 1)
     public static let halt = EventMask(rawValue: 1 << 2)
     public static let interruptInjection = EventMask(rawValue: 1 << 3)
-    public static let all: EventMask = [.vmEntry, .vmExit, .halt, .interruptInjection]
+    public static let guestUpdate = EventMask(rawValue: 1 << 4)
+    public static let deadline = EventMask(rawValue: 1 << 5)
+    public static let all: EventMask = [.vmEntry, .vmExit, .halt, .interruptInjection, .guestUpdate, .deadline]
 }

@@ -308,6 +308,12 @@ public struct SharedArea: @unchecked Sendable {
                               nextDeadlineNs: deadline == 0 ? nil : deadline, guestClockNs: clock)
     }
 
+    /// vCPU `vcpu`'s sequence counter as it is now (a watcher's cheap "did it change?").
+    public func sequence(vcpu: Int) -> UInt32? {
+        guard let p = try? area(vcpu) else { return nil }
+        return atomic32(p, PVSCHED_OFF_SEQ).load(ordering: .acquiring)
+    }
+
     /// Publishes the host's view of vCPU `vcpu` in its host line.
     public func publish(vcpu: Int, status: HostVCPUStatus, boostCount: UInt64, boostedNs: UInt64,
                         throttleCount: UInt64) throws(SharedAreaError) {

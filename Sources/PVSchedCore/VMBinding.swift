@@ -63,6 +63,8 @@ public struct EventCounts: Equatable, Sendable {
     public var vmExit: UInt64 = 0
     public var halt: UInt64 = 0
     public var interruptInjection: UInt64 = 0
+    public var guestUpdate: UInt64 = 0
+    public var deadline: UInt64 = 0
     public init() {}
     mutating func count(_ e: VCPUEvent) {
         switch e {
@@ -70,14 +72,18 @@ public struct EventCounts: Equatable, Sendable {
         case .vmExit: vmExit &+= 1
         case .halt: halt &+= 1
         case .interruptInjection: interruptInjection &+= 1
+        case .guestUpdate: guestUpdate &+= 1
+        case .deadline: deadline &+= 1
         }
     }
     mutating func add(_ o: EventCounts) {
         vmEntry &+= o.vmEntry; vmExit &+= o.vmExit; halt &+= o.halt; interruptInjection &+= o.interruptInjection
+        guestUpdate &+= o.guestUpdate; deadline &+= o.deadline
     }
     /// (kind name, count) pairs, for listings and metrics.
     public var byName: [(String, UInt64)] {
-        [("vm_entry", vmEntry), ("vm_exit", vmExit), ("halt", halt), ("interrupt_injection", interruptInjection)]
+        [("vm_entry", vmEntry), ("vm_exit", vmExit), ("halt", halt), ("interrupt_injection", interruptInjection),
+         ("guest_update", guestUpdate), ("deadline", deadline)]
     }
 }
 
@@ -210,6 +216,15 @@ public final class VMBinding: VMEventSink {
         let published = Mutex(VCPUStats())
     }
     private let slot = Mutex(Slot())
+    /// Threads that deliver the VM's interrupts (QEMU's main loop under TCG): they
+    /// run boosted, one priority above the vCPUs, while any vCPU is boosted, since a
+    /// boosted vCPU waits for them first. Lock order: a vCPU's lock, then this one.
+    private struct Companions {
+        var threads: [ThreadID] = []
+        var boostedVCPUs = 0
+        var applied: SchedulingParameters?
+    }
+    private let companions = Mutex(Companions())
     /// Consecutive unsettled reads of a vCPU's line after which the area is
     /// treated as hostile and pvsched is disabled for the VM.
     public static let unsettledLimit = 1000
@@ -308,13 +323,57 @@ public final class VMBinding: VMEventSink {
         if let old, old != thread { try? actuator.restore(old) }
     }
 
+    /// Sets the VM's interrupt-delivery threads (see `Companions`); the old ones are restored.
+    public func setCompanionThreads(_ threads: [ThreadID]) {
+        let (old, apply): ([ThreadID], SchedulingParameters?) = companions.withLock { c in
+            let old = c.threads.filter { !threads.contains($0) }
+            c.threads = threads
+            return (old, c.applied)
+        }
+        for t in old { try? actuator.restore(t) }
+        if let apply { for t in threads { try? actuator.apply(apply, to: t) } }
+    }
+
+    /// The VM's interrupt-delivery threads.
+    public var companionThreads: [ThreadID] { companions.withLock { $0.threads } }
+
+    /// One more (or one fewer) vCPU is boosted: boosts the companions on the first,
+    /// restores them after the last. Called under the vCPU's lock.
+    private func companionsFollow(boostedVCPU delta: Int, vcpuParameters: SchedulingParameters) {
+        companions.withLock { c in
+            c.boostedVCPUs = max(0, c.boostedVCPUs + delta)
+            guard !c.threads.isEmpty else { return }
+            if c.boostedVCPUs > 0, c.applied == nil {
+                let p: SchedulingParameters
+                switch vcpuParameters {
+                case .fifo(let n): p = .fifo(priority: min(n &+ 1, 99))
+                case .rr(let n): p = .rr(priority: min(n &+ 1, 99))
+                default: p = vcpuParameters
+                }
+                for t in c.threads { try? actuator.apply(p, to: t) }
+                c.applied = p
+            } else if c.boostedVCPUs == 0, c.applied != nil {
+                for t in c.threads { try? actuator.restore(t) }
+                c.applied = nil
+            }
+        }
+    }
+
     /// Installs the guest's validated area (after the VMM checked it lies in guest RAM).
+    /// Dropping the area (the guest withdrew it) undoes every boost: there is
+    /// nothing left to decide on.
     public func setArea(_ area: SharedArea?) {
-        slot.withLock { s in
+        let hadArea: Bool = slot.withLock { s in
+            let had = s.area != nil
             s.area = area
             if area != nil { s.disabledReason = nil }
+            return had
         }
         if let area { publishAll(area) }
+        else if hadArea {
+            let now = clock.nowNs()
+            for i in vcpus.indices { undoBoost(vcpu: i, now: now) }
+        }
     }
 
     /// Replaces the driver: detaches the old one from every vCPU and undoes its
@@ -482,6 +541,7 @@ public final class VMBinding: VMEventSink {
             }
             s.boostStart = now
             s.stats.boostCount &+= 1
+            companionsFollow(boostedVCPU: 1, vcpuParameters: params)
             return .boosted
         case .unboost:
             guard s.boostStart != nil else { return .unchanged }
@@ -502,8 +562,10 @@ public final class VMBinding: VMEventSink {
 
     /// Adds the running boost's time to the counters and marks the vCPU unboosted.
     private func clearBoost(_ s: inout VCPUState, now: UInt64) {
-        if let start = s.boostStart { s.stats.boostedNs &+= now > start ? now - start : 0 }
+        guard let start = s.boostStart else { return }
+        s.stats.boostedNs &+= now > start ? now - start : 0
         s.boostStart = nil
+        companionsFollow(boostedVCPU: -1, vcpuParameters: boost.boosted)
     }
 
     /// Ends `vcpu`'s boost, if any, and puts its thread back (after `also` under the same lock).

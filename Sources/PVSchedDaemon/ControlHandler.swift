@@ -101,6 +101,7 @@ public final class ControlHandler: Sendable {
             let ref = try p.string("vm")
             try p.finish()
             let s = try hostCall { () throws(HostError) in try host.stopVM(ref) }
+            defer { attacher.forget(vm: s.handle.id) }
             return vmJSON(s)
         case "vm.driver.get":
             let s = try session(&p)
@@ -284,10 +285,17 @@ public final class ControlHandler: Sendable {
             ["index": JSON(i), "thread": t.map { JSON($0.rawValue) } ?? .null,
              "boosted": .bool(b?.publishedStats(vcpu: i).boosted ?? false)]
         }
-        return ["id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
-                "state": .string("\(s.state)"), "summary": .string(s.summary), "pvsched": .bool(b != nil),
-                "driver": JSON(b?.driver?.name), "negotiation": .string(b.map { "\($0.negotiation)" } ?? "pvsched off"),
-                "disabled": JSON(b?.disabledReason.map { "\($0)" }), "ejected": JSON(b?.ejection), "vcpus": .array(vcpus)]
+        var vm: [String: JSON] = [
+            "id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
+            "state": .string("\(s.state)"), "summary": .string(s.summary), "pvsched": .bool(b != nil),
+            "driver": JSON(b?.driver?.name), "negotiation": .string(b.map { "\($0.negotiation)" } ?? "pvsched off"),
+            "disabled": JSON(b?.disabledReason.map { "\($0)" }), "ejected": JSON(b?.ejection), "vcpus": .array(vcpus)]
+        if let w = attacher.watcher(vm: s.handle.id) {
+            let c = w.stats
+            vm["watcher"] = ["phase": .string("\(w.phase)"), "polls": JSON(c.polls), "guestUpdates": JSON(c.guestUpdates),
+                             "deadlines": JSON(c.deadlines), "registrations": JSON(c.registrations)]
+        }
+        return .object(vm)
     }
 
     func statsJSON(_ s: any VMSession) -> JSON {

@@ -1,5 +1,6 @@
 import CHostService
 import Logging
+import PVSchedAttach
 import PVSchedControl
 import PVSchedCore
 import PVSchedGuestImage
@@ -10,43 +11,6 @@ import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A read-write shared mapping of part of a file (an attached VM's guest memory
-/// or ivshmem region): the owner that keeps a `SharedArea` valid.
-final class MappedRegion: @unchecked Sendable {
-    // @unchecked Sendable: the mapping is fixed for the object's life; the guest
-    // writes it concurrently by design and readers go through the seqlock.
-    let base: UnsafeMutableRawPointer
-    let length: Int
-    /// Where the requested bytes start inside the mapping (offset rounded to pages).
-    let skew: Int
-
-    init(path: String, offset: Int, length: Int) throws(ControlError) {
-        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { throw ControlError(.invalidParams, field: "params.memory", "cannot open \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-            throw ControlError(.invalidParams, field: "params.memory", "\(path) is not a regular file")
-        }
-        let (end, overflow) = offset.addingReportingOverflow(length)
-        guard !overflow, end <= Int(st.st_size) else {
-            throw ControlError(.invalidParams, field: "params.areaOffset", "the area (\(offset) + \(length) bytes) does not lie inside \(path) (\(st.st_size) bytes)")
-        }
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-        let aligned = offset / page * page
-        skew = offset - aligned
-        self.length = skew + length
-        guard let p = mmap(nil, self.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(aligned)), p != MAP_FAILED else {
-            throw ControlError(.failed, field: "params.memory", "mmap \(path): \(String(cString: strerror(errno)))")
-        }
-        base = p
-    }
-
-    var area: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base + skew, count: length - skew) }
-
-    deinit { munmap(base, length) }
-}
 
 /// Attaches the daemon to VMs that other processes run: maps their shared area,
 /// negotiates the protocol, feeds the binding with KVM events from the host
@@ -89,29 +53,100 @@ final class VMAttacher: Sendable {
     }
 
     /// Carries out `vm.attach`.
+    ///
+    /// The VMM and its vCPU threads come from one of: `qmp` (QEMU: the socket's peer
+    /// is the process, `query-cpus-fast` gives the threads, which are read again every
+    /// second), `pid` + `threadNames` (crosvm, cloud-hypervisor, Firecracker, QEMU
+    /// with debug-threads), or `pid` + `threads`. The guest's area comes from `shm`
+    /// (an ivshmem region the guest's pvsched module writes; a watcher thread
+    /// registers it and delivers `guestUpdate`/`deadline` events) or from `memory`
+    /// with an offset and size (a VM of `pvsched run --export`).
     func attach(_ p: inout Params) throws(ControlError) -> (AttachedVMSession, JSON) {
         let name = try p.optionalString("name", maxBytes: 64)
-        let pid = Int32(try p.int("pid", in: 1...Int64(Int32.max)))
-        let threads = try p.intArray("threads", count: 1...256, in: 1...Int64(Int32.max)).map { Int32($0) }
+        let qmpPath = try p.optionalString("qmp", maxBytes: 255)
+        let pidParam = try p.optionalInt("pid", in: 1...Int64(Int32.max)).map { Int32($0) }
+        let threadList: [Int32]? = try p.optionalIntArray("threads", count: 1...256, in: 1...Int64(Int32.max))?.map { Int32($0) }
+        let namingParam = try p.optionalString("threadNames", maxBytes: 32)
         let memory = try p.optionalString("memory", maxBytes: 255)
         let areaOffset = try p.optionalInt("areaOffset", in: 0...(1 << 40))
         let areaSize = try p.optionalInt("areaSize", in: 64...(1 << 24))
+        let shm = try p.optionalString("shm", maxBytes: 255)
         let driver = try p.optionalString("driver")
+        let eventsParam = try p.optionalString("events", maxBytes: 16)
+        let boostMainLoop = try p.bool("boostMainLoop", default: qmpPath != nil)
+        let range = Int64(GuestAreaWatcher.Settings.pollRange.lowerBound / 1000)...Int64(GuestAreaWatcher.Settings.pollRange.upperBound / 1000)
+        let pollUs = try p.optionalInt("pollUs", in: range)
+        let leadUs = try p.optionalInt("deadlineLeadUs", in: 0...100_000)
         try p.finish()
-        guard access("/proc/\(pid)", F_OK) == 0 else { throw ControlError(.notFound, field: "params.pid", "no process \(pid)") }
-        for t in threads where access("/proc/\(pid)/task/\(t)", F_OK) != 0 {
-            throw ControlError(.notFound, field: "params.threads", "thread \(t) is not a thread of process \(pid)")
+
+        // Which sources of the VMM and its threads: exactly one.
+        let sources = [qmpPath != nil, threadList != nil, namingParam != nil].filter { $0 }.count
+        guard sources == 1 else {
+            throw ControlError(.invalidParams, field: "params.qmp", "give exactly one of qmp, threads (with pid) or threadNames (with pid)")
         }
-        guard Set(threads).count == threads.count else { throw ControlError(.invalidParams, field: "params.threads", "a thread is listed twice") }
-        var region: MappedRegion?
-        if let memory {
-            guard memory.hasPrefix("/dev/shm/"), !memory.contains("/../"), !memory.hasSuffix("/..") else {
-                throw ControlError(.invalidParams, field: "params.memory", "must be a file under /dev/shm/")
+        guard memory == nil || shm == nil else { throw ControlError(.invalidParams, field: "params.shm", "give memory or shm, not both") }
+        let naming: VCPUThreadNaming? = try namingParam.map { (n: String) throws(ControlError) -> VCPUThreadNaming in
+            guard let v = VCPUThreadNaming(rawValue: n) else {
+                throw ControlError(.invalidParams, field: "params.threadNames",
+                                   "must be one of \(VCPUThreadNaming.allCases.map(\.rawValue).joined(separator: ", "))")
             }
-            guard let areaOffset, let areaSize else {
-                throw ControlError(.invalidParams, field: "params.areaOffset", "areaOffset and areaSize are needed with memory")
+            return v
+        }
+        let events: String
+        switch eventsParam ?? (shm != nil ? "both" : "kernel") {
+        case let e where ["kernel", "watch", "both"].contains(e): events = e
+        default: throw ControlError(.invalidParams, field: "params.events", "must be kernel, watch or both")
+        }
+        guard events == "kernel" || shm != nil else {
+            throw ControlError(.invalidParams, field: "params.events", "watching the guest needs its ivshmem region (shm)")
+        }
+
+        var qmp: QMPClient?
+        let pid: Int32
+        let found: VCPUThreads
+        if let qmpPath {
+            do throws(QMPError) {
+                let client = try QMPClient(path: qmpPath)
+                if let pidParam, pidParam != client.peerPID {
+                    throw QMPError("the socket belongs to process \(client.peerPID), not \(pidParam)")
+                }
+                pid = client.peerPID
+                found = try VCPUThreads.fromQMP(client, pid: pid)
+                qmp = client
+            } catch {
+                throw ControlError(.failed, field: "params.qmp", "\(error)")
             }
-            region = try MappedRegion(path: memory, offset: Int(areaOffset), length: Int(areaSize))
+        } else {
+            guard let pidParam else { throw ControlError(.invalidParams, field: "params.pid", "missing (needed with threads or threadNames)") }
+            pid = pidParam
+            guard access("/proc/\(pid)", F_OK) == 0 else { throw ControlError(.notFound, field: "params.pid", "no process \(pid)") }
+            if let threadList {
+                for t in threadList where !VCPUThreads.isThread(t, of: pid) {
+                    throw ControlError(.notFound, field: "params.threads", "thread \(t) is not a thread of process \(pid)")
+                }
+                guard Set(threadList).count == threadList.count else { throw ControlError(.invalidParams, field: "params.threads", "a thread is listed twice") }
+                found = VCPUThreads(vcpus: threadList)
+            } else {
+                guard let f = VCPUThreads.byName(pid: pid, naming: naming!) else {
+                    throw ControlError(.notFound, field: "params.threadNames", "process \(pid) has no threads named like \(naming!.rawValue)'s vCPU threads (numbered from 0)")
+                }
+                found = f
+            }
+        }
+
+        var region: SharedMemoryFile?
+        do throws(SharedMemoryError) {
+            if let memory {
+                guard let areaOffset, let areaSize else {
+                    throw SharedMemoryError(field: "areaOffset", "areaOffset and areaSize are needed with memory")
+                }
+                region = try SharedMemoryFile(path: memory, offset: Int(areaOffset), length: Int(areaSize))
+            } else if let shm {
+                region = try SharedMemoryFile(path: shm)
+            }
+        } catch {
+            throw ControlError(error.field == "areaOffset" ? .invalidParams : .invalidParams,
+                               field: "params.\(shm != nil && error.field == "memory" ? "shm" : error.field)", error.message)
         }
         if let driver, host.registry.driver(named: driver) == nil {
             throw ControlError(.notFound, field: "params.driver", "no driver named '\(driver)'")
@@ -119,42 +154,106 @@ final class VMAttacher: Sendable {
         let vmName = name ?? "pid\(pid)"
         let detachHook = DetachHook()
         let session: AttachedVMSession
+        let what = qmp.map { "QEMU \($0.version), process \(pid)" } ?? "process \(pid)"
         do {
-            session = try host.attach(name: vmName, vcpus: threads.count, summary: "process \(pid)", driver: driver,
+            session = try host.attach(name: vmName, vcpus: found.vcpus.count, summary: what, driver: driver,
                                       onDetach: { detachHook.run() })
         } catch let e as HostError {
             throw ControlError(e.field == "name" ? .conflict : .invalidParams, field: "params.\(e.field)", e.message)
         } catch {
             throw ControlError(.conflict, field: "params.driver", "\(error)")
         }
-        for (i, t) in threads.enumerated() { session.events.setThread(ThreadID(t), vcpu: i) }
+        let threads = Mutex(found)
+        for (i, t) in found.vcpus.enumerated() { session.events.setThread(ThreadID(t), vcpu: i) }
+        if boostMainLoop, let main = found.mainLoop { session.binding?.setCompanionThreads([ThreadID(main)]) }
+
         var negotiation = "no shared area given"
-        if let region {
-            switch session.link.registrar.register(area: region.area, owner: region) {
+        var watcher: GuestAreaWatcher?
+        if let region, memory != nil {
+            switch session.link.registrar.register(area: region.bytes, owner: region) {
             case .success(let a): negotiation = "accepted: \(a)"
             case .failure(let r): negotiation = "refused: \(r.message)"
             }
+        } else if let region, let binding = session.binding {
+            var settings = GuestAreaWatcher.Settings()
+            if let pollUs { settings.busyPollNs = UInt64(pollUs) * 1000; settings.idlePollNs = max(settings.idlePollNs, settings.busyPollNs) }
+            if let leadUs { settings.deadlineLeadNs = UInt64(leadUs) * 1000 }
+            let w = GuestAreaWatcher(region: region, link: session.link, binding: binding, settings: settings,
+                                     priority: host.canUseRealTime ? 90 : nil, threads: host.threads, logger: logger)
+            // The guest may already have written its header: give the watcher a moment to say.
+            for _ in 0..<50 { if w.phase != .waiting { break }; usleep(2000) }
+            negotiation = "\(w.phase)"
+            watcher = w
         }
         let slot = UInt32(truncatingIfNeeded: session.handle.id)
-        let tids = threads.map { Optional(ThreadID($0)) }
-        var events = "kernel"
-        switch kernelEvents {
-        case .success(let k):
-            k.watch(slot: slot, process: pid, threads: tids, sink: session.events)
-            events = k.summary
-        case .failure(let e):
-            events = "\(e)"
+        var eventsText = "watcher (guest updates and deadlines)"
+        var kernel: KernelEventSource?
+        if events != "watch" {
+            switch kernelEvents {
+            case .success(let k):
+                k.watch(slot: slot, process: pid, threads: found.vcpus.map { Optional(ThreadID($0)) }, sink: session.events)
+                kernel = k
+                eventsText = events == "both" ? "\(k.summary); \(eventsText)" : k.summary
+            case .failure(let e):
+                eventsText = events == "both" ? "\(eventsText); kernel events unavailable: \(e)" : "\(e)"
+            }
         }
-        let watcher = ProcessWatcher(pid: pid) { [weak session] in session?.ended("process \(pid) exited") }
+        // Every second, read the vCPU threads again (QMP): a vCPU thread that changed is re-pointed.
+        let refresh: (@Sendable () -> Void)? = qmp.map { client in
+            let box = QMPBox(client)
+            return { [weak session, logger] in
+                guard let session, let now = box.withClient({ c in try? VCPUThreads.fromQMP(c, pid: pid) }) else { return }
+                let old = threads.withLock { t in
+                    let old = t
+                    if now.vcpus.count == old.vcpus.count { t = now }
+                    return old
+                }
+                guard now.vcpus != old.vcpus else { return }
+                guard now.vcpus.count == old.vcpus.count else {
+                    logger.warning("the VM's vCPU count changed; pvsched keeps serving the first \(old.vcpus.count)",
+                                   metadata: ["vm": "\(session.handle)", "now": "\(now.vcpus.count)"])
+                    return
+                }
+                for (i, (a, b)) in zip(old.vcpus, now.vcpus).enumerated() where a != b {
+                    session.events.setThread(ThreadID(b), vcpu: i)
+                    logger.info("vCPU thread changed", metadata: ["vm": "\(session.handle)", "vcpu": "\(i)", "thread": "\(b)"])
+                }
+            }
+        }
+        let processWatch = ProcessWatcher(pid: pid, tick: refresh) { [weak session] in session?.ended("process \(pid) exited") }
         let keepMapped = region  // the mapping lives until the VM is detached
-        detachHook.set { [self] in
-            watcher.stop()
-            if case .success(let k) = kernelEvents { k.unwatch(slot: slot, process: pid, threads: tids) }
+        detachHook.set { [watcher, kernel] in
+            processWatch.stop()
+            watcher?.stop()
+            if let kernel { kernel.unwatch(slot: slot, process: pid, threads: threads.withLock { $0.vcpus }.map { Optional(ThreadID($0)) }) }
             withExtendedLifetime(keepMapped) {}
         }
+        if let watcher { watchers.withLock { $0[session.handle.id] = watcher } }
         logger.info("VM attached", metadata: ["vm": "\(vmName)", "pid": "\(pid)", "negotiation": "\(negotiation)"])
-        return (session, ["negotiation": .string(negotiation), "events": .string(events)])
+        return (session, [
+            "negotiation": .string(negotiation), "events": .string(eventsText), "pid": .int(Int64(pid)),
+            "vcpuThreads": .array(found.vcpus.map { .int(Int64($0)) }),
+            "mainLoopBoosted": .bool(boostMainLoop && found.mainLoop != nil),
+        ])
     }
+
+    /// The guest-area watchers of attached VMs, by VM id (for `vm.list` and stats).
+    private let watchers = Mutex<[UInt64: GuestAreaWatcher]>([:])
+
+    /// The watcher of VM `id`, if it has one.
+    func watcher(vm id: UInt64) -> GuestAreaWatcher? { watchers.withLock { $0[id] } }
+
+    /// Forgets the watcher of a detached VM.
+    func forget(vm id: UInt64) { _ = watchers.withLock { $0.removeValue(forKey: id) } }
+}
+
+/// A QMP connection used from one thread at a time.
+final class QMPBox: @unchecked Sendable {
+    // @unchecked Sendable: the client is only touched under `lock`.
+    private let client: QMPClient
+    private let lock = Mutex(())
+    init(_ client: QMPClient) { self.client = client }
+    func withClient<T>(_ body: (QMPClient) -> T) -> T { lock.withLock { _ in body(client) } }
 }
 
 /// A detach action set after the session exists (the session is made first).
@@ -171,16 +270,20 @@ final class DetachHook: Sendable {
     }
 }
 
-/// Watches a process through a pidfd on a dedicated thread and calls `onExit` once when it exits.
+/// Watches a process through a pidfd on a dedicated thread and calls `onExit` once
+/// when it exits; `tick`, if given, runs about once a second on the same thread.
 final class ProcessWatcher: Sendable {
     private let running = Atomic(true)
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
 
-    init(pid: Int32, onExit: @escaping @Sendable () -> Void) {
+    init(pid: Int32, tick: (@Sendable () -> Void)? = nil, onExit: @escaping @Sendable () -> Void) {
         let fd = pvs_pidfd_open(pid)
         let t = PVSchedCore.Thread { [self] in
             defer { if fd >= 0 { pvs_close(fd) } }
+            var polls = 0
             while running.load(ordering: .relaxed) {
+                polls += 1
+                if let tick, polls % 5 == 0 { tick() }
                 let exited: Bool
                 if fd >= 0 { exited = pvs_poll2(fd, -1, 200) & 1 != 0 } else {
                     exited = kill(pid, 0) != 0 && errno == ESRCH

@@ -3,9 +3,11 @@ import PVSchedCore
 /// A driver that runs a vCPU real-time exactly while the guest does
 /// latency-sensitive work: from interrupt injection, while the guest reports an
 /// interrupt handler (irq/softirq/nmi), a real-time task or a boost request, and
-/// while a deadline it reported is near. A preempt-disabled section keeps a
+/// from shortly before a deadline it published (the `deadline` event of a
+/// watched VM, or, with `deadlineHorizonNs`, a deadline seen at any event). A preempt-disabled section keeps a
 /// running boost for at most `preemptDisabledCapNs`. When nothing holds, it
-/// unboosts, at the next exit the guest caused (IO, MMIO, HLT, doorbell).
+/// unboosts, at the next exit the guest caused (IO, MMIO, HLT, doorbell) or the
+/// next change of its line a watcher saw.
 public final class LatencyBoostDriver: Driver {
     /// Tunables of the policy.
     public struct Settings: Equatable, Sendable {
@@ -34,7 +36,9 @@ public final class LatencyBoostDriver: Driver {
     public static let boostingFlags: GuestVCPUState.Flags = [.inIRQ, .inSoftIRQ, .inNMI, .rtTaskRunning, .boostRequest]
 
     public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
-        if event.kind == .interruptInjection || guestWantsBoost(view) { return view.boosted ? .none : .boost() }
+        if event.kind == .interruptInjection || event.kind == .deadline || guestWantsBoost(view) {
+            return view.boosted ? .none : .boost()
+        }
         // End a boost only where the guest's state is current: at an exit the guest
         // itself caused, with no injected interrupt still waiting for it. At entry,
         // after a kick, or with an interrupt pending, the guest still looks idle.
@@ -48,13 +52,13 @@ public final class LatencyBoostDriver: Driver {
     /// Events at which the guest's shared state reflects what it runs now.
     static func guestCaused(_ event: VCPUEvent) -> Bool {
         switch event {
-        case .halt: return true
+        case .halt, .guestUpdate: return true
         case .vmExit(let reason):
             switch reason {
             case .io, .mmio, .halt, .doorbell: return true
             case .interruptWindow, .intr, .shutdown, .other: return false
             }
-        case .vmEntry, .interruptInjection: return false
+        case .vmEntry, .interruptInjection, .deadline: return false
         }
     }
 

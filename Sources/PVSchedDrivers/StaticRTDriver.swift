@@ -7,7 +7,8 @@ public final class StaticRTDriver: Driver {
     public let name: String
     public let protocolName = PVSCHED_PROTOCOL_LATENCY_NAME
     public let protocolVersion = ProtocolVersion.latencyProtocol
-    public let events: EventMask = [.vmEntry, .interruptInjection]
+    /// Any event will do; a watched VM (no exits seen) has only guest updates and deadlines.
+    public let events: EventMask = [.vmEntry, .interruptInjection, .guestUpdate, .deadline]
 
     public init(name: String = "static-rt") { self.name = name }
 

@@ -27,7 +27,7 @@ public final class PVSchedHost: Sendable {
     private let logger: Logger
     private let sessionTable = Mutex<[UInt64: any VMSession]>([:])
     /// Whether this process may run threads real-time (enforcers of attached VMs do).
-    private let canUseRealTime = LinuxScheduling.canUseRealTime
+    public let canUseRealTime = LinuxScheduling.canUseRealTime
     private let nextID = Atomic<UInt64>(1)
 
     /// A host with the built-in drivers registered (`latency-boost` the default)

@@ -25,7 +25,16 @@ public enum Requirement: String, CaseIterable, Sendable {
             guard sched_setscheduler(0, SCHED_FIFO, &p) == 0 else { return false }
             _ = sched_setscheduler(0, policy, &old)
             return true
-        case .qemu: return access("/usr/bin/qemu-system-x86_64", X_OK) == 0
+        case .qemu:
+            // QEMU, and what the Linux test guest is built from (scripts/build-linux-guest.sh).
+            guard access("/usr/bin/qemu-system-x86_64", X_OK) == 0, access("/bin/busybox", X_OK) == 0,
+                  access("/usr/bin/cyclictest", X_OK) == 0, let dir = opendir("/lib/modules") else { return false }
+            defer { closedir(dir) }
+            while let e = readdir(dir) {
+                let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+                if name.hasSuffix("-cloud-amd64"), access("/lib/modules/\(name)/build", F_OK) == 0 { return true }
+            }
+            return false
         }
     }
 
@@ -44,7 +53,7 @@ public enum Requirement: String, CaseIterable, Sendable {
         case .kvm: return "needs /dev/kvm (run as root on a KVM host)"
         case .root: return "needs root"
         case .realTime: return "needs real-time scheduling (root or CAP_SYS_NICE)"
-        case .qemu: return "needs qemu-system-x86_64"
+        case .qemu: return "needs qemu-system-x86_64 and the Linux guest's packages (linux-image-cloud-amd64, linux-headers-cloud-amd64, busybox-static, rt-tests, cpio)"
         case .bpf: return "needs the bpf syscall (root)"
         }
     }

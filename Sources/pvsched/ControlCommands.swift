@@ -123,9 +123,20 @@ struct VMStart: ParsableCommand {
 
 struct VMAttach: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "attach", abstract: "Attach the daemon to a VM another process runs (its events come from the host kernel).",
-        discussion: "Give the file `pvsched run --export FILE` writes, or the VMM's pid and vCPU thread ids (and, for the shared area, its memory file and the area's offset and size).")
+        commandName: "attach", abstract: "Attach the daemon to a VM another process runs: QEMU (QMP), crosvm, cloud-hypervisor, Firecracker, or `pvsched run --export`.",
+        discussion: """
+        QEMU: --qmp SOCKET --shm /dev/shm/NAME (the ivshmem region the guest's pvsched_guest module writes; see docs/linux-guests.md).
+        Other VMMs: --pid PID --thread-names crosvm|cloud-hypervisor|firecracker|qemu, or --pid PID --threads TID,TID,...
+        A VM of `pvsched run --export FILE`: --export FILE.
+        """)
     @OptionGroup var control: ControlOptions
+    @Option(help: "QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off): gives the process and its vCPU threads.") var qmp: String?
+    @Option(help: "The ivshmem file (under /dev/shm) the guest's pvsched area lives in.") var shm: String?
+    @Option(help: "Find the vCPU threads by name: crosvm, cloud-hypervisor, firecracker or qemu (with -name debug-threads=on).") var threadNames: String?
+    @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm).") var events: String?
+    @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false
+    @Option(help: "How often the watcher reads the guest's lines while it works, in µs (50-100000; default 200).") var pollUs: Int64?
+    @Option(help: "How long before a guest's published deadline the watcher wakes, in µs (0-100000; default 400).") var deadlineLeadUs: Int64?
     @Option(help: "The export file of `pvsched run --export`.") var export: String?
     @Option(help: "The VMM process id.") var pid: Int64?
     @Option(help: "vCPU thread ids in vCPU order, comma-separated.") var threads: String?
@@ -136,8 +147,14 @@ struct VMAttach: ParsableCommand {
     @Option(help: "Driver for the VM (default: the daemon's default driver).") var driver: String?
 
     func validate() throws {
-        if export == nil && (pid == nil || threads == nil) { throw ValidationError("give --export FILE, or --pid and --threads") }
-        if export != nil && (pid != nil || threads != nil) { throw ValidationError("--export and --pid/--threads exclude each other") }
+        let ways = [export != nil, qmp != nil, threads != nil, threadNames != nil].filter { $0 }.count
+        guard ways == 1 else { throw ValidationError("give one of --qmp SOCKET, --export FILE, --pid with --threads, or --pid with --thread-names") }
+        if (threads != nil || threadNames != nil) && pid == nil { throw ValidationError("--threads and --thread-names need --pid") }
+        if export != nil && pid != nil { throw ValidationError("--export and --pid exclude each other") }
+        if shm != nil && memory != nil { throw ValidationError("--shm and --memory exclude each other") }
+        if let pollUs, !(50...100_000).contains(pollUs) { throw ValidationError("--poll-us must be 50...100000, got \(pollUs)") }
+        if let deadlineLeadUs, !(0...100_000).contains(deadlineLeadUs) { throw ValidationError("--deadline-lead-us must be 0...100000, got \(deadlineLeadUs)") }
+        if let events, !["kernel", "watch", "both"].contains(events) { throw ValidationError("--events must be kernel, watch or both") }
     }
 
     func run() throws {
@@ -151,14 +168,23 @@ struct VMAttach: ParsableCommand {
                 throw ValidationError("--export: the VM's vCPU threads have not all started yet (a thread id is 0); try again")
             }
         } else {
-            p["pid"] = .int(pid ?? 0)
-            let list = (threads ?? "").split(separator: ",").map { Int64($0.trimmingCharacters(in: .whitespaces)) }
-            guard !list.isEmpty, list.allSatisfy({ $0 != nil }) else { throw ValidationError("--threads must be comma-separated thread ids") }
-            p["threads"] = .array(list.map { .int($0!) })
+            if let qmp { p["qmp"] = .string(qmp) }
+            if let pid { p["pid"] = .int(pid) }
+            if let threadNames { p["threadNames"] = .string(threadNames) }
+            if let threads {
+                let list = threads.split(separator: ",").map { Int64($0.trimmingCharacters(in: .whitespaces)) }
+                guard !list.isEmpty, list.allSatisfy({ $0 != nil }) else { throw ValidationError("--threads must be comma-separated thread ids") }
+                p["threads"] = .array(list.map { .int($0!) })
+            }
             if let memory { p["memory"] = .string(memory) }
             if let areaOffset { p["areaOffset"] = .int(areaOffset) }
             if let areaSize { p["areaSize"] = .int(areaSize) }
         }
+        if let shm { p["shm"] = .string(shm) }
+        if let events { p["events"] = .string(events) }
+        if noBoostMainLoop { p["boostMainLoop"] = .bool(false) }
+        if let pollUs { p["pollUs"] = .int(pollUs) }
+        if let deadlineLeadUs { p["deadlineLeadUs"] = .int(deadlineLeadUs) }
         if let name { p["name"] = .string(name) }
         if let driver { p["driver"] = .string(driver) }
         let r = try control.call("vm.attach", p)
@@ -166,6 +192,7 @@ struct VMAttach: ParsableCommand {
             print("attached \(r["name"]?.cell ?? "?") (id \(r["id"]?.cell ?? "?")), driver \(r["driver"]?.cell ?? "-")")
             print("area: \(r["negotiation"]?.cell ?? "-")")
             print("events: \(r["events"]?.cell ?? "-")")
+            if let t = r["vcpuThreads"]?.arrayValue { print("vCPU threads: \(t.map(\.cell).joined(separator: ", "))\(r["mainLoopBoosted"] == .bool(true) ? " (and the main loop, boosted with them)" : "")") }
         }
     }
 }

@@ -39,6 +39,8 @@ final class RecordingDriver: Driver {
         case .vmExit(let r): return "exit:\(r)"
         case .halt: return "halt"
         case .interruptInjection(let v): return "inject:\(v)"
+        case .guestUpdate: return "guest-update"
+        case .deadline: return "deadline"
         }
     }
     func events(vcpu: Int) -> [String] { log.withLock { $0[vcpu] } }

@@ -24,8 +24,13 @@ extern "C" {
 #endif
 
 /* Freestanding users (guest kernel, BPF) compile with -ffreestanding: clang's own
- * stdint.h is enough. */
+ * stdint.h is enough. A Linux kernel module (the Linux guest component) has no
+ * stdint.h; <linux/types.h> gives the same fixed-width names. */
+#ifdef __KERNEL__
+#include <linux/types.h>
+#else
 #include <stdint.h>
+#endif
 
 #define PVSCHED_MAGIC            0x43535650u /* "PVSC" little-endian */
 #define PVSCHED_ABI_VERSION      1u
@@ -79,7 +84,12 @@ struct pvsched_region_header {
     uint16_t vcpu_count;                           /* 1 ... PVSCHED_MAX_VCPUS */
     uint16_t vcpu_stride;                          /* >= sizeof(struct pvsched_vcpu_area) */
     uint32_t vcpu_offset;                          /* offset of vCPU 0's area, cache-line aligned */
-    uint32_t reserved[3];
+    /* Shared-memory transport only (an ivshmem region, which has no registers):
+     * the host writes the negotiation result here, the guest bumps its generation
+     * each time it (re)writes the header. The pvsched device transport ignores them. */
+    uint32_t host_negotiation;                     /* host-written: PVSCHED_DEV_* (IDLE until the host looked) */
+    uint32_t host_reason;                          /* host-written: PVSCHED_REASON_* when REFUSED */
+    uint32_t guest_generation;                     /* guest-written: changes on every (re)registration */
 };
 
 /* The guest-written cache line of a vCPU. */
@@ -122,6 +132,9 @@ _Static_assert(__builtin_offsetof(struct pvsched_region_header, protocol_minor) 
 _Static_assert(__builtin_offsetof(struct pvsched_region_header, vcpu_count) == 44, "vcpu_count");
 _Static_assert(__builtin_offsetof(struct pvsched_region_header, vcpu_stride) == 46, "vcpu_stride");
 _Static_assert(__builtin_offsetof(struct pvsched_region_header, vcpu_offset) == 48, "vcpu_offset");
+_Static_assert(__builtin_offsetof(struct pvsched_region_header, host_negotiation) == 52, "host_negotiation");
+_Static_assert(__builtin_offsetof(struct pvsched_region_header, host_reason) == 56, "host_reason");
+_Static_assert(__builtin_offsetof(struct pvsched_region_header, guest_generation) == 60, "guest_generation");
 _Static_assert(sizeof(struct pvsched_vcpu_guest) == PVSCHED_CACHE_LINE, "guest line");
 _Static_assert(__builtin_offsetof(struct pvsched_vcpu_guest, seq) == 0, "seq");
 _Static_assert(__builtin_offsetof(struct pvsched_vcpu_guest, flags) == 4, "flags");
@@ -152,6 +165,9 @@ enum {
     PVSCHED_OFF_VCPU_COUNT     = __builtin_offsetof(struct pvsched_region_header, vcpu_count),
     PVSCHED_OFF_VCPU_STRIDE    = __builtin_offsetof(struct pvsched_region_header, vcpu_stride),
     PVSCHED_OFF_VCPU_OFFSET    = __builtin_offsetof(struct pvsched_region_header, vcpu_offset),
+    PVSCHED_OFF_HOST_NEGOTIATION = __builtin_offsetof(struct pvsched_region_header, host_negotiation),
+    PVSCHED_OFF_HOST_REASON    = __builtin_offsetof(struct pvsched_region_header, host_reason),
+    PVSCHED_OFF_GUEST_GENERATION = __builtin_offsetof(struct pvsched_region_header, guest_generation),
     PVSCHED_OFF_SEQ            = __builtin_offsetof(struct pvsched_vcpu_area, guest.seq),
     PVSCHED_OFF_FLAGS          = __builtin_offsetof(struct pvsched_vcpu_area, guest.flags),
     PVSCHED_OFF_TASK_POLICY    = __builtin_offsetof(struct pvsched_vcpu_area, guest.task_policy),
@@ -202,6 +218,7 @@ enum {
 #define PVSCHED_REASON_BAD_HEADER      3u  /* a header field failed validation */
 #define PVSCHED_REASON_NO_DRIVER       4u  /* no driver implements the protocol/version */
 #define PVSCHED_REASON_VCPU_MISMATCH   5u  /* vcpu_count differs from the VM's */
+#define PVSCHED_REASON_BAD_LINE        6u  /* later: a vCPU line failed validation; pvsched disabled */
 
 /* Seqlock helpers for the guest writer. A guest that is itself a C or Swift
  * program calls these around every update of its guest line. */
@@ -230,6 +247,8 @@ static inline void pvsched_guest_write_end(volatile struct pvsched_vcpu_guest *g
 #define PVSCHED_EVENT_VM_EXIT       2u
 #define PVSCHED_EVENT_HALT          4u
 #define PVSCHED_EVENT_INJECTION     8u
+#define PVSCHED_EVENT_GUEST_UPDATE  16u /* a watcher saw the guest line change (VMs without exits) */
+#define PVSCHED_EVENT_DEADLINE      32u /* the guest's published deadline is near (watcher) */
 
 /* Exit reasons in pvsched_bpf_ctx.exit_reason. */
 #define PVSCHED_EXIT_NONE      0u
