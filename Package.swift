@@ -109,6 +109,9 @@ let package = Package(
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
             "PVSchedExperiments", "PVSchedAttach", "PVSchedABI",
         ]),
+        .testTarget(name: "PVSchedAttachTests", dependencies: [
+            "PVSchedAttach", "PVSchedCore", "PVSchedHost", "PVSchedTesting", "PVSchedABI", "PVSchedLinux",
+        ]),
         .testTarget(name: "PVSchedCoreTests", dependencies: ["PVSchedCore", "PVSchedABI", "PVSchedTesting"]),
         .testTarget(name: "PVSchedDriversTests", dependencies: ["PVSchedDrivers", "PVSchedCore", "PVSchedTesting"]),
         .testTarget(name: "PVSchedLinuxTests", dependencies: ["PVSchedLinux", "PVSchedCore", "CLinuxSched", "PVSchedTesting"]),

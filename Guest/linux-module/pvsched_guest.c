@@ -189,6 +189,11 @@ static void probe_sched_switch(void *data, bool preempt, struct task_struct *pre
 {
 	struct pvs_cpu *c = this_cpu_ptr(&pvs_cpus);
 
+	/* A switch never happens inside a hard or soft interrupt: whatever the depth
+	 * counters say (an entry seen whose exit was not, around registration), the
+	 * CPU is in neither now. */
+	c->irq_depth = 0;
+	c->softirq_depth = 0;
 	c->idle = is_idle_task(next);
 	c->policy = c->idle ? PVSCHED_TASK_NORMAL : pvs_task_policy(next, &c->priority, &c->nice);
 	if (c->idle) {
@@ -240,7 +245,8 @@ static void probe_hrtimer_cancel(void *data, struct hrtimer *timer)
 }
 
 /* The kernel tracepoints this module hooks, found by name (the core kernel does
- * not export every tracepoint symbol to modules). */
+ * not export every tracepoint symbol to modules). Exits come before entries, so
+ * that no entry is counted whose exit is not. */
 struct pvs_hook {
 	const char *name;
 	void *probe;
@@ -250,16 +256,16 @@ struct pvs_hook {
 
 static struct pvs_hook pvs_hooks[] = {
 	{ "sched_switch", probe_sched_switch, NULL, true },
-	{ "irq_handler_entry", probe_irq_entry, NULL, true },
 	{ "irq_handler_exit", probe_irq_exit, NULL, true },
-	{ "softirq_entry", probe_softirq_entry, NULL, true },
 	{ "softirq_exit", probe_softirq_exit, NULL, true },
-	{ "local_timer_entry", probe_vector_entry, NULL, false },
 	{ "local_timer_exit", probe_vector_exit, NULL, false },
-	{ "reschedule_entry", probe_vector_entry, NULL, false },
 	{ "reschedule_exit", probe_vector_exit, NULL, false },
-	{ "call_function_single_entry", probe_vector_entry, NULL, false },
 	{ "call_function_single_exit", probe_vector_exit, NULL, false },
+	{ "irq_handler_entry", probe_irq_entry, NULL, true },
+	{ "softirq_entry", probe_softirq_entry, NULL, true },
+	{ "local_timer_entry", probe_vector_entry, NULL, false },
+	{ "reschedule_entry", probe_vector_entry, NULL, false },
+	{ "call_function_single_entry", probe_vector_entry, NULL, false },
 	{ "hrtimer_start", probe_hrtimer_start, NULL, false },
 	{ "hrtimer_expire_entry", probe_hrtimer_expire_entry, NULL, false },
 	{ "hrtimer_cancel", probe_hrtimer_cancel, NULL, false },

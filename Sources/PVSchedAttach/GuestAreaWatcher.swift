@@ -37,7 +37,7 @@ public final class GuestAreaWatcher: Sendable {
         public var deadlineLeadNs: UInt64
         /// Poll period while no valid header is there.
         public var headerPollNs: UInt64
-        public init(busyPollNs: UInt64 = 200_000, idlePollNs: UInt64 = 1_000_000, deadlineLeadNs: UInt64 = 400_000,
+        public init(busyPollNs: UInt64 = 200_000, idlePollNs: UInt64 = 1_000_000, deadlineLeadNs: UInt64 = 200_000,
                     headerPollNs: UInt64 = 20_000_000) {
             self.busyPollNs = busyPollNs; self.idlePollNs = idlePollNs
             self.deadlineLeadNs = deadlineLeadNs; self.headerPollNs = headerPollNs

@@ -298,11 +298,14 @@ public final class VMBinding: VMEventSink {
         if vcpus[vcpu].published.withLockIfAvailable({ $0 = snapshot }) != nil { s.publishedAtNs = now }
     }
 
-    /// Exact counters of `vcpu` (takes the vCPU's lock).
+    /// Exact counters of `vcpu` (takes the vCPU's lock); `boostedNs` includes the
+    /// running boost so far.
     public func stats(vcpu: Int) -> VCPUStats {
-        vcpus[vcpu].state.withLock { s in
+        let now = clock.nowNs()
+        return vcpus[vcpu].state.withLock { s in
             var st = s.stats
             st.boosted = s.boostStart != nil
+            if let start = s.boostStart, now > start { st.boostedNs &+= now - start }
             return st
         }
     }

@@ -74,6 +74,14 @@ public struct Scenario: Sendable {
     public var probePriority: UInt8? = 1
     public var governor: GovernorConfig = .default
     public var modes: [Mode] = [.idle, .vanilla, .staticRT, .driver("latency-boost")]
+    /// The Linux guest under unmodified QEMU instead of the built-in VMM (nil):
+    /// cyclictest on vCPU 0 (see `runQEMU`).
+    public var qemuGuest: LinuxGuestImage?
+
+    /// What the guest runs, for report headers.
+    public var guestTitle: String {
+        qemuGuest == nil ? guest.rawValue : "Linux under QEMU (TCG), cyclictest on vCPU 0"
+    }
 
     public init() {}
 
@@ -164,6 +172,7 @@ public struct ExperimentRunner {
     }
 
     func run(_ mode: Mode, index: Int) throws -> ModeResult {
+        if let image = scenario.qemuGuest { return try runQEMU(mode, index: index, image: image) }
         let contended = mode != .idle
         let pvsched: Bool
         let driverName: String?

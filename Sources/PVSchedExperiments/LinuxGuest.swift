@@ -65,6 +65,8 @@ public struct LinuxGuestOptions: Sendable {
     public var unloadModule = false
     /// Attach an ivshmem region for pvsched.
     public var ivshmem = true
+    /// Seconds the guest waits for the host's answer before its workload (0: none).
+    public var waitForHostS = 20
     public init() {}
 }
 
@@ -93,6 +95,7 @@ public final class QEMULinuxGuest: @unchecked Sendable {
         if !options.moduleArgs.isEmpty { append.append("pvs_mod=" + options.moduleArgs.joined(separator: ",")) }
         if !options.loadModule { append.append("pvs_nomod=1") }
         if options.unloadModule { append.append("pvs_rmmod=1") }
+        append.append("pvs_wait=\(options.waitForHostS)")
         var args = ["-accel", "tcg,thread=multi", "-smp", "\(options.vcpus)", "-m", "\(options.memoryMB)",
                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:\(consolePath)",
                     "-kernel", image.kernel, "-initrd", image.initrd, "-append", append.joined(separator: " "),

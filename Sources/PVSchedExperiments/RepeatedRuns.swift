@@ -46,7 +46,7 @@ extension Report {
                          r.mode == "idle" ? "-" : stat(work) { String(format: "%.2fx", $0) },
                          stat(r.runs.map { Double($0.boostCount) }) { String(Int($0)) }])
         }
-        var out = "guest: \(scenario.guest.rawValue)\(scenario.noisyVM ? " with a noisy VM" : ""), \(scenario.vcpus) vCPUs, "
+        var out = "guest: \(scenario.guestTitle)\(scenario.noisyVM ? " with a noisy VM" : ""), \(scenario.vcpus) vCPUs, "
         out += "\(scenario.busyThreads) busy host threads per CPU, \(scenario.durationNs / 1_000_000_000) s per mode, "
         out += "interval \(scenario.intervalNs / 1000) µs; \(runs) runs interleaved\n"
         out += "median [min-max] over the runs; latencies in µs; host work relative to vanilla in the same round\n\n"

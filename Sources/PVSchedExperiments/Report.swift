@@ -24,7 +24,7 @@ public enum Report {
                          r.mode == "idle" ? "-" : work, String(r.boostCount), format(r.boostedMs), String(r.throttleCount)])
         }
         let cpus = scenario.cpus.map(String.init).joined(separator: ",")
-        var out = "guest: \(scenario.guest.rawValue), \(scenario.vcpus) vCPUs on host CPUs \(cpus) with \(scenario.busyThreads) busy host threads per CPU"
+        var out = "guest: \(scenario.guestTitle), \(scenario.vcpus) vCPUs on host CPUs \(cpus) with \(scenario.busyThreads) busy host threads per CPU"
         out += scenario.noisyVM ? " and a noisy VM" : ""
         out += ", \(scenario.durationNs / 1_000_000_000) s per mode, interval \(scenario.intervalNs / 1000) µs\n"
         out += "latencies in µs (guest: wake-up lateness / interrupt response; host: cyclictest-like probe at "

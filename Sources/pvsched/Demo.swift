@@ -11,7 +11,7 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Busy host threads on each host CPU used.") var busyThreads = 2
     @Flag(help: "Also run a noisy second VM (batch) on the same CPU.") var noisyVM = false
     @Option(help: "Seconds per mode.") var seconds: Double = 4
-    @Option(help: "Wake-up / interrupt interval in microseconds (a guest wake-up costs ~0.5-0.9 ms of emulated execution under PVM: keep it well above that).") var intervalUs: UInt64 = 5000
+    @Option(help: "Wake-up / interrupt interval in microseconds (a guest wake-up costs ~0.5-0.9 ms of emulated execution under PVM: keep it well above that). Default 5000; with --vmm qemu 1000.") var intervalUs: UInt64?
     @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, a driver name, or kernel:DRIVER for that driver fed from the host kernel's KVM events, as for an attached VM).")
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
@@ -25,6 +25,8 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Run these scenarios one after the other: 'all' (mixed, cyclic, irq-response, rt+batch, mixed with a noisy VM), or a comma-separated list of --guest values (a '+noisy' suffix adds the noisy VM).")
     var scenarios: String?
     @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
+    @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm) or qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs).")
+    var vmm = "builtin"
 
     func scenario() throws -> Scenario {
         var s = Scenario()
@@ -36,11 +38,21 @@ struct ScenarioOptions: ParsableArguments {
         guard (1...20).contains(runs) else { throw ValidationError("--runs must be 1...20, got \(runs)") }
         guard (0...64).contains(busyThreads) else { throw ValidationError("--busy-threads must be 0...64, got \(busyThreads)") }
         guard seconds > 0 && seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600], got \(seconds)") }
+        let intervalUs = self.intervalUs ?? (vmm == "qemu" ? 1000 : 5000)
         guard (100...1_000_000).contains(intervalUs) else {
             throw ValidationError("--interval-us must be 100...1000000, got \(intervalUs)")
         }
         guard maxBoostMs.isFinite, throttleMs.isFinite, maxBoostMs <= 60_000, throttleMs <= 60_000 else {
             throw ValidationError("--max-boost-ms and --throttle-ms must be at most 60000")
+        }
+        guard ["builtin", "qemu"].contains(vmm) else { throw ValidationError("--vmm must be builtin or qemu, got '\(vmm)'") }
+        if vmm == "qemu" {
+            guard g == .mixed || g == .cyclic, !noisyVM, scenarios == nil else {
+                throw ValidationError("--vmm qemu runs cyclictest on vCPU 0 of a Linux guest: --guest, --noisy-vm and --scenarios do not apply")
+            }
+            if modes.split(separator: ",").contains(where: { $0.hasPrefix("kernel:") }) {
+                throw ValidationError("--vmm qemu: kernel:DRIVER modes need KVM exits, and QEMU runs under TCG here")
+            }
         }
         s.guest = g
         s.vcpus = vcpus
@@ -94,9 +106,16 @@ struct Demo: ParsableCommand {
     @OptionGroup var options: ScenarioOptions
 
     func run() throws {
-        try Preflight.requireKVM()
-        try Preflight.requireRealTime()
-        let scenarios = try options.allScenarios()
+        var scenarios = try options.allScenarios()
+        if options.vmm == "qemu" {
+            try Preflight.requireRealTime()
+            FileHandle.standardError.write("building the Linux guest (scripts/build-linux-guest.sh)...\n".data(using: .utf8)!)
+            let image = try LinuxGuestImage.build()
+            for i in scenarios.indices { scenarios[i].qemuGuest = image }
+        } else {
+            try Preflight.requireKVM()
+            try Preflight.requireRealTime()
+        }
         for (k, scenario) in scenarios.enumerated() {
             if k > 0 && !options.json { print("") }
             try run(scenario, plot: scenarios.count == 1 ? options.plot

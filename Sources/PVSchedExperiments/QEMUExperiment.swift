@@ -1,0 +1,107 @@
+import Histogram
+import PVSchedAttach
+import PVSchedCore
+import PVSchedHost
+import PVSchedLinux
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension CyclictestOutput {
+    /// The latencies as a histogram in ns; samples past the last bucket count at the max.
+    var histogram: Histogram<UInt64> {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
+        for (us, count) in buckets where count > 0 { _ = h.record(us * 1000, count: count) }
+        if overflows > 0 { _ = h.record(maxUs * 1000, count: overflows) }
+        return h
+    }
+}
+
+extension ExperimentRunner {
+    /// One mode with the Linux guest under unmodified QEMU (TCG): cyclictest on
+    /// vCPU 0 in the guest, the same host contention and probes as the built-in
+    /// demo, and pvsched attached as the daemon would (QMP threads, the ivshmem
+    /// region, the watcher, QEMU's main loop boosted with the vCPUs).
+    func runQEMU(_ mode: Mode, index: Int, image: LinuxGuestImage) throws -> ModeResult {
+        let driverName: String?
+        switch mode {
+        case .idle, .vanilla: driverName = nil
+        case .staticRT: driverName = "static-rt"
+        case .driver(let n): driverName = n
+        case .kernel: throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here")
+        }
+        let contended = mode != .idle
+        let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
+        var options = LinuxGuestOptions()
+        options.vcpus = scenario.vcpus
+        options.run = "cyclictest"
+        options.intervalUs = Int(scenario.intervalNs / 1000)
+        options.durationS = seconds
+        options.waitForHostS = driverName == nil ? 0 : 20
+        let guest = try QEMULinuxGuest(image: image, options: options)
+        let host = try PVSchedHost(actuator: LinuxActuator())
+        let qmp = try QMPClient(path: guest.qmpPath)
+        let threads = try VCPUThreads.fromQMP(qmp, pid: guest.pid)
+        for (i, t) in threads.vcpus.enumerated() { try? host.threads.setAffinity(ThreadID(t), mask: scenario.cpuMask(vcpu: i)) }
+
+        var session: AttachedVMSession?
+        var watcher: GuestAreaWatcher?
+        if let driverName {
+            let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
+            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: driverName, governor: governor)
+            for (i, t) in threads.vcpus.enumerated() { s.events.setThread(ThreadID(t), vcpu: i) }
+            if let main = threads.mainLoop { s.binding?.setCompanionThreads([ThreadID(main)]) }
+            let region = try SharedMemoryFile(path: guest.shmPath)
+            if let b = s.binding {
+                watcher = GuestAreaWatcher(region: region, link: s.link, binding: b, priority: 90, threads: host.threads, logger: logger)
+            }
+            session = s
+        }
+        defer {
+            watcher?.stop()
+            session?.stop()
+            host.shutdown()
+        }
+        let started = MonotonicClock.nowNs()
+        let bootLimit = started + 90_000_000_000
+        while !guest.console.contains("PVS-READY") {
+            guard guest.process.isRunning, MonotonicClock.nowNs() < bootLimit else {
+                throw LinuxGuestError("the Linux guest did not get ready (mode \(mode)): \(guest.console.suffix(400))")
+            }
+            progress?(mode, index, 0)
+            usleep(100_000)
+        }
+        let load = contended ? scenario.cpus.map { HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
+        let probes = scenario.cpus.map {
+            HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
+        }
+        let runStart = MonotonicClock.nowNs()
+        let limit = runStart + UInt64(seconds + 120) * 1_000_000_000
+        while !guest.console.contains("PVS-END cyclictest") && guest.process.isRunning && MonotonicClock.nowNs() < limit {
+            progress?(mode, index, Double(MonotonicClock.nowNs() - runStart) / 1e9)
+            usleep(100_000)
+        }
+        var hostHistogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
+        for p in probes { hostHistogram.add(p.finish()) }
+        let throughput = load.map { $0.finish() }.reduce(0, +)
+        let totals = session?.binding?.totals ?? VCPUStats()
+        guard let out = guest.section("cyclictest") else {
+            throw LinuxGuestError("no cyclictest result from the guest (mode \(mode)): \(guest.console.suffix(400))")
+        }
+        let guestHistogram: Histogram<UInt64>
+        do { guestHistogram = try CyclictestOutput.parse(out).histogram } catch { throw LinuxGuestError("\(error)") }
+        guest.waitForExit(timeout: 10)
+        return ModeResult(
+            mode: mode.description,
+            guestLatency: LatencySummary(guestHistogram),
+            hostLatency: LatencySummary(hostHistogram),
+            hostThroughput: throughput,
+            guestBatchThroughput: 0,
+            boostCount: totals.boostCount,
+            boostedMs: Double(totals.boostedNs) / 1e6,
+            throttleCount: totals.throttleCount,
+            exits: 0,
+            outcome: watcher.map { "\($0.phase)" } ?? "QEMU, no pvsched")
+    }
+}
