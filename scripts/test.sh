@@ -12,7 +12,11 @@ command -v swift >/dev/null || { echo "swift toolchain not found (expected at /o
 #   curl        - scrapes the daemon's Prometheus endpoint
 #   util-linux  - setpriv, to act as another user against the control socket
 #   libbpf1     - libbpf.so.1, which loads the kernel KVM event source (BPF/kvm_events.bpf.c)
-PACKAGES=(curl util-linux libbpf1)
+#   the Linux test guest (scripts/build-linux-guest.sh) and unmodified QEMU to run it:
+#   qemu-system-x86, linux-image-cloud-amd64, linux-headers-cloud-amd64 (and make, to
+#   build the pvsched_guest module), busybox-static, rt-tests (cyclictest), cpio
+PACKAGES=(curl util-linux libbpf1 qemu-system-x86 linux-image-cloud-amd64 linux-headers-cloud-amd64 make
+          busybox-static rt-tests cpio)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,7 +25,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         echo "installing Debian packages: ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     else
         echo "missing Debian packages: ${missing[*]} (run as root to install them; the tests that need them will fail)" >&2
     fi
@@ -29,6 +33,8 @@ fi
 
 swift --version
 swift build
+# The Linux guest for the QEMU tests (a no-op when its packages are missing: those tests then skip).
+bash scripts/build-linux-guest.sh || echo "Linux test guest not built: the QEMU tests will skip (or fail under PVSCHED_REQUIRE_QEMU=1)" >&2
 # Serially: many tests run real VMs, real-time threads and a daemon on a 2-core machine, and
 # several of them time what they see; run side by side they starve each other.
 swift test --no-parallel
