@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "PVSchedBPF", targets: ["PVSchedBPF"]),
         .library(name: "PVSchedControl", targets: ["PVSchedControl"]),
         .library(name: "PVSchedABI", targets: ["PVSchedABI"]),
+        .library(name: "PVSchedAttach", targets: ["PVSchedAttach"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -92,7 +93,7 @@ let package = Package(
         // The experiment harness behind `pvsched demo` and `pvsched bench`.
         .target(name: "PVSchedExperiments", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "PVSchedBPF", "PVSchedHost",
-            "PVSchedControl", "PVSchedDaemon", "CHostService", "PVSchedKernelEvents", "PVSchedTesting",
+            "PVSchedControl", "PVSchedDaemon", "CHostService", "PVSchedKernelEvents", "PVSchedTesting", "PVSchedAttach",
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -20,6 +20,9 @@ let package = Package(
         .executableTarget(name: "FuzzSharedArea", dependencies: [
             .product(name: "PVSchedCore", package: "pvsched"), .product(name: "PVSchedABI", package: "pvsched"),
         ], swiftSettings: fuzzFlags),
+        .executableTarget(name: "FuzzGuestOutput", dependencies: [
+            .product(name: "PVSchedAttach", package: "pvsched"), .product(name: "PVSchedControl", package: "pvsched"),
+        ], swiftSettings: fuzzFlags),
         .executableTarget(name: "FuzzControlRequest", dependencies: [.product(name: "PVSchedControl", package: "pvsched")],
                           swiftSettings: fuzzFlags),
     ],

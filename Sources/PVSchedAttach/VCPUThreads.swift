@@ -58,7 +58,12 @@ public struct VCPUThreads: Equatable, Sendable {
 
     /// From QMP `query-cpus-fast`. Checks every thread id belongs to `pid`.
     public static func fromQMP(_ qmp: QMPClient, pid: Int32) throws(QMPError) -> VCPUThreads {
-        let reply = try qmp.execute("query-cpus-fast")
+        try decode(queryCpusFast: try qmp.execute("query-cpus-fast"), pid: pid) { isThread($0, of: pid) }
+    }
+
+    /// Decodes a `query-cpus-fast` reply (QEMU's, so checked field by field):
+    /// 1-1024 vCPUs, `cpu-index` exactly 0..<n, every `thread-id` one of `pid`'s threads.
+    public static func decode(queryCpusFast reply: JSON, pid: Int32, isThread: (Int32) -> Bool) throws(QMPError) -> VCPUThreads {
         guard let cpus = reply.arrayValue, !cpus.isEmpty, cpus.count <= 1024 else {
             throw QMPError("query-cpus-fast: expected a list of 1-1024 vCPUs")
         }
@@ -77,7 +82,7 @@ public struct VCPUThreads: Equatable, Sendable {
             throw QMPError("query-cpus-fast: cpu-index values are not 0...\(byIndex.count - 1)")
         }
         let tids = (0..<byIndex.count).map { byIndex[$0]! }
-        for t in tids where !isThread(t, of: pid) {
+        for t in tids where !isThread(t) {
             throw QMPError("query-cpus-fast: thread \(t) is not a thread of process \(pid)")
         }
         return VCPUThreads(vcpus: tids, mainLoop: pid)

@@ -49,7 +49,8 @@ public struct VCPUView: Equatable, Sendable {
 /// **Calling context.** `decide` is called on the thread that produced the event:
 /// the vCPU's own thread for `vmEntry`, `vmExit` and `halt`; a device thread (the
 /// built-in VMM's timer or interrupt source) or the kernel-event consumer thread
-/// (attached VMs) for `interruptInjection`. `attach` and `detach` are called on
+/// (attached VMs) for `interruptInjection`; an attached VM's watcher thread for
+/// `guestUpdate` and `deadline`. `attach` and `detach` are called on
 /// the control thread that assigns or replaces the driver (a CLI request, VM
 /// start or stop), never concurrently with each other for the same VM.
 ///
@@ -72,7 +73,10 @@ public struct VCPUView: Equatable, Sendable {
 /// that blocks the vCPU. `interruptInjection` arrives from another thread at any
 /// point, always before the vCPU is woken or kicked for that interrupt. An attached
 /// VM's events come from the host kernel in the same order, but on one consumer
-/// thread and later (see `KernelEventSource`).
+/// thread and later (see `KernelEventSource`). A VM whose exits the host does not
+/// see (QEMU under TCG) gets `guestUpdate` and `deadline` from its watcher thread
+/// instead, in the order the watcher saw the guest's lines change (see
+/// `GuestAreaWatcher`); those two may also arrive alongside kernel events.
 ///
 /// **Failure.** A driver that cannot decide returns `.none` and counts the failure in
 /// `failedDecisions`; after `VMBinding.failureLimit` failures in a row on one vCPU

@@ -188,14 +188,10 @@ public enum MechanismBench {
     }
 
     public static func table(_ results: [BenchResult]) -> String {
-        var out = "benchmark                                      ns/op     baseline                        ns/op   ratio\n"
+        var rows = [["benchmark", "ns/op", "baseline", "ns/op", "ratio"]]
         for r in results {
-            out += r.name.padding(toLength: 44, withPad: " ", startingAt: 0)
-            out += String(repeating: " ", count: max(0, 9 - Report.format(r.nsPerOp).count)) + Report.format(r.nsPerOp) + "     "
-            out += r.baseline.padding(toLength: 30, withPad: " ", startingAt: 0)
-            out += String(repeating: " ", count: max(0, 9 - Report.format(r.baselineNsPerOp).count)) + Report.format(r.baselineNsPerOp)
-            out += "   " + String(format: "%.2fx", r.ratio) + "\n"
+            rows.append([r.name, Report.format(r.nsPerOp), r.baseline, Report.format(r.baselineNsPerOp), String(format: "%.2fx", r.ratio)])
         }
-        return out
+        return Report.render(rows)
     }
 }

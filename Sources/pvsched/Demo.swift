@@ -170,6 +170,9 @@ struct Bench: ParsableCommand {
         }
         results += try ControlBench.roundTrip()
         results += try ControlBench.decisionUnderControlLoad()
+        do { results += try WatcherBench.flagToBoost() } catch {
+            FileHandle.standardError.write("watcher benchmark skipped: \(error)\n".data(using: .utf8)!)
+        }
         if (try? Preflight.requireKVM()) != nil {
             do { results += try KernelEventBench.compare() } catch {
                 FileHandle.standardError.write("kernel-event benchmark skipped: \(error)\n".data(using: .utf8)!)
