@@ -97,8 +97,10 @@ final class VMAttacher: Sendable {
         case let e where ["kernel", "watch", "both"].contains(e): events = e
         default: throw ControlError(.invalidParams, field: "params.events", "must be kernel, watch or both")
         }
-        guard events == "kernel" || shm != nil else {
-            throw ControlError(.invalidParams, field: "params.events", "watching the guest needs its ivshmem region (shm)")
+        guard (events == "kernel") == (shm == nil) else {
+            throw ControlError(.invalidParams, field: "params.events", shm == nil
+                               ? "watching the guest needs its ivshmem region (shm)"
+                               : "with shm a watcher registers the region and reports its changes: events must be watch or both")
         }
 
         var qmp: QMPClient?
@@ -126,11 +128,13 @@ final class VMAttacher: Sendable {
                 }
                 guard Set(threadList).count == threadList.count else { throw ControlError(.invalidParams, field: "params.threads", "a thread is listed twice") }
                 found = VCPUThreads(vcpus: threadList)
-            } else {
-                guard let f = VCPUThreads.byName(pid: pid, naming: naming!) else {
-                    throw ControlError(.notFound, field: "params.threadNames", "process \(pid) has no threads named like \(naming!.rawValue)'s vCPU threads (numbered from 0)")
+            } else if let naming {
+                guard let f = VCPUThreads.byName(pid: pid, naming: naming) else {
+                    throw ControlError(.notFound, field: "params.threadNames", "process \(pid) has no threads named like \(naming.rawValue)'s vCPU threads (numbered from 0)")
                 }
                 found = f
+            } else {
+                throw ControlError(.invalidParams, field: "params.threadNames", "missing")
             }
         }
 
@@ -145,8 +149,7 @@ final class VMAttacher: Sendable {
                 region = try SharedMemoryFile(path: shm)
             }
         } catch {
-            throw ControlError(error.field == "areaOffset" ? .invalidParams : .invalidParams,
-                               field: "params.\(shm != nil && error.field == "memory" ? "shm" : error.field)", error.message)
+            throw ControlError(.invalidParams, field: "params.\(shm != nil && error.field == "memory" ? "shm" : error.field)", error.message)
         }
         if let driver, host.registry.driver(named: driver) == nil {
             throw ControlError(.notFound, field: "params.driver", "no driver named '\(driver)'")

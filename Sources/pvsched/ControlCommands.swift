@@ -133,7 +133,7 @@ struct VMAttach: ParsableCommand {
     @Option(help: "QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off): gives the process and its vCPU threads.") var qmp: String?
     @Option(help: "The ivshmem file (under /dev/shm) the guest's pvsched area lives in.") var shm: String?
     @Option(help: "Find the vCPU threads by name: crosvm, cloud-hypervisor, firecracker or qemu (with -name debug-threads=on).") var threadNames: String?
-    @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm).") var events: String?
+    @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm; --shm needs watch or both).") var events: String?
     @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false
     @Option(help: "How often the watcher reads the guest's lines while it works, in µs (50-100000; default 200).") var pollUs: Int64?
     @Option(help: "How long before a guest's published deadline the watcher wakes, in µs (0-100000; default 200).") var deadlineLeadUs: Int64?
