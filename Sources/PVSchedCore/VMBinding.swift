@@ -589,7 +589,7 @@ public final class VMBinding: VMEventSink {
         s.stats.throttleCount &+= 1
         Self.countVeto(veto, &s.stats)
         if let thread = s.thread { try? actuator.restore(thread) }
-        logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)"])
+        logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)", "guest": "\(s.lastGuest.map { "flags 0x\(String($0.flags.rawValue, radix: 16)) \($0.task) seq \($0.sequence)" } ?? "-")"])
     }
 
     private static func countVeto(_ veto: GovernorVeto, _ stats: inout VCPUStats) {
