@@ -16,6 +16,7 @@ public struct MapDefinition: Equatable, Sendable {
 /// A BPF map. Values live in one preallocated slab that is never freed while the
 /// map exists, so a value pointer a program holds stays valid memory (a deleted
 /// hash slot may be reused, as with the kernel's preallocated hash maps).
+// @unchecked Sendable: the slab is fixed; programs update values with atomics or plain stores as kernel BPF does, the key index is locked.
 public final class BPFMap: @unchecked Sendable {
     public let definition: MapDefinition
     let slab: UnsafeMutableRawPointer

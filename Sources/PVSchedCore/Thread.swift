@@ -7,6 +7,7 @@ import Musl
 
 /// A dedicated OS thread (pthread) for work that blocks in the kernel or must not
 /// share the Swift concurrency pool: vCPU loops, device threads, probes.
+// @unchecked Sendable: `handle` is set once in init; pthread_join/kill are thread-safe.
 public final class Thread: @unchecked Sendable {
     private var handle: pthread_t
     private let box: Box

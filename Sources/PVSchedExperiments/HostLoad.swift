@@ -8,6 +8,7 @@ import Glibc
 
 /// Busy host threads (SCHED_OTHER, pinned) that compete with the vCPU threads,
 /// counting the work they get done so a run can report host batch throughput.
+// @unchecked Sendable: `threads` is set in init and joined once in finish(); counters are atomics.
 final class HostContention: @unchecked Sendable {
     private let stop = ManagedAtomic(false)
     private let work: [ManagedAtomic<UInt64>]
@@ -43,10 +44,12 @@ final class HostContention: @unchecked Sendable {
 
 /// A cyclictest-like host thread: sleeps to absolute deadlines every interval
 /// on the contended CPU and records how late it woke.
+// @unchecked Sendable: the histogram is written only by the probe thread and read after finish() joined it.
 final class HostLatencyProbe: @unchecked Sendable {
     private let stop = ManagedAtomic(false)
     private var thread: PVSchedCore.Thread?
     private let result = ManagedAtomic<Int>(0)
+    // nonisolated(unsafe): written by the probe thread only, read after finish() joined it.
     nonisolated(unsafe) private var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
 
     init(cpuMask: UInt64, intervalNs: UInt64, priority: UInt8?) {

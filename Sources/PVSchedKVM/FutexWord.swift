@@ -2,6 +2,7 @@ import Atomics
 import CKVM
 
 /// A 32-bit word that threads wait on with futex(2) and bump to wake them.
+// @unchecked Sendable: the word is only touched through atomics and futex(2).
 final class FutexWord: @unchecked Sendable {
     private let storage: UnsafeMutablePointer<UnsafeAtomic<UInt32>.Storage>
     init() {

@@ -1,10 +1,11 @@
+import Synchronization
 import CKVM
 import SystemPackage
 
 /// The KVM system file descriptor (/dev/kvm): capabilities, supported CPUID,
 /// and creating VMs. A thin typed wrapper in the style of rust-vmm's `Kvm`.
 public final class KVMSystem: Sendable {
-    public let fd: FileDescriptor
+    private let fd: FileDescriptor
     public static let devicePath = "/dev/kvm"
 
     /// Opens /dev/kvm and checks the API version is 12.
@@ -46,6 +47,7 @@ public final class KVMSystem: Sendable {
 }
 
 /// A kvm_cpuid2 list owned by Swift.
+// @unchecked Sendable: the list is written once when made and only read afterwards.
 public final class CPUIDEntries: @unchecked Sendable {
     let raw: UnsafeMutablePointer<kvm_cpuid2>
     init(capacity: UInt32) { raw = ckvm_alloc_cpuid(capacity) }
@@ -55,17 +57,23 @@ public final class CPUIDEntries: @unchecked Sendable {
 
 /// A VM file descriptor: memory slots, vCPUs, the in-kernel irqchip, MSIs.
 public final class VMFD: Sendable {
-    public let fd: FileDescriptor
+    private let fd: FileDescriptor
     public let system: KVMSystem
+
+    /// Memory mapped into the guest, kept alive as long as the VM fd.
+    private let regions = Mutex<[GuestMemory]>([])
 
     init(fd: FileDescriptor, system: KVMSystem) { self.fd = fd; self.system = system }
     deinit { try? fd.close() }
 
     /// Maps `size` bytes at `host` to guest-physical `guestPhysical` in `slot`.
-    public func setUserMemoryRegion(slot: UInt32, guestPhysical: UInt64, size: Int, host: UnsafeMutableRawPointer) throws(KVMError) {
+    /// Maps all of `memory` into the guest at `guestPhysical`. The VM keeps the
+    /// memory alive: KVM holds its address until the VM fd is closed.
+    public func setUserMemoryRegion(slot: UInt32, guestPhysical: UInt64, memory: GuestMemory) throws(KVMError) {
         var region = kvm_userspace_memory_region(slot: slot, flags: 0, guest_phys_addr: guestPhysical,
-                                                 memory_size: UInt64(size), userspace_addr: UInt64(UInt(bitPattern: host)))
+                                                 memory_size: UInt64(memory.size), userspace_addr: UInt64(UInt(bitPattern: memory.base)))
         _ = try check(ckvm_ioctl(fd.rawValue, CKVM_SET_USER_MEMORY_REGION, &region), "KVM_SET_USER_MEMORY_REGION")
+        regions.withLock { $0.append(memory) }
     }
 
     public func setTSSAddress(_ address: UInt64) throws(KVMError) {

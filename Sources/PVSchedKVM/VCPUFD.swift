@@ -5,8 +5,9 @@ import SystemPackage
 /// A vCPU file descriptor and its mapped `kvm_run`: registers, CPUID, MP state,
 /// interrupt injection and `KVM_RUN`. Every call except `requestImmediateExit`
 /// belongs on the vCPU's own thread.
+// @unchecked Sendable: shared only for `requestImmediateExit` (one byte of kvm_run KVM reads at entry); the rest runs on the vCPU thread.
 public final class VCPUFD: @unchecked Sendable {
-    public let fd: FileDescriptor
+    private let fd: FileDescriptor
     public let id: Int
     let runArea: UnsafeMutablePointer<kvm_run>
     private let runSize: Int
@@ -73,6 +74,19 @@ public final class VCPUFD: @unchecked Sendable {
     }
 
     /// Runs the vCPU until the next exit and decodes it.
+    /// Answers the port read of the last exit with `value` (first element); KVM
+    /// hands it to the guest at the next KVM_RUN.
+    public func completeRead(_ value: UInt32) {
+        let run = runArea
+        let io = run.pointee.io
+        guard Int32(run.pointee.exit_reason) == KVM_EXIT_IO, io.direction != UInt8(KVM_EXIT_IO_OUT),
+              let data = ckvm_io_data(run) else { return }
+        for i in 0..<min(Int(io.size), 4) { data[i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
+    }
+
+    /// Resets the x87/SSE state to its power-on values.
+    public func resetFPU() { _ = ckvm_reset_fpu(fd.rawValue) }
+
     public func run() throws(KVMError) -> VMExit {
         let r = ckvm_ioctl(fd.rawValue, CKVM_RUN, nil)
         if r == -Int(Errno.interrupted.rawValue) { return .interrupted }

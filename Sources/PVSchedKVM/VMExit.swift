@@ -2,9 +2,9 @@ import CKVM
 import PVSchedCore
 
 /// One VM exit, decoded from `kvm_run`: the single enum the run loop switches on.
-public enum VMExit: Sendable {
-    /// Port IO. For writes `data` holds the bytes; for reads the handler fills `reply`.
-    case io(IOAccess)
+public enum VMExit: Equatable, Sendable {
+    /// Port IO (copied out of kvm_run; a read is answered through `VCPUFD.completeRead`).
+    case io(PortIO)
     case mmio(address: UInt64, write: Bool, length: Int)
     case halt
     case interruptWindowOpen
@@ -18,7 +18,7 @@ public enum VMExit: Sendable {
     init(_ run: UnsafeMutablePointer<kvm_run>) {
         switch Int32(run.pointee.exit_reason) {
         case KVM_EXIT_IO:
-            self = .io(IOAccess(run: run))
+            self = .io(PortIO(run: run))
         case KVM_EXIT_MMIO:
             let m = run.pointee.mmio
             self = .mmio(address: m.phys_addr, write: m.is_write != 0, length: Int(m.len))
@@ -48,35 +48,40 @@ public enum VMExit: Sendable {
     }
 }
 
-/// A port-IO exit: port, direction, access size and the data bytes in `kvm_run`.
-public struct IOAccess: @unchecked Sendable {
+/// A port-IO exit, copied out of `kvm_run` when the exit is decoded: the port,
+/// the direction, the access size and, for writes, the bytes. It holds no pointer
+/// into `kvm_run`, so it cannot outlive its loop iteration in any harmful way; a
+/// read's answer goes back through `VCPUFD.completeRead` before the next entry.
+public struct PortIO: Equatable, Sendable {
     public let port: UInt16
     public let isWrite: Bool
+    /// Bytes per element (1, 2 or 4).
     public let size: Int
-    public let count: Int
-    let data: UnsafeMutablePointer<UInt8>
+    /// Every byte written (string IO: `count` elements of `size`); empty for reads.
+    public let data: [UInt8]
+
+    public init(port: UInt16, isWrite: Bool, size: Int, data: [UInt8] = []) {
+        self.port = port; self.isWrite = isWrite; self.size = size; self.data = data
+    }
 
     init(run: UnsafeMutablePointer<kvm_run>) {
         let io = run.pointee.io
         port = io.port
         isWrite = io.direction == UInt8(KVM_EXIT_IO_OUT)
         size = Int(io.size)
-        count = Int(io.count)
-        data = ckvm_io_data(run)
+        if isWrite, let bytes = ckvm_io_data(run) {
+            // kvm_run's data page holds at most a page of string IO.
+            let n = min(Int(io.size) * Int(io.count), 4096)
+            data = Array(UnsafeBufferPointer(start: bytes, count: n))
+        } else {
+            data = []
+        }
     }
 
     /// The value written (first element, little-endian, `size` bytes).
     public var value: UInt32 {
         var v: UInt32 = 0
-        for i in 0..<min(size, 4) { v |= UInt32(data[i]) << (8 * i) }
+        for i in 0..<min(size, 4, data.count) { v |= UInt32(data[i]) << (8 * i) }
         return v
-    }
-
-    /// All bytes written (for string IO, `count` elements of `size`).
-    public var bytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: data, count: size * count) }
-
-    /// Answers a read with `value` (first element).
-    public func reply(_ value: UInt32) {
-        for i in 0..<min(size, 4) { data[i] = UInt8(truncatingIfNeeded: value >> (8 * i)) }
     }
 }

@@ -89,6 +89,8 @@ public final class VirtualMachine: @unchecked Sendable {
     let pvschedDevice: PVSchedDevice
     let timer: TimerDevice
     let irqDevice: IRQResponseDevice
+    /// Every exit goes through it: devices on the port bus, then the driver events.
+    let exitHandler: ExitHandler
     private let stopping = ManagedAtomic(false)
     private let outcomeLock = Mutex<VMOutcome?>(nil)
     private let finished = FutexWord()
@@ -121,7 +123,7 @@ public final class VirtualMachine: @unchecked Sendable {
         if config.interrupts == .inKernelIRQChip { try vm.createIRQChip() }
         memory = try config.memoryFile.map { path throws(KVMError) in try GuestMemory(size: config.memorySize, sharedFile: path) }
             ?? GuestMemory(size: config.memorySize)
-        try vm.setUserMemoryRegion(slot: 0, guestPhysical: 0, size: memory.size, host: memory.base)
+        try vm.setUserMemoryRegion(slot: 0, guestPhysical: 0, memory: memory)
         try LongMode.writeTables(into: memory)
         try memory.write(config.image, at: UInt64(PVSCHED_GPA_KERNEL))
 
@@ -135,7 +137,7 @@ public final class VirtualMachine: @unchecked Sendable {
             LongMode.configure(&sregs)
             try fd.setSregs(sregs)
             try fd.setXCR0(0x3)  // x87 + SSE state, matching CR4.OSXSAVE
-            _ = ckvm_reset_fpu(fd.fd.rawValue)
+            fd.resetFPU()
             var regs = kvm_regs()
             regs.rip = UInt64(PVSCHED_GPA_KERNEL)
             regs.rsp = UInt64(config.memorySize) - UInt64(i) * UInt64(PVSCHED_BOOT_STACK_SIZE) - 8
@@ -151,13 +153,15 @@ public final class VirtualMachine: @unchecked Sendable {
         tscKHz = khz
         try Self.writeBootInfo(config: config, memory: memory, tscKHz: khz)
 
-        pvschedDevice = PVSchedDevice(vcpus: config.vcpus)
-        console = Console(vcpus: config.vcpus)
+        pvschedDevice = PVSchedDevice(vcpus: config.vcpus, memory: memory, registrar: host?.registrar,
+                                      vmName: "\(handle)", logger: logger)
+        console = Console(vcpus: config.vcpus, sink: config.consoleLine)
         timer = TimerDevice(vcpus: config.vcpus)
         let irqTargets = (0..<config.vcpus).filter { i in
             (i < config.boot.perVCPU.count ? config.boot.perVCPU[i] : nil) ?? config.boot.workload == .irqResponse
         }
         irqDevice = IRQResponseDevice(vcpus: config.vcpus, targets: irqTargets, intervalNs: config.boot.intervalNs)
+        exitHandler = ExitHandler(bus: PortBus([console, ExitPort(), timer, irqDevice, pvschedDevice]), events: host?.events)
         ckvm_install_kick_handler()
     }
 
@@ -190,8 +194,9 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Starts every vCPU thread, the timer device and the budget enforcer.
     public func start() {
-        timer.start(vm: self, priority: config.deviceThreadPriority)
-        irqDevice.start(vm: self, priority: config.deviceThreadPriority)
+        let raise: @Sendable (Int, UInt8) -> Void = { [weak self] vcpu, vector in self?.raiseInterrupt(vcpu: vcpu, vector: vector) }
+        timer.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
+        irqDevice.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
         for ctx in vcpus {
             threads.append(PVSchedCore.Thread { [self] in runLoop(ctx) })
         }
@@ -299,7 +304,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Makes vCPU `ctx` leave KVM_RUN (or its halt wait) soon.
     func kick(_ ctx: VCPUContext) {
         ctx.wakeups.bumpAndWake(1)
-        if ctx.inGuest.load(ordering: .acquiring) {
+        if ctx.state.load(ordering: .acquiring) == .inGuest {
             ctx.fd.requestImmediateExit(true)
             let tid = ctx.thread.load(ordering: .relaxed)
             if tid != 0 { _ = ckvm_kick_thread(tid) }
@@ -321,48 +326,32 @@ public final class VirtualMachine: @unchecked Sendable {
             ctx.thread.store(0, ordering: .relaxed)
         }
         let fd = ctx.fd
+        defer { ctx.state.store(.stopped, ordering: .releasing) }
         while !stopping.load(ordering: .acquiring) {
+            ctx.state.store(.entering, ordering: .releasing)
             let queued = config.interrupts == .userspace ? injectPending(ctx) : false
             events?.notify(.vmEntry, vcpu: ctx.index, interruptStillQueued: queued)
-            ctx.inGuest.store(true, ordering: .releasing)
+            ctx.state.store(.inGuest, ordering: .releasing)
             let exit: VMExit
             do {
                 exit = try fd.run()
             } catch {
-                ctx.inGuest.store(false, ordering: .releasing)
+                ctx.state.store(.handlingExit, ordering: .releasing)
                 finish(.failed(vcpu: ctx.index, failure: .kvm("\(error)")))
                 break
             }
-            ctx.inGuest.store(false, ordering: .releasing)
+            ctx.state.store(.handlingExit, ordering: .releasing)
             ctx.exits.wrappingIncrement(ordering: .relaxed)
-            switch exit {
-            case .io(let access):
-                // The device work the guest asked for is done first, so that a decision
-                // to unboost (a reschedule of this thread) never delays it.
-                handleIO(access, ctx)
-                let reason: ExitReason = access.port == UInt16(PVSCHED_DEV_DOORBELL) && access.isWrite
-                    ? .doorbell : exit.reason
-                events?.notify(.vmExit(reason), vcpu: ctx.index)
-            case .halt:
-                events?.notify(.vmExit(.halt), vcpu: ctx.index)
-                events?.notify(.halt, vcpu: ctx.index)
+            if exit == .interrupted { fd.requestImmediateExit(false) }
+            let (action, reply) = exitHandler.handle(exit, vcpu: ctx.index) { registerDump(fd) }
+            if let reply { fd.completeRead(reply) }
+            switch action {
+            case .resume: continue
+            case .waitForInterrupt:
+                ctx.state.store(.waitingForInterrupt, ordering: .releasing)
                 waitForInterrupt(ctx)
-            case .interrupted:
-                fd.requestImmediateExit(false)
-                events?.notify(.vmExit(.intr), vcpu: ctx.index)
-            case .interruptWindowOpen:
-                events?.notify(.vmExit(.interruptWindow), vcpu: ctx.index)
-            case .mmio(let address, let write, _):
-                events?.notify(.vmExit(exit.reason), vcpu: ctx.index)
-                finish(.failed(vcpu: ctx.index, failure: .mmioOutsideRAM(address: address, write: write)))
-            case .shutdown:
-                finish(.failed(vcpu: ctx.index, failure: .shutdown(registers: registerDump(fd))))
-            case .internalError(let sub):
-                finish(.failed(vcpu: ctx.index, failure: .internalError(suberror: UInt32(truncatingIfNeeded: sub), registers: registerDump(fd))))
-            case .failEntry(let r):
-                finish(.failed(vcpu: ctx.index, failure: .failEntry(reason: UInt64(r))))
-            case .unknown(let r):
-                finish(.failed(vcpu: ctx.index, failure: .unhandled(reason: UInt32(truncatingIfNeeded: r))))
+            case .finish(let outcome):
+                finish(outcome)
             }
         }
     }
@@ -400,33 +389,31 @@ public final class VirtualMachine: @unchecked Sendable {
             ctx.wakeups.wait(while: seen, timeoutNs: -1)
         }
     }
+}
 
-    private func handleIO(_ a: IOAccess, _ ctx: VCPUContext) {
-        switch UInt32(a.port) {
-        case PVSCHED_PORT_CONSOLE where a.isWrite:
-            console.write(a.bytes, vcpu: ctx.index, sink: config.consoleLine)
-        case PVSCHED_PORT_EXIT where a.isWrite:
-            finish(.exited(code: a.value))
-        case PVSCHED_PORT_TIMER_ARM where a.isWrite:
-            timer.arm(vcpu: ctx.index, afterUs: a.value)
-        case PVSCHED_PORT_IRQ_ACK where a.isWrite:
-            irqDevice.acknowledge(vcpu: ctx.index, seq: a.value)
-        case PVSCHED_PORT_IRQ_SEQ where !a.isWrite:
-            a.reply(irqDevice.currentSequence(vcpu: ctx.index))
-        case PVSCHED_DEV_PORT_BASE..<PVSCHED_DEV_PORT_END:
-            pvschedDevice.access(a, vcpu: ctx.index, vm: self)
-        default:
-            if !a.isWrite { a.reply(0xFFFF_FFFF) }
-        }
-    }
+/// Where a vCPU thread is in its loop (Firecracker names the same states).
+enum VCPULoopState: UInt8, AtomicValue {
+    /// Not started yet.
+    case starting
+    /// Injecting queued interrupts and notifying `vmEntry`.
+    case entering
+    /// In KVM_RUN: a kick must interrupt it.
+    case inGuest
+    /// Back from KVM_RUN, running the exit handler.
+    case handlingExit
+    /// Halted, sleeping until an interrupt is queued (userspace irqchip).
+    case waitingForInterrupt
+    /// The loop ended.
+    case stopped
 }
 
 /// Per-vCPU state of the VMM: the fd, its thread, queued interrupts.
+// @unchecked Sendable: every mutable field is an atomic or a Mutex; `fd` is used as VCPUFD allows.
 final class VCPUContext: @unchecked Sendable {
     let index: Int
     let fd: VCPUFD
     let thread = ManagedAtomic<Int32>(0)
-    let inGuest = ManagedAtomic(false)
+    let state = ManagedAtomic(VCPULoopState.starting)
     let exits = ManagedAtomic<UInt64>(0)
     let injections = ManagedAtomic<UInt64>(0)
     let pending = Mutex<[UInt8]>([])

@@ -4,6 +4,7 @@ import PVSchedCore
 /// Writes a shared area the way a guest does (header, then seqlocked guest lines),
 /// through the ABI header's own C structs and helpers. For simulators, tests and
 /// benchmarks that stand in for a guest; the real guest kernel uses the same header.
+// @unchecked Sendable: it writes memory a host reader reads concurrently, by design, through the seqlock.
 public struct SharedAreaWriter: @unchecked Sendable {
     public let base: UnsafeMutableRawPointer
     public let size: Int
@@ -63,6 +64,7 @@ public struct SharedAreaWriter: @unchecked Sendable {
 }
 
 /// Page-aligned memory for a shared area owned by the caller (tests, simulators).
+// @unchecked Sendable: the allocation is fixed for the object's life; access goes through `writer` or a SharedArea.
 public final class SharedAreaBuffer: @unchecked Sendable {
     public let bytes: UnsafeMutableRawBufferPointer
     public let writer: SharedAreaWriter
