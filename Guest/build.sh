@@ -22,6 +22,8 @@ cflags=(-target "$target" -mgeneral-regs-only -ffreestanding -fno-stack-protecto
 "$bin/llvm-objcopy" -O binary "$work/kernel.elf" "$work/kernel.bin"
 # The sample BPF driver (BPF/latency_boost.bpf.c), embedded for `pvsched bench` and `pvsched run --bpf sample`.
 "$bin/clang" -target bpf -O2 -ffreestanding -I "$abi" -c "$guest/../BPF/latency_boost.bpf.c" -o "$work/latency_boost.bpf.o"
+# The deadline-aware policy in BPF (`pvsched bpf load deadline-sample`).
+"$bin/clang" -target bpf -O2 -ffreestanding -I "$abi" -c "$guest/../BPF/deadline_boost.bpf.c" -o "$work/deadline_boost.bpf.o"
 # The host-side KVM event source for attached VMs (kernel BPF, CO-RE: -g for BTF).
 "$bin/clang" -target bpf -O2 -g -ffreestanding -I "$guest/../Sources/CKernelEvents/include" \
     -c "$guest/../BPF/kvm_events.bpf.c" -o "$work/kvm_events.bpf.o"
@@ -33,6 +35,9 @@ cflags=(-target "$target" -mgeneral-regs-only -ffreestanding -fno-stack-protecto
   echo '"'
   printf '    static let sampleBPF: StaticString = "'
   base64 -w0 "$work/latency_boost.bpf.o"
+  echo '"'
+  printf '    static let deadlineBPF: StaticString = "'
+  base64 -w0 "$work/deadline_boost.bpf.o"
   echo '"'
   printf '    static let kvmEventsBPF: StaticString = "'
   base64 -w0 "$work/kvm_events.bpf.o"

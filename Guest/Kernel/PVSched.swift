@@ -108,8 +108,10 @@ enum PVSched {
         }
     }
 
-    /// Records that a real-time task (FIFO `priority`) runs now, or that none does.
-    static func rtTask(running: Bool, priority: Int32 = 50, interruptsOff: Bool = false) {
+    /// Records that a real-time task (FIFO `priority`) runs now, or that none does
+    /// (then `nextDeadlineNs` is the next RT wake-up, stamped at `nowNs`).
+    static func rtTask(running: Bool, priority: Int32 = 50, nextDeadlineNs: UInt64 = 0, nowNs: UInt64 = 0,
+                       interruptsOff: Bool = false) {
         let body: (inout pvsched_vcpu_guest) -> Void = { g in
             if running {
                 // The RT task runs: its boost request (if any) is answered.
@@ -120,9 +122,9 @@ enum PVSched {
                 g.task_policy = PVSCHED_TASK_NORMAL; g.task_priority = 0; g.task_nice = 0
             }
             g.flags &= ~PVSCHED_FLAG_IDLE
-            g.next_deadline_ns = 0
+            g.next_deadline_ns = running ? 0 : nextDeadlineNs
         }
-        if interruptsOff { updateWithInterruptsOff(body) } else { update(body) }
+        if interruptsOff { updateWithInterruptsOff(clockNs: nowNs, body) } else { update(clockNs: nowNs, body) }
     }
 
     /// Publishes the next latency-sensitive deadline (guest ns; 0 = none) and idleness.

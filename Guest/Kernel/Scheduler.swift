@@ -157,22 +157,25 @@ enum Sched {
     static func publish(next: Int, now: UInt64) {
         guard PVSched.active else { return }
         let s = this
+        // The next wake-up of a sleeping RT task: published while normal tasks run
+        // too, so the host can tell the timer interrupt that serves it from a tick.
+        var earliest: UInt64 = 0
+        for k in 0..<s.pointee.count {
+            let t = s.pointee.tasks[k]!
+            if t.pointee.state == Task.sleeping && t.pointee.rtPriority > 0 && (earliest == 0 || t.pointee.wakeTSC < earliest) {
+                earliest = t.pointee.wakeTSC
+            }
+        }
+        let deadline = earliest == 0 ? 0 : tscToNs(earliest)
         if next >= 0, let t = s.pointee.tasks[next] {
             if t.pointee.rtPriority > 0 { PVSched.rtTask(running: true, priority: t.pointee.rtPriority, interruptsOff: true) }
             else {
-                PVSched.rtTask(running: false, interruptsOff: true)
+                PVSched.rtTask(running: false, nextDeadlineNs: deadline, nowNs: tscToNs(now), interruptsOff: true)
                 // Back to ordinary work: give a boost back at once rather than at the next exit.
                 PVSched.deboostIfDone()
             }
         } else {
-            var earliest: UInt64 = 0
-            for k in 0..<s.pointee.count {
-                let t = s.pointee.tasks[k]!
-                if t.pointee.state == Task.sleeping && t.pointee.rtPriority > 0 && (earliest == 0 || t.pointee.wakeTSC < earliest) {
-                    earliest = t.pointee.wakeTSC
-                }
-            }
-            PVSched.sleeping(untilNs: earliest == 0 ? 0 : tscToNs(earliest), nowNs: tscToNs(now), interruptsOff: true)
+            PVSched.sleeping(untilNs: deadline, nowNs: tscToNs(now), interruptsOff: true)
         }
     }
 

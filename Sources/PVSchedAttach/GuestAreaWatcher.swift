@@ -117,7 +117,7 @@ public final class GuestAreaWatcher: Sendable {
         var generation: UInt32?
         var area: SharedArea?
         var watches: [VCPUWatch] = []
-        var offset = ClockOffset()
+        var offset = GuestClockMapping()
         while running.load(ordering: .relaxed) {
             let now = MonotonicClock.nowNs()
             let magic = header32(PVSCHED_OFF_MAGIC)
@@ -151,7 +151,7 @@ public final class GuestAreaWatcher: Sendable {
                     writeHeader(negotiation: PVSCHED_DEV_ACCEPTED, reason: PVSCHED_REASON_NONE)
                     area = binding.area
                     watches = Array(repeating: VCPUWatch(), count: area?.layout.vcpuCount ?? 0)
-                    offset = ClockOffset()
+                    offset = GuestClockMapping()
                     phaseBox.withLock { $0 = .accepted(accepted) }
                     logger.info("pvsched region accepted", metadata: ["vm": "\(link.handle)", "protocol": "\(accepted)"])
                     continue
@@ -168,7 +168,7 @@ public final class GuestAreaWatcher: Sendable {
     }
 
     /// One look at every vCPU; returns when to look again.
-    private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], _ offset: inout ClockOffset, now: UInt64) -> UInt64 {
+    private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], _ offset: inout GuestClockMapping, now: UInt64) -> UInt64 {
         var next = now + settings.idlePollNs
         var busy = false
         var updates: UInt64 = 0, deadlines: UInt64 = 0
@@ -235,43 +235,5 @@ public final class GuestAreaWatcher: Sendable {
             try? area.publish(vcpu: v, status: status, boostCount: st.boostCount, boostedNs: st.boostedNs,
                               throttleCount: st.throttleCount)
         }
-    }
-}
-
-/// Maps the guest's clock to the host's: host − guest, taken when a freshly
-/// written line is seen (so never less than the true offset), and kept as the
-/// minimum over the last one-to-two seconds (so that drift is followed).
-struct ClockOffset {
-    private var current: Int64?
-    private var previous: Int64?
-    private var windowStart: UInt64 = 0
-    static let windowNs: UInt64 = 1_000_000_000
-
-    mutating func observe(hostNs: UInt64, guestNs: UInt64) {
-        guard guestNs != 0, hostNs < UInt64(Int64.max), guestNs < UInt64(Int64.max) else { return }
-        let o = Int64(hostNs) - Int64(guestNs)
-        if hostNs &- windowStart >= Self.windowNs {
-            previous = current
-            current = nil
-            windowStart = hostNs
-        }
-        current = min(current ?? o, o)
-    }
-
-    var estimate: Int64? {
-        switch (current, previous) {
-        case let (c?, p?): return min(c, p)
-        case let (c?, nil): return c
-        case let (nil, p?): return p
-        default: return nil
-        }
-    }
-
-    /// A guest time on the host clock (nil until an offset is known or if it lies outside it).
-    func hostTime(guestNs: UInt64) -> UInt64? {
-        guard let e = estimate, guestNs < UInt64(Int64.max) else { return nil }
-        let (h, overflow) = Int64(guestNs).addingReportingOverflow(e)
-        guard !overflow, h > 0 else { return nil }
-        return UInt64(h)
     }
 }

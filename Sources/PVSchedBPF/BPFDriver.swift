@@ -101,6 +101,7 @@ public final class BPFDriver: Driver {
             }
             c.next_deadline_ns = g.nextDeadlineNs ?? 0
             c.guest_clock_ns = g.guestClockNs
+            c.guest_now_ns = view.guestNowNs ?? 0
         }
         return c
     }

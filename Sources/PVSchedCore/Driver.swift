@@ -24,11 +24,22 @@ public struct VCPUView: Equatable, Sendable {
     /// An interrupt was injected and the vCPU has not entered the guest since
     /// (so the guest has not seen it yet: its shared state is older than the interrupt).
     public var interruptPending: Bool
+    /// The guest's clock now, estimated from the host's (nil until the binding has
+    /// seen a fresh line): what a published deadline is compared with.
+    public var guestNowNs: UInt64?
 
     public init(vcpu: Int, guest: GuestVCPUState?, boosted: Bool, boostedSinceNs: UInt64? = nil, nowNs: UInt64,
-                interruptPending: Bool = false) {
+                interruptPending: Bool = false, guestNowNs: UInt64? = nil) {
         self.vcpu = vcpu; self.guest = guest; self.boosted = boosted
         self.boostedSinceNs = boostedSinceNs; self.nowNs = nowNs; self.interruptPending = interruptPending
+        self.guestNowNs = guestNowNs
+    }
+
+    /// How far the guest's next published deadline is from the guest's now (negative:
+    /// overdue); nil when there is none or the guest's clock is not known yet.
+    public var deadlineInNs: Int64? {
+        guard let d = guest?.nextDeadlineNs, let now = guestNowNs, d < UInt64(Int64.max), now < UInt64(Int64.max) else { return nil }
+        return Int64(d) - Int64(now)
     }
 
     /// How long the current boost has lasted.

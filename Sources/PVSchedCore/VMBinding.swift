@@ -197,6 +197,8 @@ public final class VMBinding: VMEventSink {
         var boostStart: UInt64?
         /// The last consistent snapshot, used while the guest is mid-update.
         var lastGuest: GuestVCPUState?
+        /// The guest's clock on the host's, learned from fresh lines.
+        var guestClock = GuestClockMapping()
         /// Consecutive events that found the sequence counter unsettled.
         var unsettledStreak = 0
         /// Consecutive decisions the driver failed to make.
@@ -424,8 +426,10 @@ public final class VMBinding: VMEventSink {
             var guest: GuestVCPUState?
             if let area {
                 do throws(SharedAreaError) {
-                    guest = try area.read(vcpu: vcpu)
-                    s.lastGuest = guest
+                    let g = try area.read(vcpu: vcpu)
+                    if g.sequence != s.lastGuest?.sequence { s.guestClock.observe(hostNs: now, guestNs: g.guestClockNs) }
+                    guest = g
+                    s.lastGuest = g
                     s.unsettledStreak = 0
                 } catch {
                     // A vCPU preempted (or kicked) in the middle of an update leaves its
@@ -451,9 +455,10 @@ public final class VMBinding: VMEventSink {
             case .vmEntry: s.injectionPending = s.injectionPending && interruptStillQueued
             default: break
             }
-            let view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
+            var view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now,
                                 interruptPending: s.injectionPending)
+            if guest != nil { view.guestNowNs = s.guestClock.guestTime(hostNs: now) }
             let failedBefore = driver.failedDecisions
             let decision = driver.decide(event: event, view: view)
             let decided = clock.nowNs()

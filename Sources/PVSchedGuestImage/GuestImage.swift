@@ -5,6 +5,8 @@ public enum GuestImage {
     public static let kernel: [UInt8] = decodeBase64(GeneratedGuestImage.base64)
     /// The sample BPF driver (BPF/latency_boost.bpf.c) as an ELF object, built by the same plugin.
     public static let sampleBPFDriver: [UInt8] = decodeBase64(GeneratedGuestImage.sampleBPF)
+    /// The deadline-aware policy as a BPF driver (BPF/deadline_boost.bpf.c).
+    public static let deadlineBPFDriver: [UInt8] = decodeBase64(GeneratedGuestImage.deadlineBPF)
     /// The kernel BPF event source for attached VMs (BPF/kvm_events.bpf.c), built by the same plugin.
     public static let kvmEventsBPF: [UInt8] = decodeBase64(GeneratedGuestImage.kvmEventsBPF)
 

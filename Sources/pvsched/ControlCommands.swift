@@ -359,12 +359,13 @@ struct TopCommand: ParsableCommand {
 struct BPFLoad: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "load", abstract: "Load a BPF driver object into the running daemon.")
     @OptionGroup var control: ControlOptions
-    @Argument(help: "The ELF object (clang -target bpf -O2 -c), or 'sample' for the bundled latency-boost policy.") var object: String
+    @Argument(help: "The ELF object (clang -target bpf -O2 -c), or 'sample' / 'deadline-sample' for the bundled latency-boost / deadline-boost policies.") var object: String
     @Option(help: "Register it under this name instead of the one it declares.") var name: String?
 
     func run() throws {
         let bytes: [UInt8]
-        if object == "sample" { bytes = GuestImage.sampleBPFDriver } else {
+        if object == "sample" { bytes = GuestImage.sampleBPFDriver }
+        else if object == "deadline-sample" { bytes = GuestImage.deadlineBPFDriver } else {
             guard let data = FileManager.default.contents(atPath: object) else {
                 throw ValidationError("cannot read \(object): no such file or not readable")
             }

@@ -63,7 +63,8 @@ struct Run: ParsableCommand {
         var bpfDriver: BPFDriver?
         if let bpf {
             let object: [UInt8]
-            if bpf == "sample" { object = GuestImage.sampleBPFDriver } else {
+            if bpf == "sample" { object = GuestImage.sampleBPFDriver }
+            else if bpf == "deadline-sample" { object = GuestImage.deadlineBPFDriver } else {
                 guard let data = FileManager.default.contents(atPath: bpf) else { throw ValidationError("cannot read \(bpf)") }
                 object = [UInt8](data)
             }

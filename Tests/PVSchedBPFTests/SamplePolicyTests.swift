@@ -112,3 +112,61 @@ struct SamplePolicyTests {
             if case .apply(_, let t) = $0 { return t.rawValue } else { return nil } }.first ?? 0))))
     }
 }
+
+/// The deadline-aware policy in BPF (BPF/deadline_boost.bpf.c, embedded) against
+/// the built-in `DeadlineBoostDriver`, on every combination that matters.
+struct DeadlinePolicyTests {
+    @Test func makesTheSameDecisionsAsTheBuiltInDriver() throws {
+        let bpf = try BPFDriver(elf: GuestImage.deadlineBPFDriver)
+        #expect(bpf.name == "bpf-deadline-boost")
+        #expect(bpf.events == .all)
+        let builtin = DeadlineBoostDriver()
+        let events: [VCPUEvent] = [.vmEntry, .vmExit(.io(port: 0x530, write: true)), .vmExit(.halt), .vmExit(.doorbell),
+                                   .vmExit(.intr), .halt, .interruptInjection(vector: 0x30), .interruptInjection(vector: 0x31),
+                                   .interruptInjection(vector: 0xEC), .guestUpdate, .deadline(inNs: 100_000)]
+        var compared = 0, boosts = 0, unboosts = 0
+        for e in events {
+            for flags in [0, 1, 2, 8, 16, 32, 64, 0x41, 0x50] as [UInt32] {
+                for boosted in [false, true] {
+                    for pending in [false, true] {
+                        for (deadline, now): (UInt64?, UInt64?) in [(nil, 5_000_000), (5_200_000, 5_000_000), (5_600_000, 5_000_000),
+                                                                    (4_000_000, 5_000_000), (5_100_000, nil)] {
+                            for hasGuest in [false, true] where hasGuest || flags == 0 {
+                                let guest = hasGuest ? GuestVCPUState(flags: .init(rawValue: flags), task: .normal(nice: 0),
+                                                                      nextDeadlineNs: deadline, guestClockNs: 4_900_000) : nil
+                                let view = VCPUView(vcpu: 0, guest: guest, boosted: boosted, boostedSinceNs: boosted ? 1 : nil,
+                                                    nowNs: 10_000_000, interruptPending: pending, guestNowNs: now)
+                                let expected = builtin.decide(event: e, view: view)
+                                #expect(bpf.decide(event: e, view: view) == expected, "\(e) flags \(flags) boosted \(boosted) pending \(pending) deadline \(String(describing: deadline)) now \(String(describing: now))")
+                                if case .boost = expected { boosts += 1 }
+                                if expected == .unboost { unboosts += 1 }
+                                compared += 1
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        #expect(compared > 1000 && boosts > 100 && unboosts > 50)
+        #expect(bpf.failureCount == 0)
+    }
+
+    @Test func aTimerTickFarFromTheRTDeadlineDoesNotBoostButOneThatServesItDoes() {
+        let d = DeadlineBoostDriver()
+        func view(deadlineIn: Int64?, flags: GuestVCPUState.Flags = [], boosted: Bool = false) -> VCPUView {
+            let now: UInt64 = 50_000_000
+            let g = GuestVCPUState(flags: flags, nextDeadlineNs: deadlineIn.map { UInt64(Int64(now) + $0) }, guestClockNs: now - 1000)
+            return VCPUView(vcpu: 0, guest: g, boosted: boosted, boostedSinceNs: boosted ? 1 : nil, nowNs: 9, guestNowNs: now)
+        }
+        #expect(d.decide(event: .interruptInjection(vector: 0x30), view: view(deadlineIn: 4_000_000)) == .none)
+        #expect(d.decide(event: .interruptInjection(vector: 0x30), view: view(deadlineIn: 100_000)) == .boost())
+        #expect(d.decide(event: .interruptInjection(vector: 0x30), view: view(deadlineIn: -20_000)) == .boost(), "an overdue deadline")
+        #expect(d.decide(event: .interruptInjection(vector: 0x30), view: view(deadlineIn: nil)) == .none, "no RT task sleeps")
+        #expect(d.decide(event: .interruptInjection(vector: 0x31), view: view(deadlineIn: nil)) == .boost(), "a device interrupt")
+        #expect(d.decide(event: .vmExit(.io(port: 1, write: true)), view: view(deadlineIn: nil, flags: [.inIRQ])) == .none,
+                "irq alone does not boost")
+        #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, boosted: true)) == .unboost,
+                "RT work done, the next deadline is far: the boost ends")
+        #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, flags: [.rtTaskRunning], boosted: true)) == .none)
+    }
+}

@@ -23,7 +23,7 @@ func parse(_ bytes: [UInt8]) throws -> JSON { try JSON.parse(bytes) }
         let r = try parse(h.respond(to: request("drivers.list")))
         #expect(r["ok"] == true)
         let names = r["result"]?.arrayValue?.compactMap { $0["name"]?.stringValue }
-        #expect(names == ["nop", "latency-boost", "static-rt"])
+        #expect(names == ["nop", "latency-boost", "deadline-boost", "static-rt"])
         #expect(r["result"]?.arrayValue?.first { $0["default"] == true }?["name"] == "latency-boost")
     }
 

@@ -246,7 +246,7 @@ static inline void pvsched_guest_write_end(volatile struct pvsched_vcpu_guest *g
 #define PVSCHED_EVENT_VM_ENTRY      1u
 #define PVSCHED_EVENT_VM_EXIT       2u
 #define PVSCHED_EVENT_HALT          4u
-#define PVSCHED_EVENT_INJECTION     8u
+#define PVSCHED_EVENT_INJECTION     8u  /* vector in pvsched_bpf_ctx.vector */
 #define PVSCHED_EVENT_GUEST_UPDATE  16u /* a watcher saw the guest line change (VMs without exits) */
 #define PVSCHED_EVENT_DEADLINE      32u /* the guest's published deadline is near (watcher) */
 
@@ -278,8 +278,9 @@ struct pvsched_bpf_ctx {
     uint32_t reserved;
     uint64_t next_deadline_ns;
     uint64_t guest_clock_ns;
+    uint64_t guest_now_ns;      /* the guest's clock now, mapped from the host's (0: not known yet) */
 };
-_Static_assert(sizeof(struct pvsched_bpf_ctx) == 80, "bpf ctx");
+_Static_assert(sizeof(struct pvsched_bpf_ctx) == 88, "bpf ctx");
 
 struct pvsched_bpf_driver_info {
     char     name[PVSCHED_PROTOCOL_NAME_LEN];

@@ -1,0 +1,73 @@
+import PVSchedABI
+import PVSchedCore
+
+/// The deadline-aware latency policy: boost for the guest's real-time work and the
+/// interrupts that serve it, not for every interrupt.
+///
+/// - A timer interrupt boosts only when the guest's published next real-time
+///   deadline is near (`horizonNs`, on the guest clock the binding maps) or due:
+///   that timer will wake the RT task. A timer tick for round-robin normal tasks
+///   does not boost.
+/// - Any other interrupt (a device's) boosts: its handler may be what the guest's
+///   latency-sensitive work waits for.
+/// - A watched VM's `deadline` event boosts (the watcher sends it just ahead of the
+///   published deadline).
+/// - A running RT task or a boost request keeps the boost; irq and softirq alone do
+///   not start one.
+/// - The boost ends at the first event where the guest's state is current (an exit
+///   it caused, a line change) and it reports no RT work, no boost request and no
+///   near deadline.
+public final class DeadlineBoostDriver: Driver {
+    /// Tunables of the policy.
+    public struct Settings: Equatable, Sendable {
+        /// How close the next RT deadline must be for a timer interrupt to boost.
+        public var horizonNs: Int64
+        /// The vectors of timer interrupts: the built-in VMM's, and Linux's local APIC
+        /// timer (0xEC).
+        public var timerVectors: Set<UInt8>
+        public init(horizonNs: Int64 = 500_000, timerVectors: Set<UInt8> = [UInt8(PVSCHED_VECTOR_TIMER), 0xEC]) {
+            self.horizonNs = horizonNs; self.timerVectors = timerVectors
+        }
+    }
+
+    public let name: String
+    public let protocolName = PVSCHED_PROTOCOL_LATENCY_NAME
+    public let protocolVersion = ProtocolVersion.latencyProtocol
+    public let events: EventMask = .all
+    public let settings: Settings
+
+    public init(name: String = "deadline-boost", settings: Settings = Settings()) {
+        self.name = name
+        self.settings = settings
+    }
+
+    /// Guest flags that are real-time work by themselves.
+    public static let rtFlags: GuestVCPUState.Flags = [.rtTaskRunning, .boostRequest]
+
+    public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
+        if wantsBoost(event, view) { return view.boosted ? .none : .boost() }
+        guard view.boosted, !view.interruptPending, LatencyBoostDriver.guestCaused(event) else { return .none }
+        return .unboost
+    }
+
+    private func wantsBoost(_ event: VCPUEvent, _ view: VCPUView) -> Bool {
+        switch event {
+        case .deadline: return true
+        case .interruptInjection(let vector):
+            guard settings.timerVectors.contains(vector) else { return true }
+            // Without a shared area there is nothing to tell ticks from deadlines by.
+            guard view.guest != nil else { return true }
+            return deadlineNear(view)
+        default:
+            guard let g = view.guest else { return false }
+            if !g.flags.isDisjoint(with: Self.rtFlags) { return true }
+            // A boosted vCPU whose RT task is about to run keeps its boost.
+            return view.boosted && deadlineNear(view)
+        }
+    }
+
+    private func deadlineNear(_ view: VCPUView) -> Bool {
+        guard let inNs = view.deadlineInNs else { return false }
+        return inNs <= settings.horizonNs
+    }
+}
