@@ -204,7 +204,7 @@ final class VMAttacher: Sendable {
         // Every second, read the vCPU threads again (QMP): a vCPU thread that changed is re-pointed.
         let refresh: (@Sendable () -> Void)? = qmp.map { client in
             let box = QMPBox(client)
-            return { [weak session, logger] in
+            return { [weak session, logger, kernel] in
                 guard let session, let now = box.withClient({ c in try? VCPUThreads.fromQMP(c, pid: pid) }) else { return }
                 let old = threads.withLock { t in
                     let old = t
@@ -220,6 +220,11 @@ final class VMAttacher: Sendable {
                 for (i, (a, b)) in zip(old.vcpus, now.vcpus).enumerated() where a != b {
                     session.events.setThread(ThreadID(b), vcpu: i)
                     logger.info("vCPU thread changed", metadata: ["vm": "\(session.handle)", "vcpu": "\(i)", "thread": "\(b)"])
+                }
+                // The kernel's event filter follows the threads too.
+                if let kernel {
+                    kernel.unwatch(slot: slot, process: pid, threads: old.vcpus.map { Optional(ThreadID($0)) })
+                    kernel.watch(slot: slot, process: pid, threads: now.vcpus.map { Optional(ThreadID($0)) }, sink: session.events)
                 }
             }
         }
