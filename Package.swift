@@ -105,7 +105,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary.
-        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI"]),
+        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI", .product(name: "Atomics", package: "swift-atomics")]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
             "PVSchedExperiments", "PVSchedAttach", "PVSchedABI",

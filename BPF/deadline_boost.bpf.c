@@ -10,17 +10,6 @@ PVSCHED_DRIVER("bpf-deadline-boost", PVSCHED_EVENT_VM_ENTRY | PVSCHED_EVENT_VM_E
 #define RT_FLAGS (PVSCHED_FLAG_RT_TASK_RUNNING | PVSCHED_FLAG_BOOST_REQUEST)
 #define HORIZON_NS 500000ll
 
-static __attribute__((noinline)) int guest_caused(const struct pvsched_bpf_ctx *ctx) {
-    if (ctx->event == PVSCHED_EVENT_HALT || ctx->event == PVSCHED_EVENT_GUEST_UPDATE) return 1;
-    if (ctx->event != PVSCHED_EVENT_VM_EXIT) return 0;
-    switch (ctx->exit_reason) {
-    case PVSCHED_EXIT_IO: case PVSCHED_EXIT_MMIO: case PVSCHED_EXIT_HALT: case PVSCHED_EXIT_DOORBELL:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
 static __attribute__((noinline)) int deadline_near(const struct pvsched_bpf_ctx *ctx) {
     if (!ctx->has_guest || ctx->next_deadline_ns == 0 || ctx->guest_now_ns == 0) return 0;
     return (long long)(ctx->next_deadline_ns - ctx->guest_now_ns) <= HORIZON_NS;
@@ -41,6 +30,6 @@ static int wants_boost(const struct pvsched_bpf_ctx *ctx) {
 SEC("pvsched")
 int deadline_boost(struct pvsched_bpf_ctx *ctx) {
     if (wants_boost(ctx)) return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;
-    if (!ctx->boosted || ctx->interrupt_pending || !guest_caused(ctx)) return PVSCHED_BPF_NONE;
+    if (!ctx->boosted || ctx->interrupt_pending || !pvsched_guest_caused(ctx)) return PVSCHED_BPF_NONE;
     return PVSCHED_BPF_UNBOOST;
 }

@@ -15,23 +15,12 @@ struct bpf_map_def SEC("maps") decisions = {
                         PVSCHED_FLAG_RT_TASK_RUNNING | PVSCHED_FLAG_BOOST_REQUEST)
 #define PREEMPT_DISABLED_CAP_NS 1000000ull
 
-static __attribute__((noinline)) int guest_caused(const struct pvsched_bpf_ctx *ctx) {
-    if (ctx->event == PVSCHED_EVENT_HALT || ctx->event == PVSCHED_EVENT_GUEST_UPDATE) return 1;
-    if (ctx->event != PVSCHED_EVENT_VM_EXIT) return 0;
-    switch (ctx->exit_reason) {
-    case PVSCHED_EXIT_IO: case PVSCHED_EXIT_MMIO: case PVSCHED_EXIT_HALT: case PVSCHED_EXIT_DOORBELL:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
 static unsigned int decide(const struct pvsched_bpf_ctx *ctx) {
     if (ctx->event == PVSCHED_EVENT_INJECTION || ctx->event == PVSCHED_EVENT_DEADLINE)
         return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;
     if (ctx->has_guest && (ctx->flags & BOOSTING_FLAGS))
         return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;
-    if (!ctx->boosted || ctx->interrupt_pending || !guest_caused(ctx))
+    if (!ctx->boosted || ctx->interrupt_pending || !pvsched_guest_caused(ctx))
         return PVSCHED_BPF_NONE;
     if (ctx->has_guest && (ctx->flags & PVSCHED_FLAG_PREEMPT_DISABLED) &&
         ctx->boosted_for_ns < PREEMPT_DISABLED_CAP_NS)

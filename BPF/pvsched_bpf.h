@@ -29,4 +29,18 @@ static long (*bpf_trace_printk)(const char *fmt, unsigned int fmt_size, ...) = (
         .name = drv_name, .events = (event_mask),                              \
         .protocol_major = PVSCHED_PROTOCOL_LATENCY_MAJOR,                      \
         .protocol_minor = PVSCHED_PROTOCOL_LATENCY_MINOR }
+
+/* Whether the guest's shared state is current at this event: an exit the guest
+ * caused (IO, MMIO, HLT, doorbell), a halt, or a change of its line a watcher saw.
+ * At entry, after a kick or an injection, the guest has not caught up yet. */
+static __attribute__((noinline)) int pvsched_guest_caused(const struct pvsched_bpf_ctx *ctx) {
+    if (ctx->event == PVSCHED_EVENT_HALT || ctx->event == PVSCHED_EVENT_GUEST_UPDATE) return 1;
+    if (ctx->event != PVSCHED_EVENT_VM_EXIT) return 0;
+    switch (ctx->exit_reason) {
+    case PVSCHED_EXIT_IO: case PVSCHED_EXIT_MMIO: case PVSCHED_EXIT_HALT: case PVSCHED_EXIT_DOORBELL:
+        return 1;
+    default:
+        return 0;
+    }
+}
 #endif

@@ -211,17 +211,16 @@ public final class GuestAreaWatcher: Sendable {
 
     // MARK: the region header's host-written words
 
-    private func header32(_ offset: Int) -> UInt32 {
-        UnsafeAtomic<UInt32>(at: (region.bytes.baseAddress! + offset).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
-            .load(ordering: .acquiring)
+    /// The 32-bit header word at `offset` (the guest writes some, the host others).
+    private func word(_ offset: Int) -> UnsafeAtomic<UInt32> {
+        UnsafeAtomic(at: (region.bytes.baseAddress! + offset).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
     }
 
+    private func header32(_ offset: Int) -> UInt32 { word(offset).load(ordering: .acquiring) }
+
     private func writeHeader(negotiation: UInt32, reason: UInt32) {
-        let base = region.bytes.baseAddress!
-        UnsafeAtomic<UInt32>(at: (base + PVSCHED_OFF_HOST_REASON).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
-            .store(reason, ordering: .relaxed)
-        UnsafeAtomic<UInt32>(at: (base + PVSCHED_OFF_HOST_NEGOTIATION).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
-            .store(negotiation, ordering: .releasing)
+        word(PVSCHED_OFF_HOST_REASON).store(reason, ordering: .relaxed)
+        word(PVSCHED_OFF_HOST_NEGOTIATION).store(negotiation, ordering: .releasing)
     }
 
     private func withdrawStatus(negotiation: UInt32, reason: UInt32) {

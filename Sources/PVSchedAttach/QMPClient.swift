@@ -1,5 +1,6 @@
 import CHostService
 import PVSchedControl
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -16,10 +17,11 @@ public struct QMPError: Error, Equatable, Sendable, CustomStringConvertible {
 /// capability negotiation, then one command at a time. Asynchronous events that
 /// arrive between commands are skipped. QEMU's replies are input from another
 /// process: lines are capped, parsed by the strict JSON parser, and every field
-/// used is checked.
-public final class QMPClient {
+/// used is checked. Commands from several threads are serialised.
+public final class QMPClient: Sendable {
     private let fd: Int32
-    private var buffer: [UInt8] = []
+    /// Bytes received past the last reply; held while a command runs.
+    private let buffer = Mutex<[UInt8]>([])
     /// The process at the other end of the socket (SO_PEERCRED): QEMU itself.
     public let peerPID: Int32
     /// QEMU's version as its greeting gives it ("7.2.0").
@@ -45,7 +47,7 @@ public final class QMPClient {
             pvs_close(fd)
             throw error
         }
-        self.buffer = buffer
+        self.buffer.withLock { $0 = buffer }
     }
 
     private static func handshake(fd: Int32, buffer: inout [UInt8], path: String) throws(QMPError) -> String {
@@ -63,7 +65,7 @@ public final class QMPClient {
     /// Runs `command` and returns its `return` value; a QMP `error` reply throws
     /// with its class and description.
     public func execute(_ command: String, arguments: JSON? = nil) throws(QMPError) -> JSON {
-        try Self.execute(fd: fd, buffer: &buffer, command, arguments: arguments)
+        try buffer.withLock { b throws(QMPError) in try Self.execute(fd: fd, buffer: &b, command, arguments: arguments) }
     }
 
     private static func execute(fd: Int32, buffer: inout [UInt8], _ command: String, arguments: JSON?) throws(QMPError) -> JSON {

@@ -167,8 +167,7 @@ final class VMAttacher: Sendable {
             throw ControlError(.conflict, field: "params.driver", "\(error)")
         }
         let threads = Mutex(found)
-        for (i, t) in found.vcpus.enumerated() { session.events.setThread(ThreadID(t), vcpu: i) }
-        if boostMainLoop, let main = found.mainLoop { session.binding?.setCompanionThreads([ThreadID(main)]) }
+        session.binding.map { found.install(in: $0, boostMainLoop: boostMainLoop) }
 
         var negotiation = "no shared area given"
         var watcher: GuestAreaWatcher?
@@ -202,10 +201,10 @@ final class VMAttacher: Sendable {
             }
         }
         // Every second, read the vCPU threads again (QMP): a vCPU thread that changed is re-pointed.
-        let refresh: (@Sendable () -> Void)? = qmp.map { client in
-            let box = QMPBox(client)
-            return { [weak session, logger, kernel] in
-                guard let session, let now = box.withClient({ c in try? VCPUThreads.fromQMP(c, pid: pid) }) else { return }
+        var refresh: (@Sendable () -> Void)?
+        if let client = qmp {
+            refresh = { [weak session, logger, kernel] in
+                guard let session, let now = try? VCPUThreads.fromQMP(client, pid: pid) else { return }
                 let old = threads.withLock { t in
                     let old = t
                     if now.vcpus.count == old.vcpus.count { t = now }
@@ -253,15 +252,6 @@ final class VMAttacher: Sendable {
 
     /// Forgets the watcher of a detached VM.
     func forget(vm id: UInt64) { _ = watchers.withLock { $0.removeValue(forKey: id) } }
-}
-
-/// A QMP connection used from one thread at a time.
-final class QMPBox: @unchecked Sendable {
-    // @unchecked Sendable: the client is only touched under `lock`.
-    private let client: QMPClient
-    private let lock = Mutex(())
-    init(_ client: QMPClient) { self.client = client }
-    func withClient<T>(_ body: (QMPClient) -> T) -> T { lock.withLock { _ in body(client) } }
 }
 
 /// A detach action set after the session exists (the session is made first).

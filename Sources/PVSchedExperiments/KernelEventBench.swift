@@ -73,11 +73,7 @@ public enum KernelEventBench {
         let kernelCPU = Double(source.consumerCPUNs &- cpu0) / Double(max(1, source.recordsHandled &- rec0))
         kvm.stop()
         let k = counts.boostLatenciesNs
-        return [
-            BenchResult(name: "kernel event → boost applied, p50", baseline: "in-process injection → boost, p50",
-                        nsPerOp: Sample.percentile(k, 0.5), baselineNsPerOp: Sample.percentile(inProcess, 0.5)),
-            BenchResult(name: "kernel event → boost applied, p99", baseline: "in-process injection → boost, p99",
-                        nsPerOp: Sample.percentile(k, 0.99), baselineNsPerOp: Sample.percentile(inProcess, 0.99)),
+        return BenchResult.percentiles("kernel event → boost applied", k, baseline: "in-process injection → boost", inProcess) + [
             BenchResult(name: "kernel event → boost applied, max", baseline: "in-process injection → boost, max",
                         nsPerOp: Double(k.max() ?? 0), baselineNsPerOp: Double(inProcess.max() ?? 0)),
             BenchResult(name: "kernel path CPU per event (consumer)", baseline: "in-process CPU per notify",

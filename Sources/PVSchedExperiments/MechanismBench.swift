@@ -22,6 +22,18 @@ public struct BenchResult: Codable, Sendable {
     public var ratio: Double { baselineNsPerOp > 0 ? nsPerOp / baselineNsPerOp : 0 }
 }
 
+extension BenchResult {
+    /// A latency distribution against its baseline: one result per percentile
+    /// (named "NAME, p50", "NAME, p99", ...).
+    static func percentiles<T: BinaryInteger>(_ name: String, _ samples: [T], baseline: String, _ baselineSamples: [T],
+                                              at ps: [(String, Double)] = [("p50", 0.5), ("p99", 0.99)]) -> [BenchResult] {
+        ps.map { label, p in
+            BenchResult(name: "\(name), \(label)", baseline: "\(baseline), \(label)",
+                        nsPerOp: Sample.percentile(samples, p), baselineNsPerOp: Sample.percentile(baselineSamples, p))
+        }
+    }
+}
+
 /// Order statistics of measured samples, for every benchmark and report.
 enum Sample {
     /// The value at fraction `p` (0...1) of the sorted samples (0 when empty).

@@ -50,10 +50,9 @@ extension ExperimentRunner {
         if let driverName {
             let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
             let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: driverName, governor: governor)
-            for (i, t) in threads.vcpus.enumerated() { s.events.setThread(ThreadID(t), vcpu: i) }
-            if let main = threads.mainLoop { s.binding?.setCompanionThreads([ThreadID(main)]) }
             let region = try SharedMemoryFile(path: guest.shmPath)
             if let b = s.binding {
+                threads.install(in: b, boostMainLoop: true)
                 watcher = GuestAreaWatcher(region: region, link: s.link, binding: b, priority: 90, threads: host.threads, logger: logger)
             }
             session = s

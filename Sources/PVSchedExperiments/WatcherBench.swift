@@ -60,8 +60,7 @@ public enum WatcherBench {
         let session = try host.attach(name: "bench-watch", vcpus: 1, summary: "bench", driver: "latency-boost", governor: .unlimited)
         defer { session.stop() }
         session.events.setThread(ThreadID(tid.load(ordering: .relaxed)), vcpu: 0)
-        writer.writeHeader(vcpus: 1)
-        writer.header.pointee.guest_generation = 1
+        writer.writeHeader(vcpus: 1, generation: 1)
 
         var rng = SystemRandomNumberGenerator()
         func run(before: GuestVCPUState.Flags, direct: Bool) -> [UInt64] {
@@ -103,15 +102,7 @@ public enum WatcherBench {
         let fromIdle = run(before: [.idle], direct: false)
         let fromBusy = run(before: [.preemptDisabled], direct: false)
         let idle = "\(settings.idlePollNs / 1000) µs poll", busy = "\(settings.busyPollNs / 1000) µs poll"
-        return [
-            BenchResult(name: "flag → boost, watcher, idle guest (\(idle)) p50", baseline: "direct notify → boost, p50",
-                        nsPerOp: Sample.percentile(fromIdle, 0.5), baselineNsPerOp: Sample.percentile(direct, 0.5)),
-            BenchResult(name: "flag → boost, watcher, idle guest (\(idle)) p99", baseline: "direct notify → boost, p99",
-                        nsPerOp: Sample.percentile(fromIdle, 0.99), baselineNsPerOp: Sample.percentile(direct, 0.99)),
-            BenchResult(name: "flag → boost, watcher, busy guest (\(busy)) p50", baseline: "direct notify → boost, p50",
-                        nsPerOp: Sample.percentile(fromBusy, 0.5), baselineNsPerOp: Sample.percentile(direct, 0.5)),
-            BenchResult(name: "flag → boost, watcher, busy guest (\(busy)) p99", baseline: "direct notify → boost, p99",
-                        nsPerOp: Sample.percentile(fromBusy, 0.99), baselineNsPerOp: Sample.percentile(direct, 0.99)),
-        ]
+        return BenchResult.percentiles("flag → boost, watcher, idle guest (\(idle))", fromIdle, baseline: "direct notify → boost", direct)
+            + BenchResult.percentiles("flag → boost, watcher, busy guest (\(busy))", fromBusy, baseline: "direct notify → boost", direct)
     }
 }

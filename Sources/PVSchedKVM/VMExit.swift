@@ -57,11 +57,17 @@ public struct PortIO: Equatable, Sendable {
     public let isWrite: Bool
     /// Bytes per element (1, 2 or 4).
     public let size: Int
-    /// Every byte written (string IO: `count` elements of `size`); empty for reads.
-    public let data: [UInt8]
+    /// The value written (first element, little-endian, `size` bytes); 0 for reads.
+    public let value: UInt32
+    /// The bytes of string IO beyond one element (empty otherwise, so that the
+    /// common single-element exit allocates nothing).
+    private let string: [UInt8]
 
+    /// A port access carrying `data` (what the guest wrote; empty for reads).
     public init(port: UInt16, isWrite: Bool, size: Int, data: [UInt8] = []) {
-        self.port = port; self.isWrite = isWrite; self.size = size; self.data = data
+        self.port = port; self.isWrite = isWrite; self.size = size
+        value = Self.littleEndian(data.prefix(min(size, 4)))
+        string = data.count > size ? data : []
     }
 
     init(run: UnsafeMutablePointer<kvm_run>) {
@@ -69,19 +75,22 @@ public struct PortIO: Equatable, Sendable {
         port = io.port
         isWrite = io.direction == UInt8(KVM_EXIT_IO_OUT)
         size = Int(io.size)
-        if isWrite, let bytes = ckvm_io_data(run) {
-            // kvm_run's data page holds at most a page of string IO.
-            let n = min(Int(io.size) * Int(io.count), 4096)
-            data = Array(UnsafeBufferPointer(start: bytes, count: n))
-        } else {
-            data = []
-        }
+        guard isWrite, let bytes = ckvm_io_data(run) else { value = 0; string = []; return }
+        // kvm_run's data page holds at most a page of string IO.
+        let all = UnsafeBufferPointer(start: bytes, count: min(Int(io.size) * Int(io.count), 4096))
+        value = Self.littleEndian(all.prefix(min(size, 4)))
+        string = io.count > 1 ? Array(all) : []
     }
 
-    /// The value written (first element, little-endian, `size` bytes).
-    public var value: UInt32 {
+    /// Every byte written: `count` elements of `size` for string IO, else the value's `size` bytes.
+    public var data: [UInt8] {
+        guard isWrite else { return [] }
+        return string.isEmpty ? (0..<min(size, 4)).map { UInt8(truncatingIfNeeded: value >> (8 * $0)) } : string
+    }
+
+    private static func littleEndian(_ bytes: some Collection<UInt8>) -> UInt32 {
         var v: UInt32 = 0
-        for i in 0..<min(size, 4, data.count) { v |= UInt32(data[i]) << (8 * i) }
+        for (i, b) in bytes.enumerated() { v |= UInt32(b) << (8 * i) }
         return v
     }
 }

@@ -342,7 +342,7 @@ public final class VirtualMachine: @unchecked Sendable {
             }
             ctx.state.store(.handlingExit, ordering: .releasing)
             ctx.exits.wrappingIncrement(ordering: .relaxed)
-            if exit == .interrupted { fd.requestImmediateExit(false) }
+            if case .interrupted = exit { fd.requestImmediateExit(false) }
             let (action, reply) = exitHandler.handle(exit, vcpu: ctx.index) { registerDump(fd) }
             if let reply { fd.completeRead(reply) }
             switch action {

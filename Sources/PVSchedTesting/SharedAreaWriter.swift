@@ -1,3 +1,4 @@
+import Atomics
 import PVSchedABI
 import PVSchedCore
 
@@ -19,13 +20,17 @@ public struct SharedAreaWriter: @unchecked Sendable {
         self.size = size
     }
 
-    /// Writes a valid header for `vcpus` vCPUs speaking `protocolName` at `version`.
+    /// Writes a valid header for `vcpus` vCPUs speaking `protocolName` at `version`,
+    /// the magic last (as a guest must: a host polling the region, like the ivshmem
+    /// watcher, sees either no header or a whole one).
     public func writeHeader(vcpus: Int, protocolName: String = String(cString: pvsched_protocol_latency_name()),
                             version: ProtocolVersion = ProtocolVersion(major: UInt16(PVSCHED_PROTOCOL_LATENCY_MAJOR),
-                                                                       minor: UInt16(PVSCHED_PROTOCOL_LATENCY_MINOR))) {
-        base.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+                                                                       minor: UInt16(PVSCHED_PROTOCOL_LATENCY_MINOR)),
+                            generation: UInt32 = 0) {
         let h = base.assumingMemoryBound(to: pvsched_region_header.self)
-        h.pointee.magic = PVSCHED_MAGIC
+        UnsafeAtomic<UInt32>(at: UnsafeMutableRawPointer(h).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
+            .store(0, ordering: .releasing)
+        (base + 4).initializeMemory(as: UInt8.self, repeating: 0, count: size - 4)
         h.pointee.abi_version = UInt16(PVSCHED_ABI_VERSION)
         h.pointee.header_size = UInt16(PVSCHED_REGION_HEADER_SIZE)
         withUnsafeMutableBytes(of: &h.pointee.protocol_name) { name in
@@ -36,6 +41,9 @@ public struct SharedAreaWriter: @unchecked Sendable {
         h.pointee.vcpu_count = UInt16(vcpus)
         h.pointee.vcpu_stride = UInt16(PVSCHED_VCPU_AREA_SIZE)
         h.pointee.vcpu_offset = UInt32(PVSCHED_REGION_HEADER_SIZE)
+        h.pointee.guest_generation = generation
+        UnsafeAtomic<UInt32>(at: UnsafeMutableRawPointer(h).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
+            .store(PVSCHED_MAGIC, ordering: .releasing)
     }
 
     /// The region header, to corrupt on purpose in tests.

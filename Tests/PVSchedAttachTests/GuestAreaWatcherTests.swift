@@ -43,8 +43,7 @@ final class WatchedVM {
     /// Writes a header the way the module does: generation bumped, magic last.
     func register(vcpus: Int? = nil, version: ProtocolVersion? = nil) {
         let generation = writer.header.pointee.guest_generation &+ 1
-        if let version { writer.writeHeader(vcpus: vcpus ?? self.vcpus, version: version) } else { writer.writeHeader(vcpus: vcpus ?? self.vcpus) }
-        writer.header.pointee.guest_generation = generation
+        writer.writeHeader(vcpus: vcpus ?? self.vcpus, version: version ?? .latencyProtocol, generation: generation)
     }
 
     var hostNegotiation: UInt32 { region.bytes.load(fromByteOffset: PVSCHED_OFF_HOST_NEGOTIATION, as: UInt32.self) }
