@@ -66,49 +66,86 @@ public enum BPF {
     }
 }
 
-/// Text for instructions in messages (close to the kernel's verifier log).
+/// Text for decoded instructions, close to the kernel verifier's log and bpftool's
+/// dump (`pvsched bpf dump`, verifier messages, `Instruction.description`).
 enum Disassembler {
-    static let aluNames = ["+=", "-=", "*=", "/=", "|=", "&=", "<<=", ">>=", "neg", "%=", "^=", "=", "s>>=", "end"]
-    static let jmpNames = ["goto", "==", ">", ">=", "&", "!=", "s>", "s>=", "call", "exit", "<", "<=", "s<", "s<="]
+    /// One instruction on its own (a 16-byte load shows its low half only).
+    static func text(_ raw: Instruction) -> String {
+        var decoder = Decoder(raw: raw.isLoadImm64 ? [raw, Instruction(opcode: 0)] : [raw], maps: nil)
+        let d = decoder.decode(at: 0)
+        return text(d, raw: raw, problems: decoder.problems, mapNames: [])
+    }
 
-    static func text(_ i: Instruction) -> String {
-        let cls = i.instructionClass
-        let srcText = i.opcode & BPF.x != 0 ? "r\(i.src)" : "\(i.imm)"
-        switch cls {
-        case BPF.alu, BPF.alu64:
-            let op = Int(i.opcode >> 4)
-            let r = cls == BPF.alu64 ? "r" : "w"
-            guard op < aluNames.count else { return "invalid op 0x\(String(i.opcode, radix: 16))" }
-            if op == 8 { return "\(r)\(i.dst) = -\(r)\(i.dst)" }
-            if op == 13 { return "\(r)\(i.dst) = bswap\(i.imm) \(r)\(i.dst)" }
-            return "\(r)\(i.dst) \(aluNames[op]) \(i.opcode & BPF.x != 0 ? "\(r)\(i.src)" : "\(i.imm)")"
-        case BPF.jmp, BPF.jmp32:
-            let op = Int(i.opcode >> 4)
-            guard op < jmpNames.count else { return "invalid op 0x\(String(i.opcode, radix: 16))" }
+    /// Instruction `pc` of a decoded program.
+    static func text(_ program: DecodedProgram, at pc: Int, mapNames: [String] = []) -> String {
+        guard pc >= 0, pc < program.raw.count else { return "-" }
+        return text(program.instructions[pc], raw: program.raw[pc], problems: program.problems, mapNames: mapNames, pc: pc)
+    }
+
+    static func text(_ d: DecodedInstruction, raw: Instruction, problems: [String], mapNames: [String], pc: Int? = nil) -> String {
+        let op = d.operation
+        let name = "\(op)"
+        let w = op.group == .alu32 ? "w" : "r"
+        let operand = d.operandIsRegister ? "\(w)\(d.src)" : "\(Int64(bitPattern: d.imm))"
+        func relative(_ target: Int32) -> String {
+            guard let pc else { return "\(raw.offset >= 0 ? "+" : "")\(op == .callLocal || raw.opcode == 0x06 ? Int(raw.imm) : Int(raw.offset))" }
+            let r = Int(target) - pc - 1
+            return r >= 0 ? "+\(r)" : "\(r)"
+        }
+        func memory(_ signed: Bool = false) -> String {
+            "*(\(signed ? "s" : "u")\(op.accessSize * 8) *)(r\(op.group == .load ? d.src : d.dst) \(d.offset >= 0 ? "+ \(d.offset)" : "- \(-Int(d.offset))"))"
+        }
+        func map(_ index: Int32) -> String { Int(index) < mapNames.count ? "map[\(index)] '\(mapNames[Int(index)])'" : "map[\(index)]" }
+        switch op.group {
+        case .alu64, .alu32:
+            let dst = "\(w)\(d.dst)"
             switch op {
-            case 0: return "goto \(cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset))"
-            case 8: return i.src == 1 ? "call pc\(i.imm >= 0 ? "+" : "")\(i.imm)" : "call helper \(i.imm)"
-            case 9: return "exit"
+            case .neg64, .neg32: return "\(dst) = -\(dst)"
+            case .mov64, .mov32: return "\(dst) = \(operand)"
+            case .movsx8To64, .movsx8To32: return "\(dst) = (s8)\(operand)"
+            case .movsx16To64, .movsx16To32: return "\(dst) = (s16)\(operand)"
+            case .movsx32To64: return "\(dst) = (s32)\(operand)"
+            case .bswap16, .bswap32, .bswap64, .le16, .le32, .le64, .be16, .be32, .be64: return "\(dst) = \(name) \(dst)"
             default:
-                let r = cls == BPF.jmp ? "r" : "w"
-                return "if \(r)\(i.dst) \(jmpNames[op]) \(srcText) goto \(i.offset)"
+                let symbols: [BPFOperation: String] = [.add64: "+=", .sub64: "-=", .mul64: "*=", .div64: "/=", .sdiv64: "s/=", .or64: "|=",
+                    .and64: "&=", .lsh64: "<<=", .rsh64: ">>=", .mod64: "%=", .smod64: "s%=", .xor64: "^=", .arsh64: "s>>=",
+                    .add32: "+=", .sub32: "-=", .mul32: "*=", .div32: "/=", .sdiv32: "s/=", .or32: "|=", .and32: "&=", .lsh32: "<<=",
+                    .rsh32: ">>=", .mod32: "%=", .smod32: "s%=", .xor32: "^=", .arsh32: "s>>="]
+                return "\(dst) \(symbols[op] ?? name) \(operand)"
             }
-        case BPF.ldx:
-            return "r\(i.dst) = *(\(sizeName(i.opcode))\(i.opcode & 0xE0 == BPF.memsx ? " sx" : "") *)(r\(i.src) \(sign(i.offset)))"
-        case BPF.st:
-            return "*(\(sizeName(i.opcode)) *)(r\(i.dst) \(sign(i.offset))) = \(i.imm)"
-        case BPF.stx:
-            if i.opcode & 0xE0 == BPF.atomic { return "atomic 0x\(String(i.imm, radix: 16)) (\(sizeName(i.opcode)) *)(r\(i.dst) \(sign(i.offset))), r\(i.src)" }
-            return "*(\(sizeName(i.opcode)) *)(r\(i.dst) \(sign(i.offset))) = r\(i.src)"
-        case BPF.ld:
-            return i.isLoadImm64 ? "r\(i.dst) = \(i.imm) ll (src \(i.src))" : "legacy packet load 0x\(String(i.opcode, radix: 16))"
-        default:
-            return "invalid opcode 0x\(String(i.opcode, radix: 16))"
+        case .jump:
+            if op == .ja { return "goto pc\(relative(d.target))" }
+            let symbols: [String: String] = ["jeq": "==", "jgt": ">", "jge": ">=", "jset": "&", "jne": "!=", "jsgt": "s>",
+                                             "jsge": "s>=", "jlt": "<", "jle": "<=", "jslt": "s<", "jsle": "s<="]
+            let wide = op.isWideCondition
+            let key = wide ? name : String(name.dropLast(2))
+            let r = wide ? "r" : "w"
+            return "if \(r)\(d.dst) \(symbols[key] ?? key) \(d.operandIsRegister ? "\(r)\(d.src)" : "\(Int64(bitPattern: d.imm))") goto pc\(relative(d.target))"
+        case .call:
+            if op == .callLocal { return "call pc\(relative(d.target))" }
+            let names: [Int32: String] = [1: "bpf_map_lookup_elem", 2: "bpf_map_update_elem", 3: "bpf_map_delete_elem",
+                                          5: "bpf_ktime_get_ns", 6: "bpf_trace_printk", 7: "bpf_get_prandom_u32"]
+            return "call \(names[d.target] ?? "helper")#\(d.target)"
+        case .exit:
+            return "exit"
+        case .load:
+            return "r\(d.dst) = \(memory(op == .loadSigned8 || op == .loadSigned16 || op == .loadSigned32))"
+        case .store:
+            return "\(memory()) = \(d.operandIsRegister ? "r\(d.src)" : "\(Int64(bitPattern: d.imm))")"
+        case .atomic:
+            let fetch = d.target & BPF.atomicFetch != 0
+            let names: [Int32: String] = [0x00: "add", 0x40: "or", 0x50: "and", 0xA0: "xor", 0xE0: "xchg", 0xF0: "cmpxchg"]
+            let verb = names[d.target & ~BPF.atomicFetch] ?? "op"
+            return "lock \(fetch && verb != "xchg" && verb != "cmpxchg" ? "fetch_" : "")\(verb) \(memory()), r\(d.src)"
+        case .loadImm64:
+            switch op {
+            case .loadMap: return "r\(d.dst) = \(map(d.target)) ll"
+            case .loadMapValue: return "r\(d.dst) = \(map(d.target)) value + \(d.imm) ll"
+            default: return "r\(d.dst) = \(pc == nil ? "\(raw.imm)" : "0x\(String(d.imm, radix: 16))") ll"
+            }
+        case .trap:
+            let reason = Int(d.target) < problems.count ? problems[Int(d.target)] : "invalid"
+            return "invalid (0x\(String(raw.opcode, radix: 16))): \(reason)"
         }
     }
-
-    static func sizeName(_ op: UInt8) -> String {
-        switch op & 0x18 { case BPF.w: return "u32"; case BPF.h: return "u16"; case BPF.b: return "u8"; default: return "u64" }
-    }
-    static func sign(_ o: Int16) -> String { o >= 0 ? "+ \(o)" : "- \(-Int(o))" }
 }

@@ -4,207 +4,280 @@ import PVSchedCore
 import Glibc
 #endif
 
-/// Runs a verified BPF program. Memory accesses are also checked at run time
-/// against the regions the program may touch (context, its stack, map values),
-/// so even an unverified program cannot touch other memory; a runaway program
-/// stops at the instruction budget.
-public final class Interpreter: Sendable {
+/// Runs a verified BPF program. The program is decoded once, when the
+/// interpreter is made (`DecodedProgram`); a run then costs only its
+/// instructions: registers, call frames and the stack live in one block on the
+/// caller's stack, and nothing is allocated. Memory accesses are also checked at
+/// run time against the regions the program may touch (context, its stack, map
+/// values), so even an unverified program cannot touch other memory; a runaway
+/// program stops at the instruction budget.
+// @unchecked Sendable: `code` and `mapWindows` are written once in init and only read after; they are freed in deinit.
+public final class Interpreter: @unchecked Sendable {
     public let program: Program
+    public let decoded: DecodedProgram
     public let instructionBudget: Int
     /// Receives bpf_trace_printk output.
     public let trace: (@Sendable (String) -> Void)?
-    private let code: [Instruction]
+    private let code: UnsafeMutableBufferPointer<DecodedInstruction>
+    private let mapWindows: UnsafeMutableBufferPointer<MapWindow>
+    private let mapCount: Int
+    private let runBlockKey = RunBlock.key
 
     public init(program: Program, instructionBudget: Int = 1_000_000, trace: (@Sendable (String) -> Void)? = nil) {
         self.program = program
         self.instructionBudget = instructionBudget
         self.trace = trace
-        self.code = program.instructions
+        decoded = DecodedProgram(program)
+        code = .allocate(capacity: decoded.instructions.count)
+        _ = code.initialize(from: decoded.instructions)
+        mapCount = program.maps.count
+        mapWindows = .allocate(capacity: max(1, program.maps.count))
+        _ = mapWindows.initialize(from: program.maps.map(\.valueWindow))
     }
 
-    /// Runs the program with r1 = `context`; returns r0.
+    deinit {
+        code.deallocate()
+        mapWindows.deallocate()
+    }
+
+    /// Runs the program with r1 = `context`; returns r0. The registers, call frames
+    /// and stacks of the run are the calling thread's `RunBlock`, made once per
+    /// thread; nothing is allocated per run.
     public func run(context: UnsafeMutableRawBufferPointer, contextWritable: Bool = false) throws(BPFError) -> UInt64 {
-        try withUnsafeTemporaryAllocation(byteCount: BPF.stackSize * BPF.maxCallDepth, alignment: 16) { stack throws(BPFError) in
-            try execute(context: context, writable: contextWritable, stack: stack)
-        }
+        let block = RunBlock.acquire(runBlockKey)
+        defer { RunBlock.release(block) }
+        return try execute(context: context, writable: contextWritable, block: block)
     }
-
-    private struct Frame { var returnPC: Int; var saved: (UInt64, UInt64, UInt64, UInt64); var fp: UInt64 }
 
     private func execute(context: UnsafeMutableRawBufferPointer, writable: Bool,
-                         stack: UnsafeMutableRawBufferPointer) throws(BPFError) -> UInt64 {
-        var r = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        return try withUnsafeMutableBytes(of: &r) { raw throws(BPFError) -> UInt64 in
-            let reg = raw.baseAddress!.assumingMemoryBound(to: UInt64.self)
-            let ctxBase = UInt(bitPattern: context.baseAddress), ctxEnd = ctxBase + UInt(context.count)
-            let stackBase = UInt(bitPattern: stack.baseAddress!), stackEnd = stackBase + UInt(stack.count)
-            reg[1] = UInt64(ctxBase)
-            reg[2] = UInt64(context.count)  // the blob's length, for programs run on memory (`bpf run`)
-            reg[10] = UInt64(stackBase) + UInt64(BPF.stackSize)
-            var frames: [Frame] = []
-            var pc = 0
-            var executed = 0
-            let code = self.code
-            let maps = program.maps
+                         block: UnsafeMutableRawPointer) throws(BPFError) -> UInt64 {
+        let reg = (block + RunBlock.registersOffset).assumingMemoryBound(to: UInt64.self)
+        let frames = (block + RunBlock.framesOffset).assumingMemoryBound(to: UInt64.self)
+        let stack = block + RunBlock.stackOffset
+        for k in 0...Int(DecodedInstruction.zeroSlot) { reg[k] = 0 }
+        let memory = MemoryWindows(context: context, writable: writable, stack: stack, stackBytes: RunBlock.stackBytes,
+                                   maps: UnsafeBufferPointer(start: mapWindows.baseAddress, count: mapCount))
+        reg[1] = UInt64(UInt(bitPattern: context.baseAddress))
+        reg[2] = UInt64(context.count)  // the blob's length, for programs run on memory (`bpf run`)
+        reg[10] = UInt64(UInt(bitPattern: stack)) + UInt64(BPF.stackSize)
+        let code = self.code.baseAddress!
+        var pc = 0
+        var depth = 0
+        // The budget is charged when control leaves a straight run of instructions
+        // (a taken jump, a call, an exit), for the slots from `runStart` up to and
+        // including the transfer: exact, and nothing to count per instruction.
+        var budget = Budget(limit: instructionBudget, remaining: instructionBudget, runStart: 0)
 
-            @inline(__always) func ok(_ a: UInt64, _ size: Int, _ write: Bool) -> Bool {
-                let addr = UInt(truncatingIfNeeded: a)
-                if addr >= stackBase && addr &+ UInt(size) <= stackEnd && addr &+ UInt(size) >= addr { return true }
-                if addr >= ctxBase && addr &+ UInt(size) <= ctxEnd && addr &+ UInt(size) >= addr { return !write || writable }
-                for m in maps where m.containsValue(addr, size) { return true }
-                return false
-            }
-            func fault(_ what: String, _ a: UInt64, _ size: Int) -> BPFError {
-                .runtime(pc: pc - 1, reason: "\(what) of \(size) bytes at 0x\(String(a, radix: 16)) is outside the context, the stack and map values")
-            }
-
-            while true {
-                guard pc >= 0 && pc < code.count else { throw .runtime(pc: pc, reason: "jumped outside the program") }
-                executed += 1
-                if executed > instructionBudget { throw .budgetExceeded(instructionBudget) }
-                let i = code[pc]
-                let d = Int(i.dst), s = Int(i.src)
-                guard d < BPF.maxRegisters, s < BPF.maxRegisters else { throw .runtime(pc: pc, reason: "bad register") }
-                pc += 1
-                let op = i.opcode
-                switch op & 0x07 {
-                case BPF.alu64:
-                    let src: UInt64 = op & BPF.x != 0 ? reg[s] : UInt64(bitPattern: Int64(i.imm))
-                    guard d != 10 else { throw .runtime(pc: pc - 1, reason: "r10 is read-only") }
-                    reg[d] = try BPFSemantics.alu64(op & 0xF0, reg[d], src, i, pc - 1)
-                case BPF.alu:
-                    let src: UInt32 = op & BPF.x != 0 ? UInt32(truncatingIfNeeded: reg[s]) : UInt32(bitPattern: i.imm)
-                    guard d != 10 else { throw .runtime(pc: pc - 1, reason: "r10 is read-only") }
-                    reg[d] = try BPFSemantics.alu32(op, reg[d], src, i, pc - 1)
-                case BPF.jmp, BPF.jmp32:
-                    let code4 = op & 0xF0
-                    if code4 == 0x00 {  // ja / gotol
-                        pc += op & 0x07 == BPF.jmp32 ? Int(i.imm) : Int(i.offset)
-                        continue
-                    }
-                    if code4 == 0x80 {  // call
-                        guard op == 0x85 else { throw .runtime(pc: pc - 1, reason: "invalid opcode 0x\(String(op, radix: 16)) (callx is not supported)") }
-                        if i.src == 1 {
-                            guard frames.count < BPF.maxCallDepth - 1 else { throw .runtime(pc: pc - 1, reason: "call depth exceeds \(BPF.maxCallDepth)") }
-                            frames.append(Frame(returnPC: pc, saved: (reg[6], reg[7], reg[8], reg[9]), fp: reg[10]))
-                            reg[10] &+= UInt64(BPF.stackSize)  // r10 may hold anything without the verifier
-                            pc += Int(i.imm)
-                        } else {
-                            reg[0] = try helper(Int(i.imm), reg, ok: ok, at: pc - 1)
-                        }
-                        continue
-                    }
-                    if code4 == 0x90 {  // exit
-                        guard op == 0x95 else { throw .runtime(pc: pc - 1, reason: "invalid opcode 0x\(String(op, radix: 16))") }
-                        guard let f = frames.popLast() else { return reg[0] }
-                        (reg[6], reg[7], reg[8], reg[9]) = f.saved
-                        reg[10] = f.fp
-                        pc = f.returnPC
-                        continue
-                    }
-                    let b: UInt64 = op & BPF.x != 0 ? reg[s] : UInt64(bitPattern: Int64(i.imm))
-                    guard let taken = BPFSemantics.condition(code4, wide: op & 0x07 == BPF.jmp, reg[d], b) else {
-                        throw .runtime(pc: pc - 1, reason: "invalid jump opcode 0x\(String(op, radix: 16))")
-                    }
-                    if taken { pc += Int(i.offset) }
-                case BPF.ldx:
-                    let size = BPF.size(op)
-                    let a = reg[s] &+ UInt64(bitPattern: Int64(i.offset))
-                    guard ok(a, size, false) else { throw fault("read", a, size) }
-                    guard d != 10 else { throw .runtime(pc: pc - 1, reason: "r10 is read-only") }
-                    let p = UnsafeRawPointer(bitPattern: UInt(truncatingIfNeeded: a))!
-                    let signed = op & 0xE0 == BPF.memsx
-                    switch size {
-                    case 1: reg[d] = signed ? UInt64(bitPattern: Int64(p.load(as: Int8.self))) : UInt64(p.load(as: UInt8.self))
-                    case 2: reg[d] = signed ? UInt64(bitPattern: Int64(p.loadUnaligned(as: Int16.self))) : UInt64(p.loadUnaligned(as: UInt16.self))
-                    case 4: reg[d] = signed ? UInt64(bitPattern: Int64(p.loadUnaligned(as: Int32.self))) : UInt64(p.loadUnaligned(as: UInt32.self))
-                    default: reg[d] = p.loadUnaligned(as: UInt64.self)
-                    }
-                case BPF.st, BPF.stx:
-                    let size = BPF.size(op)
-                    let a = reg[d] &+ UInt64(bitPattern: Int64(i.offset))
-                    guard ok(a, size, true) else { throw fault("write", a, size) }
-                    let p = UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: a))!
-                    if op & 0xE0 == BPF.atomic {
-                        guard op & 0x07 == BPF.stx, size == 4 || size == 8, a % UInt64(size) == 0 else {
-                            throw .runtime(pc: pc - 1, reason: "atomic operations need an aligned 32- or 64-bit location")
-                        }
-                        try atomic(i, p, size, reg, at: pc - 1)
-                        continue
-                    }
-                    let v: UInt64 = op & 0x07 == BPF.stx ? reg[s] : UInt64(bitPattern: Int64(i.imm))
-                    switch size {
-                    case 1: p.storeBytes(of: UInt8(truncatingIfNeeded: v), as: UInt8.self)
-                    case 2: p.storeBytes(of: UInt16(truncatingIfNeeded: v), as: UInt16.self)
-                    case 4: p.storeBytes(of: UInt32(truncatingIfNeeded: v), as: UInt32.self)
-                    default: p.storeBytes(of: v, as: UInt64.self)
-                    }
-                case BPF.ld:
-                    guard op == BPF.ldImm64, pc < code.count else {
-                        throw .runtime(pc: pc - 1, reason: "unsupported load opcode 0x\(String(op, radix: 16))")
-                    }
-                    let hi = code[pc]
-                    pc += 1
-                    switch i.src {
-                    case 0: reg[d] = UInt64(UInt32(bitPattern: i.imm)) | UInt64(UInt32(bitPattern: hi.imm)) << 32
-                    case 1:
-                        guard Int(i.imm) < maps.count, i.imm >= 0 else { throw .runtime(pc: pc - 2, reason: "unknown map \(i.imm)") }
-                        reg[d] = MapHandle.encode(Int(i.imm))
-                    case 2:
-                        guard Int(i.imm) < maps.count, i.imm >= 0, maps[Int(i.imm)].definition.kind == .array else {
-                            throw .runtime(pc: pc - 2, reason: "map value reference to an unknown or non-array map")
-                        }
-                        reg[d] = UInt64(UInt(bitPattern: maps[Int(i.imm)].slab)) &+ UInt64(UInt32(bitPattern: hi.imm))
-                    default: throw .runtime(pc: pc - 2, reason: "unsupported lddw source \(i.src)")
-                    }
-                default:
-                    throw .runtime(pc: pc - 1, reason: "invalid opcode 0x\(String(op, radix: 16))")
+        while true {
+            let i = code[pc]
+            pc &+= 1
+            let d = Int(i.dst)
+            let operand = reg[Int(i.src)] & i.srcMask | i.imm
+            switch i.operation {
+            case .add64: reg[d] = BPFSemantics.alu(.add64, reg[d], operand)
+            case .sub64: reg[d] = BPFSemantics.alu(.sub64, reg[d], operand)
+            case .mul64: reg[d] = BPFSemantics.alu(.mul64, reg[d], operand)
+            case .div64: reg[d] = BPFSemantics.alu(.div64, reg[d], operand)
+            case .sdiv64: reg[d] = BPFSemantics.alu(.sdiv64, reg[d], operand)
+            case .or64: reg[d] = BPFSemantics.alu(.or64, reg[d], operand)
+            case .and64: reg[d] = BPFSemantics.alu(.and64, reg[d], operand)
+            case .lsh64: reg[d] = BPFSemantics.alu(.lsh64, reg[d], operand)
+            case .rsh64: reg[d] = BPFSemantics.alu(.rsh64, reg[d], operand)
+            case .neg64: reg[d] = BPFSemantics.alu(.neg64, reg[d], operand)
+            case .mod64: reg[d] = BPFSemantics.alu(.mod64, reg[d], operand)
+            case .smod64: reg[d] = BPFSemantics.alu(.smod64, reg[d], operand)
+            case .xor64: reg[d] = BPFSemantics.alu(.xor64, reg[d], operand)
+            case .mov64: reg[d] = BPFSemantics.alu(.mov64, reg[d], operand)
+            case .movsx8To64: reg[d] = BPFSemantics.alu(.movsx8To64, reg[d], operand)
+            case .movsx16To64: reg[d] = BPFSemantics.alu(.movsx16To64, reg[d], operand)
+            case .movsx32To64: reg[d] = BPFSemantics.alu(.movsx32To64, reg[d], operand)
+            case .arsh64: reg[d] = BPFSemantics.alu(.arsh64, reg[d], operand)
+            case .bswap16: reg[d] = BPFSemantics.alu(.bswap16, reg[d], operand)
+            case .bswap32: reg[d] = BPFSemantics.alu(.bswap32, reg[d], operand)
+            case .bswap64: reg[d] = BPFSemantics.alu(.bswap64, reg[d], operand)
+            case .add32: reg[d] = BPFSemantics.alu(.add32, reg[d], operand)
+            case .sub32: reg[d] = BPFSemantics.alu(.sub32, reg[d], operand)
+            case .mul32: reg[d] = BPFSemantics.alu(.mul32, reg[d], operand)
+            case .div32: reg[d] = BPFSemantics.alu(.div32, reg[d], operand)
+            case .sdiv32: reg[d] = BPFSemantics.alu(.sdiv32, reg[d], operand)
+            case .or32: reg[d] = BPFSemantics.alu(.or32, reg[d], operand)
+            case .and32: reg[d] = BPFSemantics.alu(.and32, reg[d], operand)
+            case .lsh32: reg[d] = BPFSemantics.alu(.lsh32, reg[d], operand)
+            case .rsh32: reg[d] = BPFSemantics.alu(.rsh32, reg[d], operand)
+            case .neg32: reg[d] = BPFSemantics.alu(.neg32, reg[d], operand)
+            case .mod32: reg[d] = BPFSemantics.alu(.mod32, reg[d], operand)
+            case .smod32: reg[d] = BPFSemantics.alu(.smod32, reg[d], operand)
+            case .xor32: reg[d] = BPFSemantics.alu(.xor32, reg[d], operand)
+            case .mov32: reg[d] = BPFSemantics.alu(.mov32, reg[d], operand)
+            case .movsx8To32: reg[d] = BPFSemantics.alu(.movsx8To32, reg[d], operand)
+            case .movsx16To32: reg[d] = BPFSemantics.alu(.movsx16To32, reg[d], operand)
+            case .arsh32: reg[d] = BPFSemantics.alu(.arsh32, reg[d], operand)
+            case .le16: reg[d] = BPFSemantics.alu(.le16, reg[d], operand)
+            case .le32: reg[d] = BPFSemantics.alu(.le32, reg[d], operand)
+            case .le64: reg[d] = BPFSemantics.alu(.le64, reg[d], operand)
+            case .be16: reg[d] = BPFSemantics.alu(.be16, reg[d], operand)
+            case .be32: reg[d] = BPFSemantics.alu(.be32, reg[d], operand)
+            case .be64: reg[d] = BPFSemantics.alu(.be64, reg[d], operand)
+            case .ja:
+                try budget.charge(pc, Int(i.target))
+                pc = Int(i.target)
+            case .jeq:
+                if BPFSemantics.condition(.jeq, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jgt:
+                if BPFSemantics.condition(.jgt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jge:
+                if BPFSemantics.condition(.jge, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jset:
+                if BPFSemantics.condition(.jset, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jne:
+                if BPFSemantics.condition(.jne, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsgt:
+                if BPFSemantics.condition(.jsgt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsge:
+                if BPFSemantics.condition(.jsge, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jlt:
+                if BPFSemantics.condition(.jlt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jle:
+                if BPFSemantics.condition(.jle, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jslt:
+                if BPFSemantics.condition(.jslt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsle:
+                if BPFSemantics.condition(.jsle, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jeq32:
+                if BPFSemantics.condition(.jeq32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jgt32:
+                if BPFSemantics.condition(.jgt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jge32:
+                if BPFSemantics.condition(.jge32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jset32:
+                if BPFSemantics.condition(.jset32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jne32:
+                if BPFSemantics.condition(.jne32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsgt32:
+                if BPFSemantics.condition(.jsgt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsge32:
+                if BPFSemantics.condition(.jsge32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jlt32:
+                if BPFSemantics.condition(.jlt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jle32:
+                if BPFSemantics.condition(.jle32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jslt32:
+                if BPFSemantics.condition(.jslt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .jsle32:
+                if BPFSemantics.condition(.jsle32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .load8: reg[d] = UInt64(try Self.load(i, reg, memory, UInt8.self, pc))
+            case .load16: reg[d] = UInt64(try Self.load(i, reg, memory, UInt16.self, pc))
+            case .load32: reg[d] = UInt64(try Self.load(i, reg, memory, UInt32.self, pc))
+            case .load64: reg[d] = try Self.load(i, reg, memory, UInt64.self, pc)
+            case .loadSigned8: reg[d] = UInt64(bitPattern: Int64(try Self.load(i, reg, memory, Int8.self, pc)))
+            case .loadSigned16: reg[d] = UInt64(bitPattern: Int64(try Self.load(i, reg, memory, Int16.self, pc)))
+            case .loadSigned32: reg[d] = UInt64(bitPattern: Int64(try Self.load(i, reg, memory, Int32.self, pc)))
+            case .store8: try Self.store(i, reg, memory, UInt8(truncatingIfNeeded: operand), pc)
+            case .store16: try Self.store(i, reg, memory, UInt16(truncatingIfNeeded: operand), pc)
+            case .store32: try Self.store(i, reg, memory, UInt32(truncatingIfNeeded: operand), pc)
+            case .store64: try Self.store(i, reg, memory, operand, pc)
+            case .callHelper:
+                reg[0] = try helper(Int(i.target), reg, memory, at: pc - 1)
+            case .callLocal:
+                guard depth < BPF.maxCallDepth - 1 else { throw .runtime(pc: pc - 1, reason: "call depth exceeds \(BPF.maxCallDepth)") }
+                let f = frames + depth * RunBlock.frameWords
+                f[0] = UInt64(pc); f[1] = reg[6]; f[2] = reg[7]; f[3] = reg[8]; f[4] = reg[9]; f[5] = reg[10]
+                depth += 1
+                reg[10] &+= UInt64(BPF.stackSize)  // r10 may hold anything without the verifier
+                try budget.charge(pc, Int(i.target))
+                pc = Int(i.target)
+            case .exit:
+                let f = frames + (depth - 1) * RunBlock.frameWords
+                try budget.charge(pc, depth == 0 ? 0 : Int(f[0]))
+                if depth == 0 { return reg[0] }
+                depth -= 1
+                pc = Int(f[0]); reg[6] = f[1]; reg[7] = f[2]; reg[8] = f[3]; reg[9] = f[4]; reg[10] = f[5]
+            case .atomic32, .atomic64:
+                let size = i.operation.accessSize
+                let a = reg[d] &+ UInt64(bitPattern: Int64(i.offset))
+                guard memory.allows(a, size, write: true) else { throw Self.fault("write", a, size, pc) }
+                guard a % UInt64(size) == 0 else {
+                    throw .runtime(pc: pc - 1, reason: "atomic operations need an aligned 32- or 64-bit location")
                 }
+                atomic(i, UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: a))!, reg)
+            case .loadImm64:
+                reg[d] = i.imm
+                pc += 1
+            case .loadMap:
+                reg[d] = MapHandle.encode(Int(i.target))
+                pc += 1
+            case .loadMapValue:
+                reg[d] = UInt64(mapWindows[Int(i.target)].base) &+ i.imm
+                pc += 1
+            case .trap:
+                throw .runtime(pc: pc - 1, reason: decoded.problems[Int(i.target)])
             }
         }
     }
 
+    /// A load of a `T` for the instruction just before `pc`, checked against the regions.
+    @inline(__always)
+    private static func load<T: FixedWidthInteger>(_ i: DecodedInstruction, _ reg: UnsafeMutablePointer<UInt64>,
+                                                   _ memory: MemoryWindows, _ type: T.Type, _ pc: Int) throws(BPFError) -> T {
+        let a = reg[Int(i.src)] &+ UInt64(bitPattern: Int64(i.offset))
+        guard memory.allows(a, MemoryLayout<T>.size, write: false) else { throw fault("read", a, MemoryLayout<T>.size, pc) }
+        return UnsafeRawPointer(bitPattern: UInt(truncatingIfNeeded: a))!.loadUnaligned(as: T.self)
+    }
 
-    private func atomic(_ i: Instruction, _ p: UnsafeMutableRawPointer, _ size: Int,
-                        _ reg: UnsafeMutablePointer<UInt64>, at pc: Int) throws(BPFError) {
+    /// A store of `value` for the instruction just before `pc`, checked against the regions.
+    @inline(__always)
+    private static func store<T: FixedWidthInteger>(_ i: DecodedInstruction, _ reg: UnsafeMutablePointer<UInt64>,
+                                                    _ memory: MemoryWindows, _ value: T, _ pc: Int) throws(BPFError) {
+        let a = reg[Int(i.dst)] &+ UInt64(bitPattern: Int64(i.offset))
+        guard memory.allows(a, MemoryLayout<T>.size, write: true) else { throw fault("write", a, MemoryLayout<T>.size, pc) }
+        UnsafeMutableRawPointer(bitPattern: UInt(truncatingIfNeeded: a))!.storeBytes(of: value, as: T.self)
+    }
+
+    private static func fault(_ what: String, _ a: UInt64, _ size: Int, _ pc: Int) -> BPFError {
+        .runtime(pc: pc - 1, reason: "\(what) of \(size) bytes at 0x\(String(a, radix: 16)) is outside the context, the stack and map values")
+    }
+
+    /// One atomic read-modify-write (RFC 9669 §5.3) at an aligned location; the
+    /// fetched value goes to the source register (FETCH) or r0 (CMPXCHG), and
+    /// 32-bit results are zero-extended.
+    private func atomic(_ i: DecodedInstruction, _ p: UnsafeMutableRawPointer, _ reg: UnsafeMutablePointer<UInt64>) {
         let s = Int(i.src)
-        if size == 8 {
+        if i.operation == .atomic64 {
             let a = UnsafeAtomic<UInt64>(at: p.assumingMemoryBound(to: UnsafeAtomic<UInt64>.Storage.self))
-            try atomicOperation(a, i, value: reg[s], srcRegister: &reg[s], r0: &reg[0], at: pc)
+            atomicOperation(a, i.target, value: reg[s], srcRegister: &reg[s], r0: &reg[0])
         } else {
             let a = UnsafeAtomic<UInt32>(at: p.assumingMemoryBound(to: UnsafeAtomic<UInt32>.Storage.self))
             var src = UInt32(truncatingIfNeeded: reg[s]), r0 = UInt32(truncatingIfNeeded: reg[0])
-            let (srcChanged, r0Changed) = try atomicOperation(a, i, value: src, srcRegister: &src, r0: &r0, at: pc)
-            if srcChanged { reg[s] = UInt64(src) }   // 32-bit results are zero-extended
+            let (srcChanged, r0Changed) = atomicOperation(a, i.target, value: src, srcRegister: &src, r0: &r0)
+            if srcChanged { reg[s] = UInt64(src) }
             if r0Changed { reg[0] = UInt64(r0) }
         }
     }
 
-    /// One atomic read-modify-write (RFC 9669 §5.3); writes the fetched value to the
-    /// source register (FETCH) or r0 (CMPXCHG). Returns which of the two it wrote.
+    /// Performs atomic operation `code` (decoding made sure it is one RFC 9669 defines);
+    /// returns which of the source register and r0 it wrote.
     @discardableResult
     private func atomicOperation<T: AtomicInteger & FixedWidthInteger>(
-        _ a: UnsafeAtomic<T>, _ i: Instruction, value v: T, srcRegister: inout T, r0: inout T, at pc: Int
-    ) throws(BPFError) -> (Bool, Bool) where T.AtomicRepresentation.Value == T {
-        let fetch = i.imm & BPF.atomicFetch != 0
+        _ a: UnsafeAtomic<T>, _ code: Int32, value v: T, srcRegister: inout T, r0: inout T
+    ) -> (Bool, Bool) where T.AtomicRepresentation.Value == T {
+        let fetch = code & BPF.atomicFetch != 0
         let old: T
-        switch i.imm & ~BPF.atomicFetch {
+        switch code & ~BPF.atomicFetch {
         case 0x00: old = a.loadThenWrappingIncrement(by: v, ordering: .sequentiallyConsistent)
         case 0x40: old = a.loadThenBitwiseOr(with: v, ordering: .sequentiallyConsistent)
         case 0x50: old = a.loadThenBitwiseAnd(with: v, ordering: .sequentiallyConsistent)
         case 0xA0: old = a.loadThenBitwiseXor(with: v, ordering: .sequentiallyConsistent)
-        case 0xE0 where fetch: old = a.exchange(v, ordering: .sequentiallyConsistent)
-        case 0xF0 where fetch:
+        case 0xE0: old = a.exchange(v, ordering: .sequentiallyConsistent)
+        default:  // 0xF0: compare-and-exchange against r0
             r0 = a.compareExchange(expected: r0, desired: v, ordering: .sequentiallyConsistent).original
             return (false, true)
-        default: throw .runtime(pc: pc, reason: "invalid atomic operation 0x\(String(i.imm, radix: 16))")
         }
         if fetch { srcRegister = old }
         return (fetch, false)
     }
 
     /// Helper calls (ids as in Linux).
-    private func helper(_ id: Int, _ reg: UnsafeMutablePointer<UInt64>, ok: (UInt64, Int, Bool) -> Bool,
+    private func helper(_ id: Int, _ reg: UnsafeMutablePointer<UInt64>, _ memory: MemoryWindows,
                         at pc: Int) throws(BPFError) -> UInt64 {
         let maps = program.maps
         func map(_ v: UInt64) throws(BPFError) -> BPFMap {
@@ -212,7 +285,7 @@ public final class Interpreter: Sendable {
             return maps[i]
         }
         func buffer(_ a: UInt64, _ n: Int, _ what: String) throws(BPFError) -> UnsafeRawBufferPointer {
-            guard ok(a, n, false) else { throw .runtime(pc: pc, reason: "\(what) of \(n) bytes at 0x\(String(a, radix: 16)) is not readable") }
+            guard memory.allows(a, n, write: false) else { throw .runtime(pc: pc, reason: "\(what) of \(n) bytes at 0x\(String(a, radix: 16)) is not readable") }
             return UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: UInt(truncatingIfNeeded: a)), count: n)
         }
         switch id {
@@ -273,118 +346,96 @@ enum TraceFormat {
     }
 }
 
-/// The meaning of eBPF's ALU operations and jump conditions (RFC 9669), in one
-/// place: the interpreter runs them and the verifier folds known values and
-/// decides branches on constants with the very same functions.
-enum BPFSemantics {
+/// What is left of a run's instruction budget.
+struct Budget {
+    let limit: Int
+    var remaining: Int
+    /// Where the current straight run of instructions began.
+    var runStart: Int
+
+    /// Charges the slots from `runStart` to `pc` (just past a jump, call or exit)
+    /// and starts the next run at `next`.
     @inline(__always)
-    static func alu64(_ code: UInt8, _ dst: UInt64, _ src: UInt64, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
-        switch code {
-        case 0x00: return dst &+ src
-        case 0x10: return dst &- src
-        case 0x20: return dst &* src
-        case 0x30:
-            if i.offset == 1 {
-                let b = Int64(bitPattern: src)
-                return b == 0 ? 0 : UInt64(bitPattern: Int64(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
-            }
-            return src == 0 ? 0 : dst / src
-        case 0x40: return dst | src
-        case 0x50: return dst & src
-        case 0x60: return dst << (src & 63)
-        case 0x70: return dst >> (src & 63)
-        case 0x80: return 0 &- dst
-        case 0x90:
-            if i.offset == 1 {
-                let b = Int64(bitPattern: src)
-                return b == 0 ? dst : UInt64(bitPattern: Int64(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
-            }
-            return src == 0 ? dst : dst % src
-        case 0xA0: return dst ^ src
-        case 0xB0:
-            switch i.offset {
-            case 8: return UInt64(bitPattern: Int64(Int8(truncatingIfNeeded: src)))
-            case 16: return UInt64(bitPattern: Int64(Int16(truncatingIfNeeded: src)))
-            case 32: return UInt64(bitPattern: Int64(Int32(truncatingIfNeeded: src)))
-            default: return src
-            }
-        case 0xC0: return UInt64(bitPattern: Int64(bitPattern: dst) >> Int64(src & 63))
-        case 0xD0:  // bswap (unconditional)
-            switch i.imm {
-            case 16: return UInt64(UInt16(truncatingIfNeeded: dst).byteSwapped)
-            case 32: return UInt64(UInt32(truncatingIfNeeded: dst).byteSwapped)
-            case 64: return dst.byteSwapped
-            default: throw .runtime(pc: pc, reason: "bswap width \(i.imm)")
-            }
-        default: throw .runtime(pc: pc, reason: "invalid ALU64 opcode 0x\(String(i.opcode, radix: 16))")
+    mutating func charge(_ pc: Int, _ next: Int) throws(BPFError) {
+        remaining &-= pc &- runStart
+        if remaining < 0 { throw .budgetExceeded(limit) }
+        runStart = next
+    }
+}
+
+/// The memory a run may touch: the context, the stack, and the maps' values.
+struct MemoryWindows {
+    let contextBase: UInt, contextBytes: UInt, writable: Bool
+    let stackBase: UInt, stackBytes: UInt
+    let maps: UnsafeBufferPointer<MapWindow>
+
+    init(context: UnsafeMutableRawBufferPointer, writable: Bool, stack: UnsafeMutableRawPointer, stackBytes: Int,
+         maps: UnsafeBufferPointer<MapWindow>) {
+        contextBase = UInt(bitPattern: context.baseAddress); contextBytes = UInt(context.count); self.writable = writable
+        stackBase = UInt(bitPattern: stack); self.stackBytes = UInt(stackBytes)
+        self.maps = maps
+    }
+
+    /// Whether [a, a + size) lies inside one region (and, for a write, a writable one).
+    @inline(__always)
+    func allows(_ a: UInt64, _ size: Int, write: Bool) -> Bool {
+        let addr = UInt(truncatingIfNeeded: a), n = UInt(size)
+        // Offsets from a region's base wrap around below it, so one comparison checks both ends.
+        if addr &- stackBase <= stackBytes &- n { return true }
+        if contextBytes >= n && addr &- contextBase <= contextBytes &- n { return !write || writable }
+        for m in maps where m.contains(addr, n) { return true }
+        return false
+    }
+}
+
+/// The memory one run works in: a header, r0-r10, the saved state of up to
+/// `maxCallDepth` frames, and one 512-byte stack per frame. Each thread keeps one
+/// block (made on its first run, freed when the thread exits), so a run allocates
+/// nothing; a run nested in another on the same thread (a helper's callback
+/// running a program) gets a block of its own for that run.
+enum RunBlock {
+    /// Header words: whether a run is using the block, and whether it is the thread's.
+    static let inUse = 0, isThreadBlock = 1
+    static let registersOffset = 16
+    static let frameWords = 6
+    static let framesOffset = registersOffset + 96
+    static let stackOffset = framesOffset + frameWords * 8 * BPF.maxCallDepth
+    static let stackBytes = BPF.stackSize * BPF.maxCallDepth
+    static let size = stackOffset + stackBytes
+
+    /// The key under which each thread keeps its block.
+    static let key: pthread_key_t = {
+        var key = pthread_key_t()
+        let status = pthread_key_create(&key) { block in block?.deallocate() }
+        precondition(status == 0, "pthread_key_create failed: \(status)")
+        return key
+    }()
+
+    private static func make(threadBlock: Bool) -> UnsafeMutableRawPointer {
+        let block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 16)
+        let header = block.assumingMemoryBound(to: UInt64.self)
+        header[inUse] = 1
+        header[isThreadBlock] = threadBlock ? 1 : 0
+        return block
+    }
+
+    /// The calling thread's block, marked in use (or a fresh one if it already is).
+    @inline(__always)
+    static func acquire(_ key: pthread_key_t) -> UnsafeMutableRawPointer {
+        guard let block = pthread_getspecific(key) else {
+            let block = make(threadBlock: true)
+            pthread_setspecific(key, block)
+            return block
         }
+        let header = block.assumingMemoryBound(to: UInt64.self)
+        if header[inUse] != 0 { return make(threadBlock: false) }
+        header[inUse] = 1
+        return block
     }
 
     @inline(__always)
-    static func alu32(_ op: UInt8, _ dst64: UInt64, _ src: UInt32, _ i: Instruction, _ pc: Int) throws(BPFError) -> UInt64 {
-        let dst = UInt32(truncatingIfNeeded: dst64)
-        let r: UInt32
-        switch op & 0xF0 {
-        case 0x00: r = dst &+ src
-        case 0x10: r = dst &- src
-        case 0x20: r = dst &* src
-        case 0x30:
-            if i.offset == 1 {
-                let b = Int32(bitPattern: src)
-                r = b == 0 ? 0 : UInt32(bitPattern: Int32(bitPattern: dst).dividedReportingOverflow(by: b).partialValue)
-            } else { r = src == 0 ? 0 : dst / src }
-        case 0x40: r = dst | src
-        case 0x50: r = dst & src
-        case 0x60: r = dst << (src & 31)
-        case 0x70: r = dst >> (src & 31)
-        case 0x80: r = 0 &- dst
-        case 0x90:
-            if i.offset == 1 {
-                let b = Int32(bitPattern: src)
-                r = b == 0 ? dst : UInt32(bitPattern: Int32(bitPattern: dst).remainderReportingOverflow(dividingBy: b).partialValue)
-            } else { r = src == 0 ? dst : dst % src }
-        case 0xA0: r = dst ^ src
-        case 0xB0:
-            switch i.offset {
-            case 8: r = UInt32(bitPattern: Int32(Int8(truncatingIfNeeded: src)))
-            case 16: r = UInt32(bitPattern: Int32(Int16(truncatingIfNeeded: src)))
-            default: r = src
-            }
-        case 0xC0: r = UInt32(bitPattern: Int32(bitPattern: dst) >> Int32(src & 31))
-        case 0xD0:  // to_le / to_be on a little-endian host
-            let toBE = op & BPF.x != 0
-            switch i.imm {
-            case 16: return UInt64(toBE ? UInt16(truncatingIfNeeded: dst64).byteSwapped : UInt16(truncatingIfNeeded: dst64))
-            case 32: return UInt64(toBE ? UInt32(truncatingIfNeeded: dst64).byteSwapped : UInt32(truncatingIfNeeded: dst64))
-            case 64: return toBE ? dst64.byteSwapped : dst64
-            default: throw .runtime(pc: pc, reason: "endianness width \(i.imm)")
-            }
-        default: throw .runtime(pc: pc, reason: "invalid ALU opcode 0x\(String(op, radix: 16))")
-        }
-        return UInt64(r)
-    }
-
-    /// Whether jump condition `code4` (the opcode's operation bits) holds for `x`
-    /// and `y`, compared as 64-bit values (`wide`, BPF_JMP) or 32-bit (BPF_JMP32);
-    /// nil for a code that is not a condition.
-    @inline(__always)
-    static func condition(_ code4: UInt8, wide: Bool, _ x: UInt64, _ y: UInt64) -> Bool? {
-        let a = wide ? x : x & 0xFFFF_FFFF, b = wide ? y : y & 0xFFFF_FFFF
-        let sa = wide ? Int64(bitPattern: a) : Int64(Int32(truncatingIfNeeded: a))
-        let sb = wide ? Int64(bitPattern: b) : Int64(Int32(truncatingIfNeeded: b))
-        switch code4 {
-        case 0x10: return a == b
-        case 0x20: return a > b
-        case 0x30: return a >= b
-        case 0x40: return a & b != 0
-        case 0x50: return a != b
-        case 0x60: return sa > sb
-        case 0x70: return sa >= sb
-        case 0xA0: return a < b
-        case 0xB0: return a <= b
-        case 0xC0: return sa < sb
-        case 0xD0: return sa <= sb
-        default: return nil
-        }
+    static func release(_ block: UnsafeMutableRawPointer) {
+        let header = block.assumingMemoryBound(to: UInt64.self)
+        if header[isThreadBlock] != 0 { header[inUse] = 0 } else { block.deallocate() }
     }
 }

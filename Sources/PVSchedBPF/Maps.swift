@@ -58,13 +58,10 @@ public final class BPFMap: @unchecked Sendable {
     }
     deinit { slab.deallocate() }
 
-    /// Whether [address, address+size) lies inside one value of this map.
-    @inline(__always)
-    func containsValue(_ address: UInt, _ size: Int) -> Bool {
-        let base = UInt(bitPattern: slab)
-        guard address >= base else { return false }
-        let off = Int(address - base)
-        return off + size <= slotSize * definition.maxEntries && off % slotSize + size <= definition.valueSize
+    /// Where this map's values lie, for the interpreter's memory checks.
+    var valueWindow: MapWindow {
+        MapWindow(base: UInt(bitPattern: slab), bytes: UInt(slotSize * definition.maxEntries), slotSize: UInt(slotSize),
+                  valueSize: UInt(definition.valueSize))
     }
 
     private func slot(_ i: Int) -> UnsafeMutableRawPointer { slab + i * slotSize }
@@ -119,5 +116,18 @@ public final class BPFMap: @unchecked Sendable {
         var k = index
         guard let p = withUnsafeBytes(of: &k, { lookup($0) }) else { return [] }
         return (0..<definition.valueSize / 8).map { p.load(fromByteOffset: $0 * 8, as: UInt64.self) }
+    }
+}
+
+/// The values of one map as the interpreter sees them: `bytes` from `base`, one
+/// value of `valueSize` bytes at the start of every `slotSize` bytes.
+struct MapWindow {
+    let base: UInt, bytes: UInt, slotSize: UInt, valueSize: UInt
+
+    /// Whether [address, address + size) lies inside one value.
+    @inline(__always)
+    func contains(_ address: UInt, _ size: UInt) -> Bool {
+        let offset = address &- base  // wraps around below base
+        return offset < bytes && size <= valueSize && offset % slotSize <= valueSize - size
     }
 }

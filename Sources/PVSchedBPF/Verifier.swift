@@ -38,14 +38,18 @@ public struct Verifier {
     /// instruction budget ends them at run time.
     public var allowUnprovenLoops = false
 
+    /// The program decoded (the same form the interpreter runs).
+    let decoded: DecodedProgram
+
     public init(program: Program, context: ContextDescription, allowUnprovenLoops: Bool = false) {
         self.program = program; self.context = context; self.allowUnprovenLoops = allowUnprovenLoops
+        decoded = DecodedProgram(program)
     }
 
     private var code: [Instruction] { program.instructions }
 
     func reject(_ pc: Int, _ reason: String) -> BPFError {
-        .rejected(pc: pc, instruction: pc >= 0 && pc < code.count ? code[pc].description : "-", reason: reason)
+        .rejected(pc: pc, instruction: Disassembler.text(decoded, at: pc, mapNames: program.maps.map(\.definition.name)), reason: reason)
     }
 
     public func verify() throws(BPFError) {
@@ -71,47 +75,73 @@ public struct Verifier {
         var succ = Array(repeating: [Int](), count: code.count)
         var pc = 0
         while pc < code.count {
-            let i = code[pc]
-            func target(_ t: Int) throws(BPFError) -> Int {
+            let i = decoded.instructions[pc]
+            if let problem = decoded.problem(at: pc) { throw reject(pc, problem) }
+            if let problem = reservedFieldProblem(pc) { throw reject(pc, problem) }
+            func target() throws(BPFError) -> Int {
+                let t = decoded.writtenDestination(at: pc)
                 guard t >= 0 && t < code.count else { throw reject(pc, "jump out of range (to \(t), program has \(code.count) instructions)") }
                 guard !isSecondSlot[t] else { throw reject(pc, "jump into the middle of ldimm64 at \(t - 1)") }
                 return t
             }
-            let cls = i.instructionClass
-            if i.isLoadImm64 {
+            switch i.operation.group {
+            case .loadImm64:
                 guard pc + 2 < code.count else { throw reject(pc, "falls through the end of the program") }
                 succ[pc] = [pc + 2]
                 pc += 2
                 continue
-            }
-            if cls == BPF.jmp || cls == BPF.jmp32 {
-                switch i.opcode & 0xF0 {
-                case 0x00:
-                    guard i.opcode & 0x08 == 0 else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
-                    succ[pc] = [try target(pc + 1 + (cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset)))]
-                case 0x90:
-                    // exit is 0x95 only: the X (register source) form does not exist.
-                    guard i.opcode == 0x95 else { throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))") }
-                    succ[pc] = []
-                case 0x80:
-                    // call is 0x85 only: 0x8d (callx, a call through a register) is not supported.
-                    guard i.opcode == 0x85 else {
-                        throw reject(pc, i.opcode == 0x8D ? "callx (0x8d, an indirect call) is not supported"
-                                                          : "invalid opcode 0x\(String(i.opcode, radix: 16))")
-                    }
-                    if i.src == 1 { succ[pc] = [try target(pc + 1 + Int(i.imm)), pc + 1] }
-                    else if i.src == 0 { succ[pc] = [pc + 1] }
-                    else { throw reject(pc, "calls to kernel functions are not supported") }
-                default:
-                    succ[pc] = [pc + 1, try target(pc + 1 + Int(i.offset))]
-                }
-            } else {
-                succ[pc] = [pc + 1]
+            case .jump: succ[pc] = i.operation == .ja ? [try target()] : [pc + 1, try target()]
+            case .exit: succ[pc] = []
+            case .call: succ[pc] = i.operation == .callLocal ? [try target(), pc + 1] : [pc + 1]
+            default: succ[pc] = [pc + 1]
             }
             for s in succ[pc] where s >= code.count { throw reject(pc, "falls through the end of the program") }
             pc += 1
         }
         return succ
+    }
+
+    /// Fields an instruction must leave zero, and values it must keep in range,
+    /// beyond what decoding needs (the kernel is as strict; the interpreter runs
+    /// such instructions leniently when verification is skipped).
+    private func reservedFieldProblem(_ pc: Int) -> String? {
+        let i = code[pc], op = decoded.instructions[pc].operation
+        let isX = i.opcode & BPF.x != 0
+        let code4 = i.opcode & 0xF0
+        switch op.group {
+        case .alu64, .alu32:
+            let isDivision = code4 == 0x30 || code4 == 0x90
+            if isDivision && !(i.offset == 0 || i.offset == 1) { return "invalid division offset" }
+            if code4 == 0xB0 && !(i.offset == 0 || i.offset == 8 || i.offset == 16 || (op.group == .alu64 && i.offset == 32)) {
+                return "invalid sign-extension width \(i.offset)"
+            }
+            if (code4 == 0x60 || code4 == 0x70 || code4 == 0xC0) && !isX {
+                let width: Int32 = op.group == .alu64 ? 64 : 32
+                guard i.imm >= 0 && i.imm < width else { return "invalid shift \(i.imm) (a constant shift must be 0...\(width - 1))" }
+            }
+            if code4 == 0x80 {
+                guard !isX, i.src == 0, i.offset == 0, i.imm == 0 else { return "neg uses reserved fields" }
+            } else if code4 == 0xD0 {
+                guard i.src == 0, i.offset == 0, op.group == .alu32 || !isX else { return "byte swap uses reserved fields" }
+            } else if isX {
+                guard i.imm == 0, i.offset == 0 || (isDivision && i.offset == 1) || code4 == 0xB0 else { return "ALU uses reserved fields" }
+            } else {
+                guard i.src == 0, i.offset == 0 || (isDivision && i.offset == 1) else { return "ALU uses reserved fields" }
+                if isDivision && i.imm == 0 { return "division by zero" }
+            }
+        case .jump:
+            if op == .ja { return isX ? "invalid opcode 0x\(String(i.opcode, radix: 16))" : nil }
+            guard isX ? i.imm == 0 : i.src == 0 else { return "jump uses reserved fields" }
+        case .call:
+            if op == .callHelper && i.src != 0 { return "calls to kernel functions are not supported" }
+        case .load:
+            guard i.imm == 0 else { return "load uses reserved fields" }
+        case .store:
+            guard i.opcode & 0x07 == BPF.stx ? i.imm == 0 : i.src == 0 else { return "store uses reserved fields" }
+        default:
+            break
+        }
+        return nil
     }
 
     /// Checks that every instruction is reachable; returns the targets of back-edges (loop heads).
@@ -253,184 +283,129 @@ public struct Verifier {
 
     private func step(_ st: inout State) throws(BPFError) -> StepOutcome {
         let pc = st.pc
-        let i = code[pc]
+        let i = decoded.instructions[pc]
+        let op = i.operation
         let d = Int(i.dst), s = Int(i.src)
-        guard d < BPF.maxRegisters, s < BPF.maxRegisters else { throw reject(pc, "invalid register") }
         var f = st.frames[st.frames.count - 1]
         defer { st.frames[st.frames.count - 1] = f }
-        let cls = i.instructionClass
         func writable(_ r: Int) throws(BPFError) {
             if r == 10 { throw reject(pc, "r10 (the frame pointer) is read-only") }
         }
-        switch cls {
-        case BPF.alu, BPF.alu64:
+        func operand() throws(BPFError) -> Value { i.operandIsRegister ? try read(f, s, pc) : .scalar(i.imm) }
+        switch op.group {
+        case .alu64, .alu32:
             try writable(d)
-            let code4 = i.opcode & 0xF0
-            guard code4 <= 0xD0 else { throw reject(pc, "invalid ALU opcode 0x\(String(i.opcode, radix: 16))") }
-            if (code4 == 0x30 || code4 == 0x90) && !(i.offset == 0 || i.offset == 1) { throw reject(pc, "invalid division offset") }
-            if code4 == 0xB0 && !(i.offset == 0 || i.offset == 8 || i.offset == 16 || (cls == BPF.alu64 && i.offset == 32)) {
-                throw reject(pc, "invalid sign-extension width \(i.offset)")
-            }
-            if code4 == 0xD0 && !(i.imm == 16 || i.imm == 32 || i.imm == 64) { throw reject(pc, "invalid byte-swap width \(i.imm)") }
-            if (code4 == 0x60 || code4 == 0x70 || code4 == 0xC0) && i.opcode & BPF.x == 0 {
-                let width: Int32 = cls == BPF.alu64 ? 64 : 32
-                guard i.imm >= 0 && i.imm < width else { throw reject(pc, "invalid shift \(i.imm) (a constant shift must be 0...\(width - 1))") }
-            }
-            // Reserved fields must be zero (as the kernel checks).
-            let isX = i.opcode & BPF.x != 0
-            if code4 == 0x80 {
-                guard !isX, i.src == 0, i.offset == 0, i.imm == 0 else { throw reject(pc, "neg uses reserved fields") }
-            } else if code4 == 0xD0 {
-                guard i.src == 0, i.offset == 0, cls == BPF.alu || !isX else { throw reject(pc, "byte swap uses reserved fields") }
-            } else if isX {
-                let offsetOK = i.offset == 0 || ((code4 == 0x30 || code4 == 0x90) && i.offset == 1) || code4 == 0xB0
-                guard i.imm == 0, offsetOK else { throw reject(pc, "ALU uses reserved fields") }
-            } else {
-                let offsetOK = i.offset == 0 || ((code4 == 0x30 || code4 == 0x90) && i.offset == 1)
-                guard i.src == 0, offsetOK else { throw reject(pc, "ALU uses reserved fields") }
-                if (code4 == 0x30 || code4 == 0x90) && i.imm == 0 { throw reject(pc, "division by zero") }
-            }
-            let useReg = isX && code4 != 0x80 && code4 != 0xD0
-            let src: Value = useReg ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
-            if code4 == 0xB0 && i.offset == 0 {  // mov
-                if cls == BPF.alu64 { f.regs[d] = src; break }
+            let src = try operand()
+            if op == .mov64 { f.regs[d] = src; break }
+            if op == .mov32 {
                 if src.isPointer { throw reject(pc, "32-bit move of \(src.name) would leak a pointer as a scalar") }
                 if case .scalar(let v) = src { f.regs[d] = .scalar(v.map { $0 & 0xFFFF_FFFF }) }
                 break
             }
-            let dv: Value = code4 == 0xB0 ? .scalar(nil) : try read(f, d, pc)
+            let isMove = op == .movsx8To64 || op == .movsx16To64 || op == .movsx32To64 || op == .movsx8To32 || op == .movsx16To32
+            let dv: Value = isMove ? .scalar(nil) : try read(f, d, pc)
             if dv.isPointer || src.isPointer {
-                guard cls == BPF.alu64, code4 == 0x00 || code4 == 0x10, !src.isPointer || code4 == 0x00 && !dv.isPointer,
+                guard op == .add64 || op == .sub64, !src.isPointer || op == .add64 && !dv.isPointer,
                       case .scalar(let k?) = (dv.isPointer ? src : dv) else {
                     throw reject(pc, "arithmetic on \(dv.isPointer ? dv.name : src.name) is not allowed (only adding or subtracting a known constant)")
                 }
-                let delta = Int(Int64(bitPattern: code4 == 0x10 ? 0 &- k : k))
+                let delta = Int(Int64(bitPattern: op == .sub64 ? 0 &- k : k))
                 f.regs[d] = try offsetPointer(dv.isPointer ? dv : src, by: delta, pc)
                 break
             }
             guard case .scalar(let a) = dv, case .scalar(let b) = src else { throw reject(pc, "internal: scalar expected") }
-            f.regs[d] = .scalar(fold(cls, code4, a, b, i))
-        case BPF.jmp, BPF.jmp32:
-            let code4 = i.opcode & 0xF0
-            switch code4 {
-            case 0x00:
-                st.pc = pc + 1 + (cls == BPF.jmp32 ? Int(i.imm) : Int(i.offset))
+            f.regs[d] = .scalar(fold(op, a, b))
+        case .jump:
+            if op == .ja {
+                st.pc = Int(i.target)
                 return .next
-            case 0x90:
-                let r0 = try read(f, 0, pc)
-                if st.frames.count == 1 {
-                    if r0.isPointer { throw reject(pc, "r0 is \(r0.name) at exit: a program must return a scalar") }
-                    return .done
-                }
-                let callee = st.frames.removeLast()
-                f = st.frames[st.frames.count - 1]
-                f.regs[0] = r0
-                for r in 1...5 { f.regs[r] = .uninit }
-                st.pc = callee.returnPC
-                return .next
-            case 0x80:
-                if i.src == 1 {
-                    guard st.frames.count < BPF.maxCallDepth else { throw reject(pc, "call depth exceeds \(BPF.maxCallDepth)") }
-                    var callee = Frame()
-                    for r in 1...5 { callee.regs[r] = f.regs[r] }
-                    callee.regs[10] = .stack(frame: st.frames.count, offset: 0)
-                    callee.returnPC = pc + 1
-                    st.frames[st.frames.count - 1] = f
-                    st.frames.append(callee)
-                    f = callee
-                    st.pc = pc + 1 + Int(i.imm)
-                    return .next
-                }
-                try helperCall(Int(i.imm), &f, &st.nextID, st.frames, pc)
-                st.pc = pc + 1
-                return .next
-            default:
-                guard [0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0xA0, 0xB0, 0xC0, 0xD0].contains(code4) else {
-                    throw reject(pc, "invalid jump opcode 0x\(String(i.opcode, radix: 16))")
-                }
-                guard i.opcode & BPF.x != 0 ? i.imm == 0 : i.src == 0 else { throw reject(pc, "jump uses reserved fields") }
-                let a = try read(f, d, pc)
-                let b: Value = i.opcode & BPF.x != 0 ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
-                if a.isPointer, !(code4 == 0x10 || code4 == 0x50), case .mapValueOrNull = a {
-                    throw reject(pc, "only == and != comparisons of \(a.name) with 0 are allowed")
-                }
-                var taken = st
-                taken.pc = pc + 1 + Int(i.offset)
-                st.pc = pc + 1
-                var takenFrame = f
-                // A NULL check refines a lookup result on both paths.
-                if case .mapValueOrNull(let m, let off, let id) = a, case .scalar(0?) = b, code4 == 0x10 || code4 == 0x50 {
-                    let isNull: Value = .scalar(0), nonNull: Value = .mapValue(map: m, offset: off)
-                    for r in 0..<BPF.maxRegisters {
-                        if case .mapValueOrNull(_, _, let rid) = f.regs[r], rid == id {
-                            takenFrame.regs[r] = code4 == 0x10 ? isNull : nonNull
-                            f.regs[r] = code4 == 0x10 ? nonNull : isNull
-                        }
+            }
+            let a = try read(f, d, pc)
+            let b = try operand()
+            let isEq = op == .jeq || op == .jeq32, isNe = op == .jne || op == .jne32
+            if a.isPointer, !(isEq || isNe), case .mapValueOrNull = a {
+                throw reject(pc, "only == and != comparisons of \(a.name) with 0 are allowed")
+            }
+            var taken = st
+            taken.pc = Int(i.target)
+            st.pc = pc + 1
+            var takenFrame = f
+            // A NULL check refines a lookup result on both paths.
+            if case .mapValueOrNull(let m, let off, let id) = a, case .scalar(0?) = b, isEq || isNe {
+                let isNull: Value = .scalar(0), nonNull: Value = .mapValue(map: m, offset: off)
+                for r in 0..<BPF.maxRegisters {
+                    if case .mapValueOrNull(_, _, let rid) = f.regs[r], rid == id {
+                        takenFrame.regs[r] = isEq ? isNull : nonNull
+                        f.regs[r] = isEq ? nonNull : isNull
                     }
                 }
-                // Branches on known constants follow only the feasible side.
-                if case .scalar(let x?) = a, case .scalar(let y?) = b, let result = evaluate(code4, cls, x, y) {
-                    if result { f = takenFrame; st.pc = taken.pc }
-                    return .next
-                }
-                taken.frames[taken.frames.count - 1] = takenFrame
-                return .branch(taken)
             }
-        case BPF.ldx:
+            // Branches on known constants follow only the feasible side.
+            if case .scalar(let x?) = a, case .scalar(let y?) = b {
+                if BPFSemantics.condition(op, x, y) { f = takenFrame; st.pc = taken.pc }
+                return .next
+            }
+            taken.frames[taken.frames.count - 1] = takenFrame
+            return .branch(taken)
+        case .exit:
+            let r0 = try read(f, 0, pc)
+            if st.frames.count == 1 {
+                if r0.isPointer { throw reject(pc, "r0 is \(r0.name) at exit: a program must return a scalar") }
+                return .done
+            }
+            let callee = st.frames.removeLast()
+            f = st.frames[st.frames.count - 1]
+            f.regs[0] = r0
+            for r in 1...5 { f.regs[r] = .uninit }
+            st.pc = callee.returnPC
+            return .next
+        case .call:
+            if op == .callLocal {
+                guard st.frames.count < BPF.maxCallDepth else { throw reject(pc, "call depth exceeds \(BPF.maxCallDepth)") }
+                var callee = Frame()
+                for r in 1...5 { callee.regs[r] = f.regs[r] }
+                callee.regs[10] = .stack(frame: st.frames.count, offset: 0)
+                callee.returnPC = pc + 1
+                st.frames[st.frames.count - 1] = f
+                st.frames.append(callee)
+                f = callee
+                st.pc = Int(i.target)
+                return .next
+            }
+            try helperCall(Int(i.target), &f, &st.nextID, st.frames, pc)
+        case .load:
             try writable(d)
-            let mode = i.opcode & 0xE0
-            guard mode == BPF.mem || (mode == BPF.memsx && BPF.size(i.opcode) < 8) else {
-                throw reject(pc, "unsupported load mode 0x\(String(i.opcode, radix: 16))")
-            }
-            guard i.imm == 0 else { throw reject(pc, "load uses reserved fields") }
             let base = try read(f, s, pc)
-            f.regs[d] = try access(base, Int(i.offset), BPF.size(i.opcode), write: false, &f, st.frames, pc)
-        case BPF.st, BPF.stx:
-            let mode = i.opcode & 0xE0
+            f.regs[d] = try access(base, Int(i.offset), op.accessSize, write: false, &f, st.frames, pc)
+        case .store:
             let base = try read(f, d, pc)
-            let size = BPF.size(i.opcode)
-            if mode == BPF.atomic {
-                guard cls == BPF.stx, size == 4 || size == 8 else { throw reject(pc, "atomic operations need a 32- or 64-bit STX") }
-                let ops: [Int32] = [0x00, 0x01, 0x40, 0x41, 0x50, 0x51, 0xA0, 0xA1, 0xE1, 0xF1]
-                guard ops.contains(i.imm) else { throw reject(pc, "invalid atomic operation 0x\(String(i.imm, radix: 16))") }
-                let v = try read(f, s, pc)
-                if v.isPointer { throw reject(pc, "atomic operand r\(s) is \(v.name)") }
-                if i.imm == BPF.atomicCmpxchg { _ = try read(f, 0, pc) }
-                switch base {
-                case .stack, .mapValue: break
-                default: throw reject(pc, "atomic operation on \(base.name)")
-                }
-                _ = try access(base, Int(i.offset), size, write: false, &f, st.frames, pc)
-                _ = try access(base, Int(i.offset), size, write: true, &f, st.frames, pc, stored: .scalar(nil))
-                if i.imm & BPF.atomicFetch != 0 {
-                    if i.imm == BPF.atomicCmpxchg { f.regs[0] = .scalar(nil) } else { try writable(s); f.regs[s] = .scalar(nil) }
-                }
-                break
+            let value = try operand()
+            _ = try access(base, Int(i.offset), op.accessSize, write: true, &f, st.frames, pc, stored: value)
+        case .atomic:
+            let base = try read(f, d, pc)
+            let size = op.accessSize
+            let v = try read(f, s, pc)
+            if v.isPointer { throw reject(pc, "atomic operand r\(s) is \(v.name)") }
+            if i.target == BPF.atomicCmpxchg { _ = try read(f, 0, pc) }
+            switch base {
+            case .stack, .mapValue: break
+            default: throw reject(pc, "atomic operation on \(base.name)")
             }
-            guard mode == BPF.mem else { throw reject(pc, "unsupported store mode 0x\(String(i.opcode, radix: 16))") }
-            guard cls == BPF.stx ? i.imm == 0 : i.src == 0 else { throw reject(pc, "store uses reserved fields") }
-            let value: Value = cls == BPF.stx ? try read(f, s, pc) : .scalar(UInt64(bitPattern: Int64(i.imm)))
-            _ = try access(base, Int(i.offset), size, write: true, &f, st.frames, pc, stored: value)
-        case BPF.ld:
-            guard i.isLoadImm64 else { throw reject(pc, "legacy packet loads (LD_ABS/LD_IND) are not supported") }
-            try writable(d)
-            let hi = code[pc + 1]
-            switch i.src {
-            case 0: f.regs[d] = .scalar(UInt64(UInt32(bitPattern: i.imm)) | UInt64(UInt32(bitPattern: hi.imm)) << 32)
-            case 1:
-                guard i.imm >= 0, Int(i.imm) < program.maps.count else { throw reject(pc, "reference to unknown map \(i.imm)") }
-                f.regs[d] = .mapPtr(Int(i.imm))
-            case 2:
-                guard i.imm >= 0, Int(i.imm) < program.maps.count, program.maps[Int(i.imm)].definition.kind == .array else {
-                    throw reject(pc, "direct value access needs an array map")
-                }
-                f.regs[d] = .mapValue(map: Int(i.imm), offset: Int(hi.imm))
-            default: throw reject(pc, "unsupported ldimm64 source \(i.src)")
+            _ = try access(base, Int(i.offset), size, write: false, &f, st.frames, pc)
+            _ = try access(base, Int(i.offset), size, write: true, &f, st.frames, pc, stored: .scalar(nil))
+            if i.target & BPF.atomicFetch != 0 {
+                if i.target == BPF.atomicCmpxchg { f.regs[0] = .scalar(nil) } else { try writable(s); f.regs[s] = .scalar(nil) }
+            }
+        case .loadImm64:
+            switch op {
+            case .loadMap: f.regs[d] = .mapPtr(Int(i.target))
+            case .loadMapValue: f.regs[d] = .mapValue(map: Int(i.target), offset: Int(code[pc + 1].imm))
+            default: f.regs[d] = .scalar(i.imm)
             }
             st.pc = pc + 2
             return .next
-        default:
-            throw reject(pc, "invalid opcode 0x\(String(i.opcode, radix: 16))")
+        case .trap:
+            throw reject(pc, decoded.problem(at: pc) ?? "invalid instruction")
         }
         st.pc = pc + 1
         return .next
@@ -563,14 +538,9 @@ public struct Verifier {
     }
 
     /// The value of an ALU operation on known operands, computed as the interpreter
-    /// would (nil when an operand is unknown or the operation would fail).
-    private func fold(_ cls: UInt8, _ code4: UInt8, _ a: UInt64?, _ b: UInt64?, _ i: Instruction) -> UInt64? {
+    /// would (nil when an operand is unknown).
+    private func fold(_ op: BPFOperation, _ a: UInt64?, _ b: UInt64?) -> UInt64? {
         guard let a, let b else { return nil }
-        if cls == BPF.alu64 { return try? BPFSemantics.alu64(code4, a, b, i, 0) }
-        return try? BPFSemantics.alu32(i.opcode, a, UInt32(truncatingIfNeeded: b), i, 0)
-    }
-
-    private func evaluate(_ code4: UInt8, _ cls: UInt8, _ x: UInt64, _ y: UInt64) -> Bool? {
-        BPFSemantics.condition(code4, wide: cls == BPF.jmp, x, y)
+        return BPFSemantics.alu(op, a, b)
     }
 }

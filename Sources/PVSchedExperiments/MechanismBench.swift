@@ -168,7 +168,7 @@ public enum MechanismBench {
     }
 
     /// The sample BPF policy's decision against the built-in driver's, and the
-    /// interpreter's speed (ns per instruction) on the policy and on straight-line ALU code.
+    /// interpreter's kernels (`BPFKernel`: ns per instruction, and per call).
     public static func bpf() throws -> [BenchResult] {
         let driver = try BPFDriver(elf: GuestImage.sampleBPFDriver)
         let builtin = LatencyBoostDriver()
@@ -183,20 +183,13 @@ public enum MechanismBench {
         let s = measure(n: n) { for i in 0..<n { if builtin.decide(event: events[i & 3], view: views[i & 63]) != .none { sink &+= 1 } } }
         if sink == -1 { print(sink) }
 
-        // Straight-line ALU code: 1000 instructions mixing every ALU64 operation.
-        var alu: [Instruction] = [Instruction(opcode: 0xB7, dst: 0, imm: 1), Instruction(opcode: 0xB7, dst: 1, imm: 3)]
-        let ops: [UInt8] = [0x0F, 0x1F, 0x2F, 0x4F, 0x5F, 0xAF, 0x07, 0x17, 0x27, 0x47, 0x57, 0xA7, 0x67, 0x77]
-        for k in 0..<998 { alu.append(Instruction(opcode: ops[k % ops.count], dst: 0, src: 1, imm: ops[k % ops.count] & 0x08 == 0 ? Int32(k % 31 + 1) : 0)) }
-        alu.append(Instruction(opcode: 0x95))
-        let interp = Interpreter(program: Program(instructions: alu))
-        var ctx = [UInt8](repeating: 0, count: 8)
-        let runs = 2000
-        let perRun = measure(n: runs) { for _ in 0..<runs { _ = try? ctx.withUnsafeMutableBytes { try interp.run(context: $0) } } }
-        let perInstruction = perRun / Double(alu.count)
-        return [
-            BenchResult(name: "latency-boost decision in BPF", baseline: "the same policy built in", nsPerOp: b, baselineNsPerOp: s),
-            BenchResult(name: "BPF interpreter, ns per ALU instruction", baseline: "one built-in decision", nsPerOp: perInstruction, baselineNsPerOp: s),
-        ]
+        // The interpreter's kernels (scripts/bench-bpf-against.sh compares them with another revision).
+        var results = [BenchResult(name: "latency-boost decision in BPF", baseline: "the same policy built in", nsPerOp: b, baselineNsPerOp: s)]
+        for kernel in BPFKernel.all {
+            results.append(BenchResult(name: "BPF interpreter, \(kernel.name), ns per \(kernel.unit)", baseline: "one built-in decision",
+                                       nsPerOp: try kernel.measure(), baselineNsPerOp: s))
+        }
+        return results
     }
 
     public static func table(_ results: [BenchResult]) -> String {

@@ -86,14 +86,14 @@ struct BPFDump: ParsableCommand {
         for (k, m) in p.maps.enumerated() {
             print("map \(k) '\(m.definition.name)': \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries")
         }
+        let decoded = DecodedProgram(p)
+        let mapNames = p.maps.map(\.definition.name)
         let width = String(max(0, p.instructions.count - 1)).count
         var k = 0
         while k < p.instructions.count {
-            let i = p.instructions[k]
             let index = String(repeating: " ", count: width - String(k).count) + String(k)
-            let hex = String(format: "%02x", i.opcode)
-            print("\(index): (\(hex)) \(i)")
-            k += i.isLoadImm64 ? 2 : 1
+            print("\(index): (\(String(format: "%02x", p.instructions[k].opcode))) \(decoded.text(at: k, mapNames: mapNames))")
+            k += decoded.instructions[k].operation.group == .loadImm64 ? 2 : 1
         }
     }
 }

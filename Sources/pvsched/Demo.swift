@@ -157,29 +157,60 @@ struct Bench: ParsableCommand {
         abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead, control socket (ratios to baselines).")
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Repetitions of the per-exit measurement.") var exitRuns = 5
+    @Option(help: "Only these parts (comma-separated): \(BenchPart.allCases.map(\.rawValue).joined(separator: ", ")).")
+    var only: String?
+
+    /// The parts of the benchmark, in the order they run.
+    enum BenchPart: String, CaseIterable { case decision, area, bpf, actuator, control, watcher, kernel, exits }
+
+    func parts() throws -> Set<BenchPart> {
+        guard let only else { return Set(BenchPart.allCases) }
+        var parts = Set<BenchPart>()
+        for name in only.split(separator: ",", omittingEmptySubsequences: false) {
+            guard let p = BenchPart(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
+                throw ValidationError("--only: unknown part '\(name)' (parts: \(BenchPart.allCases.map(\.rawValue).joined(separator: ", ")))")
+            }
+            parts.insert(p)
+        }
+        return parts
+    }
 
     func validate() throws {
         guard (1...100).contains(exitRuns) else { throw ValidationError("--exit-runs must be 1...100, got \(exitRuns)") }
+        _ = try parts()
     }
 
     func run() throws {
-        var results = [MechanismBench.driverDecision(), MechanismBench.sharedAreaRead()]
-        results += try MechanismBench.bpf()
-        if let a = MechanismBench.actuator() { results.append(a) } else {
-            FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
-        }
-        results += try ControlBench.roundTrip()
-        results += try ControlBench.decisionUnderControlLoad()
-        do { results += try WatcherBench.flagToBoost() } catch {
-            FileHandle.standardError.write("watcher benchmark skipped: \(error)\n".data(using: .utf8)!)
-        }
-        if (try? Preflight.requireKVM()) != nil {
-            do { results += try KernelEventBench.compare() } catch {
-                FileHandle.standardError.write("kernel-event benchmark skipped: \(error)\n".data(using: .utf8)!)
+        let parts = try parts()
+        var results: [BenchResult] = []
+        if parts.contains(.decision) { results.append(MechanismBench.driverDecision()) }
+        if parts.contains(.area) { results.append(MechanismBench.sharedAreaRead()) }
+        if parts.contains(.bpf) { results += try MechanismBench.bpf() }
+        if parts.contains(.actuator) {
+            if let a = MechanismBench.actuator() { results.append(a) } else {
+                FileHandle.standardError.write("actuator benchmark skipped: SCHED_FIFO not permitted (run as root)\n".data(using: .utf8)!)
             }
-            results += try MechanismBench.exitOverhead(reps: exitRuns)
-        } else {
-            FileHandle.standardError.write("per-exit benchmark skipped: /dev/kvm not accessible\n".data(using: .utf8)!)
+        }
+        if parts.contains(.control) {
+            results += try ControlBench.roundTrip()
+            results += try ControlBench.decisionUnderControlLoad()
+        }
+        if parts.contains(.watcher) {
+            do { results += try WatcherBench.flagToBoost() } catch {
+                FileHandle.standardError.write("watcher benchmark skipped: \(error)\n".data(using: .utf8)!)
+            }
+        }
+        if parts.contains(.kernel) || parts.contains(.exits) {
+            if (try? Preflight.requireKVM()) != nil {
+                if parts.contains(.kernel) {
+                    do { results += try KernelEventBench.compare() } catch {
+                        FileHandle.standardError.write("kernel-event benchmark skipped: \(error)\n".data(using: .utf8)!)
+                    }
+                }
+                if parts.contains(.exits) { results += try MechanismBench.exitOverhead(reps: exitRuns) }
+            } else {
+                FileHandle.standardError.write("kernel-event and per-exit benchmarks skipped: /dev/kvm not accessible\n".data(using: .utf8)!)
+            }
         }
         if json {
             let e = JSONEncoder()
@@ -187,7 +218,7 @@ struct Bench: ParsableCommand {
             print(String(decoding: try e.encode(results), as: UTF8.self))
         } else {
             print(MechanismBench.table(results))
-            if let alu = results.first(where: { $0.name.hasPrefix("BPF interpreter") }) {
+            if let alu = results.first(where: { $0.name.hasPrefix("BPF interpreter, straight-line ALU") }) {
                 print(String(format: "BPF interpreter: %.0f million instructions per second on straight-line ALU code", 1000 / alu.nsPerOp))
             }
         }

@@ -1,0 +1,1 @@
+../../../../Sources/PVSchedExperiments/BPFKernels.swift
