@@ -21,8 +21,10 @@ public final class BPFDriver: Driver {
         try self.init(program: try ELFLoader.load(elf), name: name, budget: budget, trace: trace)
     }
 
+    /// `compile: false` keeps the program interpreted (it is compiled to machine code
+    /// otherwise, where this machine allows).
     public init(program: Program, name: String? = nil, budget: Int = 100_000,
-                trace: (@Sendable (String) -> Void)? = nil) throws(BPFError) {
+                trace: (@Sendable (String) -> Void)? = nil, compile: Bool = true) throws(BPFError) {
         guard let d = program.driver else { throw .elf("the object declares no driver (section .pvsched.driver)") }
         guard !d.name.isEmpty else { throw .elf("the driver declaration has an empty name") }
         try Verifier(program: program, context: ContextDescription(size: MemoryLayout<pvsched_bpf_ctx>.size, writable: false)).verify()
@@ -37,7 +39,7 @@ public final class BPFDriver: Driver {
         if d.events & PVSCHED_EVENT_GUEST_UPDATE != 0 { mask.insert(.guestUpdate) }
         if d.events & PVSCHED_EVENT_DEADLINE != 0 { mask.insert(.deadline) }
         events = mask
-        interpreter = Interpreter(program: program, instructionBudget: budget, trace: trace)
+        interpreter = Interpreter(program: program, instructionBudget: budget, trace: trace, verified: compile)
     }
 
     /// Runs that failed (and decided nothing).

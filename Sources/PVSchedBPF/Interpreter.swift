@@ -22,12 +22,33 @@ public final class Interpreter: @unchecked Sendable {
     private let mapWindows: UnsafeMutableBufferPointer<MapWindow>
     private let mapCount: Int
     private let runBlockKey = RunBlock.key
+    /// The program as machine code, when it may be and can be compiled; and its
+    /// entry point (read per run without touching the object's reference count).
+    private let compiled: JITProgram?
+    private let compiledEntry: JITProgram.Entry?
 
-    public init(program: Program, instructionBudget: Int = 1_000_000, trace: (@Sendable (String) -> Void)? = nil) {
+    /// Whether runs execute compiled machine code (else they are interpreted).
+    public var isCompiled: Bool { compiled != nil }
+
+    /// Whether verified programs are compiled: yes unless the environment sets
+    /// PVSCHED_BPF_JIT=0 (to compare with the interpreter, or to rule the compiler out).
+    public static let compilerEnabled: Bool = {
+        guard let v = getenv("PVSCHED_BPF_JIT") else { return true }
+        return !["0", "off", "no", "false"].contains(String(cString: v).lowercased())
+    }()
+
+    /// `verified`: the caller verified the program with loops proven bounded, so it
+    /// may be compiled to machine code (which has no instruction budget: it needs
+    /// none). Unverified programs, and programs whose loops rely on the budget, are
+    /// always interpreted.
+    public init(program: Program, instructionBudget: Int = 1_000_000, trace: (@Sendable (String) -> Void)? = nil,
+                verified: Bool = false) {
         self.program = program
         self.instructionBudget = instructionBudget
         self.trace = trace
         decoded = DecodedProgram(program)
+        compiled = verified && Self.compilerEnabled ? JITProgram(decoded, maps: program.maps) : nil
+        compiledEntry = compiled?.entry
         code = .allocate(capacity: decoded.instructions.count)
         _ = code.initialize(from: decoded.instructions)
         mapCount = program.maps.count
@@ -46,7 +67,71 @@ public final class Interpreter: @unchecked Sendable {
     public func run(context: UnsafeMutableRawBufferPointer, contextWritable: Bool = false) throws(BPFError) -> UInt64 {
         let block = RunBlock.acquire(runBlockKey)
         defer { RunBlock.release(block) }
+        if let compiledEntry { return try runCompiled(compiledEntry, context: context, writable: contextWritable, block: block) }
         return try execute(context: context, writable: contextWritable, block: block)
+    }
+
+    @inline(__always)
+    private func runCompiled(_ entry: JITProgram.Entry, context: UnsafeMutableRawBufferPointer, writable: Bool,
+                             block: UnsafeMutableRawPointer) throws(BPFError) -> UInt64 {
+        let state = block + RunBlock.registersOffset
+        let w = state.assumingMemoryBound(to: UInt64.self)
+        let stack = UInt64(UInt(bitPattern: block + RunBlock.stackOffset))
+        let count = context.count
+        w[JITState.stackBase] = stack
+        w[JITState.contextBase] = UInt64(UInt(bitPattern: context.baseAddress))
+        w[JITState.contextLength] = UInt64(count)
+        var size = 1
+        for k in 0..<4 {
+            let limit = count >= size ? UInt64(count - size + 1) : 0
+            w[JITState.contextReadLimit + k] = limit
+            w[JITState.contextWriteLimit + k] = writable ? limit : 0
+            size <<= 1
+        }
+        w[JITState.mainFramePointer] = stack + UInt64(BPF.stackSize)
+        w[JITState.fault] = 0
+        w[JITState.interpreter] = UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque()))
+        w[JITState.mapWindows] = UInt64(UInt(bitPattern: mapWindows.baseAddress))
+        w[JITState.mapCount] = UInt64(mapCount)
+        w[JITState.helperError] = 0
+        let r0 = entry(context.baseAddress, state)
+        guard w[JITState.fault] == 0 else { throw compiledFault(w) }
+        return r0
+    }
+
+    /// The error a compiled run stopped with: the interpreter's own message for the same fault.
+    private func compiledFault(_ w: UnsafeMutablePointer<UInt64>) -> BPFError {
+        let pc = Int(w[JITState.faultPC])
+        switch JITFault(rawValue: w[JITState.fault]) {
+        case .read?: return Self.fault("read", w[JITState.faultAddress], Int(w[JITState.faultSize]), pc + 1)
+        case .write?: return Self.fault("write", w[JITState.faultAddress], Int(w[JITState.faultSize]), pc + 1)
+        case .misalignedAtomic?: return .runtime(pc: pc, reason: "atomic operations need an aligned 32- or 64-bit location")
+        default:
+            guard let box = UnsafeRawPointer(bitPattern: UInt(w[JITState.helperError])) else {
+                return .runtime(pc: pc, reason: "the compiled program stopped")
+            }
+            return Unmanaged<HelperFailure>.fromOpaque(box).takeRetainedValue().error
+        }
+    }
+
+    /// A helper call from compiled code (r1-r5 in, r0 out). A failure is left in
+    /// the run's state, and the compiled code leaves at once.
+    func helperFromCompiledCode(id: Int, _ r1: UInt64, _ r2: UInt64, _ r3: UInt64, _ r4: UInt64, _ r5: UInt64,
+                                state: UnsafeMutableRawPointer) -> UInt64 {
+        let w = state.assumingMemoryBound(to: UInt64.self)
+        let memory = MemoryWindows(contextBase: UInt(w[JITState.contextBase]), contextBytes: UInt(w[JITState.contextLength]),
+                                   writable: false, stackBase: UInt(w[JITState.stackBase]), stackBytes: UInt(RunBlock.stackBytes),
+                                   maps: UnsafeBufferPointer(start: mapWindows.baseAddress, count: mapCount))
+        var regs: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, r1, r2, r3, r4, r5)
+        return withUnsafeMutableBytes(of: &regs) { raw -> UInt64 in
+            do throws(BPFError) {
+                return try helper(id, raw.baseAddress!.assumingMemoryBound(to: UInt64.self), memory, at: Int(w[JITState.faultPC]))
+            } catch {
+                w[JITState.helperError] = UInt64(UInt(bitPattern: Unmanaged.passRetained(HelperFailure(error)).toOpaque()))
+                w[JITState.fault] = JITFault.helper.rawValue
+                return 0
+            }
+        }
     }
 
     private func execute(context: UnsafeMutableRawBufferPointer, writable: Bool,
@@ -346,6 +431,12 @@ enum TraceFormat {
     }
 }
 
+/// A helper's error, carried out of compiled code.
+final class HelperFailure {
+    let error: BPFError
+    init(_ error: BPFError) { self.error = error }
+}
+
 /// What is left of a run's instruction budget.
 struct Budget {
     let limit: Int
@@ -371,8 +462,13 @@ struct MemoryWindows {
 
     init(context: UnsafeMutableRawBufferPointer, writable: Bool, stack: UnsafeMutableRawPointer, stackBytes: Int,
          maps: UnsafeBufferPointer<MapWindow>) {
-        contextBase = UInt(bitPattern: context.baseAddress); contextBytes = UInt(context.count); self.writable = writable
-        stackBase = UInt(bitPattern: stack); self.stackBytes = UInt(stackBytes)
+        self.init(contextBase: UInt(bitPattern: context.baseAddress), contextBytes: UInt(context.count), writable: writable,
+                  stackBase: UInt(bitPattern: stack), stackBytes: UInt(stackBytes), maps: maps)
+    }
+
+    init(contextBase: UInt, contextBytes: UInt, writable: Bool, stackBase: UInt, stackBytes: UInt, maps: UnsafeBufferPointer<MapWindow>) {
+        self.contextBase = contextBase; self.contextBytes = contextBytes; self.writable = writable
+        self.stackBase = stackBase; self.stackBytes = stackBytes
         self.maps = maps
     }
 

@@ -32,7 +32,8 @@ public struct BPFKernel: Sendable {
         let ops: [UInt8] = [0x0F, 0x1F, 0x2F, 0x4F, 0x5F, 0xAF, 0x07, 0x17, 0x27, 0x47, 0x57, 0xA7, 0x67, 0x77]
         for k in 0..<997 {
             let op = ops[k % ops.count]
-            code.append(Instruction(opcode: op, dst: 0, src: 1, imm: op & 0x08 == 0 ? Int32(k % 31 + 1) : 0))
+            let isRegister = op & 0x08 != 0
+            code.append(Instruction(opcode: op, dst: 0, src: isRegister ? 1 : 0, imm: isRegister ? 0 : Int32(k % 31 + 1)))
         }
         code.append(Instruction(opcode: 0x95))
         return BPFKernel(name: "straight-line ALU", unit: "instruction", instructions: code, contextSize: 8,
@@ -89,9 +90,12 @@ public struct BPFKernel: Sendable {
     }
 
     /// Median ns per op over `reps` measurements of `runs` runs each; throws if the
-    /// program fails (a kernel must run clean).
-    public func measure(reps: Int = 7) throws -> Double {
-        let interpreter = Interpreter(program: Program(instructions: instructions), instructionBudget: 10_000_000)
+    /// program fails (a kernel must run clean). `make` makes the runner (by default
+    /// an interpreter).
+    public func measure(reps: Int = 7, make: (Program) throws -> Interpreter = {
+        Interpreter(program: $0, instructionBudget: 10_000_000)
+    }) throws -> Double {
+        let interpreter = try make(Program(instructions: instructions))
         var context = [UInt8](repeating: 1, count: contextSize)
         var sink: UInt64 = 0
         var times: [Double] = []

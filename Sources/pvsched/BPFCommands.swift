@@ -53,7 +53,8 @@ struct BPFRun: ParsableCommand {
             try Verifier(program: p, context: ContextDescription(size: blob.count, writable: true, memoryBlob: true),
                          allowUnprovenLoops: allowLoops).verify()
         }
-        let interpreter = Interpreter(program: p, instructionBudget: budget, trace: { print("trace: \($0)") })
+        let interpreter = Interpreter(program: p, instructionBudget: budget, trace: { print("trace: \($0)") },
+                                      verified: !noVerify && !allowLoops)
         let r0 = try blob.withUnsafeMutableBytes { try interpreter.run(context: $0, contextWritable: true) }
         print("r0 = \(r0) (0x\(String(r0, radix: 16)))")
         if !blob.isEmpty { print("mem = \(blob.map { String(format: "%02x", $0) }.joined())") }

@@ -1,3 +1,4 @@
+import Testing
 @testable import PVSchedBPF
 
 /// A tiny assembler for test programs.
@@ -50,10 +51,22 @@ enum A {
 }
 
 /// Runs `code` (verified against a `ctxSize`-byte writable context unless `verify` is false).
+/// A verified program without maps also runs compiled to machine code, which must
+/// give the same result or the same error as the interpreter.
 func run(_ code: [Instruction], maps: [BPFMap] = [], ctx: [UInt8] = [UInt8](repeating: 0, count: 16),
          verify: Bool = true, budget: Int = 100_000) throws -> UInt64 {
     let p = Program(instructions: code, maps: maps)
     if verify { try Verifier(program: p, context: ContextDescription(size: ctx.count, writable: true)).verify() }
-    var c = ctx
-    return try c.withUnsafeMutableBytes { try Interpreter(program: p, instructionBudget: budget).run(context: $0, contextWritable: true) }
+    func once(_ verified: Bool) -> Result<UInt64, BPFError> {
+        var c = ctx
+        let interpreter = Interpreter(program: p, instructionBudget: budget, verified: verified)
+        return c.withUnsafeMutableBytes { buf in
+            do throws(BPFError) { return .success(try interpreter.run(context: buf, contextWritable: true)) } catch { return .failure(error) }
+        }
+    }
+    let interpreted = once(false)
+    if verify && maps.isEmpty {
+        #expect(once(true) == interpreted, "compiled code and the interpreter disagree on \(code.map(\.description))")
+    }
+    return try interpreted.get()
 }
