@@ -47,4 +47,12 @@ public protocol Actuator: AnyObject, Sendable {
     func restoreAll()
     /// Parameters this actuator last applied to `thread` (nil if it is at its original).
     func applied(to thread: ThreadID) -> SchedulingParameters?
+    /// CPU time `thread` has run (ns, its thread CPU clock), or nil when it cannot be
+    /// read: the governor charges boosts by it.
+    func cpuTimeNs(of thread: ThreadID) -> UInt64?
+}
+
+extension Actuator {
+    /// No CPU clock by default: the governor then charges wall time.
+    public func cpuTimeNs(of thread: ThreadID) -> UInt64? { nil }
 }

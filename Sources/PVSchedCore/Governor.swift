@@ -1,19 +1,33 @@
 import Synchronization
 
 /// The host's budget for boosting one VM's vCPUs.
+///
+/// Budgets are CPU time: what a vCPU thread actually runs while boosted (its
+/// thread CPU clock), so a boosted vCPU that halts, or waits for the host, is not
+/// charged. Each vCPU has two budgets, one for critical sections (the guest in an
+/// interrupt, softirq, NMI or preemption-off section, or an injected interrupt not
+/// yet taken) and a longer one for everything else (real-time tasks, boost
+/// requests). Both refill 1:1 with the time the vCPU spends unboosted, up to
+/// their size. A boost that empties the budget it is charged to is cut, and the
+/// vCPU may not boost again for `throttleWindowNs` (while its budgets refill).
+/// On top, the VM as a whole may spend at most `maxVMShare` of its vCPUs' time
+/// boosted over `shareWindowNs`.
 public struct GovernorConfig: Equatable, Sendable {
-    /// Longest a vCPU may stay boosted without a break; longer boosts are cut.
-    public var maxContinuousBoostNs: UInt64
-    /// After a boost is cut, how long the vCPU may not be boosted again.
+    /// CPU time a vCPU may run boosted in critical sections before the boost is cut.
+    public var criticalBudgetNs: UInt64
+    /// CPU time a vCPU may run boosted otherwise (real-time tasks) before the boost is cut.
+    public var generalBudgetNs: UInt64
+    /// After a cut, how long the vCPU may not be boosted again.
     public var throttleWindowNs: UInt64
     /// The window over which the VM's share of boosted time is measured.
     public var shareWindowNs: UInt64
     /// Largest fraction (0...1) of `shareWindowNs × vCPUs` that the VM may spend boosted.
     public var maxVMShare: Double
 
-    public init(maxContinuousBoostNs: UInt64 = 5_000_000, throttleWindowNs: UInt64 = 10_000_000,
+    public init(criticalBudgetNs: UInt64 = 2_000_000, generalBudgetNs: UInt64 = 5_000_000, throttleWindowNs: UInt64 = 10_000_000,
                 shareWindowNs: UInt64 = 100_000_000, maxVMShare: Double = 0.5) {
-        self.maxContinuousBoostNs = maxContinuousBoostNs
+        self.criticalBudgetNs = criticalBudgetNs
+        self.generalBudgetNs = generalBudgetNs
         self.throttleWindowNs = throttleWindowNs
         self.shareWindowNs = shareWindowNs
         self.maxVMShare = maxVMShare
@@ -21,54 +35,83 @@ public struct GovernorConfig: Equatable, Sendable {
 
     public static let `default` = GovernorConfig()
     /// No limits at all (for measuring the unprotected mechanism).
-    public static let unlimited = GovernorConfig(maxContinuousBoostNs: .max, throttleWindowNs: 0,
+    public static let unlimited = GovernorConfig(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0,
                                                  shareWindowNs: .max, maxVMShare: 1.0)
+
+    func budget(_ kind: BoostBudget) -> UInt64 { kind == .critical ? criticalBudgetNs : generalBudgetNs }
+}
+
+/// Which of a vCPU's two budgets a boost is charged to.
+public enum BoostBudget: String, Sendable, CustomStringConvertible {
+    /// Interrupts, softirqs, NMIs, preemption-off sections, injected interrupts not yet taken.
+    case critical
+    /// Real-time tasks and everything else.
+    case general
+    public var description: String { rawValue }
 }
 
 /// Why the governor refused or cut a boost.
 public enum GovernorVeto: Equatable, Sendable, CustomStringConvertible {
-    /// The vCPU's last boost ran into the cap; it may boost again at `untilNs`.
+    /// The vCPU's last boost emptied a budget; it may boost again at `untilNs`.
     case throttled(untilNs: UInt64)
+    /// The running boost emptied its budget (CPU time); the vCPU is throttled until `untilNs`.
+    case budgetExhausted(BoostBudget, untilNs: UInt64)
     /// The VM has used `usedNs` of boosted time in this window, the limit is `limitNs`.
     case vmShareExhausted(usedNs: UInt64, limitNs: UInt64)
 
     public var description: String {
         switch self {
-        case .throttled(let until): return "vCPU throttled until t=\(until) ns after exceeding its continuous boost cap"
+        case .throttled(let until): return "vCPU throttled until t=\(until) ns after emptying a boost budget"
+        case .budgetExhausted(let b, let until): return "boost cut: its \(b) budget is spent; vCPU throttled until t=\(until) ns"
         case .vmShareExhausted(let used, let limit): return "VM used \(used) ns of boosted time in this window (limit \(limit) ns)"
         }
     }
 }
 
-/// Enforces a VM's boost budget: a per-vCPU cap on continuous boost with a
-/// throttle window after a cut, and a per-VM share of boosted time. It only
-/// answers; the binding acts on its answers.
+/// Enforces a VM's boost budgets (see `GovernorConfig`). It only answers; the
+/// binding acts on its answers and tells it, at every step, the wall time and the
+/// boosted thread's CPU time.
 public final class Governor: Sendable {
     /// The limits in force (an operator may change them while the VM runs).
     public var config: GovernorConfig { state.withLock { $0.config } }
     private struct VCPUBudget {
-        var boostStart: UInt64?        // when the running boost began
-        var boostedSince: UInt64?      // from when the running boost counts in this window
+        /// Budget left (ns of CPU time) as of `lastWallNs`.
+        var left: [UInt64] = [.max, .max]   // indexed by BoostBudget: critical, general
+        var boosted = false
+        var charging = BoostBudget.general
+        /// When the budgets were last brought up to date, and the thread's CPU time then (while boosted).
+        var lastWallNs: UInt64?
+        var lastCPUNs: UInt64 = 0
         var throttledUntil: UInt64 = 0
     }
     private struct State {
         var config: GovernorConfig
         var vcpus: [VCPUBudget]
         var windowStart: UInt64 = 0
-        var windowUsedNs: UInt64 = 0   // finished boost time inside the current window
+        var windowUsedNs: UInt64 = 0   // boosted CPU time accounted inside the current window
     }
     private let state: Mutex<State>
     private let vcpuCount: Int
 
     public init(config: GovernorConfig, vcpuCount: Int) {
         self.vcpuCount = vcpuCount
-        self.state = Mutex(State(config: config, vcpus: Array(repeating: VCPUBudget(), count: vcpuCount)))
+        var v = VCPUBudget()
+        v.left = [config.criticalBudgetNs, config.generalBudgetNs]
+        self.state = Mutex(State(config: config, vcpus: Array(repeating: v, count: vcpuCount)))
     }
 
-    /// Replaces the limits; running boosts are judged by the new ones from the next check.
+    /// Replaces the limits; budgets larger than the new sizes are trimmed.
     public func update(_ config: GovernorConfig) {
-        state.withLock { $0.config = config }
+        state.withLock { s in
+            s.config = config
+            for i in s.vcpus.indices {
+                s.vcpus[i].left[0] = min(s.vcpus[i].left[0], config.criticalBudgetNs)
+                s.vcpus[i].left[1] = min(s.vcpus[i].left[1], config.generalBudgetNs)
+            }
+        }
     }
+
+    private static func index(_ b: BoostBudget) -> Int { b == .critical ? 0 : 1 }
 
     private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
         if config.maxVMShare >= 1.0 || config.shareWindowNs == .max { return .max }
@@ -76,80 +119,113 @@ public final class Governor: Sendable {
         return limit >= Double(UInt64.max) ? .max : UInt64(limit)
     }
 
-    /// Time from `start` to `now`; 0 when another thread stamped `start` after
-    /// this caller read `now`.
-    @inline(__always)
-    private func elapsed(from start: UInt64, to now: UInt64) -> UInt64 { now > start ? now - start : 0 }
-
     private func roll(_ s: inout State, now: UInt64) {
         let window = s.config.shareWindowNs
         guard window != .max, window > 0 else { return }
         if now >= s.windowStart, now - s.windowStart >= window {
             s.windowStart = now - (now - s.windowStart) % window
             s.windowUsedNs = 0
-            // Ongoing boosts count from the new window's start.
-            for i in s.vcpus.indices where s.vcpus[i].boostedSince != nil {
-                s.vcpus[i].boostedSince = max(s.vcpus[i].boostedSince!, s.windowStart)
-            }
         }
     }
 
-    /// Moves `vcpu`'s running boost into the window's used time and clears it.
-    private func finish(_ s: inout State, vcpu: Int, now: UInt64) {
-        if let since = s.vcpus[vcpu].boostedSince { s.windowUsedNs &+= elapsed(from: since, to: now) }
-        s.vcpus[vcpu].boostedSince = nil
-        s.vcpus[vcpu].boostStart = nil
-    }
-
-    private func used(_ s: State, now: UInt64) -> UInt64 {
-        s.vcpus.reduce(s.windowUsedNs) { acc, b in
-            guard let since = b.boostedSince else { return acc }
-            return acc &+ elapsed(from: since, to: now)
+    /// Brings `vcpu`'s budgets up to `now`: an unboosted vCPU refills both 1:1 with
+    /// wall time; a boosted one is charged the CPU time its thread ran since the last
+    /// step, to the budget it is charging.
+    private func account(_ s: inout State, vcpu: Int, now: UInt64, cpuNs: UInt64?) {
+        var v = s.vcpus[vcpu]
+        defer { s.vcpus[vcpu] = v }
+        let since = v.lastWallNs ?? now
+        let wall = now > since ? now - since : 0
+        if v.boosted {
+            // Without a CPU clock, wall time is charged (the thread ran at most that long).
+            let cpu = cpuNs.map { $0 > v.lastCPUNs ? $0 - v.lastCPUNs : 0 } ?? wall
+            let k = Self.index(v.charging)
+            v.left[k] = v.left[k] > cpu ? v.left[k] - cpu : 0
+            s.windowUsedNs &+= cpu
+            if let cpuNs { v.lastCPUNs = cpuNs }
+        } else {
+            let (c, oc) = v.left[0].addingReportingOverflow(wall)
+            let (g, og) = v.left[1].addingReportingOverflow(wall)
+            v.left[0] = oc ? s.config.criticalBudgetNs : min(c, s.config.criticalBudgetNs)
+            v.left[1] = og ? s.config.generalBudgetNs : min(g, s.config.generalBudgetNs)
         }
+        v.lastWallNs = now
     }
 
-    /// May `vcpu` start a boost now? Records the start when allowed.
-    public func beginBoost(vcpu: Int, now: UInt64) -> GovernorVeto? {
+    /// May `vcpu` start a boost charged to `budget` now? `cpuNs` is its thread's CPU
+    /// time now (nil without a CPU clock). Records the start when allowed.
+    public func beginBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget = .general) -> GovernorVeto? {
         state.withLock { s in
             roll(&s, now: now)
-            if s.vcpus[vcpu].boostedSince != nil { return nil }
+            if s.vcpus[vcpu].boosted { return nil }
             if now < s.vcpus[vcpu].throttledUntil { return .throttled(untilNs: s.vcpus[vcpu].throttledUntil) }
             let limit = shareLimitNs(s.config)
-            let u = used(s, now: now)
-            if u >= limit { return .vmShareExhausted(usedNs: u, limitNs: limit) }
-            s.vcpus[vcpu].boostedSince = now
-            s.vcpus[vcpu].boostStart = now
+            if s.windowUsedNs >= limit { return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit) }
+            account(&s, vcpu: vcpu, now: now, cpuNs: nil)
+            if s.vcpus[vcpu].left[Self.index(budget)] == 0 { return .throttled(untilNs: now) }
+            s.vcpus[vcpu].boosted = true
+            s.vcpus[vcpu].charging = budget
+            s.vcpus[vcpu].lastCPUNs = cpuNs ?? 0
             return nil
         }
     }
 
-    /// Records the end of `vcpu`'s boost.
-    public func endBoost(vcpu: Int, now: UInt64) {
+    /// Records the end of `vcpu`'s boost (`cpuNs`: its thread's CPU time now).
+    public func endBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil) {
         state.withLock { s in
             roll(&s, now: now)
-            finish(&s, vcpu: vcpu, now: now)
+            guard s.vcpus[vcpu].boosted else { return }
+            account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
+            s.vcpus[vcpu].boosted = false
         }
     }
 
-    /// Must `vcpu`'s running boost be cut now? If so, the boost is ended, the vCPU
-    /// is throttled and the reason is returned.
-    public func checkOverrun(vcpu: Int, now: UInt64) -> GovernorVeto? {
+    /// Must `vcpu`'s running boost be cut now? Charges the CPU time since the last
+    /// step to the budget it was charging, then charges `budget` from here on. If a
+    /// budget is spent or the VM's share is used up, the boost is ended (and, for a
+    /// spent budget, the vCPU throttled) and the reason returned.
+    public func checkOverrun(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget? = nil) -> GovernorVeto? {
         state.withLock { s in
             roll(&s, now: now)
-            guard let start = s.vcpus[vcpu].boostStart else { return nil }
-            if elapsed(from: start, to: now) >= s.config.maxContinuousBoostNs {
-                finish(&s, vcpu: vcpu, now: now)
+            guard s.vcpus[vcpu].boosted else { return nil }
+            account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
+            if let budget { s.vcpus[vcpu].charging = budget }
+            let charging = s.vcpus[vcpu].charging
+            if s.vcpus[vcpu].left[Self.index(charging)] == 0 {
+                s.vcpus[vcpu].boosted = false
                 let (until, overflow) = now.addingReportingOverflow(s.config.throttleWindowNs)
                 s.vcpus[vcpu].throttledUntil = overflow ? .max : until
-                return .throttled(untilNs: s.vcpus[vcpu].throttledUntil)
+                return .budgetExhausted(charging, untilNs: s.vcpus[vcpu].throttledUntil)
             }
             let limit = shareLimitNs(s.config)
-            let u = used(s, now: now)
-            if u > limit {
-                finish(&s, vcpu: vcpu, now: now)
-                return .vmShareExhausted(usedNs: u, limitNs: limit)
+            if s.windowUsedNs > limit {
+                s.vcpus[vcpu].boosted = false
+                return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit)
             }
             return nil
+        }
+    }
+
+    /// The earliest wall time at which a running boost could spend its budget (a
+    /// thread runs at most as fast as the wall clock): when the enforcer must look
+    /// next. Nil while no vCPU is boosted.
+    public func nextCheckNs() -> UInt64? {
+        state.withLock { s in
+            var next: UInt64?
+            for v in s.vcpus where v.boosted {
+                let (t, o) = (v.lastWallNs ?? 0).addingReportingOverflow(v.left[Self.index(v.charging)])
+                let at = o ? UInt64.max : t
+                next = min(next ?? at, at)
+            }
+            return next
+        }
+    }
+
+    /// `vcpu`'s budgets left, brought up to `now` for an unboosted vCPU (for stats).
+    public func budgetsLeft(vcpu: Int, now: UInt64) -> (critical: UInt64, general: UInt64) {
+        state.withLock { s in
+            if !s.vcpus[vcpu].boosted { account(&s, vcpu: vcpu, now: now, cpuNs: nil) }
+            return (s.vcpus[vcpu].left[0], s.vcpus[vcpu].left[1])
         }
     }
 }

@@ -446,7 +446,8 @@ public final class VMBinding: VMEventSink {
             }
             // A boost past its budget is cut first; the driver still sees the event.
             var cutBy: GovernorVeto?
-            if s.boostStart != nil, let veto = governor.checkOverrun(vcpu: vcpu, now: now) {
+            if s.boostStart != nil,
+               let veto = governor.checkOverrun(vcpu: vcpu, now: now, cpuNs: cpuTime(s), budget: Self.budget(for: s)) {
                 cut(&s, vcpu: vcpu, veto: veto, now: now)
                 cutBy = veto
             }
@@ -508,7 +509,8 @@ public final class VMBinding: VMEventSink {
         for (i, v) in vcpus.enumerated() {
             let wasCut: Bool = v.state.withLock { s in
                 defer { if s.publishedAtNs != now { publishStats(&s, vcpu: i, now: now) } }
-                guard s.boostStart != nil, let veto = governor.checkOverrun(vcpu: i, now: now) else { return false }
+                guard s.boostStart != nil,
+                      let veto = governor.checkOverrun(vcpu: i, now: now, cpuNs: cpuTime(s), budget: Self.budget(for: s)) else { return false }
                 cut(&s, vcpu: i, veto: veto, now: now)
                 return true
             }
@@ -516,6 +518,9 @@ public final class VMBinding: VMEventSink {
         }
         return cutCount
     }
+
+    /// When the enforcer must next look (see `VMEventSink.nextBudgetCheckNs`).
+    public func nextBudgetCheckNs() -> UInt64? { governor.nextCheckNs() }
 
     /// Undoes every boost and detaches the driver (VM exit).
     public func shutdown() {
@@ -529,7 +534,7 @@ public final class VMBinding: VMEventSink {
         case .boost(let priority):
             guard s.boostStart == nil else { return .unchanged }
             guard let thread = s.thread else { return .unchanged }
-            if let veto = governor.beginBoost(vcpu: vcpu, now: now) {
+            if let veto = governor.beginBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread), budget: Self.budget(for: s)) {
                 s.stats.throttleCount &+= 1
                 Self.countVeto(veto, &s.stats)
                 return .vetoed(veto)
@@ -542,7 +547,7 @@ public final class VMBinding: VMEventSink {
             do {
                 try actuator.apply(params, to: thread)
             } catch {
-                governor.endBoost(vcpu: vcpu, now: now)
+                governor.endBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread))
                 try? actuator.restore(thread)
                 logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
                 return .actuatorFailed(error)
@@ -561,10 +566,22 @@ public final class VMBinding: VMEventSink {
         }
     }
 
+    /// The boosted thread's CPU time now, for the governor (nil without a CPU clock).
+    private func cpuTime(_ s: VCPUState) -> UInt64? { s.thread.flatMap { actuator.cpuTimeNs(of: $0) } }
+
+    /// The budget a boost is charged to in the vCPU's present state: the critical
+    /// one while the guest is in an interrupt, softirq, NMI or preemption-off
+    /// section, or has an injected interrupt not yet taken; the general one otherwise.
+    private static func budget(for s: VCPUState) -> BoostBudget {
+        if s.injectionPending { return .critical }
+        guard let flags = s.lastGuest?.flags else { return .general }
+        return flags.isDisjoint(with: [.inIRQ, .inSoftIRQ, .inNMI, .preemptDisabled]) ? .general : .critical
+    }
+
     /// Ends a running boost's accounting (the governor's too); the caller restores the thread.
     private func endBoost(_ s: inout VCPUState, vcpu: Int, now: UInt64) {
         guard s.boostStart != nil else { return }
-        governor.endBoost(vcpu: vcpu, now: now)
+        governor.endBoost(vcpu: vcpu, now: now, cpuNs: cpuTime(s))
         clearBoost(&s, now: now)
     }
 
@@ -599,7 +616,7 @@ public final class VMBinding: VMEventSink {
 
     private static func countVeto(_ veto: GovernorVeto, _ stats: inout VCPUStats) {
         switch veto {
-        case .throttled: stats.vetoesThrottled &+= 1
+        case .throttled, .budgetExhausted: stats.vetoesThrottled &+= 1
         case .vmShareExhausted: stats.vetoesVMShare &+= 1
         }
     }

@@ -19,9 +19,22 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// Cuts boosts that ran past their budget even when no event comes; returns how many.
     @discardableResult
     func enforceBudgets() -> Int
+    /// The earliest time (host monotonic ns) a running boost could spend its budget,
+    /// nil when none runs: the enforcer calls `enforceBudgets` again no later.
+    func nextBudgetCheckNs() -> UInt64?
 }
 
 extension VMEventSink {
+    public func nextBudgetCheckNs() -> UInt64? { nil }
+
+    /// How long an enforcer may sleep before its next `enforceBudgets`: until the
+    /// next possible budget exhaustion, at most `maxNs` (the pacing of the
+    /// publication of counters), at least 20 µs.
+    public func enforcerSleepNs(now: UInt64, maxNs: UInt64 = 1_000_000) -> UInt64 {
+        guard let next = nextBudgetCheckNs() else { return maxNs }
+        return min(maxNs, max(20_000, next > now ? next - now : 0))
+    }
+
     /// Delivers `event` for `vcpu` (no interrupt left queued).
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {

@@ -240,7 +240,8 @@ public final class ControlHandler: Sendable {
     private func governor(_ p: inout Params, base: GovernorConfig) throws(ControlError) -> GovernorConfig {
         var g = base
         let maxUs: Int64 = 3_600_000_000
-        if let v = try p.optionalInt("maxContinuousBoostUs", in: 1...maxUs) { g.maxContinuousBoostNs = UInt64(v) * 1000 }
+        if let v = try p.optionalInt("criticalBudgetUs", in: 1...maxUs) { g.criticalBudgetNs = UInt64(v) * 1000 }
+        if let v = try p.optionalInt("generalBudgetUs", in: 1...maxUs) { g.generalBudgetNs = UInt64(v) * 1000 }
         if let v = try p.optionalInt("throttleWindowUs", in: 0...maxUs) { g.throttleWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalInt("shareWindowUs", in: 1...maxUs) { g.shareWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalDouble("maxVMShare", in: 0...1) { g.maxVMShare = v }
@@ -319,7 +320,7 @@ public final class ControlHandler: Sendable {
 
     func governorJSON(_ g: GovernorConfig) -> JSON {
         func us(_ ns: UInt64) -> JSON { ns == .max ? .null : JSON(ns / 1000) }
-        return ["maxContinuousBoostUs": us(g.maxContinuousBoostNs), "throttleWindowUs": us(g.throttleWindowNs),
+        return ["criticalBudgetUs": us(g.criticalBudgetNs), "generalBudgetUs": us(g.generalBudgetNs), "throttleWindowUs": us(g.throttleWindowNs),
                 "shareWindowUs": us(g.shareWindowNs), "maxVMShare": JSON(g.maxVMShare)]
     }
 

@@ -114,7 +114,7 @@ public final class AttachedVMSession: VMSession {
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
             while enforcing.load(ordering: .relaxed) {
                 events.enforceBudgets()
-                usleep(1000)
+                usleep(UInt32(events.enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000))
             }
         }
         enforcer.withLock { $0 = t }

@@ -209,7 +209,8 @@ public final class VirtualMachine: @unchecked Sendable {
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
                     events.enforceBudgets()
-                    finished.wait(while: 0, timeoutNs: 1_000_000)
+                    // Back exactly when a running boost could spend its budget, or in 1 ms.
+                    finished.wait(while: 0, timeoutNs: Int64(events.enforcerSleepNs(now: MonotonicClock.nowNs())))
                 }
             }
         }

@@ -25,6 +25,7 @@ public final class LinuxActuator: Actuator {
     private struct Guarded { var process: Int32; var sent: (original: pvs_sched_attr, boosted: pvs_sched_attr)? }
     /// Per thread: its process (nil for our own threads) and what the guardian last heard.
     private let guardedThreads = Mutex([ThreadID: Guarded?]())
+    private let cpuClock = ThreadCPUClock()
 
     public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
@@ -112,6 +113,9 @@ public final class LinuxActuator: Actuator {
     }
 
     public func applied(to thread: ThreadID) -> SchedulingParameters? { current.withLock { $0[thread] } }
+
+    /// The thread's CPU time, by the thread CPU clock (ours) or schedstat (other processes').
+    public func cpuTimeNs(of thread: ThreadID) -> UInt64? { cpuClock.cpuTimeNs(of: thread) }
 
     deinit { restoreAll() }
 }

@@ -12,6 +12,7 @@ public final class RecordingActuator: Actuator {
         var current: [ThreadID: SchedulingParameters] = [:]
         var calls: [Call] = []
         var failing: Set<ThreadID> = []
+        var cpuTimes: [ThreadID: UInt64] = [:]
     }
     private let state = Mutex(State())
     public init() {}
@@ -47,4 +48,8 @@ public final class RecordingActuator: Actuator {
     }
 
     public func applied(to thread: ThreadID) -> SchedulingParameters? { state.withLock { $0.current[thread] } }
+
+    /// Sets the CPU time `thread` has run (a manual thread CPU clock); threads never set have none.
+    public func setCPUTime(_ ns: UInt64, of thread: ThreadID) { state.withLock { $0.cpuTimes[thread] = ns } }
+    public func cpuTimeNs(of thread: ThreadID) -> UInt64? { state.withLock { $0.cpuTimes[thread] } }
 }

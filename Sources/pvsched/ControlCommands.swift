@@ -102,7 +102,9 @@ struct VMStart: ParsableCommand {
     @Option(help: "Driver for the VM (default: the daemon's default driver).") var driver: String?
     @Flag(help: "Use the in-kernel irqchip.") var irqchip = false
     @Flag(help: "Run the VM without pvsched.") var noPvsched = false
-    @Option(help: "Governor: longest continuous boost, µs.") var maxBoostUs: Int64?
+    @Option(help: "Governor: CPU time a vCPU may run boosted in critical sections (irq, softirq, NMI, preemption off), µs.")
+    var criticalBudgetUs: Int64?
+    @Option(help: "Governor: CPU time a vCPU may run boosted otherwise (real-time tasks), µs.") var generalBudgetUs: Int64?
     @Option(help: "Governor: throttle window after a cut, µs.") var throttleUs: Int64?
     @Option(help: "Governor: largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
     @Flag(help: "Governor: no limits (for static-rt).") var unlimited = false
@@ -113,7 +115,8 @@ struct VMStart: ParsableCommand {
                                  "unlimited": .bool(unlimited)]
         if let name { p["name"] = .string(name) }
         if let driver { p["driver"] = .string(driver) }
-        if let maxBoostUs { p["maxContinuousBoostUs"] = .int(maxBoostUs) }
+        if let criticalBudgetUs { p["criticalBudgetUs"] = .int(criticalBudgetUs) }
+        if let generalBudgetUs { p["generalBudgetUs"] = .int(generalBudgetUs) }
         if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
         if let vmShare { p["maxVMShare"] = .double(vmShare) }
         let vm = try control.call("vm.start", p)
@@ -235,20 +238,23 @@ struct VMGovernor: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "governor", abstract: "Show or change a VM's boost budget.")
     @OptionGroup var control: ControlOptions
     @Argument(help: "VM name or id.") var vm: String
-    @Option(help: "Longest continuous boost, µs.") var maxBoostUs: Int64?
+    @Option(help: "CPU time a vCPU may run boosted in critical sections (irq, softirq, NMI, preemption off), µs.")
+    var criticalBudgetUs: Int64?
+    @Option(help: "CPU time a vCPU may run boosted otherwise (real-time tasks), µs.") var generalBudgetUs: Int64?
     @Option(help: "Throttle window after a cut, µs.") var throttleUs: Int64?
     @Option(help: "Window of the VM share, µs.") var shareWindowUs: Int64?
     @Option(help: "Largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
 
     func run() throws {
         var p: [String: JSON] = ["vm": .string(vm)]
-        if let maxBoostUs { p["maxContinuousBoostUs"] = .int(maxBoostUs) }
+        if let criticalBudgetUs { p["criticalBudgetUs"] = .int(criticalBudgetUs) }
+        if let generalBudgetUs { p["generalBudgetUs"] = .int(generalBudgetUs) }
         if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
         if let shareWindowUs { p["shareWindowUs"] = .int(shareWindowUs) }
         if let vmShare { p["maxVMShare"] = .double(vmShare) }
         let r = try control.call(p.count > 1 ? "vm.governor.set" : "vm.governor.get", p)
         if !control.json {
-            for key in ["maxContinuousBoostUs", "throttleWindowUs", "shareWindowUs", "maxVMShare"] {
+            for key in ["criticalBudgetUs", "generalBudgetUs", "throttleWindowUs", "shareWindowUs", "maxVMShare"] {
                 print("\(key): \(r[key].map { $0 == .null ? "unlimited" : $0.cell } ?? "?")")
             }
         }

@@ -16,7 +16,9 @@ struct ScenarioOptions: ParsableArguments {
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
-    @Option(help: "Governor: longest continuous boost in milliseconds.") var maxBoostMs: Double = 5
+    @Option(help: "Governor: CPU time a vCPU may run boosted in critical sections (irq, softirq, NMI, preemption off), ms.")
+    var criticalBudgetMs: Double = 2
+    @Option(help: "Governor: CPU time a vCPU may run boosted otherwise (real-time tasks), ms.") var generalBudgetMs: Double = 5
     @Option(help: "Governor: throttle window after a cut boost, in milliseconds.") var throttleMs: Double = 10
     @Option(help: "Governor: largest share (0-1) of the VM's vCPU time that may be boosted.") var vmShare: Double = 0.5
     @Flag(help: "Print JSON instead of the table.") var json = false
@@ -42,8 +44,8 @@ struct ScenarioOptions: ParsableArguments {
         guard (100...1_000_000).contains(intervalUs) else {
             throw ValidationError("--interval-us must be 100...1000000, got \(intervalUs)")
         }
-        guard maxBoostMs.isFinite, throttleMs.isFinite, maxBoostMs <= 60_000, throttleMs <= 60_000 else {
-            throw ValidationError("--max-boost-ms and --throttle-ms must be at most 60000")
+        for (name, v) in [("--critical-budget-ms", criticalBudgetMs), ("--general-budget-ms", generalBudgetMs), ("--throttle-ms", throttleMs)] {
+            guard v.isFinite, v >= 0, v <= 60_000 else { throw ValidationError("\(name) must be in 0...60000, got \(v)") }
         }
         guard ["builtin", "qemu"].contains(vmm) else { throw ValidationError("--vmm must be builtin or qemu, got '\(vmm)'") }
         if vmm == "qemu" {
@@ -60,11 +62,11 @@ struct ScenarioOptions: ParsableArguments {
         s.noisyVM = noisyVM
         s.durationNs = UInt64(seconds * 1e9)
         s.intervalNs = intervalUs * 1000
-        guard maxBoostMs > 0, throttleMs >= 0, (0...1).contains(vmShare) else {
-            throw ValidationError("governor limits: --max-boost-ms > 0, --throttle-ms >= 0, --vm-share in 0...1")
+        guard criticalBudgetMs > 0, generalBudgetMs > 0, (0...1).contains(vmShare) else {
+            throw ValidationError("governor limits: --critical-budget-ms > 0, --general-budget-ms > 0, --vm-share in 0...1")
         }
-        s.governor = GovernorConfig(maxContinuousBoostNs: UInt64(maxBoostMs * 1e6), throttleWindowNs: UInt64(throttleMs * 1e6),
-                                    shareWindowNs: 100_000_000, maxVMShare: vmShare)
+        s.governor = GovernorConfig(criticalBudgetNs: UInt64(criticalBudgetMs * 1e6), generalBudgetNs: UInt64(generalBudgetMs * 1e6),
+                                    throttleWindowNs: UInt64(throttleMs * 1e6), shareWindowNs: 100_000_000, maxVMShare: vmShare)
         s.modes = modes.split(separator: ",").map { Mode(String($0)) }
         guard !s.modes.isEmpty else { throw ValidationError("--modes must name at least one mode") }
         if let cpus {

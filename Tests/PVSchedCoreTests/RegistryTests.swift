@@ -89,27 +89,72 @@ import PVSchedTesting
 }
 
 @Suite struct GovernorTests {
-    @Test func capThrottlesAndThenAllowsAgain() {
-        let g = Governor(config: .init(maxContinuousBoostNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1), vcpuCount: 1)
-        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 1050) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 1100) == .throttled(untilNs: 1150))
-        #expect(g.beginBoost(vcpu: 0, now: 1120) == .throttled(untilNs: 1150))
+    @Test func aSpentBudgetCutsAndThrottlesAndThenAllowsAgain() {
+        let g = Governor(config: .init(criticalBudgetNs: 40, generalBudgetNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1),
+                         vcpuCount: 1)
+        #expect(g.beginBoost(vcpu: 0, now: 1000, cpuNs: 0) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 1050, cpuNs: 50) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 1100, cpuNs: 100) == .budgetExhausted(.general, untilNs: 1150))
+        #expect(g.beginBoost(vcpu: 0, now: 1120, cpuNs: 100) == .throttled(untilNs: 1150))
         #expect(g.isThrottled(vcpu: 0, now: 1120))
-        #expect(g.beginBoost(vcpu: 0, now: 1150) == nil)
+        // The budget refilled 1:1 with the 50 ns unboosted.
+        #expect(g.budgetsLeft(vcpu: 0, now: 1150).general == 50)
+        #expect(g.beginBoost(vcpu: 0, now: 1150, cpuNs: 100) == nil)
+    }
+
+    @Test func onlyCPUTimeIsCharged() {
+        // A boosted vCPU that halts (its thread does not run) spends nothing.
+        let g = Governor(config: .init(criticalBudgetNs: 100, generalBudgetNs: 100, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1),
+                         vcpuCount: 1)
+        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 5000) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 1_000_000, cpuNs: 5030) == nil)  // 1 ms of wall time, 30 ns run
+        #expect(g.budgetsLeft(vcpu: 0, now: 1_000_000).general == 70)
+        #expect(g.checkOverrun(vcpu: 0, now: 2_000_000, cpuNs: 5100) == .budgetExhausted(.general, untilNs: 2_000_000))
+        // Without a CPU clock, wall time is charged.
+        #expect(g.beginBoost(vcpu: 0, now: 3_000_000) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 3_000_100) == .budgetExhausted(.general, untilNs: 3_000_100))
+    }
+
+    @Test func criticalSectionsHaveTheirOwnShorterBudget() {
+        let g = Governor(config: .init(criticalBudgetNs: 20, generalBudgetNs: 100, throttleWindowNs: 10, shareWindowNs: .max, maxVMShare: 1),
+                         vcpuCount: 1)
+        // An RT task runs 50 ns, then the guest enters an interrupt handler: charged to the critical budget.
+        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 0, budget: .general) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 50, cpuNs: 50, budget: .critical) == nil)
+        #expect(g.checkOverrun(vcpu: 0, now: 60, cpuNs: 60, budget: .critical) == nil)
+        #expect(g.budgetsLeft(vcpu: 0, now: 60) == (critical: 10, general: 50))
+        #expect(g.checkOverrun(vcpu: 0, now: 70, cpuNs: 70, budget: .critical) == .budgetExhausted(.critical, untilNs: 80))
+        // Both refill while unboosted, up to their size.
+        #expect(g.budgetsLeft(vcpu: 0, now: 1000) == (critical: 20, general: 100))
+    }
+
+    @Test func theEnforcerIsToldWhenABudgetCouldRunOut() {
+        let g = Governor(config: .init(criticalBudgetNs: 300, generalBudgetNs: 1000, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1),
+                         vcpuCount: 2)
+        #expect(g.nextCheckNs() == nil)
+        #expect(g.beginBoost(vcpu: 0, now: 100, cpuNs: 0, budget: .general) == nil)
+        #expect(g.nextCheckNs() == 1100)
+        #expect(g.beginBoost(vcpu: 1, now: 200, cpuNs: 0, budget: .critical) == nil)
+        #expect(g.nextCheckNs() == 500)
+        // Half of the wall time run: the earliest exhaustion moves later.
+        #expect(g.checkOverrun(vcpu: 1, now: 400, cpuNs: 100) == nil)
+        #expect(g.nextCheckNs() == 600)
+        g.endBoost(vcpu: 1, now: 450, cpuNs: 120)
+        #expect(g.nextCheckNs() == 1100)
     }
 
     @Test func vmShareIsEnforced() {
-        // Window 1000 ns, 2 vCPUs, 25% share: 500 ns of boost per window.
-        let g = Governor(config: .init(maxContinuousBoostNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25), vcpuCount: 2)
-        #expect(g.beginBoost(vcpu: 0, now: 0) == nil)
-        g.endBoost(vcpu: 0, now: 300)
-        #expect(g.beginBoost(vcpu: 1, now: 300) == nil)
-        #expect(g.checkOverrun(vcpu: 1, now: 400) == nil)
-        #expect(g.checkOverrun(vcpu: 1, now: 600) == .vmShareExhausted(usedNs: 600, limitNs: 500))
-        #expect(g.beginBoost(vcpu: 0, now: 700) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        // Window 1000 ns, 2 vCPUs, 25% share: 500 ns of boosted CPU time per window.
+        let g = Governor(config: .init(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25),
+                         vcpuCount: 2)
+        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 0) == nil)
+        g.endBoost(vcpu: 0, now: 300, cpuNs: 300)
+        #expect(g.beginBoost(vcpu: 1, now: 300, cpuNs: 0) == nil)
+        #expect(g.checkOverrun(vcpu: 1, now: 400, cpuNs: 100) == nil)
+        #expect(g.checkOverrun(vcpu: 1, now: 600, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        #expect(g.beginBoost(vcpu: 0, now: 700, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
         // A new window starts afresh.
-        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)
+        #expect(g.beginBoost(vcpu: 0, now: 1000, cpuNs: 300) == nil)
     }
 }
 

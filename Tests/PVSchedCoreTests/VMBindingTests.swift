@@ -100,7 +100,7 @@ import Testing
 
     @Test func governorVetoIsReportedAndCounted() throws {
         let clock = ManualClock()
-        let cfg = GovernorConfig(maxContinuousBoostNs: 5_000_000, throttleWindowNs: 10_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let cfg = GovernorConfig(criticalBudgetNs: 5_000_000, generalBudgetNs: 5_000_000, throttleWindowNs: 10_000_000, shareWindowNs: .max, maxVMShare: 1)
         let (_, b, act, d) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
         clock.advance(by: 4_999_999)
@@ -121,9 +121,45 @@ import Testing
         #expect(b.stats(vcpu: 0).boostedNs == 5_000_000)
     }
 
+    @Test func boostsAreChargedTheirThreadsCPUTimeToTheBudgetOfTheGuestsState() throws {
+        let clock = ManualClock()
+        let cfg = GovernorConfig(criticalBudgetNs: 1_000_000, generalBudgetNs: 4_000_000, throttleWindowNs: 1_000_000,
+                                 shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, v in v.guest == nil ? .none : .boost() }
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        let thread = ThreadID(100)
+        act.setCPUTime(10_000_000, of: thread)
+        // The guest is in an interrupt handler: the boost is charged to the 1 ms critical budget.
+        buf.writer.setFlags(vcpu: 0, [.inIRQ])
+        #expect(b.notify(.vmExit(.halt), vcpu: 0) == .boosted)
+        #expect(b.nextBudgetCheckNs() == clock.nowNs() + 1_000_000)
+        // 5 ms pass but the thread runs only 0.6 ms of them (it halted): not cut.
+        clock.advance(by: 5_000_000)
+        act.setCPUTime(10_600_000, of: thread)
+        #expect(b.enforceBudgets() == 0)
+        #expect(b.nextBudgetCheckNs() == clock.nowNs() + 400_000)
+        // The next 0.4 ms of CPU time spend it: the enforcer cuts the boost without an event.
+        clock.advance(by: 400_000)
+        act.setCPUTime(11_000_000, of: thread)
+        #expect(b.enforceBudgets() == 1)
+        #expect(act.applied(to: thread) == nil)
+        // After the throttle, a real-time task is charged to the 4 ms general budget.
+        clock.advance(by: 1_000_000)
+        buf.writer.setFlags(vcpu: 0, [.rtTaskRunning])
+        #expect(b.notify(.vmExit(.halt), vcpu: 0) == .boosted)
+        clock.advance(by: 3_000_000)
+        act.setCPUTime(14_000_000, of: thread)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)
+        clock.advance(by: 1_000_000)
+        act.setCPUTime(15_000_000, of: thread)
+        guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("general budget not enforced"); return }
+        #expect(b.stats(vcpu: 0).vetoesThrottled >= 2)
+    }
+
     @Test func enforcerCutsABoostWithoutEvents() throws {
         let clock = ManualClock()
-        let cfg = GovernorConfig(maxContinuousBoostNs: 2_000_000, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
+        let cfg = GovernorConfig(criticalBudgetNs: 2_000_000, generalBudgetNs: 2_000_000, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
         let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
         clock.advance(by: 1_999_999)
