@@ -26,13 +26,30 @@ public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
 
 /// Why the actuator could not change a thread.
 public struct ActuatorError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// What kind of failure: a system call's, or a thread pvsched leaves alone.
+    public enum Kind: Equatable, Sendable {
+        case system
+        /// Someone else (an administrator's chrt or renice) set the thread to
+        /// `current`: their setting wins, pvsched neither boosts nor restores it.
+        case ownedByOperator(current: SchedulingParameters?)
+        /// The thread was already real-time when pvsched was given it (`current`),
+        /// and the VM is not configured to accept that.
+        case realTimeAtAttach(current: SchedulingParameters)
+    }
     public let thread: ThreadID
     public let operation: String
     public let errno: Int32
-    public init(thread: ThreadID, operation: String, errno: Int32) {
-        self.thread = thread; self.operation = operation; self.errno = errno
+    public let kind: Kind
+    public init(thread: ThreadID, operation: String, errno: Int32, kind: Kind = .system) {
+        self.thread = thread; self.operation = operation; self.errno = errno; self.kind = kind
     }
-    public var description: String { "\(operation) on \(thread) failed: errno \(errno)" }
+    public var description: String {
+        switch kind {
+        case .system: return "\(operation) on \(thread) failed: errno \(errno)"
+        case .ownedByOperator(let p): return "\(thread) was changed by someone else (now \(p.map { "\($0)" } ?? "unknown")): left alone"
+        case .realTimeAtAttach(let p): return "\(thread) is already real-time (\(p)) at attach: refused"
+        }
+    }
 }
 
 /// Applies scheduling parameters to threads. Implementations remember each
@@ -50,9 +67,19 @@ public protocol Actuator: AnyObject, Sendable {
     /// CPU time `thread` has run (ns, its thread CPU clock), or nil when it cannot be
     /// read: the governor charges boosts by it.
     func cpuTimeNs(of thread: ThreadID) -> UInt64?
+    /// Takes `thread` under management: records its parameters now as the baseline
+    /// every restore returns to. Throws `.realTimeAtAttach` for a real-time thread
+    /// unless `allowRealTime`. From then on, a thread found at parameters that are
+    /// neither the baseline nor pvsched's boost was changed by someone else: it is
+    /// left alone (`.ownedByOperator`) until it is back at its baseline.
+    func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError)
+    /// Forgets `thread`'s baseline (after restoring it, if boosted).
+    func release(_ thread: ThreadID)
 }
 
 extension Actuator {
     /// No CPU clock by default: the governor then charges wall time.
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? { nil }
+    public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {}
+    public func release(_ thread: ThreadID) { try? restore(thread) }
 }

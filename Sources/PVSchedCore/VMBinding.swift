@@ -7,8 +7,11 @@ public struct BoostSettings: Equatable, Sendable {
     public var boosted: SchedulingParameters
     /// The highest real-time priority a driver may ask for.
     public var maxPriority: UInt8
-    public init(boosted: SchedulingParameters = .fifo(priority: 10), maxPriority: UInt8 = 50) {
-        self.boosted = boosted; self.maxPriority = maxPriority
+    /// Accept vCPU threads that are already real-time when pvsched is given them
+    /// (refused by default: someone else manages them).
+    public var allowRealTimeThreads: Bool
+    public init(boosted: SchedulingParameters = .fifo(priority: 10), maxPriority: UInt8 = 50, allowRealTimeThreads: Bool = false) {
+        self.boosted = boosted; self.maxPriority = maxPriority; self.allowRealTimeThreads = allowRealTimeThreads
     }
 }
 
@@ -46,6 +49,8 @@ public struct VCPUStats: Equatable, Sendable {
     public var decisionLatency = LatencyBuckets()
     /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
+    /// Who manages the vCPU thread's scheduling now (a snapshot).
+    public var thread: ThreadOwnership = .pvsched
     public init() {}
 
     /// Adds `other`'s counters to these (snapshots are or-ed).
@@ -55,6 +60,17 @@ public struct VCPUStats: Equatable, Sendable {
         vetoesThrottled &+= o.vetoesThrottled; vetoesVMShare &+= o.vetoesVMShare
         decisionLatency.add(o.decisionLatency); boosted = boosted || o.boosted
     }
+}
+
+/// Who manages a vCPU thread's scheduling parameters.
+public enum ThreadOwnership: String, Equatable, Sendable {
+    /// pvsched boosts it and puts it back.
+    case pvsched
+    /// Someone else changed it (an administrator's chrt or renice): pvsched leaves
+    /// it alone until it is back at the parameters it had when pvsched took it.
+    case `operator`
+    /// It was already real-time when pvsched was given it: refused (see `BoostSettings.allowRealTimeThreads`).
+    case refusedRealTime = "refused_real_time"
 }
 
 /// Events delivered to a driver, by kind.
@@ -319,13 +335,31 @@ public final class VMBinding: VMEventSink {
 
     /// Records the OS thread that runs `vcpu` (call from that thread when it starts).
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
+        var ownership = ThreadOwnership.pvsched
+        if let thread, thread != threads[vcpu] {
+            do { try actuator.adopt(thread, allowRealTime: boost.allowRealTimeThreads) } catch {
+                if case .realTimeAtAttach = error.kind { ownership = .refusedRealTime }
+                logger.warning("vCPU thread not managed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
+            }
+        }
         let old: ThreadID? = vcpus[vcpu].state.withLock { s in
             let old = s.thread
-            if old != thread { endBoost(&s, vcpu: vcpu, now: clock.nowNs()) }
+            if old != thread {
+                endBoost(&s, vcpu: vcpu, now: clock.nowNs())
+                s.stats.thread = ownership
+            }
             s.thread = thread
             return old
         }
-        if let old, old != thread { try? actuator.restore(old) }
+        if let old, old != thread { actuator.release(old) }
+    }
+
+    /// Notes what an actuator error says about who manages `thread` (under its vCPU's lock).
+    private func noteOwnership(_ error: ActuatorError, _ s: inout VCPUState, vcpu: Int) {
+        guard case .ownedByOperator(let current) = error.kind, s.stats.thread != .operator else { return }
+        s.stats.thread = .operator
+        logger.warning("vCPU thread changed by someone else: pvsched leaves it alone until it is back at its original parameters",
+                       metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "now": "\(current.map { "\($0)" } ?? "?")"])
     }
 
     /// Sets the VM's interrupt-delivery threads (see `Companions`); the old ones are restored.
@@ -533,7 +567,7 @@ public final class VMBinding: VMEventSink {
             return .unchanged
         case .boost(let priority):
             guard s.boostStart == nil else { return .unchanged }
-            guard let thread = s.thread else { return .unchanged }
+            guard let thread = s.thread, s.stats.thread != .refusedRealTime else { return .unchanged }
             if let veto = governor.beginBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread), budget: Self.budget(for: s)) {
                 s.stats.throttleCount &+= 1
                 Self.countVeto(veto, &s.stats)
@@ -546,10 +580,18 @@ public final class VMBinding: VMEventSink {
             }
             do {
                 try actuator.apply(params, to: thread)
+                if s.stats.thread == .operator {
+                    s.stats.thread = .pvsched
+                    logger.info("vCPU thread back at its original parameters: pvsched manages it again", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)"])
+                }
             } catch {
                 governor.endBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread))
-                try? actuator.restore(thread)
-                logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
+                if case .system = error.kind {
+                    try? actuator.restore(thread)
+                    logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
+                } else {
+                    noteOwnership(error, &s, vcpu: vcpu)  // logged once, when it starts
+                }
                 return .actuatorFailed(error)
             }
             s.boostStart = now
@@ -560,7 +602,10 @@ public final class VMBinding: VMEventSink {
             guard s.boostStart != nil else { return .unchanged }
             endBoost(&s, vcpu: vcpu, now: now)
             if let thread = s.thread {
-                do { try actuator.restore(thread) } catch { return .actuatorFailed(error) }
+                do { try actuator.restore(thread) } catch {
+                    noteOwnership(error, &s, vcpu: vcpu)
+                    return .actuatorFailed(error)
+                }
             }
             return .unboosted
         }
@@ -610,7 +655,9 @@ public final class VMBinding: VMEventSink {
         clearBoost(&s, now: now)
         s.stats.throttleCount &+= 1
         Self.countVeto(veto, &s.stats)
-        if let thread = s.thread { try? actuator.restore(thread) }
+        if let thread = s.thread {
+            do { try actuator.restore(thread) } catch { noteOwnership(error, &s, vcpu: vcpu) }
+        }
         logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)", "guest": "\(s.lastGuest.map { "flags 0x\(String($0.flags.rawValue, radix: 16)) \($0.task) seq \($0.sequence)" } ?? "-")"])
     }
 

@@ -284,7 +284,8 @@ public final class ControlHandler: Sendable {
         let threads = b?.threads ?? Array(repeating: nil, count: s.handle.vcpuCount)
         let vcpus: [JSON] = threads.enumerated().map { i, t in
             ["index": JSON(i), "thread": t.map { JSON($0.rawValue) } ?? .null,
-             "boosted": .bool(b?.publishedStats(vcpu: i).boosted ?? false)]
+             "boosted": .bool(b?.publishedStats(vcpu: i).boosted ?? false),
+             "owner": .string((b?.publishedStats(vcpu: i).thread ?? .pvsched).rawValue)]
         }
         var vm: [String: JSON] = [
             "id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
@@ -305,7 +306,7 @@ public final class ControlHandler: Sendable {
         let vcpus: [JSON] = (0..<s.handle.vcpuCount).map { i in
             let st = b?.publishedStats(vcpu: i) ?? VCPUStats()
             return ["index": JSON(i), "thread": i < threads.count ? threads[i].map { JSON($0.rawValue) } ?? .null : .null,
-                    "boosted": .bool(st.boosted), "events": JSON(st.events),
+                    "boosted": .bool(st.boosted), "owner": .string(st.thread.rawValue), "events": JSON(st.events),
                     "eventsByKind": .object(Dictionary(uniqueKeysWithValues: st.eventsByKind.byName.map { ($0.0, JSON($0.1)) })),
                     "outcomes": .object(Dictionary(uniqueKeysWithValues: st.outcomes.byName.map { ($0.0, JSON($0.1)) })),
                     "boosts": JSON(st.boostCount), "boostedNs": JSON(st.boostedNs), "throttles": JSON(st.throttleCount),

@@ -74,6 +74,7 @@ final class VMAttacher: Sendable {
         let driver = try p.optionalString("driver")
         let eventsParam = try p.optionalString("events", maxBytes: 16)
         let boostMainLoop = try p.bool("boostMainLoop", default: qmpPath != nil)
+        let allowRealTimeThreads = try p.bool("allowRealTimeThreads", default: false)
         let range = Int64(GuestAreaWatcher.Settings.pollRange.lowerBound / 1000)...Int64(GuestAreaWatcher.Settings.pollRange.upperBound / 1000)
         let pollUs = try p.optionalInt("pollUs", in: range)
         let leadUs = try p.optionalInt("deadlineLeadUs", in: 0...100_000)
@@ -160,6 +161,7 @@ final class VMAttacher: Sendable {
         let what = qmp.map { "QEMU \($0.version), process \(pid)" } ?? "process \(pid)"
         do {
             session = try host.attach(name: vmName, vcpus: found.vcpus.count, summary: what, driver: driver,
+                                      boost: BoostSettings(allowRealTimeThreads: allowRealTimeThreads),
                                       onDetach: { detachHook.run() })
         } catch let e as HostError {
             throw ControlError(e.field == "name" ? .conflict : .invalidParams, field: "params.\(e.field)", e.message)

@@ -26,6 +26,8 @@ public final class LinuxActuator: Actuator {
     /// Per thread: its process (nil for our own threads) and what the guardian last heard.
     private let guardedThreads = Mutex([ThreadID: Guarded?]())
     private let cpuClock = ThreadCPUClock()
+    /// Each adopted thread's parameters when it was adopted: what restores return to.
+    private let baselines = Mutex([ThreadID: pvs_sched_attr]())
 
     public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
@@ -68,13 +70,55 @@ public final class LinuxActuator: Actuator {
         return nil
     }
 
+    public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {
+        var now = pvs_sched_attr()
+        let r = pvs_sched_getattr(thread.rawValue, &now)
+        guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+        let params = LinuxScheduling.parameters(of: now)
+        if let params, params.isRealTime, !allowRealTime {
+            throw ActuatorError(thread: thread, operation: "adopt", errno: 0, kind: .realTimeAtAttach(current: params))
+        }
+        baselines.withLock { $0[thread] = now }
+    }
+
+    public func release(_ thread: ThreadID) {
+        try? restore(thread)
+        _ = baselines.withLock { $0.removeValue(forKey: thread) }
+        cpuClock.forget(thread)
+    }
+
+    /// Reads `thread`'s parameters and checks them against `expected`; a difference
+    /// means someone else changed the thread.
+    private func checkUnchanged(_ thread: ThreadID, expected: pvs_sched_attr) throws(ActuatorError) -> pvs_sched_attr {
+        var now = pvs_sched_attr()
+        let r = pvs_sched_getattr(thread.rawValue, &now)
+        guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+        guard Self.sameSetting(now, expected) else {
+            throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: LinuxScheduling.parameters(of: now)))
+        }
+        return now
+    }
+
+    /// Whether two parameter sets are the same setting (policy, priority, nice).
+    private static func sameSetting(_ a: pvs_sched_attr, _ b: pvs_sched_attr) -> Bool {
+        a.sched_policy == b.sched_policy && a.sched_priority == b.sched_priority
+            && (a.sched_policy != UInt32(PVS_SCHED_OTHER) && a.sched_policy != UInt32(PVS_SCHED_BATCH) || a.sched_nice == b.sched_nice)
+    }
+
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
+        let baseline = baselines.withLock { $0[thread] }
         try current.withLock { cur throws(ActuatorError) in
             if cur[thread] == parameters { return }
+            // The thread must still be where pvsched left it: at its boost, or at its baseline.
+            if let mine = cur[thread] { _ = try checkUnchanged(thread, expected: LinuxScheduling.attr(for: mine)) }
+            else if let baseline { _ = try checkUnchanged(thread, expected: baseline) }
             var original = pvs_sched_attr()
             if pvs_restore_table_lookup(thread.rawValue, &original) == 0 {
-                let r = pvs_sched_getattr(thread.rawValue, &original)
-                guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+                // The baseline taken at adoption, exactly; else the parameters now.
+                if let baseline { original = baseline } else {
+                    let r = pvs_sched_getattr(thread.rawValue, &original)
+                    guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+                }
                 if LinuxScheduling.parameters(of: original) == parameters { return }
                 let rr = pvs_restore_table_remember(thread.rawValue, &original)
                 guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
@@ -92,9 +136,17 @@ public final class LinuxActuator: Actuator {
 
     public func restore(_ thread: ThreadID) throws(ActuatorError) {
         try current.withLock { cur throws(ActuatorError) in
-            guard cur.removeValue(forKey: thread) != nil else { return }
+            guard let mine = cur.removeValue(forKey: thread) else { return }
             var original = pvs_sched_attr()
             guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return }
+            // Changed by someone else while boosted: their setting stays.
+            do throws(ActuatorError) {
+                _ = try checkUnchanged(thread, expected: LinuxScheduling.attr(for: mine))
+            } catch {
+                pvs_restore_table_forget(thread.rawValue)
+                if error.kind == .system && error.errno == Errno.noSuchProcess.rawValue { return }
+                throw error
+            }
             original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
             let r = pvs_sched_setattr(thread.rawValue, &original)
             pvs_restore_table_forget(thread.rawValue)

@@ -13,6 +13,9 @@ public final class RecordingActuator: Actuator {
         var calls: [Call] = []
         var failing: Set<ThreadID> = []
         var cpuTimes: [ThreadID: UInt64] = [:]
+        /// Parameters someone else set (the operator's change), and threads' parameters before adoption.
+        var byOperator: [ThreadID: SchedulingParameters] = [:]
+        var initial: [ThreadID: SchedulingParameters] = [:]
     }
     private let state = Mutex(State())
     public init() {}
@@ -22,7 +25,25 @@ public final class RecordingActuator: Actuator {
     /// Make `apply` fail for `thread` (to test error paths).
     public func failApplies(for thread: ThreadID) { state.withLock { _ = $0.failing.insert(thread) } }
 
+    /// Simulates an administrator's chrt/renice of `thread` (nil: put back at its baseline).
+    public func setByOperator(_ parameters: SchedulingParameters?, for thread: ThreadID) {
+        state.withLock { $0.byOperator[thread] = parameters }
+    }
+    /// The parameters `thread` has before pvsched adopts it.
+    public func setInitial(_ parameters: SchedulingParameters, for thread: ThreadID) {
+        state.withLock { $0.initial[thread] = parameters }
+    }
+
+    public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {
+        if let p = state.withLock({ $0.initial[thread] }), p.isRealTime, !allowRealTime {
+            throw ActuatorError(thread: thread, operation: "adopt", errno: 0, kind: .realTimeAtAttach(current: p))
+        }
+    }
+
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
+        if let p = state.withLock({ $0.byOperator[thread] }) {
+            throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: p))
+        }
         let failed: Bool = state.withLock { s in
             if s.failing.contains(thread) { return true }
             if s.current[thread] != parameters {
@@ -35,9 +56,14 @@ public final class RecordingActuator: Actuator {
     }
 
     public func restore(_ thread: ThreadID) throws(ActuatorError) {
-        state.withLock { s in
-            if s.current.removeValue(forKey: thread) != nil { s.calls.append(.restore(thread)) }
+        let changed: SchedulingParameters? = state.withLock { s in
+            guard s.current[thread] != nil else { return nil }
+            s.current.removeValue(forKey: thread)
+            if let p = s.byOperator[thread] { return p }  // their setting stays: nothing to restore
+            s.calls.append(.restore(thread))
+            return nil
         }
+        if let changed { throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: changed)) }
     }
 
     public func restoreAll() {

@@ -137,6 +137,8 @@ struct VMAttach: ParsableCommand {
     @Option(help: "The ivshmem file (under /dev/shm) the guest's pvsched area lives in.") var shm: String?
     @Option(help: "Find the vCPU threads by name: crosvm, cloud-hypervisor, firecracker or qemu (with -name debug-threads=on).") var threadNames: String?
     @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm; --shm needs watch or both).") var events: String?
+    @Flag(help: "Accept vCPU threads that are already real-time (refused by default: someone else manages them).")
+    var allowRealTimeThreads = false
     @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false
     @Option(help: "How often the watcher reads the guest's lines while it works, in µs (50-100000; default 200).") var pollUs: Int64?
     @Option(help: "How long before a guest's published deadline the watcher wakes, in µs (0-100000; default 200).") var deadlineLeadUs: Int64?
@@ -186,6 +188,7 @@ struct VMAttach: ParsableCommand {
         if let shm { p["shm"] = .string(shm) }
         if let events { p["events"] = .string(events) }
         if noBoostMainLoop { p["boostMainLoop"] = .bool(false) }
+        if allowRealTimeThreads { p["allowRealTimeThreads"] = .bool(true) }
         if let pollUs { p["pollUs"] = .int(pollUs) }
         if let deadlineLeadUs { p["deadlineLeadUs"] = .int(deadlineLeadUs) }
         if let name { p["name"] = .string(name) }

@@ -157,6 +157,48 @@ import Testing
         #expect(b.stats(vcpu: 0).vetoesThrottled >= 2)
     }
 
+    @Test func anOperatorsChangeWinsUntilTheThreadIsBackAtItsBaseline() throws {
+        let (_, b, act, _) = try setup { e, _ in e == .vmEntry ? .boost() : .unboost }
+        let thread = ThreadID(100)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        // An administrator renices the boosted thread: pvsched does not put it back, and reports it.
+        act.setByOperator(.other(nice: 5), for: thread)
+        guard case .actuatorFailed(let e) = b.notify(.halt, vcpu: 0), case .ownedByOperator = e.kind else {
+            Issue.record("the operator's change was not seen"); return
+        }
+        #expect(b.stats(vcpu: 0).thread == .operator)
+        #expect(!act.calls.contains(.restore(thread)))
+        // No boost while their setting stands.
+        guard case .actuatorFailed = b.notify(.vmEntry, vcpu: 0) else { Issue.record("boosted over the operator's setting"); return }
+        // Back at its baseline, pvsched manages it again.
+        act.setByOperator(nil, for: thread)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
+        #expect(b.stats(vcpu: 0).thread == .pvsched)
+    }
+
+    @Test func aThreadAlreadyRealTimeAtAttachIsRefusedUnlessAllowed() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("s") { _, _ in .boost() })
+        try r.setDefault("s")
+        let act = RecordingActuator()
+        act.setInitial(.fifo(priority: 20), for: ThreadID(100))
+        let b = try r.bind(vm: testVM, actuator: act, governor: .unlimited)
+        b.setThread(ThreadID(100), vcpu: 0)
+        b.setThread(ThreadID(101), vcpu: 1)
+        #expect(b.stats(vcpu: 0).thread == .refusedRealTime)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)
+        #expect(act.applied(to: ThreadID(100)) == nil)
+        #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
+        // Configured to accept them, it is managed.
+        let r2 = DriverRegistry()
+        try r2.register(ScriptedDriver("s") { _, _ in .boost() })
+        try r2.setDefault("s")
+        let b2 = try r2.bind(vm: VMHandle(id: 2, name: "vm2", vcpuCount: 1), actuator: act, governor: .unlimited,
+                             boost: BoostSettings(allowRealTimeThreads: true))
+        b2.setThread(ThreadID(100), vcpu: 0)
+        #expect(b2.notify(.vmEntry, vcpu: 0) == .boosted)
+    }
+
     @Test func enforcerCutsABoostWithoutEvents() throws {
         let clock = ManualClock()
         let cfg = GovernorConfig(criticalBudgetNs: 2_000_000, generalBudgetNs: 2_000_000, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)

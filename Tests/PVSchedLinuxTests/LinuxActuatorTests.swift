@@ -50,6 +50,56 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     }
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
+    func anAdministratorsChangeWinsAndTheBaselineFromAttachIsRestored() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let act = LinuxActuator()
+        var nice2 = LinuxScheduling.attr(for: .other(nice: 2))
+        #expect(pvs_sched_setattr(t.id.rawValue, &nice2) == 0)
+        try act.adopt(t.id, allowRealTime: false)
+        try act.apply(.fifo(priority: 11), to: t.id)
+        try act.restore(t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 2))
+        // Boosted, then reniced by an administrator: restore leaves their setting.
+        try act.apply(.fifo(priority: 11), to: t.id)
+        var nice7 = LinuxScheduling.attr(for: .other(nice: 7))
+        #expect(pvs_sched_setattr(t.id.rawValue, &nice7) == 0)
+        #expect(throws: ActuatorError.self) { try act.restore(t.id) }
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 7))
+        // While it stands, no boost.
+        do { try act.apply(.fifo(priority: 11), to: t.id); Issue.record("boosted over the administrator's setting") } catch {
+            guard case .ownedByOperator(let now) = error.kind else { Issue.record("\(error)"); return }
+            #expect(now == .other(nice: 7))
+        }
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 7))
+        // Put back at the baseline, the thread is boosted and restored again.
+        #expect(pvs_sched_setattr(t.id.rawValue, &nice2) == 0)
+        try act.apply(.fifo(priority: 11), to: t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 11))
+        try act.restore(t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 2))
+        act.release(t.id)
+    }
+
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
+    func aRealTimeThreadIsRefusedAtAttachUnlessAllowed() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        var fifo = LinuxScheduling.attr(for: .fifo(priority: 3))
+        #expect(pvs_sched_setattr(t.id.rawValue, &fifo) == 0)
+        let act = LinuxActuator()
+        do { try act.adopt(t.id, allowRealTime: false); Issue.record("adopted a real-time thread") } catch {
+            #expect(error.kind == .realTimeAtAttach(current: .fifo(priority: 3)))
+        }
+        try act.adopt(t.id, allowRealTime: true)
+        try act.apply(.fifo(priority: 9), to: t.id)
+        try act.restore(t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 3))
+        var other = LinuxScheduling.attr(for: .other(nice: 0))
+        #expect(pvs_sched_setattr(t.id.rawValue, &other) == 0)
+    }
+
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func restoreAllPutsEveryThreadBack() throws {
         let a = ParkedThread(), b = ParkedThread()
         defer { a.finish(); b.finish() }
