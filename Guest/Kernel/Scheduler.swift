@@ -6,6 +6,8 @@ enum TaskKind: UInt32 {
     case cyclic = 1      // RT: wake every interval, record lateness
     case batch = 2       // normal: CPU-bound work
     case waitForEnd = 3  // normal: sleep until the workload's end (keeps an idle vCPU alive)
+    case hostileStuck = 4  // RT: claims RT work and a boost request forever, spinning
+    case hostileFlip = 5   // normal: flips its flags at a high rate, ringing the doorbell
 }
 
 /// A kernel task with its own stack.
@@ -291,6 +293,8 @@ func taskMain(_ raw: UnsafeMutableRawPointer) {
     case .cyclic: Workloads.cyclicTask()
     case .batch: Workloads.batchTask()
     case .waitForEnd: Sched.sleep(untilTSC: Workloads.endTSC)
+    case .hostileStuck: Workloads.hostileStuckTask()
+    case .hostileFlip: Workloads.hostileFlipTask()
     case .none: break
     }
     Sched.exitTask()

@@ -74,6 +74,10 @@ enum Workloads {
             Sched.spawn(.cyclic, rtPriority: 50)
             Sched.spawn(.batch, rtPriority: 0)
             Sched.spawn(.batch, rtPriority: 0)
+        case PVSCHED_WORKLOAD_HOSTILE_STUCK:
+            Sched.spawn(.hostileStuck, rtPriority: 99)
+        case PVSCHED_WORKLOAD_HOSTILE_FLIP:
+            Sched.spawn(.hostileFlip, rtPriority: 0)
         default:  // irq-response and idle: interrupt handlers do the work while the vCPU idles
             Sched.spawn(.waitForEnd, rtPriority: 0)
         }
@@ -121,6 +125,44 @@ enum Workloads {
             r.pointee.work_units &+= 1
         }
         if x == 42 { Console.line("") }  // keep the loop
+    }
+
+    /// A hostile guest: a real-time task that spins until the end and keeps its
+    /// line saying "RT work running, boost requested", whatever the host does; it
+    /// rings the doorbell now and then so that the host looks.
+    static func hostileStuckTask() {
+        let r = Results.mine()
+        let end = endTSC
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        while nowTSC() < end {
+            if PVSched.active {
+                PVSched.setFlags(PVSCHED_FLAG_RT_TASK_RUNNING | PVSCHED_FLAG_BOOST_REQUEST, clear: PVSCHED_FLAG_IDLE)
+                if r.pointee.work_units % 8 == 0 { outl(UInt16(PVSCHED_DEV_DOORBELL), this_cpu()) }
+            }
+            for _ in 0..<1_000 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+            r.pointee.work_units &+= 1
+        }
+        if x == 42 { Console.line("") }
+    }
+
+    /// A hostile guest: flips "RT work running, boost requested" on and off as fast
+    /// as it can, ringing the doorbell after each flip so that the host sees them all.
+    static func hostileFlipTask() {
+        let r = Results.mine()
+        let end = endTSC
+        let claim = PVSCHED_FLAG_RT_TASK_RUNNING | PVSCHED_FLAG_BOOST_REQUEST
+        var x: UInt64 = 0x9E37_79B9_7F4A_7C15
+        while nowTSC() < end {
+            if PVSched.active {
+                PVSched.setFlags(claim, clear: 0)
+                outl(UInt16(PVSCHED_DEV_DOORBELL), this_cpu())
+                PVSched.setFlags(0, clear: claim)
+                outl(UInt16(PVSCHED_DEV_DOORBELL), this_cpu())
+            }
+            for _ in 0..<100 { x = x &* 6364136223846793005 &+ 1442695040888963407 }
+            r.pointee.work_units &+= 1
+        }
+        if x == 42 { Console.line("") }
     }
 
     /// Self test only (no scheduler): arms the VMM timer for `us` µs and halts until it fires.

@@ -4,13 +4,14 @@ import PVSchedCore
 import Glibc
 #endif
 
-/// Runs a verified BPF program. The program is decoded once, when the
-/// interpreter is made (`DecodedProgram`); a run then costs only its
-/// instructions: registers, call frames and the stack live in one block on the
-/// caller's stack, and nothing is allocated. Memory accesses are also checked at
-/// run time against the regions the program may touch (context, its stack, map
-/// values), so even an unverified program cannot touch other memory; a runaway
-/// program stops at the instruction budget.
+/// Runs a BPF program: compiled to machine code when it was verified (and this
+/// machine allows, see `JITProgram`), interpreted otherwise. The program is
+/// decoded once, when the interpreter is made (`DecodedProgram`); a run then
+/// costs only its instructions: registers, call frames and the stacks live in the
+/// calling thread's run block, and nothing is allocated. Memory accesses are
+/// checked at run time against the regions the program may touch (context, its
+/// stack, map values), so even an unverified program cannot touch other memory;
+/// an interpreted runaway program stops at the instruction budget.
 // @unchecked Sendable: `code` and `mapWindows` are written once in init and only read after; they are freed in deinit.
 public final class Interpreter: @unchecked Sendable {
     public let program: Program
@@ -106,6 +107,7 @@ public final class Interpreter: @unchecked Sendable {
         case .read?: return Self.fault("read", w[JITState.faultAddress], Int(w[JITState.faultSize]), pc + 1)
         case .write?: return Self.fault("write", w[JITState.faultAddress], Int(w[JITState.faultSize]), pc + 1)
         case .misalignedAtomic?: return .runtime(pc: pc, reason: "atomic operations need an aligned 32- or 64-bit location")
+        case .outsideProgram?: return .runtime(pc: pc, reason: "jumped outside the program")
         default:
             guard let box = UnsafeRawPointer(bitPattern: UInt(w[JITState.helperError])) else {
                 return .runtime(pc: pc, reason: "the compiled program stopped")

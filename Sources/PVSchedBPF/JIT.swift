@@ -63,7 +63,7 @@ enum JITState {
 
 /// Why compiled code stopped a run.
 enum JITFault: UInt64 {
-    case none = 0, read = 1, write = 2, misalignedAtomic = 3, helper = 4
+    case none = 0, read = 1, write = 2, misalignedAtomic = 3, helper = 4, outsideProgram = 5
 }
 
 /// The compiler proper: one pass emitting code and recording each instruction's
@@ -99,7 +99,7 @@ struct JITCompiler {
         }
         // Running off the end, or jumping outside the program: the verifier rules both out.
         offsets[count] = code.count
-        faultExit(.read, pc: count, address: nil, size: 0)
+        faultExit(.outsideProgram, pc: count, address: nil, size: 0)
         let epilogueAt = code.count
         epilogue()
         for f in fixups { patch32(f.at, offsets[f.target] - (f.at + 4)) }

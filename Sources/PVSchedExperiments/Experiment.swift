@@ -54,6 +54,15 @@ public enum GuestScenario: String, Sendable, CaseIterable {
     /// vCPU 0 runs the cyclictest task and two batch tasks (the guest scheduler
     /// preempts batch for it); the other vCPUs batch. vCPU 0 is always runnable.
     case rtBatch = "rt+batch"
+    /// A hostile guest: vCPU 0 claims real-time work and a boost request forever
+    /// while it spins; vCPU 1 runs cyclictest.
+    case hostileStuck = "hostile-stuck"
+    /// A hostile guest: vCPU 0 flips its flags at a high rate, ringing the doorbell
+    /// after each flip; vCPU 1 runs cyclictest.
+    case hostileFlip = "hostile-flip"
+
+    /// Whether the guest abuses the protocol (the host's protection is what counts).
+    public var isHostile: Bool { self == .hostileStuck || self == .hostileFlip }
 }
 
 /// One experiment: a guest workload under host contention, run once per mode.
@@ -166,6 +175,12 @@ public struct ExperimentRunner {
         case .rtBatch:
             c.boot.workload = .batch
             c.boot.perVCPU = [.cyclicBatch]
+        case .hostileStuck:
+            c.boot.workload = .cyclic
+            c.boot.perVCPU = [.hostileStuck]
+        case .hostileFlip:
+            c.boot.workload = .cyclic
+            c.boot.perVCPU = [.hostileFlip]
         }
         c.vcpuAffinity = (0..<scenario.vcpus).map { scenario.cpuMask(vcpu: $0) }
         return c

@@ -4,8 +4,12 @@ import PVSchedCore
 /// A guest workload the host selects at boot (`PVSCHED_WORKLOAD_*`).
 public enum Workload: UInt32, Sendable, CaseIterable, CustomStringConvertible {
     case selftest = 0, cyclic = 1, irqResponse = 2, batch = 3, idle = 4, cyclicBatch = 5
+    /// Hostile guests: RT work and a boost request claimed forever; flags flipped at a high rate.
+    case hostileStuck = 6, hostileFlip = 7
     public var description: String {
         switch self {
+        case .hostileStuck: return "hostile-stuck"
+        case .hostileFlip: return "hostile-flip"
         case .cyclicBatch: return "cyclic+batch"
         case .selftest: return "selftest"
         case .cyclic: return "cyclic"

@@ -24,7 +24,7 @@ struct ScenarioOptions: ParsableArguments {
     @Flag(help: "Print JSON instead of the table.") var json = false
     @Option(help: "Run each mode this many times, interleaved, and report each figure's median and spread (1-20).")
     var runs = 1
-    @Option(help: "Run these scenarios one after the other: 'all' (mixed, cyclic, irq-response, rt+batch, mixed with a noisy VM), or a comma-separated list of --guest values (a '+noisy' suffix adds the noisy VM).")
+    @Option(help: "Run these scenarios one after the other: 'all' (mixed, cyclic, irq-response, rt+batch, mixed with a noisy VM, and the hostile guests hostile-stuck and hostile-flip), or a comma-separated list of --guest values (a '+noisy' suffix adds the noisy VM).")
     var scenarios: String?
     @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
     @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm) or qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs).")
@@ -83,7 +83,7 @@ struct ScenarioOptions: ParsableArguments {
     func allScenarios() throws -> [Scenario] {
         let base = try scenario()
         guard let scenarios else { return [base] }
-        let names = scenarios == "all" ? ["mixed", "cyclic", "irq-response", "rt+batch", "mixed+noisy"]
+        let names = scenarios == "all" ? ["mixed", "cyclic", "irq-response", "rt+batch", "mixed+noisy", "hostile-stuck", "hostile-flip"]
                                        : scenarios.split(separator: ",").map(String.init)
         guard !names.isEmpty else { throw ValidationError("--scenarios must name at least one scenario") }
         return try names.map { name in

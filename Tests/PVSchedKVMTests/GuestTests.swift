@@ -88,6 +88,31 @@ struct GuestWorkloadTests {
         #expect(seen[1].contains { $0.flags.contains(.preemptDisabled) })
     }
 
+    @Test(arguments: [Workload.hostileStuck, .hostileFlip])
+    func aHostileGuestGetsNoMoreThanItsBudget(_ hostile: Workload) throws {
+        // vCPU 0 abuses the protocol (claims RT work and a boost request forever, or
+        // flips them as fast as it can) under latency-boost and the default governor.
+        var config = VMConfiguration(image: GuestImage.kernel)
+        config.vcpus = 1
+        config.boot.workload = hostile
+        config.boot.durationNs = 600_000_000
+        let act = RecordingActuator()
+        let host = try PVSchedHost(actuator: act)
+        let vm = try host.makeVM(config: config, driver: "latency-boost", governor: .default)
+        vm.start()
+        let started = MonotonicClock.nowNs()
+        #expect(vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0))
+        let ran = MonotonicClock.nowNs() - started
+        let stats = vm.binding!.stats(vcpu: 0)
+        #expect(stats.boostCount > 0)
+        // The budget refills 1:1 while unboosted: at most half the time, plus one budget, is boosted.
+        let cfg = GovernorConfig.default
+        #expect(stats.boostedNs <= ran / 2 + cfg.generalBudgetNs + 20_000_000, "boosted \(stats.boostedNs) ns of \(ran)")
+        if hostile == .hostileStuck { #expect(stats.vetoesThrottled > 0) }
+        #expect(try vm.readResults()?.vcpus[0].workUnits ?? 0 > 0)
+        #expect(act.applied(to: vm.binding!.threads[0] ?? ThreadID(0)) == nil)
+    }
+
     @Test func irqResponseAnswersEveryInterrupt() throws {
         let (vm, outcome, _) = try runGuest([.irqResponse, .irqResponse], durationMs: 400)
         #expect(outcome == .exited(code: 0))

@@ -27,7 +27,9 @@
 #define PVSCHED_WORKLOAD_BATCH        3u  /* CPU-bound normal tasks */
 #define PVSCHED_WORKLOAD_IDLE         4u  /* halt until the duration ends */
 #define PVSCHED_WORKLOAD_CYCLIC_BATCH 5u  /* on one vCPU: the RT cyclic task and two batch tasks */
-#define PVSCHED_WORKLOAD_MAX          5u
+#define PVSCHED_WORKLOAD_HOSTILE_STUCK 6u /* hostile: an RT task that claims RT work and a boost request forever */
+#define PVSCHED_WORKLOAD_HOSTILE_FLIP  7u /* hostile: flips RT and boost-request flags at a high rate, ringing the doorbell */
+#define PVSCHED_WORKLOAD_MAX          7u
 
 /* Selftest variants (pvsched_boot_info.arg). */
 #define PVSCHED_SELFTEST_NORMAL       0u
