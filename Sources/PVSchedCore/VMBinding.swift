@@ -3,15 +3,49 @@ import Synchronization
 
 /// How a binding boosts a vCPU thread.
 public struct BoostSettings: Equatable, Sendable {
-    /// Parameters of a boosted thread when the driver names no priority.
+    /// Parameters of a boosted thread when the driver names no priority: the boost
+    /// class (SCHED_FIFO or SCHED_RR at a priority, or SCHED_OTHER at a nice level).
     public var boosted: SchedulingParameters
     /// The highest real-time priority a driver may ask for.
     public var maxPriority: UInt8
+    /// Host real-time tasks at or above this priority are never preempted by a
+    /// boost: real-time boosts stay below it, and when none can (1), a boost is
+    /// SCHED_OTHER nice -20 instead. Nil protects nothing.
+    public var protectedHostPriority: UInt8?
     /// Accept vCPU threads that are already real-time when pvsched is given them
     /// (refused by default: someone else manages them).
     public var allowRealTimeThreads: Bool
-    public init(boosted: SchedulingParameters = .fifo(priority: 10), maxPriority: UInt8 = 50, allowRealTimeThreads: Bool = false) {
-        self.boosted = boosted; self.maxPriority = maxPriority; self.allowRealTimeThreads = allowRealTimeThreads
+    public init(boosted: SchedulingParameters = .fifo(priority: 10), maxPriority: UInt8 = 50, protectedHostPriority: UInt8? = 50,
+                allowRealTimeThreads: Bool = false) {
+        self.boosted = boosted; self.maxPriority = maxPriority; self.protectedHostPriority = protectedHostPriority
+        self.allowRealTimeThreads = allowRealTimeThreads
+    }
+
+    /// The parameters of a boost, for a driver that asks for `priority` (nil: the class's own).
+    public func parameters(priority: UInt8?) -> SchedulingParameters {
+        var p = boosted
+        if let priority {
+            let n = min(max(priority, 1), maxPriority)
+            if case .rr = boosted { p = .rr(priority: n) } else if boosted.isRealTime { p = .fifo(priority: n) }
+        }
+        guard let limit = protectedHostPriority else { return p }
+        switch p {
+        case .fifo(let n) where n >= limit: return limit > 1 ? .fifo(priority: limit - 1) : .other(nice: -20)
+        case .rr(let n) where n >= limit: return limit > 1 ? .rr(priority: limit - 1) : .other(nice: -20)
+        default: return p
+        }
+    }
+
+    /// Parses a boost class: `fifo:N`, `rr:N` (N in 1...99) or `nice:N` (N in -20...19).
+    public static func parseClass(_ text: String) -> SchedulingParameters? {
+        let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
+        guard parts.count == 2, let n = Int(parts[1]) else { return nil }
+        switch parts[0] {
+        case "fifo" where (1...99).contains(n): return .fifo(priority: UInt8(n))
+        case "rr" where (1...99).contains(n): return .rr(priority: UInt8(n))
+        case "nice" where (-20...19).contains(n): return .other(nice: Int8(n))
+        default: return nil
+        }
     }
 }
 
@@ -383,12 +417,15 @@ public final class VMBinding: VMEventSink {
             c.boostedVCPUs = max(0, c.boostedVCPUs + delta)
             guard !c.threads.isEmpty else { return }
             if c.boostedVCPUs > 0, c.applied == nil {
-                let p: SchedulingParameters
+                let above: SchedulingParameters
                 switch vcpuParameters {
-                case .fifo(let n): p = .fifo(priority: min(n &+ 1, 99))
-                case .rr(let n): p = .rr(priority: min(n &+ 1, 99))
-                default: p = vcpuParameters
+                case .fifo(let n): above = .fifo(priority: min(n &+ 1, 99))
+                case .rr(let n): above = .rr(priority: min(n &+ 1, 99))
+                default: above = vcpuParameters
                 }
+                // The protected host priorities bind the companions too.
+                let p = BoostSettings(boosted: above, maxPriority: 99, protectedHostPriority: boost.protectedHostPriority)
+                    .parameters(priority: nil)
                 for t in c.threads { try? actuator.apply(p, to: t) }
                 c.applied = p
             } else if c.boostedVCPUs == 0, c.applied != nil {
@@ -573,11 +610,7 @@ public final class VMBinding: VMEventSink {
                 Self.countVeto(veto, &s.stats)
                 return .vetoed(veto)
             }
-            var params = boost.boosted
-            if let priority {
-                let p = min(max(priority, 1), boost.maxPriority)
-                if case .rr = boost.boosted { params = .rr(priority: p) } else { params = .fifo(priority: p) }
-            }
+            let params = boost.parameters(priority: priority)
             do {
                 try actuator.apply(params, to: thread)
                 if s.stats.thread == .operator {

@@ -75,6 +75,14 @@ final class VMAttacher: Sendable {
         let eventsParam = try p.optionalString("events", maxBytes: 16)
         let boostMainLoop = try p.bool("boostMainLoop", default: qmpPath != nil)
         let allowRealTimeThreads = try p.bool("allowRealTimeThreads", default: false)
+        var boost = BoostSettings(allowRealTimeThreads: allowRealTimeThreads)
+        if let text = try p.optionalString("boost") {
+            guard let c = BoostSettings.parseClass(text) else {
+                throw ControlError(.invalidParams, field: "params.boost", "must be fifo:1-99, rr:1-99 or nice:-20-19, got '\(text)'")
+            }
+            boost.boosted = c
+        }
+        if let v = try p.optionalInt("protectHostPriority", in: 0...99) { boost.protectedHostPriority = v == 0 ? nil : UInt8(v) }
         let range = Int64(GuestAreaWatcher.Settings.pollRange.lowerBound / 1000)...Int64(GuestAreaWatcher.Settings.pollRange.upperBound / 1000)
         let pollUs = try p.optionalInt("pollUs", in: range)
         let leadUs = try p.optionalInt("deadlineLeadUs", in: 0...100_000)
@@ -161,7 +169,7 @@ final class VMAttacher: Sendable {
         let what = qmp.map { "QEMU \($0.version), process \(pid)" } ?? "process \(pid)"
         do {
             session = try host.attach(name: vmName, vcpus: found.vcpus.count, summary: what, driver: driver,
-                                      boost: BoostSettings(allowRealTimeThreads: allowRealTimeThreads),
+                                      boost: boost,
                                       onDetach: { detachHook.run() })
         } catch let e as HostError {
             throw ControlError(e.field == "name" ? .conflict : .invalidParams, field: "params.\(e.field)", e.message)

@@ -81,6 +81,8 @@ public struct Scenario: Sendable {
     /// SCHED_FIFO priority of the host latency probe (below the boost priority,
     /// so that boosting has a visible cost on the host); nil runs it SCHED_OTHER.
     public var probePriority: UInt8? = 1
+    /// How the drivers' boosts are applied (class and protected host priorities).
+    public var boost = BoostSettings()
     public var governor: GovernorConfig = .default
     public var modes: [Mode] = [.idle, .vanilla, .staticRT, .driver("latency-boost")]
     /// The Linux guest under unmodified QEMU instead of the built-in VMM (nil):
@@ -206,7 +208,8 @@ public struct ExperimentRunner {
             kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host, source: source)
             vm = kernelDriven!.vm
         } else {
-            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor)
+            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor,
+                                 boost: mode == .staticRT ? BoostSettings() : scenario.boost)
         }
         defer { kernelDriven?.stop(); kernelDriven?.source.close() }
 

@@ -139,6 +139,9 @@ struct VMAttach: ParsableCommand {
     @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm; --shm needs watch or both).") var events: String?
     @Flag(help: "Accept vCPU threads that are already real-time (refused by default: someone else manages them).")
     var allowRealTimeThreads = false
+    @Option(help: "Boost class: fifo:N, rr:N or nice:N (default fifo:10).") var boost: String?
+    @Option(help: "Never preempt host real-time tasks at or above this priority (default 50; 1: boosts are nice -20; 0: none).")
+    var protectHostPriority: Int64?
     @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false
     @Option(help: "How often the watcher reads the guest's lines while it works, in µs (50-100000; default 200).") var pollUs: Int64?
     @Option(help: "How long before a guest's published deadline the watcher wakes, in µs (0-100000; default 200).") var deadlineLeadUs: Int64?
@@ -189,6 +192,8 @@ struct VMAttach: ParsableCommand {
         if let events { p["events"] = .string(events) }
         if noBoostMainLoop { p["boostMainLoop"] = .bool(false) }
         if allowRealTimeThreads { p["allowRealTimeThreads"] = .bool(true) }
+        if let boost { p["boost"] = .string(boost) }
+        if let protectHostPriority { p["protectHostPriority"] = .int(protectHostPriority) }
         if let pollUs { p["pollUs"] = .int(pollUs) }
         if let deadlineLeadUs { p["deadlineLeadUs"] = .int(deadlineLeadUs) }
         if let name { p["name"] = .string(name) }

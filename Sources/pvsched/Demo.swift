@@ -16,6 +16,9 @@ struct ScenarioOptions: ParsableArguments {
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
+    @Option(help: "Boost class of the drivers' boosts: fifo:N, rr:N or nice:N.") var boost = "fifo:10"
+    @Option(help: "Never preempt host real-time tasks at or above this priority (1: boosts are nice -20); 0: protect none.")
+    var protectHostPriority: Int = 50
     @Option(help: "Governor: CPU time a vCPU may run boosted in critical sections (irq, softirq, NMI, preemption off), ms.")
     var criticalBudgetMs: Double = 2
     @Option(help: "Governor: CPU time a vCPU may run boosted otherwise (real-time tasks), ms.") var generalBudgetMs: Double = 5
@@ -67,6 +70,13 @@ struct ScenarioOptions: ParsableArguments {
         }
         s.governor = GovernorConfig(criticalBudgetNs: UInt64(criticalBudgetMs * 1e6), generalBudgetNs: UInt64(generalBudgetMs * 1e6),
                                     throttleWindowNs: UInt64(throttleMs * 1e6), shareWindowNs: 100_000_000, maxVMShare: vmShare)
+        guard let boostClass = BoostSettings.parseClass(boost) else {
+            throw ValidationError("--boost must be fifo:1-99, rr:1-99 or nice:-20-19, got '\(boost)'")
+        }
+        guard (0...99).contains(protectHostPriority) else {
+            throw ValidationError("--protect-host-priority must be 0...99, got \(protectHostPriority)")
+        }
+        s.boost = BoostSettings(boosted: boostClass, protectedHostPriority: protectHostPriority == 0 ? nil : UInt8(protectHostPriority))
         s.modes = modes.split(separator: ",").map { Mode(String($0)) }
         guard !s.modes.isEmpty else { throw ValidationError("--modes must name at least one mode") }
         if let cpus {

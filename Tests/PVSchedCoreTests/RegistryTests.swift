@@ -88,6 +88,26 @@ import PVSchedTesting
     }
 }
 
+@Suite struct BoostClassTests {
+    @Test func classesParseAndBoostsStayBelowTheProtectedHostPriorities() {
+        #expect(BoostSettings.parseClass("fifo:10") == .fifo(priority: 10))
+        #expect(BoostSettings.parseClass("rr:99") == .rr(priority: 99))
+        #expect(BoostSettings.parseClass("nice:-20") == .other(nice: -20))
+        for bad in ["fifo:0", "fifo:100", "nice:-21", "nice:20", "deadline:1", "fifo", "", "fifo:x"] {
+            #expect(BoostSettings.parseClass(bad) == nil, "\(bad)")
+        }
+        let b = BoostSettings(boosted: .fifo(priority: 10), maxPriority: 50, protectedHostPriority: 5)
+        #expect(b.parameters(priority: nil) == .fifo(priority: 4))
+        #expect(b.parameters(priority: 3) == .fifo(priority: 3))
+        #expect(b.parameters(priority: 40) == .fifo(priority: 4))
+        // Protecting every real-time priority makes the boost a fair-class one.
+        #expect(BoostSettings(boosted: .rr(priority: 10), protectedHostPriority: 1).parameters(priority: 20) == .other(nice: -20))
+        // A nice class stays nice whatever a driver asks.
+        #expect(BoostSettings(boosted: .other(nice: -20)).parameters(priority: 30) == .other(nice: -20))
+        #expect(BoostSettings(boosted: .fifo(priority: 60), protectedHostPriority: nil).parameters(priority: nil) == .fifo(priority: 60))
+    }
+}
+
 @Suite struct GovernorTests {
     @Test func aSpentBudgetCutsAndThrottlesAndThenAllowsAgain() {
         let g = Governor(config: .init(criticalBudgetNs: 40, generalBudgetNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1),

@@ -12,7 +12,7 @@ import Testing
         ["run", "--export", "/tmp/x.json", "--driver", "nop"],
         ["demo", "--busy-threads", "100000"], ["demo", "--interval-us", "0"], ["demo", "--vcpus", "0"], ["demo", "--guest", "nope"],
         ["demo", "--cpus", "99"], ["demo", "--seconds", "-1"], ["demo", "--vm-share", "2"], ["demo", "--modes", ""],
-        ["demo", "--critical-budget-ms", "0"], ["demo", "--general-budget-ms", "-1"], ["demo", "--runs", "0"], ["demo", "--runs", "21"], ["demo", "--scenarios", "nope"],
+        ["demo", "--critical-budget-ms", "0"], ["demo", "--boost", "fifo:0"], ["demo", "--protect-host-priority", "100"], ["demo", "--general-budget-ms", "-1"], ["demo", "--runs", "0"], ["demo", "--runs", "21"], ["demo", "--scenarios", "nope"],
         ["bench", "--exit-runs", "-1"],
         ["bpf", "run", "/nonexistent.o"], ["bpf", "run", "zz"], ["bpf", "run", "9500000000000000", "--mem", "zz"],
         ["bpf", "verify", "/nonexistent.o"], ["bpf", "dump", "/nonexistent.o"], ["bpf", "dump", "zz"], ["bpf", "load", "/nonexistent.o", "--socket", none],
