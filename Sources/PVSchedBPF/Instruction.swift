@@ -115,12 +115,10 @@ enum Disassembler {
             }
         case .jump:
             if op == .ja { return "goto pc\(relative(d.target))" }
-            let symbols: [String: String] = ["jeq": "==", "jgt": ">", "jge": ">=", "jset": "&", "jne": "!=", "jsgt": "s>",
-                                             "jsge": "s>=", "jlt": "<", "jle": "<=", "jslt": "s<", "jsle": "s<="]
-            let wide = op.isWideCondition
-            let key = wide ? name : String(name.dropLast(2))
-            let r = wide ? "r" : "w"
-            return "if \(r)\(d.dst) \(symbols[key] ?? key) \(d.operandIsRegister ? "\(r)\(d.src)" : "\(Int64(bitPattern: d.imm))") goto pc\(relative(d.target))"
+            let symbols: [BPFOperation: String] = [.jeq: "==", .jgt: ">", .jge: ">=", .jset: "&", .jne: "!=", .jsgt: "s>",
+                                                   .jsge: "s>=", .jlt: "<", .jle: "<=", .jslt: "s<", .jsle: "s<="]
+            let r = op.isWideCondition ? "r" : "w"
+            return "if \(r)\(d.dst) \(symbols[op.wideCondition] ?? name) \(d.operandIsRegister ? "\(r)\(d.src)" : "\(Int64(bitPattern: d.imm))") goto pc\(relative(d.target))"
         case .call:
             if op == .callLocal { return "call pc\(relative(d.target))" }
             let names: [Int32: String] = [1: "bpf_map_lookup_elem", 2: "bpf_map_update_elem", 3: "bpf_map_delete_elem",

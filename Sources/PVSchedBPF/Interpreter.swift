@@ -90,13 +90,13 @@ public final class Interpreter: @unchecked Sendable {
             size <<= 1
         }
         w[JITState.mainFramePointer] = stack + UInt64(BPF.stackSize)
-        w[JITState.fault] = 0
+        w[JITState.fault] = JITFault.none.rawValue
         w[JITState.interpreter] = UInt64(UInt(bitPattern: Unmanaged.passUnretained(self).toOpaque()))
         w[JITState.mapWindows] = UInt64(UInt(bitPattern: mapWindows.baseAddress))
         w[JITState.mapCount] = UInt64(mapCount)
         w[JITState.helperError] = 0
         let r0 = entry(context.baseAddress, state)
-        guard w[JITState.fault] == 0 else { throw compiledFault(w) }
+        guard w[JITState.fault] == JITFault.none.rawValue else { throw compiledFault(w) }
         return r0
     }
 
@@ -160,6 +160,9 @@ public final class Interpreter: @unchecked Sendable {
             pc &+= 1
             let d = Int(i.dst)
             let operand = reg[Int(i.src)] & i.srcMask | i.imm
+            // Each operation is its own case calling BPFSemantics with that constant
+            // operation: the compiler folds the semantics' switch away, so an
+            // instruction costs one dispatch.
             switch i.operation {
             case .add64: reg[d] = BPFSemantics.alu(.add64, reg[d], operand)
             case .sub64: reg[d] = BPFSemantics.alu(.sub64, reg[d], operand)
@@ -205,53 +208,29 @@ public final class Interpreter: @unchecked Sendable {
             case .be16: reg[d] = BPFSemantics.alu(.be16, reg[d], operand)
             case .be32: reg[d] = BPFSemantics.alu(.be32, reg[d], operand)
             case .be64: reg[d] = BPFSemantics.alu(.be64, reg[d], operand)
-            case .ja:
-                try budget.charge(pc, Int(i.target))
-                pc = Int(i.target)
-            case .jeq:
-                if BPFSemantics.condition(.jeq, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jgt:
-                if BPFSemantics.condition(.jgt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jge:
-                if BPFSemantics.condition(.jge, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jset:
-                if BPFSemantics.condition(.jset, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jne:
-                if BPFSemantics.condition(.jne, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsgt:
-                if BPFSemantics.condition(.jsgt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsge:
-                if BPFSemantics.condition(.jsge, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jlt:
-                if BPFSemantics.condition(.jlt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jle:
-                if BPFSemantics.condition(.jle, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jslt:
-                if BPFSemantics.condition(.jslt, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsle:
-                if BPFSemantics.condition(.jsle, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jeq32:
-                if BPFSemantics.condition(.jeq32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jgt32:
-                if BPFSemantics.condition(.jgt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jge32:
-                if BPFSemantics.condition(.jge32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jset32:
-                if BPFSemantics.condition(.jset32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jne32:
-                if BPFSemantics.condition(.jne32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsgt32:
-                if BPFSemantics.condition(.jsgt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsge32:
-                if BPFSemantics.condition(.jsge32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jlt32:
-                if BPFSemantics.condition(.jlt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jle32:
-                if BPFSemantics.condition(.jle32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jslt32:
-                if BPFSemantics.condition(.jslt32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
-            case .jsle32:
-                if BPFSemantics.condition(.jsle32, reg[d], operand) { try budget.charge(pc, Int(i.target)); pc = Int(i.target) }
+            case .ja: try budget.jump(&pc, to: i.target)
+            case .jeq: if BPFSemantics.condition(.jeq, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jgt: if BPFSemantics.condition(.jgt, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jge: if BPFSemantics.condition(.jge, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jset: if BPFSemantics.condition(.jset, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jne: if BPFSemantics.condition(.jne, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsgt: if BPFSemantics.condition(.jsgt, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsge: if BPFSemantics.condition(.jsge, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jlt: if BPFSemantics.condition(.jlt, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jle: if BPFSemantics.condition(.jle, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jslt: if BPFSemantics.condition(.jslt, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsle: if BPFSemantics.condition(.jsle, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jeq32: if BPFSemantics.condition(.jeq32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jgt32: if BPFSemantics.condition(.jgt32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jge32: if BPFSemantics.condition(.jge32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jset32: if BPFSemantics.condition(.jset32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jne32: if BPFSemantics.condition(.jne32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsgt32: if BPFSemantics.condition(.jsgt32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsge32: if BPFSemantics.condition(.jsge32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jlt32: if BPFSemantics.condition(.jlt32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jle32: if BPFSemantics.condition(.jle32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jslt32: if BPFSemantics.condition(.jslt32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
+            case .jsle32: if BPFSemantics.condition(.jsle32, reg[d], operand) { try budget.jump(&pc, to: i.target) }
             case .load8: reg[d] = UInt64(try Self.load(i, reg, memory, UInt8.self, pc))
             case .load16: reg[d] = UInt64(try Self.load(i, reg, memory, UInt16.self, pc))
             case .load32: reg[d] = UInt64(try Self.load(i, reg, memory, UInt32.self, pc))
@@ -271,8 +250,7 @@ public final class Interpreter: @unchecked Sendable {
                 f[0] = UInt64(pc); f[1] = reg[6]; f[2] = reg[7]; f[3] = reg[8]; f[4] = reg[9]; f[5] = reg[10]
                 depth += 1
                 reg[10] &+= UInt64(BPF.stackSize)  // r10 may hold anything without the verifier
-                try budget.charge(pc, Int(i.target))
-                pc = Int(i.target)
+                try budget.jump(&pc, to: i.target)
             case .exit:
                 let f = frames + (depth - 1) * RunBlock.frameWords
                 try budget.charge(pc, depth == 0 ? 0 : Int(f[0]))
@@ -453,6 +431,13 @@ struct Budget {
         remaining &-= pc &- runStart
         if remaining < 0 { throw .budgetExceeded(limit) }
         runStart = next
+    }
+
+    /// A taken jump or call from just before `pc` to `target`: charged, then taken.
+    @inline(__always)
+    mutating func jump(_ pc: inout Int, to target: Int32) throws(BPFError) {
+        try charge(pc, Int(target))
+        pc = Int(target)
     }
 }
 

@@ -43,8 +43,8 @@ final class JITProgram: @unchecked Sendable {
     deinit { munmap(memory, size) }
 }
 
-/// The words a compiled program reads and writes during a run, at the start of
-/// the run block (the interpreter's registers and frames are not used by it).
+/// The words a compiled program reads and writes during a run, where the run
+/// block keeps the interpreter's registers and frames (a compiled run uses neither).
 enum JITState {
     // Words (8 bytes each), at r12 + 8 × word.
     static let stackBase = 0, contextBase = 1, contextLength = 2
@@ -58,7 +58,6 @@ enum JITState {
     static let savedStackPointer = 20
     /// An Unmanaged `BPFError` box a failed helper leaves.
     static let helperError = 21
-    static let words = 22
 }
 
 /// Why compiled code stopped a run.
@@ -124,6 +123,8 @@ struct JITCompiler {
         if r != 0x40 || force { byte(r) }
     }
     private mutating func modrmRegister(_ reg: UInt8, _ rm: UInt8) { byte(0xC0 | (reg & 7) << 3 | (rm & 7)) }
+    /// ModRM for [r11], the checked address (with REX.B from `rex(rm: r11)`).
+    private mutating func atR11(_ reg: UInt8) { byte((reg & 7) << 3 | 3) }
     /// ModRM (and SIB) for [base + disp32].
     private mutating func modrmMemory(_ reg: UInt8, base: UInt8, disp: Int32) {
         byte(0x80 | (reg & 7) << 3 | (base & 7))
@@ -291,7 +292,7 @@ struct JITCompiler {
         case .jeq, .jgt, .jge, .jset, .jne, .jsgt, .jsge, .jlt, .jle, .jslt, .jsle,
              .jeq32, .jgt32, .jge32, .jset32, .jne32, .jsgt32, .jsge32, .jlt32, .jle32, .jslt32, .jsle32:
             let w = op.isWideCondition
-            let base = w ? op : BPFOperation(rawValue: op.rawValue - BPFOperation.jeq32.rawValue + BPFOperation.jeq.rawValue)!
+            let base = op.wideCondition
             if base == .jset {
                 if isReg { rr(0x85, w: w, reg: src, rm: dst) }
                 else { rex(w: w, rm: dst); byte(0xF7); modrmRegister(0, dst); imm32(k) }
@@ -316,26 +317,28 @@ struct JITCompiler {
         case .load8, .load16, .load32, .load64, .loadSigned8, .loadSigned16, .loadSigned32:
             let size = op.accessSize
             checkedAddress(base: src, offset: i.offset, size: size, write: false, pc: pc)
-            switch op {
-            case .load8: rex(w: false, reg: dst, rm: Self.r11); bytes(0x0F, 0xB6); byte((dst & 7) << 3 | 3)
-            case .load16: rex(w: false, reg: dst, rm: Self.r11); bytes(0x0F, 0xB7); byte((dst & 7) << 3 | 3)
-            case .load32: rex(w: false, reg: dst, rm: Self.r11); byte(0x8B); byte((dst & 7) << 3 | 3)
-            case .load64: rex(w: true, reg: dst, rm: Self.r11); byte(0x8B); byte((dst & 7) << 3 | 3)
-            case .loadSigned8: rex(w: true, reg: dst, rm: Self.r11); bytes(0x0F, 0xBE); byte((dst & 7) << 3 | 3)
-            case .loadSigned16: rex(w: true, reg: dst, rm: Self.r11); bytes(0x0F, 0xBF); byte((dst & 7) << 3 | 3)
-            default: rex(w: true, reg: dst, rm: Self.r11); byte(0x63); byte((dst & 7) << 3 | 3)
+            // movzx r32, byte/word; mov r32; mov r64; movsx r64, byte/word; movsxd r64
+            let (wide, opcode): (Bool, [UInt8]) = switch op {
+            case .load8: (false, [0x0F, 0xB6])
+            case .load16: (false, [0x0F, 0xB7])
+            case .load32: (false, [0x8B])
+            case .load64: (true, [0x8B])
+            case .loadSigned8: (true, [0x0F, 0xBE])
+            case .loadSigned16: (true, [0x0F, 0xBF])
+            default: (true, [0x63])
             }
+            rex(w: wide, reg: dst, rm: Self.r11); code.append(contentsOf: opcode); atR11(dst)
         case .store8, .store16, .store32, .store64:
             let size = op.accessSize
             checkedAddress(base: dst, offset: i.offset, size: size, write: true, pc: pc)
             if isReg {
                 if size == 2 { byte(0x66) }
                 rex(w: size == 8, reg: src, rm: Self.r11, force: size == 1)
-                byte(size == 1 ? 0x88 : 0x89); byte((src & 7) << 3 | 3)
+                byte(size == 1 ? 0x88 : 0x89); atR11(src)
             } else {
                 if size == 2 { byte(0x66) }
                 rex(w: size == 8, rm: Self.r11)
-                byte(size == 1 ? 0xC6 : 0xC7); byte(3)
+                byte(size == 1 ? 0xC6 : 0xC7); atR11(0)
                 switch size {
                 case 1: byte(UInt8(truncatingIfNeeded: k))
                 case 2: withUnsafeBytes(of: UInt16(truncatingIfNeeded: k).littleEndian) { code.append(contentsOf: $0) }
@@ -389,7 +392,7 @@ struct JITCompiler {
             rr(0x39, w: true, reg: Self.r10, rm: Self.rdi)            // cmp rdi, r10
             let other = jumpForward(0x85)                               // jne: another map
             checkedAddress(base: Self.rsi, offset: 0, size: 4, write: false, pc: pc)  // the key
-            rex(w: false, reg: Self.rax, rm: Self.r11); byte(0x8B); byte(3)            // mov eax, [r11]
+            rex(w: false, reg: Self.rax, rm: Self.r11); byte(0x8B); atR11(Self.rax)    // mov eax, [r11]
             ri(7, w: true, rm: Self.rax, Int32(map.definition.maxEntries))            // cmp rax, max_entries
             let inRange = jumpForward(0x82)                                           // jb
             rr(0x31, w: false, reg: Self.rax, rm: Self.rax)                           // NULL
@@ -430,39 +433,35 @@ struct JITCompiler {
         let limit = (write ? JITState.contextWriteLimit : JITState.contextReadLimit) + log2
         rex(w: true, reg: Self.r10, rm: Self.r12); byte(0x3B); modrmMemory(Self.r10, base: Self.r12, disp: Int32(limit * 8))
         let contextOK = jumpForward(0x82)  // jb
-        // Map values whose slots are a power of two apart, in line.
+        // Map values whose slots are a power of two apart, in line: r10 = r11 - base.
         var inMap: [Int] = []
+        var outOfLine = false
         for map in maps {
             let window = map.valueWindow
-            guard window.slotSize.nonzeroBitCount == 1, window.valueSize >= UInt(size) else { continue }
-            movImm64(Self.r10, UInt64(window.base))
-            rr(0x29, w: true, reg: Self.r10, rm: Self.r11)                  // sub r11, r10 (r11 = offset)
-            movImm64(Self.r10, UInt64(window.bytes))
-            rr(0x39, w: true, reg: Self.r10, rm: Self.r11)                  // cmp r11, bytes
-            let outside = jumpForward(0x83)                                 // jae
-            movRR(Self.r10, Self.r11)
+            guard window.slotSize.nonzeroBitCount == 1, window.valueSize >= UInt(size) else { outOfLine = true; continue }
+            movImm64(Self.r10, 0 &- UInt64(window.base))
+            rr(0x01, w: true, reg: Self.r11, rm: Self.r10)                  // add r10, r11
+            ri(7, w: true, rm: Self.r10, Int32(window.bytes))               // cmp r10, bytes
+            let outside = jumpForward(0x83)                                 // jae: another map
             ri(4, w: true, rm: Self.r10, Int32(window.slotSize - 1))        // and r10, slot - 1
             ri(7, w: true, rm: Self.r10, Int32(window.valueSize - UInt(size)))  // cmp r10, value - size
-            let crosses = jumpForward(0x87)                                 // ja: crosses the value's end
-            movImm64(Self.r10, UInt64(window.base))
-            rr(0x01, w: true, reg: Self.r10, rm: Self.r11)                  // r11 = address again
-            byte(0xE9); inMap.append(code.count); imm32(0)
-            land(crosses)
+            inMap.append(jumpForward(0x86))                                 // jbe: inside one value
             land(outside)
-            movImm64(Self.r10, UInt64(window.base))
-            rr(0x01, w: true, reg: Self.r10, rm: Self.r11)                  // restore r11
         }
-        // Other map values, out of line.
-        preservingCall(UInt64(UInt(bitPattern: unsafeBitCast(jitCheckMapValue, to: UnsafeRawPointer.self)))) { c in
-            c.movRR(Self.rdi, Self.r11)
-            c.movImm64(Self.rsi, UInt64(size))
-            c.movRR(Self.rdx, Self.r12)
+        // Map values with other slot sizes, out of line.
+        var mapOK: Int?
+        if outOfLine {
+            preservingCall(UInt64(UInt(bitPattern: unsafeBitCast(jitCheckMapValue, to: UnsafeRawPointer.self)))) { c in
+                c.movRR(Self.rdi, Self.r11)
+                c.movImm64(Self.rsi, UInt64(size))
+                c.movRR(Self.rdx, Self.r12)
+            }
+            rr(0x85, w: true, reg: Self.r10, rm: Self.r10)  // test r10, r10
+            mapOK = jumpForward(0x85)  // jnz
         }
-        rr(0x85, w: true, reg: Self.r10, rm: Self.r10)  // test r10, r10
-        let mapOK = jumpForward(0x85)  // jnz
         faultExit(write ? .write : .read, pc: pc, address: Self.r11, size: size)
-        land(stackOK); land(contextOK); land(mapOK)
-        for at in inMap { land(at) }
+        land(stackOK); land(contextOK)
+        for at in inMap + (mapOK.map { [$0] } ?? []) { land(at) }
     }
 
     private mutating func emitAtomic(_ i: DecodedInstruction, src: UInt8, dst: UInt8, pc: Int) {
@@ -477,7 +476,7 @@ struct JITCompiler {
         let fetch = i.target & BPF.atomicFetch != 0
         let operation = i.target & ~BPF.atomicFetch
         func lockRM(_ c: inout JITCompiler, _ opcode: [UInt8], reg: UInt8) {
-            c.byte(0xF0); c.rex(w: w, reg: reg, rm: Self.r11); c.code.append(contentsOf: opcode); c.byte((reg & 7) << 3 | 3)
+            c.byte(0xF0); c.rex(w: w, reg: reg, rm: Self.r11); c.code.append(contentsOf: opcode); c.atR11(reg)
         }
         switch (operation, fetch) {
         case (0x00, false): lockRM(&self, [0x01], reg: src)
@@ -485,7 +484,7 @@ struct JITCompiler {
         case (0x50, false): lockRM(&self, [0x21], reg: src)
         case (0xA0, false): lockRM(&self, [0x31], reg: src)
         case (0x00, true): lockRM(&self, [0x0F, 0xC1], reg: src)  // lock xadd: src = old
-        case (0xE0, _): rex(w: w, reg: src, rm: Self.r11); byte(0x87); byte((src & 7) << 3 | 3)  // xchg: src = old
+        case (0xE0, _): rex(w: w, reg: src, rm: Self.r11); byte(0x87); atR11(src)  // xchg: src = old
         case (0xF0, _):
             lockRM(&self, [0x0F, 0xB1], reg: src)  // lock cmpxchg: compares with rax (r0), r0 = old
             if !w { movRR(Self.rax, Self.rax, w: false) }
@@ -493,7 +492,7 @@ struct JITCompiler {
             // fetch_or / fetch_and / fetch_xor: a compare-exchange loop; rax (r0) is kept in r10.
             movRR(Self.r10, Self.rax)
             let operand = src == Self.rax ? Self.r10 : src
-            rex(w: w, reg: Self.rax, rm: Self.r11); byte(0x8B); byte(3)        // mov rax, [r11]
+            rex(w: w, reg: Self.rax, rm: Self.r11); byte(0x8B); atR11(Self.rax)  // mov rax, [r11]
             let retry = code.count
             movRR(Self.r9, Self.rax, w: w)
             let opcode: UInt8 = operation == 0x40 ? 0x09 : operation == 0x50 ? 0x21 : 0x31

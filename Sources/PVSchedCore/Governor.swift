@@ -75,8 +75,13 @@ public final class Governor: Sendable {
     /// The limits in force (an operator may change them while the VM runs).
     public var config: GovernorConfig { state.withLock { $0.config } }
     private struct VCPUBudget {
-        /// Budget left (ns of CPU time) as of `lastWallNs`.
-        var left: [UInt64] = [.max, .max]   // indexed by BoostBudget: critical, general
+        /// Budgets left (ns of CPU time) as of `lastWallNs`.
+        var critical: UInt64 = .max
+        var general: UInt64 = .max
+        subscript(_ b: BoostBudget) -> UInt64 {
+            get { b == .critical ? critical : general }
+            set { if b == .critical { critical = newValue } else { general = newValue } }
+        }
         var boosted = false
         var charging = BoostBudget.general
         /// When the budgets were last brought up to date, and the thread's CPU time then (while boosted).
@@ -96,7 +101,8 @@ public final class Governor: Sendable {
     public init(config: GovernorConfig, vcpuCount: Int) {
         self.vcpuCount = vcpuCount
         var v = VCPUBudget()
-        v.left = [config.criticalBudgetNs, config.generalBudgetNs]
+        v.critical = config.criticalBudgetNs
+        v.general = config.generalBudgetNs
         self.state = Mutex(State(config: config, vcpus: Array(repeating: v, count: vcpuCount)))
     }
 
@@ -105,13 +111,11 @@ public final class Governor: Sendable {
         state.withLock { s in
             s.config = config
             for i in s.vcpus.indices {
-                s.vcpus[i].left[0] = min(s.vcpus[i].left[0], config.criticalBudgetNs)
-                s.vcpus[i].left[1] = min(s.vcpus[i].left[1], config.generalBudgetNs)
+                s.vcpus[i].critical = min(s.vcpus[i].critical, config.criticalBudgetNs)
+                s.vcpus[i].general = min(s.vcpus[i].general, config.generalBudgetNs)
             }
         }
     }
-
-    private static func index(_ b: BoostBudget) -> Int { b == .critical ? 0 : 1 }
 
     private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
         if config.maxVMShare >= 1.0 || config.shareWindowNs == .max { return .max }
@@ -139,15 +143,14 @@ public final class Governor: Sendable {
         if v.boosted {
             // Without a CPU clock, wall time is charged (the thread ran at most that long).
             let cpu = cpuNs.map { $0 > v.lastCPUNs ? $0 - v.lastCPUNs : 0 } ?? wall
-            let k = Self.index(v.charging)
-            v.left[k] = v.left[k] > cpu ? v.left[k] - cpu : 0
+            v[v.charging] = v[v.charging] > cpu ? v[v.charging] - cpu : 0
             s.windowUsedNs &+= cpu
             if let cpuNs { v.lastCPUNs = cpuNs }
         } else {
-            let (c, oc) = v.left[0].addingReportingOverflow(wall)
-            let (g, og) = v.left[1].addingReportingOverflow(wall)
-            v.left[0] = oc ? s.config.criticalBudgetNs : min(c, s.config.criticalBudgetNs)
-            v.left[1] = og ? s.config.generalBudgetNs : min(g, s.config.generalBudgetNs)
+            let (c, oc) = v.critical.addingReportingOverflow(wall)
+            let (g, og) = v.general.addingReportingOverflow(wall)
+            v.critical = oc ? s.config.criticalBudgetNs : min(c, s.config.criticalBudgetNs)
+            v.general = og ? s.config.generalBudgetNs : min(g, s.config.generalBudgetNs)
         }
         v.lastWallNs = now
     }
@@ -162,7 +165,7 @@ public final class Governor: Sendable {
             let limit = shareLimitNs(s.config)
             if s.windowUsedNs >= limit { return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit) }
             account(&s, vcpu: vcpu, now: now, cpuNs: nil)
-            if s.vcpus[vcpu].left[Self.index(budget)] == 0 { return .throttled(untilNs: now) }
+            if s.vcpus[vcpu][budget] == 0 { return .throttled(untilNs: now) }
             s.vcpus[vcpu].boosted = true
             s.vcpus[vcpu].charging = budget
             s.vcpus[vcpu].lastCPUNs = cpuNs ?? 0
@@ -191,7 +194,7 @@ public final class Governor: Sendable {
             account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
             if let budget { s.vcpus[vcpu].charging = budget }
             let charging = s.vcpus[vcpu].charging
-            if s.vcpus[vcpu].left[Self.index(charging)] == 0 {
+            if s.vcpus[vcpu][charging] == 0 {
                 s.vcpus[vcpu].boosted = false
                 let (until, overflow) = now.addingReportingOverflow(s.config.throttleWindowNs)
                 s.vcpus[vcpu].throttledUntil = overflow ? .max : until
@@ -213,7 +216,7 @@ public final class Governor: Sendable {
         state.withLock { s in
             var next: UInt64?
             for v in s.vcpus where v.boosted {
-                let (t, o) = (v.lastWallNs ?? 0).addingReportingOverflow(v.left[Self.index(v.charging)])
+                let (t, o) = (v.lastWallNs ?? 0).addingReportingOverflow(v[v.charging])
                 let at = o ? UInt64.max : t
                 next = min(next ?? at, at)
             }
@@ -225,7 +228,7 @@ public final class Governor: Sendable {
     public func budgetsLeft(vcpu: Int, now: UInt64) -> (critical: UInt64, general: UInt64) {
         state.withLock { s in
             if !s.vcpus[vcpu].boosted { account(&s, vcpu: vcpu, now: now, cpuNs: nil) }
-            return (s.vcpus[vcpu].left[0], s.vcpus[vcpu].left[1])
+            return (s.vcpus[vcpu].critical, s.vcpus[vcpu].general)
         }
     }
 }

@@ -370,7 +370,7 @@ public final class VMBinding: VMEventSink {
     /// Records the OS thread that runs `vcpu` (call from that thread when it starts).
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
         var ownership = ThreadOwnership.pvsched
-        if let thread, thread != threads[vcpu] {
+        if let thread, thread != vcpus[vcpu].state.withLock({ $0.thread }) {
             do { try actuator.adopt(thread, allowRealTime: boost.allowRealTimeThreads) } catch {
                 if case .realTimeAtAttach = error.kind { ownership = .refusedRealTime }
                 logger.warning("vCPU thread not managed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])

@@ -177,12 +177,9 @@ public struct ExperimentRunner {
         case .rtBatch:
             c.boot.workload = .batch
             c.boot.perVCPU = [.cyclicBatch]
-        case .hostileStuck:
+        case .hostileStuck, .hostileFlip:
             c.boot.workload = .cyclic
-            c.boot.perVCPU = [.hostileStuck]
-        case .hostileFlip:
-            c.boot.workload = .cyclic
-            c.boot.perVCPU = [.hostileFlip]
+            c.boot.perVCPU = [scenario.guest == .hostileStuck ? .hostileStuck : .hostileFlip]
         }
         c.vcpuAffinity = (0..<scenario.vcpus).map { scenario.cpuMask(vcpu: $0) }
         return c

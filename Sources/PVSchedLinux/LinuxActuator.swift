@@ -87,22 +87,16 @@ public final class LinuxActuator: Actuator {
         cpuClock.forget(thread)
     }
 
-    /// Reads `thread`'s parameters and checks them against `expected`; a difference
-    /// means someone else changed the thread.
-    private func checkUnchanged(_ thread: ThreadID, expected: pvs_sched_attr) throws(ActuatorError) -> pvs_sched_attr {
+    /// Reads `thread`'s parameters and checks that they are still the setting
+    /// `expected` (policy, priority, nice); a difference means someone else changed the thread.
+    private func checkUnchanged(_ thread: ThreadID, expected: SchedulingParameters?) throws(ActuatorError) {
         var now = pvs_sched_attr()
         let r = pvs_sched_getattr(thread.rawValue, &now)
         guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
-        guard Self.sameSetting(now, expected) else {
-            throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: LinuxScheduling.parameters(of: now)))
+        let current = LinuxScheduling.parameters(of: now)
+        guard current == expected else {
+            throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: current))
         }
-        return now
-    }
-
-    /// Whether two parameter sets are the same setting (policy, priority, nice).
-    private static func sameSetting(_ a: pvs_sched_attr, _ b: pvs_sched_attr) -> Bool {
-        a.sched_policy == b.sched_policy && a.sched_priority == b.sched_priority
-            && (a.sched_policy != UInt32(PVS_SCHED_OTHER) && a.sched_policy != UInt32(PVS_SCHED_BATCH) || a.sched_nice == b.sched_nice)
     }
 
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
@@ -110,8 +104,8 @@ public final class LinuxActuator: Actuator {
         try current.withLock { cur throws(ActuatorError) in
             if cur[thread] == parameters { return }
             // The thread must still be where pvsched left it: at its boost, or at its baseline.
-            if let mine = cur[thread] { _ = try checkUnchanged(thread, expected: LinuxScheduling.attr(for: mine)) }
-            else if let baseline { _ = try checkUnchanged(thread, expected: baseline) }
+            if let mine = cur[thread] { try checkUnchanged(thread, expected: mine) }
+            else if let baseline { try checkUnchanged(thread, expected: LinuxScheduling.parameters(of: baseline)) }
             var original = pvs_sched_attr()
             if pvs_restore_table_lookup(thread.rawValue, &original) == 0 {
                 // The baseline taken at adoption, exactly; else the parameters now.
@@ -141,7 +135,7 @@ public final class LinuxActuator: Actuator {
             guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return }
             // Changed by someone else while boosted: their setting stays.
             do throws(ActuatorError) {
-                _ = try checkUnchanged(thread, expected: LinuxScheduling.attr(for: mine))
+                try checkUnchanged(thread, expected: mine)
             } catch {
                 pvs_restore_table_forget(thread.rawValue)
                 if error.kind == .system && error.errno == Errno.noSuchProcess.rawValue { return }

@@ -11,9 +11,9 @@ import Glibc
 /// through `/proc/TID/schedstat`, whose first field is the same sum of run time,
 /// with the file kept open and read with pread.
 public final class ThreadCPUClock: Sendable {
+    /// The open schedstat file of each thread of another process (whose thread
+    /// clock id Linux refuses with EINVAL).
     private let files = Mutex([ThreadID: Int32]())
-    /// Threads of other processes, whose clock id Linux refuses (EINVAL).
-    private let foreign = Mutex(Set<ThreadID>())
 
     public init() {}
 
@@ -23,24 +23,22 @@ public final class ThreadCPUClock: Sendable {
 
     /// CPU time of `thread` in ns, or nil if it cannot be read (the thread exited).
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? {
-        if !foreign.withLock({ $0.contains(thread) }) {
-            // MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): (~tid << 3) | CPUCLOCK_SCHED | CPUCLOCK_PERTHREAD_MASK.
-            let id = clockid_t((~thread.rawValue) << 3 | 2 | 4)
-            var ts = timespec()
-            if clock_gettime(id, &ts) == 0 { return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) }
-            foreign.withLock { _ = $0.insert(thread) }
-        }
-        return schedstat(thread)
-    }
-
-    private func schedstat(_ thread: ThreadID) -> UInt64? {
-        let fd: Int32 = files.withLock { f in
-            if let fd = f[thread] { return fd }
-            let fd = open("/proc/\(thread.rawValue)/schedstat", O_RDONLY | O_CLOEXEC)
-            if fd >= 0 { f[thread] = fd }
+        if let fd = files.withLock({ $0[thread] }) { return schedstat(thread, fd) }
+        // MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED): (~tid << 3) | CPUCLOCK_SCHED | CPUCLOCK_PERTHREAD_MASK.
+        let id = clockid_t((~thread.rawValue) << 3 | 2 | 4)
+        var ts = timespec()
+        if clock_gettime(id, &ts) == 0 { return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec) }
+        let fd = open("/proc/\(thread.rawValue)/schedstat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        let kept: Int32 = files.withLock { f in
+            if let other = f[thread] { close(fd); return other }  // another caller opened it first
+            f[thread] = fd
             return fd
         }
-        guard fd >= 0 else { return nil }
+        return schedstat(thread, kept)
+    }
+
+    private func schedstat(_ thread: ThreadID, _ fd: Int32) -> UInt64? {
         var buffer = (UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         let n = withUnsafeMutableBytes(of: &buffer) { pread(fd, $0.baseAddress, $0.count - 1, 0) }
         guard n > 0 else {
@@ -64,6 +62,5 @@ public final class ThreadCPUClock: Sendable {
     /// Stops watching `thread` (closes its file).
     public func forget(_ thread: ThreadID) {
         files.withLock { f in if let fd = f.removeValue(forKey: thread) { close(fd) } }
-        foreign.withLock { _ = $0.remove(thread) }
     }
 }
