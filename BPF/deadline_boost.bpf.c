@@ -8,6 +8,8 @@ PVSCHED_DRIVER("bpf-deadline-boost", PVSCHED_EVENT_VM_ENTRY | PVSCHED_EVENT_VM_E
                                      PVSCHED_EVENT_GUEST_UPDATE | PVSCHED_EVENT_DEADLINE);
 
 #define RT_FLAGS (PVSCHED_FLAG_RT_TASK_RUNNING | PVSCHED_FLAG_BOOST_REQUEST)
+/* An interrupt handler keeps a running boost (the one its interrupt started), never starts one. */
+#define HANDLER_FLAGS (PVSCHED_FLAG_IN_IRQ | PVSCHED_FLAG_IN_SOFTIRQ | PVSCHED_FLAG_IN_NMI)
 #define HORIZON_NS 500000ll
 
 static __attribute__((noinline)) int deadline_near(const struct pvsched_bpf_ctx *ctx) {
@@ -24,7 +26,7 @@ static int wants_boost(const struct pvsched_bpf_ctx *ctx) {
     }
     if (!ctx->has_guest) return 0;
     if (ctx->flags & RT_FLAGS) return 1;
-    return ctx->boosted && deadline_near(ctx);
+    return ctx->boosted && ((ctx->flags & HANDLER_FLAGS) || deadline_near(ctx));
 }
 
 SEC("pvsched")

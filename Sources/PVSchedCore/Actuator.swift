@@ -1,6 +1,10 @@
 /// Host scheduling parameters of a thread, as the actuator applies them.
 public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
     case other(nice: Int8)
+    /// SCHED_OTHER with its own EEVDF slice (`sched_attr.sched_runtime`, Linux 6.12+):
+    /// a short slice gives the thread an early virtual deadline, so it preempts the
+    /// fair tasks it wakes among at once, yet never a real-time task.
+    case slice(nice: Int8, sliceUs: UInt32)
     case batch(nice: Int8)
     case idle
     case fifo(priority: UInt8)
@@ -16,6 +20,7 @@ public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .other(let n): return "SCHED_OTHER nice \(n)"
+        case .slice(let n, let us): return "SCHED_OTHER nice \(n) slice \(us) µs"
         case .batch(let n): return "SCHED_BATCH nice \(n)"
         case .idle: return "SCHED_IDLE"
         case .fifo(let p): return "SCHED_FIFO \(p)"

@@ -36,14 +36,28 @@ public struct BoostSettings: Equatable, Sendable {
         }
     }
 
-    /// Parses a boost class: `fifo:N`, `rr:N` (N in 1...99) or `nice:N` (N in -20...19).
+    /// The boost classes `parseClass` accepts, for error messages and help.
+    public static let classSyntax = "fifo:1-99, rr:1-99, nice:-20-19 or slice:100-100000 (µs; nice -20, or slice:US:nice:N)"
+    /// The range of an EEVDF slice the kernel accepts (it clamps others), in µs.
+    public static let sliceRangeUs: ClosedRange<Int> = 100...100_000
+
+    /// Parses a boost class: `fifo:N`, `rr:N` (N in 1...99), `nice:N` (N in -20...19),
+    /// or `slice:US` (SCHED_OTHER nice -20 with a US µs EEVDF slice; `slice:US:nice:N`
+    /// for another nice level).
     public static func parseClass(_ text: String) -> SchedulingParameters? {
-        let parts = text.split(separator: ":", maxSplits: 1).map(String.init)
-        guard parts.count == 2, let n = Int(parts[1]) else { return nil }
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count == 2 || parts.count == 4, let n = Int(parts[1]) else { return nil }
         switch parts[0] {
-        case "fifo" where (1...99).contains(n): return .fifo(priority: UInt8(n))
-        case "rr" where (1...99).contains(n): return .rr(priority: UInt8(n))
-        case "nice" where (-20...19).contains(n): return .other(nice: Int8(n))
+        case "fifo" where parts.count == 2 && (1...99).contains(n): return .fifo(priority: UInt8(n))
+        case "rr" where parts.count == 2 && (1...99).contains(n): return .rr(priority: UInt8(n))
+        case "nice" where parts.count == 2 && (-20...19).contains(n): return .other(nice: Int8(n))
+        case "slice" where sliceRangeUs.contains(n):
+            var nice = -20
+            if parts.count == 4 {
+                guard parts[2] == "nice", let m = Int(parts[3]), (-20...19).contains(m) else { return nil }
+                nice = m
+            }
+            return .slice(nice: Int8(nice), sliceUs: UInt32(n))
         default: return nil
         }
     }

@@ -78,7 +78,7 @@ final class VMAttacher: Sendable {
         var boost = BoostSettings(allowRealTimeThreads: allowRealTimeThreads)
         if let text = try p.optionalString("boost") {
             guard let c = BoostSettings.parseClass(text) else {
-                throw ControlError(.invalidParams, field: "params.boost", "must be fifo:1-99, rr:1-99 or nice:-20-19, got '\(text)'")
+                throw ControlError(.invalidParams, field: "params.boost", "must be \(BoostSettings.classSyntax), got '\(text)'")
             }
             boost.boosted = c
         }

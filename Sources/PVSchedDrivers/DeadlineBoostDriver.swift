@@ -12,8 +12,10 @@ import PVSchedCore
 ///   latency-sensitive work waits for.
 /// - A watched VM's `deadline` event boosts (the watcher sends it just ahead of the
 ///   published deadline).
-/// - A running RT task or a boost request keeps the boost; irq and softirq alone do
-///   not start one.
+/// - A running RT task or a boost request starts or keeps a boost. An interrupt
+///   handler (irq, softirq, NMI) keeps a running boost, so the handler the boost was
+///   for finishes boosted even when it exits to the host midway (a device register
+///   read), but does not start one: a round-robin tick's handler is not boosted.
 /// - The boost ends at the first event where the guest's state is current (an exit
 ///   it caused, a line change) and it reports no RT work, no boost request and no
 ///   near deadline.
@@ -43,6 +45,8 @@ public final class DeadlineBoostDriver: Driver {
 
     /// Guest flags that are real-time work by themselves.
     public static let rtFlags: GuestVCPUState.Flags = [.rtTaskRunning, .boostRequest]
+    /// Guest flags of an interrupt handler running: they keep a boost, never start one.
+    public static let handlerFlags: GuestVCPUState.Flags = [.inIRQ, .inSoftIRQ, .inNMI]
 
     public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
         if wantsBoost(event, view) { return view.boosted ? .none : .boost() }
@@ -61,8 +65,9 @@ public final class DeadlineBoostDriver: Driver {
         default:
             guard let g = view.guest else { return false }
             if !g.flags.isDisjoint(with: Self.rtFlags) { return true }
-            // A boosted vCPU whose RT task is about to run keeps its boost.
-            return view.boosted && deadlineNear(view)
+            // A boosted vCPU whose RT task is about to run, or that is still in the
+            // handler of the interrupt it was boosted for, keeps its boost.
+            return view.boosted && (!g.flags.isDisjoint(with: Self.handlerFlags) || deadlineNear(view))
         }
     }
 

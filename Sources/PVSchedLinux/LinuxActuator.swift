@@ -78,7 +78,7 @@ public final class LinuxActuator: Actuator {
         if let params, params.isRealTime, !allowRealTime {
             throw ActuatorError(thread: thread, operation: "adopt", errno: 0, kind: .realTimeAtAttach(current: params))
         }
-        baselines.withLock { $0[thread] = now }
+        baselines.withLock { $0[thread] = LinuxScheduling.normalized(now) }
     }
 
     public func release(_ thread: ThreadID) {
@@ -94,7 +94,7 @@ public final class LinuxActuator: Actuator {
         let r = pvs_sched_getattr(thread.rawValue, &now)
         guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
         let current = LinuxScheduling.parameters(of: now)
-        guard current == expected else {
+        guard LinuxScheduling.sameSetting(current, expected) else {
             throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: current))
         }
     }
@@ -112,6 +112,7 @@ public final class LinuxActuator: Actuator {
                 if let baseline { original = baseline } else {
                     let r = pvs_sched_getattr(thread.rawValue, &original)
                     guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
+                    original = LinuxScheduling.normalized(original)
                 }
                 if LinuxScheduling.parameters(of: original) == parameters { return }
                 let rr = pvs_restore_table_remember(thread.rawValue, &original)
@@ -197,9 +198,55 @@ public enum LinuxScheduling {
         return true
     }
 
+    /// The kernel's default EEVDF slice (sysctl base_slice), in ns: what sched_getattr
+    /// reports as `sched_runtime` for a SCHED_OTHER thread without a slice of its own.
+    /// Learnt once, on a short-lived thread that resets its own slice to the default
+    /// (threads inherit their creator's slice, so reading a new thread is not enough).
+    public static let defaultSliceNs: UInt64 = {
+        let found = SliceCell()
+        let t = PVSchedCore.Thread {
+            let tid = pvs_gettid()
+            var a = pvs_sched_attr()
+            guard pvs_sched_getattr(tid, &a) == 0 else { return }
+            if a.sched_policy == UInt32(PVS_SCHED_OTHER) || a.sched_policy == UInt32(PVS_SCHED_BATCH) {
+                a.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+                a.sched_runtime = 0
+                guard pvs_sched_setattr(tid, &a) == 0, pvs_sched_getattr(tid, &a) == 0 else { return }
+                found.value.store(a.sched_runtime, ordering: .relaxed)
+            }
+        }
+        t.join()
+        return found.value.load(ordering: .relaxed)
+    }()
+    private final class SliceCell: Sendable { let value = Atomic<UInt64>(0) }
+
+    /// Whether a thread read back as `current` runs with the setting `expected`. A
+    /// slice equal to the default reads back as no slice of its own.
+    static func sameSetting(_ current: SchedulingParameters?, _ expected: SchedulingParameters?) -> Bool {
+        if case .slice(let n, let us)? = expected, UInt64(us) * 1000 == defaultSliceNs { return current == .other(nice: n) }
+        return current == expected
+    }
+
+    /// `a` as a baseline to restore: a SCHED_OTHER/BATCH thread at the default slice
+    /// gets `sched_runtime` 0, so that restoring it leaves it without a slice of its own
+    /// (setting the default value would pin it, and hide later changes of the sysctl).
+    static func normalized(_ a: pvs_sched_attr) -> pvs_sched_attr {
+        var a = a
+        if a.sched_policy == UInt32(PVS_SCHED_OTHER) || a.sched_policy == UInt32(PVS_SCHED_BATCH),
+           a.sched_runtime == defaultSliceNs {
+            a.sched_runtime = 0
+        }
+        return a
+    }
+
     static func parameters(of a: pvs_sched_attr) -> SchedulingParameters? {
         switch Int32(a.sched_policy) {
-        case Int32(PVS_SCHED_OTHER): return .other(nice: Int8(a.sched_nice))
+        case Int32(PVS_SCHED_OTHER):
+            // A slice of its own (sched_getattr reports the slice in force, default or not).
+            if a.sched_runtime != 0, a.sched_runtime != defaultSliceNs, defaultSliceNs != 0 {
+                return .slice(nice: Int8(a.sched_nice), sliceUs: UInt32(clamping: a.sched_runtime / 1000))
+            }
+            return .other(nice: Int8(a.sched_nice))
         case Int32(PVS_SCHED_BATCH): return .batch(nice: Int8(a.sched_nice))
         case Int32(PVS_SCHED_IDLE): return .idle
         case Int32(PVS_SCHED_FIFO): return .fifo(priority: UInt8(a.sched_priority))
@@ -213,6 +260,8 @@ public enum LinuxScheduling {
         a.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
         switch p {
         case .other(let n): a.sched_policy = UInt32(PVS_SCHED_OTHER); a.sched_nice = Int32(n)
+        case .slice(let n, let us):
+            a.sched_policy = UInt32(PVS_SCHED_OTHER); a.sched_nice = Int32(n); a.sched_runtime = UInt64(us) * 1000
         case .batch(let n): a.sched_policy = UInt32(PVS_SCHED_BATCH); a.sched_nice = Int32(n)
         case .idle: a.sched_policy = UInt32(PVS_SCHED_IDLE)
         case .fifo(let prio):

@@ -139,7 +139,7 @@ struct VMAttach: ParsableCommand {
     @Option(help: "Where events come from: kernel (KVM events through eBPF), watch (the guest's area), both (default with --shm; --shm needs watch or both).") var events: String?
     @Flag(help: "Accept vCPU threads that are already real-time (refused by default: someone else manages them).")
     var allowRealTimeThreads = false
-    @Option(help: "Boost class: fifo:N, rr:N or nice:N (default fifo:10).") var boost: String?
+    @Option(help: "Boost class: fifo:N, rr:N, nice:N or slice:US (EEVDF slice of US µs at nice -20; default fifo:10).") var boost: String?
     @Option(help: "Never preempt host real-time tasks at or above this priority (default 50; 1: boosts are nice -20; 0: none).")
     var protectHostPriority: Int64?
     @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false

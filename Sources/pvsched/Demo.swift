@@ -16,7 +16,7 @@ struct ScenarioOptions: ParsableArguments {
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
-    @Option(help: "Boost class of the drivers' boosts: fifo:N, rr:N or nice:N.") var boost = "fifo:10"
+    @Option(help: "Boost class of the drivers' boosts: fifo:N, rr:N, nice:N or slice:US (an EEVDF slice of US µs at nice -20).") var boost = "fifo:10"
     @Option(help: "Never preempt host real-time tasks at or above this priority (1: boosts are nice -20); 0: protect none.")
     var protectHostPriority: Int = 50
     @Option(help: "Governor: CPU time a vCPU may run boosted in critical sections (irq, softirq, NMI, preemption off), ms.")
@@ -71,7 +71,7 @@ struct ScenarioOptions: ParsableArguments {
         s.governor = GovernorConfig(criticalBudgetNs: UInt64(criticalBudgetMs * 1e6), generalBudgetNs: UInt64(generalBudgetMs * 1e6),
                                     throttleWindowNs: UInt64(throttleMs * 1e6), shareWindowNs: 100_000_000, maxVMShare: vmShare)
         guard let boostClass = BoostSettings.parseClass(boost) else {
-            throw ValidationError("--boost must be fifo:1-99, rr:1-99 or nice:-20-19, got '\(boost)'")
+            throw ValidationError("--boost must be \(BoostSettings.classSyntax), got '\(boost)'")
         }
         guard (0...99).contains(protectHostPriority) else {
             throw ValidationError("--protect-host-priority must be 0...99, got \(protectHostPriority)")

@@ -165,6 +165,10 @@ struct DeadlinePolicyTests {
         #expect(d.decide(event: .interruptInjection(vector: 0x31), view: view(deadlineIn: nil)) == .boost(), "a device interrupt")
         #expect(d.decide(event: .vmExit(.io(port: 1, write: true)), view: view(deadlineIn: nil, flags: [.inIRQ])) == .none,
                 "irq alone does not boost")
+        #expect(d.decide(event: .vmExit(.io(port: 0x531, write: false)), view: view(deadlineIn: nil, flags: [.inIRQ], boosted: true)) == .none,
+                "the handler of the interrupt a boost is for keeps it when it reads a device register")
+        #expect(d.decide(event: .vmExit(.io(port: 0x530, write: true)), view: view(deadlineIn: nil, boosted: true)) == .unboost,
+                "the handler is done: the boost ends")
         #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, boosted: true)) == .unboost,
                 "RT work done, the next deadline is far: the boost ends")
         #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, flags: [.rtTaskRunning], boosted: true)) == .none)

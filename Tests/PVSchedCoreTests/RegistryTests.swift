@@ -93,7 +93,10 @@ import PVSchedTesting
         #expect(BoostSettings.parseClass("fifo:10") == .fifo(priority: 10))
         #expect(BoostSettings.parseClass("rr:99") == .rr(priority: 99))
         #expect(BoostSettings.parseClass("nice:-20") == .other(nice: -20))
-        for bad in ["fifo:0", "fifo:100", "nice:-21", "nice:20", "deadline:1", "fifo", "", "fifo:x"] {
+        #expect(BoostSettings.parseClass("slice:100") == .slice(nice: -20, sliceUs: 100))
+        #expect(BoostSettings.parseClass("slice:300:nice:0") == .slice(nice: 0, sliceUs: 300))
+        for bad in ["fifo:0", "fifo:100", "nice:-21", "nice:20", "deadline:1", "fifo", "", "fifo:x", "slice:99", "slice:100001",
+                    "slice:200:nice:-21", "slice:200:nice", "slice:200:fifo:3", "fifo:3:nice:0", "slice:200:nice:1:x", "slice::"] {
             #expect(BoostSettings.parseClass(bad) == nil, "\(bad)")
         }
         let b = BoostSettings(boosted: .fifo(priority: 10), maxPriority: 50, protectedHostPriority: 5)
@@ -102,8 +105,10 @@ import PVSchedTesting
         #expect(b.parameters(priority: 40) == .fifo(priority: 4))
         // Protecting every real-time priority makes the boost a fair-class one.
         #expect(BoostSettings(boosted: .rr(priority: 10), protectedHostPriority: 1).parameters(priority: 20) == .other(nice: -20))
-        // A nice class stays nice whatever a driver asks.
+        // A nice or slice class stays what it is whatever a driver asks.
         #expect(BoostSettings(boosted: .other(nice: -20)).parameters(priority: 30) == .other(nice: -20))
+        #expect(BoostSettings(boosted: .slice(nice: -20, sliceUs: 150), protectedHostPriority: 1).parameters(priority: 30)
+                == .slice(nice: -20, sliceUs: 150))
         #expect(BoostSettings(boosted: .fifo(priority: 60), protectedHostPriority: nil).parameters(priority: nil) == .fifo(priority: 60))
     }
 }

@@ -81,6 +81,36 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         act.release(t.id)
     }
 
+    /// The EEVDF slice class: nice -20 with a short slice of its own, read back as such,
+    /// and restored to no slice of its own (the default one, following the sysctl).
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
+    func aSliceBoostSetsTheThreadsOwnSliceAndRestoreLeavesItWithTheDefault() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let base = LinuxScheduling.defaultSliceNs
+        try #require(base > 0, "the kernel reports no default slice (before Linux 6.12)")
+        let act = LinuxActuator()
+        try act.adopt(t.id, allowRealTime: false)
+        try act.apply(.slice(nice: -20, sliceUs: 150), to: t.id)
+        var now = pvs_sched_attr()
+        #expect(pvs_sched_getattr(t.id.rawValue, &now) == 0)
+        #expect(now.sched_policy == UInt32(PVS_SCHED_OTHER) && now.sched_nice == -20 && now.sched_runtime == 150_000)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .slice(nice: -20, sliceUs: 150))
+        try act.restore(t.id)
+        #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 0))
+        #expect(pvs_sched_getattr(t.id.rawValue, &now) == 0)
+        #expect(now.sched_runtime == base)
+        // A slice an administrator gave the thread while boosted is theirs: not restored.
+        try act.apply(.slice(nice: -20, sliceUs: 150), to: t.id)
+        var theirs = LinuxScheduling.attr(for: .slice(nice: -5, sliceUs: 2000))
+        #expect(pvs_sched_setattr(t.id.rawValue, &theirs) == 0)
+        #expect(throws: ActuatorError.self) { try act.restore(t.id) }
+        #expect(try LinuxScheduling.parameters(of: t.id) == .slice(nice: -5, sliceUs: 2000))
+        var plain = LinuxScheduling.attr(for: .other(nice: 0))
+        #expect(pvs_sched_setattr(t.id.rawValue, &plain) == 0)
+        act.release(t.id)
+    }
+
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func aRealTimeThreadIsRefusedAtAttachUnlessAllowed() throws {
         let t = ParkedThread()
