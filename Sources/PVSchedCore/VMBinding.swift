@@ -41,6 +41,18 @@ public struct BoostSettings: Equatable, Sendable {
     /// The range of an EEVDF slice the kernel accepts (it clamps others), in µs.
     public static let sliceRangeUs: ClosedRange<Int> = 100...100_000
 
+    /// `p` written as a boost class (what `parseClass` reads back).
+    public static func classText(_ p: SchedulingParameters) -> String {
+        switch p {
+        case .fifo(let n): return "fifo:\(n)"
+        case .rr(let n): return "rr:\(n)"
+        case .other(let n): return "nice:\(n)"
+        case .slice(let n, let us): return n == -20 ? "slice:\(us)" : "slice:\(us):nice:\(n)"
+        case .batch(let n): return "batch:\(n)"
+        case .idle: return "idle"
+        }
+    }
+
     /// Parses a boost class: `fifo:N`, `rr:N` (N in 1...99), `nice:N` (N in -20...19),
     /// or `slice:US` (SCHED_OTHER nice -20 with a US µs EEVDF slice; `slice:US:nice:N`
     /// for another nice level).

@@ -16,29 +16,52 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
     case vanilla
     /// Host contention, vCPU threads SCHED_FIFO all the time (RFC v1's static RT).
     case staticRT
-    /// Host contention, pvsched with the named driver.
-    case driver(String)
+    /// Host contention, pvsched with the named driver, boosting with `boost` (nil: the
+    /// scenario's class). Written `DRIVER` or `DRIVER@CLASS`, e.g. `deadline-boost@slice:100`.
+    case driver(String, boost: SchedulingParameters? = nil)
     /// Host contention, the named driver fed from KVM events the host kernel reports
     /// (BPF), as for a VM another process runs, instead of the VMM's own notifications.
-    case kernel(String)
+    case kernel(String, boost: SchedulingParameters? = nil)
 
     public var description: String {
         switch self {
         case .idle: return "idle"
         case .vanilla: return "vanilla"
         case .staticRT: return "static-rt"
-        case .driver(let n): return n
-        case .kernel(let n): return "kernel:\(n)"
+        case .driver(let n, let b): return n + (b.map { "@" + BoostSettings.classText($0) } ?? "")
+        case .kernel(let n, let b): return "kernel:" + n + (b.map { "@" + BoostSettings.classText($0) } ?? "")
         }
     }
 
-    public init(_ text: String) {
+    /// Parses a mode; nil when a `@CLASS` suffix is not a boost class.
+    public init?(_ text: String) {
         switch text {
         case "idle": self = .idle
         case "vanilla": self = .vanilla
         case "static-rt": self = .staticRT
-        case _ where text.hasPrefix("kernel:"): self = .kernel(String(text.dropFirst("kernel:".count)))
-        default: self = .driver(text)
+        default:
+            let kernel = text.hasPrefix("kernel:")
+            let rest = kernel ? String(text.dropFirst("kernel:".count)) : text
+            let parts = rest.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
+            guard !parts[0].isEmpty else { return nil }
+            var boost: SchedulingParameters?
+            if parts.count == 2 {
+                guard let b = BoostSettings.parseClass(parts[1]) else { return nil }
+                boost = b
+            }
+            self = kernel ? .kernel(parts[0], boost: boost) : .driver(parts[0], boost: boost)
+        }
+    }
+
+    /// The driver a mode runs (static-rt's for static-rt), and the boosts it makes.
+    func pvsched(in scenario: Scenario) -> (driver: String, boost: BoostSettings)? {
+        var boost = scenario.boost
+        switch self {
+        case .idle, .vanilla: return nil
+        case .staticRT: return ("static-rt", BoostSettings())
+        case .driver(let n, let b), .kernel(let n, let b):
+            if let b { boost.boosted = b }
+            return (n, boost)
         }
     }
 }
@@ -188,14 +211,9 @@ public struct ExperimentRunner {
     func run(_ mode: Mode, index: Int) throws -> ModeResult {
         if let image = scenario.qemuGuest { return try runQEMU(mode, index: index, image: image) }
         let contended = mode != .idle
-        let pvsched: Bool
-        let driverName: String?
-        switch mode {
-        case .idle, .vanilla: pvsched = false; driverName = nil
-        case .staticRT: pvsched = true; driverName = "static-rt"
-        case .driver(let n): pvsched = true; driverName = n
-        case .kernel(let n): pvsched = true; driverName = n
-        }
+        let managed = mode.pvsched(in: scenario)
+        let pvsched = managed != nil
+        let driverName = managed?.driver
         let host = try PVSchedHost(actuator: LinuxActuator())
         let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
         var kernelDriven: KernelDrivenVM?
@@ -206,7 +224,7 @@ public struct ExperimentRunner {
             vm = kernelDriven!.vm
         } else {
             vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor,
-                                 boost: mode == .staticRT ? BoostSettings() : scenario.boost)
+                                 boost: managed?.boost ?? BoostSettings())
         }
         defer { kernelDriven?.stop(); kernelDriven?.source.close() }
 
@@ -226,7 +244,9 @@ public struct ExperimentRunner {
         }
         noisy?.start()
         let started = MonotonicClock.nowNs()
-        if let kernelDriven, let driverName { try kernelDriven.start(driver: driverName, governor: governor) } else { vm.start() }
+        if let kernelDriven, let managed {
+            try kernelDriven.start(driver: managed.driver, governor: governor, boost: managed.boost)
+        } else { vm.start() }
         let binding = kernelDriven?.binding ?? vm.binding
         let limit = scenario.durationNs + 20_000_000_000
         var outcome: VMOutcome? = nil

@@ -31,7 +31,7 @@ final class KernelDrivenVM {
 
     /// Starts the VM, then attaches it once its vCPU threads run and its guest has
     /// registered the area (events before that — the boot — are not seen).
-    func start(driver: String, governor: GovernorConfig, timeoutNs: UInt64 = 10_000_000_000) throws {
+    func start(driver: String, governor: GovernorConfig, boost: BoostSettings = BoostSettings(), timeoutNs: UInt64 = 10_000_000_000) throws {
         vm.start()
         let deadline = MonotonicClock.nowNs() + timeoutNs
         while MonotonicClock.nowNs() < deadline {
@@ -46,7 +46,7 @@ final class KernelDrivenVM {
             throw ResultsError(field: "area", detail: "the guest did not register its area in time")
         }
         let s = try host.attach(name: "\(vm.config.name)-kernel", vcpus: vm.config.vcpus, summary: "kernel events",
-                                driver: driver, governor: governor, traceCapacity: 1)
+                                driver: driver, governor: governor, boost: boost, traceCapacity: 1)
         let threads = e.threads.map { Optional(ThreadID($0)) }
         for (i, t) in threads.enumerated() { s.events.setThread(t, vcpu: i) }
         _ = s.link.registrar.register(area: bytes, owner: vm.memory)

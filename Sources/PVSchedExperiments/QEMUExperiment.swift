@@ -24,13 +24,9 @@ extension ExperimentRunner {
     /// demo, and pvsched attached as the daemon would (QMP threads, the ivshmem
     /// region, the watcher, QEMU's main loop boosted with the vCPUs).
     func runQEMU(_ mode: Mode, index: Int, image: LinuxGuestImage) throws -> ModeResult {
-        let driverName: String?
-        switch mode {
-        case .idle, .vanilla: driverName = nil
-        case .staticRT: driverName = "static-rt"
-        case .driver(let n): driverName = n
-        case .kernel: throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here")
-        }
+        if case .kernel = mode { throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here") }
+        let managed = mode.pvsched(in: scenario)
+        let driverName = managed?.driver
         let contended = mode != .idle
         let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
         var options = LinuxGuestOptions()
@@ -49,7 +45,8 @@ extension ExperimentRunner {
         var watcher: GuestAreaWatcher?
         if let driverName {
             let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
-            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: driverName, governor: governor)
+            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: driverName, governor: governor,
+                                    boost: managed?.boost ?? BoostSettings())
             let region = try SharedMemoryFile(path: guest.shmPath)
             if let b = s.binding {
                 threads.install(in: b, boostMainLoop: true)

@@ -12,7 +12,7 @@ struct ScenarioOptions: ParsableArguments {
     @Flag(help: "Also run a noisy second VM (batch) on the same CPU.") var noisyVM = false
     @Option(help: "Seconds per mode.") var seconds: Double = 4
     @Option(help: "Wake-up / interrupt interval in microseconds (a guest wake-up costs ~0.5-0.9 ms of emulated execution under PVM: keep it well above that). Default 5000; with --vmm qemu 1000.") var intervalUs: UInt64?
-    @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, a driver name, or kernel:DRIVER for that driver fed from the host kernel's KVM events, as for an attached VM).")
+    @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, a driver name, DRIVER@CLASS for a driver boosting with another --boost class, or kernel:DRIVER for that driver fed from the host kernel's KVM events, as for an attached VM).")
     var modes = "idle,vanilla,static-rt,latency-boost"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
@@ -77,7 +77,12 @@ struct ScenarioOptions: ParsableArguments {
             throw ValidationError("--protect-host-priority must be 0...99, got \(protectHostPriority)")
         }
         s.boost = BoostSettings(boosted: boostClass, protectedHostPriority: protectHostPriority == 0 ? nil : UInt8(protectHostPriority))
-        s.modes = modes.split(separator: ",").map { Mode(String($0)) }
+        s.modes = try modes.split(separator: ",").map { text in
+            guard let m = Mode(String(text)) else {
+                throw ValidationError("--modes: '\(text)' is not a mode (a driver's '@CLASS' must be \(BoostSettings.classSyntax))")
+            }
+            return m
+        }
         guard !s.modes.isEmpty else { throw ValidationError("--modes must name at least one mode") }
         if let cpus {
             let list = cpus.split(separator: ",").compactMap { Int($0) }

@@ -95,6 +95,9 @@ import PVSchedTesting
         #expect(BoostSettings.parseClass("nice:-20") == .other(nice: -20))
         #expect(BoostSettings.parseClass("slice:100") == .slice(nice: -20, sliceUs: 100))
         #expect(BoostSettings.parseClass("slice:300:nice:0") == .slice(nice: 0, sliceUs: 300))
+        for text in ["fifo:10", "rr:99", "nice:-20", "slice:100", "slice:300:nice:0"] {
+            #expect(BoostSettings.parseClass(text).map(BoostSettings.classText) == text)
+        }
         for bad in ["fifo:0", "fifo:100", "nice:-21", "nice:20", "deadline:1", "fifo", "", "fifo:x", "slice:99", "slice:100001",
                     "slice:200:nice:-21", "slice:200:nice", "slice:200:fifo:3", "fifo:3:nice:0", "slice:200:nice:1:x", "slice::"] {
             #expect(BoostSettings.parseClass(bad) == nil, "\(bad)")
