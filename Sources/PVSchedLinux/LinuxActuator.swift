@@ -221,9 +221,12 @@ public enum LinuxScheduling {
     private final class SliceCell: Sendable { let value = Atomic<UInt64>(0) }
 
     /// Whether a thread read back as `current` runs with the setting `expected`. A
-    /// slice equal to the default reads back as no slice of its own.
+    /// slice equal to the default reads back as no slice of its own, and so does any
+    /// slice on a kernel without per-task slices (before 6.12: `defaultSliceNs` 0).
     static func sameSetting(_ current: SchedulingParameters?, _ expected: SchedulingParameters?) -> Bool {
-        if case .slice(let n, let us)? = expected, UInt64(us) * 1000 == defaultSliceNs { return current == .other(nice: n) }
+        if case .slice(let n, let us)? = expected, defaultSliceNs == 0 || UInt64(us) * 1000 == defaultSliceNs {
+            return current == .other(nice: n)
+        }
         return current == expected
     }
 
