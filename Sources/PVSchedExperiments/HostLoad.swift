@@ -20,7 +20,7 @@ final class HostContention: @unchecked Sendable {
         startedAt = MonotonicClock.nowNs()
         for counter in work {
             let stop = self.stop
-            threads.append(PVSchedCore.Thread {
+            threads.append(PVSchedCore.Thread(name: "host-busy") {
                 try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: cpuMask)
                 var x: UInt64 = 1
                 while !stop.load(ordering: .relaxed) {
@@ -53,7 +53,7 @@ final class HostLatencyProbe: @unchecked Sendable {
     nonisolated(unsafe) private var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
 
     init(cpuMask: UInt64, intervalNs: UInt64, priority: UInt8?) {
-        thread = PVSchedCore.Thread { [self] in
+        thread = PVSchedCore.Thread(name: "host-probe") { [self] in
             try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: cpuMask)
             if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
             var next = timespec()

@@ -110,7 +110,7 @@ public final class AttachedVMSession: VMSession {
         self.link = link
         self.summary = summary
         self.onDetach = onDetach
-        let t = PVSchedCore.Thread { [enforcing, events = link.events] in
+        let t = PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
             while enforcing.load(ordering: .relaxed) {
                 events.enforceBudgets()

@@ -162,7 +162,7 @@ final class TimerDevice: PortDevice, @unchecked Sendable {
     /// Starts the device thread; `raise` delivers its interrupts.
     func start(raise: @escaping @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void, threads: any ThreadControl, priority: UInt8?) {
         running.store(true, ordering: .relaxed)
-        thread = PVSchedCore.Thread { [self] in
+        thread = PVSchedCore.Thread(name: "pvs-timer") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             while running.load(ordering: .acquiring) {
                 let seen = generation.value
@@ -245,7 +245,7 @@ final class IRQResponseDevice: PortDevice, @unchecked Sendable {
         guard !targets.isEmpty else { return }
         running.store(true, ordering: .relaxed)
         let targets = self.targets, interval = self.intervalNs
-        thread = PVSchedCore.Thread { [self] in
+        thread = PVSchedCore.Thread(name: "pvs-irqdev") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             var rng: UInt64 = 0x2545_F491_4F6C_DD1D
             var next = MonotonicClock.nowNs() &+ interval

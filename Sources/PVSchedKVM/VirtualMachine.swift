@@ -198,14 +198,14 @@ public final class VirtualMachine: @unchecked Sendable {
         timer.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
         irqDevice.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
         for ctx in vcpus {
-            threads.append(PVSchedCore.Thread { [self] in runLoop(ctx) })
+            threads.append(PVSchedCore.Thread(name: "vcpu\(ctx.index)") { [self] in runLoop(ctx) })
         }
         if let events {
             // The enforcer runs real-time like the device threads: starved by the host
             // load it protects against, it would cut boosts late (and, holding a vCPU's
             // lock, could block a boosted vCPU thread).
             let priority = config.deviceThreadPriority
-            enforcer = PVSchedCore.Thread { [self] in
+            enforcer = PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
                     events.enforceBudgets()
