@@ -23,8 +23,9 @@ let package = Package(
         .executableTarget(name: "FuzzGuestOutput", dependencies: [
             .product(name: "PVSchedAttach", package: "pvsched"), .product(name: "PVSchedControl", package: "pvsched"),
         ], swiftSettings: fuzzFlags),
-        .executableTarget(name: "FuzzControlRequest", dependencies: [.product(name: "PVSchedControl", package: "pvsched")],
-                          swiftSettings: fuzzFlags),
+        .executableTarget(name: "FuzzControlRequest", dependencies: [
+            .product(name: "PVSchedControl", package: "pvsched"), .product(name: "PVSchedCore", package: "pvsched"),
+        ], swiftSettings: fuzzFlags),
     ],
     swiftLanguageModes: [.v6]
 )

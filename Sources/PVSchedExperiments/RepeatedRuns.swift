@@ -57,10 +57,10 @@ extension Report {
 
     /// Issue #12's bar for each driver mode, from the medians over the runs: guest p99
     /// ≤ 1.25x static-rt's, host-probe p99 ≤ 1.5x vanilla's, host-probe max ≤ 2x
-    /// vanilla's, host work (per round, as in the table) ≥ 0.9x (a hostile guest: ≥ 1 − the VM's share). With
-    /// each, what explains the host probe: the share of the vCPUs' time spent boosted
-    /// and the mean boost (a host real-time task that a boost preempts waits about
-    /// one boost, as often as the boosted share says).
+    /// vanilla's, host work (per round, as in the table) ≥ 0.9x (a hostile guest:
+    /// ≥ 1 − the VM's share). With each, what explains the host probe: the share of
+    /// the vCPUs' time spent boosted and the mean boost (a host real-time task that a
+    /// boost preempts waits about one boost, as often as the boosted share says).
     static func barCheck(_ results: [RepeatedResult], scenario: Scenario) -> String {
         func median(_ mode: String, _ f: (ModeResult) -> Double) -> Double? {
             guard let r = results.first(where: { $0.mode == mode }), !r.runs.isEmpty else { return nil }

@@ -1,4 +1,5 @@
 import PVSchedControl
+import PVSchedCore
 
 /// libFuzzer target: the daemon's control-request parser (JSON, envelope, and
 /// typed parameters as the methods read them).
@@ -16,6 +17,10 @@ public func fuzzControlRequest(_ data: UnsafePointer<UInt8>, _ size: Int) -> CIn
     _ = try? p.optionalDouble("maxVMShare", in: 0...1)
     _ = try? p.bool("force", default: false)
     _ = try? p.intArray("threads", count: 1...256, in: 1...Int64(Int32.max))
+    // A boost class (vm.attach's "boost"): whatever parses writes back to the same class.
+    if let text = try? p.optionalString("boost"), let parsed = BoostSettings.parseClass(text) {
+        guard BoostSettings.parseClass(BoostSettings.classText(parsed)) == parsed else { fatalError("boost class round trip differs") }
+    }
     _ = try? p.finish()
     _ = ControlResponse.success(id: request.id, result: .object(["method": .string(request.method)]))
     return 0
