@@ -130,7 +130,13 @@ public struct Verifier {
                 if isDivision && i.imm == 0 { return "division by zero" }
             }
         case .jump:
-            if op == .ja { return isX ? "invalid opcode 0x\(String(i.opcode, radix: 16))" : nil }
+            if op == .ja {
+                if isX { return "invalid opcode 0x\(String(i.opcode, radix: 16))" }
+                // As Linux: `goto` (JMP) takes its target from off, `gotol` (JMP32) from imm; nothing else is used.
+                let jmp32 = i.opcode & 0x07 == 0x06
+                guard i.src == 0, i.dst == 0, jmp32 ? i.offset == 0 : i.imm == 0 else { return "BPF_JA uses reserved fields" }
+                return nil
+            }
             guard isX ? i.imm == 0 : i.src == 0 else { return "jump uses reserved fields" }
         case .call:
             if op == .callHelper && i.src != 0 { return "calls to kernel functions are not supported" }
@@ -208,8 +214,10 @@ public struct Verifier {
         var pc: Int
         var frames: [Frame]
         var nextID = 1
-        /// The state this path last reached each loop head in, and how often it did.
-        var lastAtHead: [Int: [Frame]] = [:]
+        /// The states this path reached each loop head in, and how often it did. All
+        /// of them, not the last only: a loop whose state cycles with a period above
+        /// one (`w2 = -w2` alternates two values) also runs forever.
+        var statesAtHead: [Int: Set<[Frame]>] = [:]
         var headVisits: [Int: Int] = [:]
     }
 
@@ -243,13 +251,13 @@ public struct Verifier {
                     let visits = st.headVisits[st.pc, default: 0]
                     st.headVisits[st.pc] = visits + 1
                     if allowUnprovenLoops && visits >= Self.iterationsBeforeWidening { widen(&st) }
-                    if st.lastAtHead[st.pc] == st.frames {
-                        // The same instruction in the same state as on the last round: it runs the same, forever.
+                    if st.statesAtHead[st.pc]?.contains(st.frames) == true {
+                        // The same instruction in a state this path had here before: it runs the same, forever.
                         if allowUnprovenLoops { continue paths }  // verified from this state already
                         throw reject(st.pc, "infinite loop: instruction \(st.pc) is reached again in the same state")
                     }
                     if seen[st.pc, default: []].contains(st.frames) { continue paths }
-                    st.lastAtHead[st.pc] = st.frames
+                    st.statesAtHead[st.pc, default: []].insert(st.frames)
                     seen[st.pc, default: []].insert(st.frames)
                 }
                 let outcome = try step(&st)

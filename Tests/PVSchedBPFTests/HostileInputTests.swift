@@ -51,6 +51,25 @@ import Testing
         #expect(throws: BPFError.self) { try Verifier(program: p, context: ContextDescription(size: 8, writable: true)).verify() }
     }
 
+    /// FuzzBPFProgram's hang: `w2 = -w2; goto -2` (with garbage in the goto's reserved
+    /// fields) on a 64-byte blob: r2 cycles 64, -64, 64... The verifier accepted it and its
+    /// compiled code, which has no budget, never returned.
+    @Test func aLoopWhoseStateCyclesIsRejected() throws {
+        let p = try Program.fromHex(String(decoding: try Self.file("fuzz-bpf-program-two-state-loop.hex"), as: UTF8.self))
+        #expect(throws: BPFError.self) {
+            try Verifier(program: p, context: ContextDescription(size: 64, writable: true, memoryBlob: true)).verify()
+        }
+        // The reserved fields alone are refused, and so is the loop with them zero.
+        var clean = p.instructions
+        clean[1] = Instruction(opcode: 0x05, offset: -2)
+        do {
+            try Verifier(program: Program(instructions: clean), context: ContextDescription(size: 64, writable: true, memoryBlob: true)).verify()
+            Issue.record("the two-state loop was accepted")
+        } catch {
+            #expect("\(error)".contains("infinite loop"), "\(error)")
+        }
+    }
+
     @Test func r10OverflowWithoutTheVerifierIsARuntimeError() throws {
         let p = try Program.fromHex(String(decoding: try Self.file("interp-r10-overflow-no-verify.hex"), as: UTF8.self))
         var blob = [UInt8](repeating: 0, count: 8)

@@ -39,6 +39,12 @@ import Testing
         #expect(try ctx.withUnsafeMutableBytes { try Interpreter(program: Program(instructions: counted)).run(context: $0) } == 10)
         // r0 = 0; while r0 != 1 {}: the same state forever.
         rejects([A.mov(0, 0), A.jmp(A.jeq, 0, imm: 1, 1), A.ja(-2), A.exit], at: 1, "infinite loop")
+        // w2 = 64; do w2 = -w2 while w2 != 1: the state cycles through two values, forever
+        // (found by FuzzBPFProgram: accepted, its compiled code never returned).
+        rejects([A.alu(A.movc, 2, imm: 64, wide: false), A.alu(A.neg, 2, imm: 0, wide: false), A.jmp(A.jeq, 2, imm: 1, 1, wide: false),
+                 A.ja(-3), A.mov(0, 0), A.exit], at: 1, "infinite loop")
+        // goto with reserved fields set (the fuzzer's variant had src 5, dst 6 and an imm).
+        rejects([Instruction(opcode: 0x05, dst: 6, src: 5, offset: 0, imm: 0x5672_E0FF), A.mov(0, 0), A.exit], at: 0, "reserved fields")
         // A loop on a value the verifier does not know (read from the context): not provably bounded...
         let unknown = [A.ldx(BPF.dw, 2, 1, 0), A.mov(0, 0), A.alu(A.add, 0, imm: 1), A.jmpr(A.jlt, 0, 2, -2), A.exit]
         rejects(unknown, at: 2, "could not be proven bounded")
