@@ -41,7 +41,8 @@ public struct BoostSettings: Equatable, Sendable {
     /// The range of an EEVDF slice the kernel accepts (it clamps others), in µs.
     public static let sliceRangeUs: ClosedRange<Int> = 100...100_000
 
-    /// `p` written as a boost class (what `parseClass` reads back).
+    /// `p` written as a boost class: what `parseClass` reads back, for the classes it
+    /// accepts (batch and idle are never boost classes).
     public static func classText(_ p: SchedulingParameters) -> String {
         switch p {
         case .fifo(let n): return "fifo:\(n)"
@@ -631,7 +632,7 @@ public final class VMBinding: VMEventSink {
         case .boost(let priority):
             guard s.boostStart == nil else { return .unchanged }
             guard let thread = s.thread, s.stats.thread != .refusedRealTime else { return .unchanged }
-            if let veto = governor.beginBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread), budget: Self.budget(for: s)) {
+            if let veto = governor.beginBoost(vcpu: vcpu, now: now, cpuNs: cpuTime(s), budget: Self.budget(for: s)) {
                 s.stats.throttleCount &+= 1
                 Self.countVeto(veto, &s.stats)
                 return .vetoed(veto)
@@ -644,7 +645,7 @@ public final class VMBinding: VMEventSink {
                     logger.info("vCPU thread back at its original parameters: pvsched manages it again", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)"])
                 }
             } catch {
-                governor.endBoost(vcpu: vcpu, now: now, cpuNs: actuator.cpuTimeNs(of: thread))
+                governor.endBoost(vcpu: vcpu, now: now, cpuNs: cpuTime(s))
                 if case .system = error.kind {
                     try? actuator.restore(thread)
                     logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])

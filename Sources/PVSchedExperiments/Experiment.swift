@@ -213,7 +213,6 @@ public struct ExperimentRunner {
         let contended = mode != .idle
         let managed = mode.pvsched(in: scenario)
         let pvsched = managed != nil
-        let driverName = managed?.driver
         let host = try PVSchedHost(actuator: LinuxActuator())
         let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
         var kernelDriven: KernelDrivenVM?
@@ -223,7 +222,7 @@ public struct ExperimentRunner {
             kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host, source: source)
             vm = kernelDriven!.vm
         } else {
-            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: driverName, governor: governor,
+            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: managed?.driver, governor: governor,
                                  boost: managed?.boost ?? BoostSettings())
         }
         defer { kernelDriven?.stop(); kernelDriven?.source.close() }

@@ -26,7 +26,6 @@ extension ExperimentRunner {
     func runQEMU(_ mode: Mode, index: Int, image: LinuxGuestImage) throws -> ModeResult {
         if case .kernel = mode { throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here") }
         let managed = mode.pvsched(in: scenario)
-        let driverName = managed?.driver
         let contended = mode != .idle
         let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
         var options = LinuxGuestOptions()
@@ -34,7 +33,7 @@ extension ExperimentRunner {
         options.run = "cyclictest"
         options.intervalUs = Int(scenario.intervalNs / 1000)
         options.durationS = seconds
-        options.waitForHostS = driverName == nil ? 0 : 20
+        options.waitForHostS = managed == nil ? 0 : 20
         let guest = try QEMULinuxGuest(image: image, options: options)
         let host = try PVSchedHost(actuator: LinuxActuator())
         let qmp = try QMPClient(path: guest.qmpPath)
@@ -43,10 +42,10 @@ extension ExperimentRunner {
 
         var session: AttachedVMSession?
         var watcher: GuestAreaWatcher?
-        if let driverName {
+        if let managed {
             let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
-            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: driverName, governor: governor,
-                                    boost: managed?.boost ?? BoostSettings())
+            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: managed.driver, governor: governor,
+                                    boost: managed.boost)
             let region = try SharedMemoryFile(path: guest.shmPath)
             if let b = s.binding {
                 threads.install(in: b, boostMainLoop: true)

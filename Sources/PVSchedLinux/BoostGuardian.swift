@@ -122,7 +122,7 @@ public final class BoostGuardian: Sendable {
         guard access("/proc/\(rec.tgid)/task/\(rec.tid)", F_OK) == 0 else { return false }
         var now = pvs_sched_attr()
         guard pvs_sched_getattr(rec.tid, &now) == 0 else { return false }
-        guard LinuxScheduling.sameSetting(LinuxScheduling.parameters(of: now), LinuxScheduling.parameters(of: rec.boosted)) else { return false }
+        guard LinuxScheduling.parameters(of: now) == LinuxScheduling.parameters(of: rec.boosted) else { return false }
         var original = rec.original
         original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
         return pvs_sched_setattr(rec.tid, &original) == 0

@@ -94,7 +94,7 @@ public final class LinuxActuator: Actuator {
         let r = pvs_sched_getattr(thread.rawValue, &now)
         guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
         let current = LinuxScheduling.parameters(of: now)
-        guard LinuxScheduling.sameSetting(current, expected) else {
+        guard current == expected.flatMap(LinuxScheduling.readBack) else {
             throw ActuatorError(thread: thread, operation: "check", errno: 0, kind: .ownedByOperator(current: current))
         }
     }
@@ -114,7 +114,7 @@ public final class LinuxActuator: Actuator {
                     guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
                     original = LinuxScheduling.normalized(original)
                 }
-                if LinuxScheduling.parameters(of: original) == parameters { return }
+                if LinuxScheduling.parameters(of: original) == LinuxScheduling.readBack(parameters) { return }
                 let rr = pvs_restore_table_remember(thread.rawValue, &original)
                 guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
             }
@@ -220,15 +220,9 @@ public enum LinuxScheduling {
     }()
     private final class SliceCell: Sendable { let value = Atomic<UInt64>(0) }
 
-    /// Whether a thread read back as `current` runs with the setting `expected`. A
-    /// slice equal to the default reads back as no slice of its own, and so does any
-    /// slice on a kernel without per-task slices (before 6.12: `defaultSliceNs` 0).
-    static func sameSetting(_ current: SchedulingParameters?, _ expected: SchedulingParameters?) -> Bool {
-        if case .slice(let n, let us)? = expected, defaultSliceNs == 0 || UInt64(us) * 1000 == defaultSliceNs {
-            return current == .other(nice: n)
-        }
-        return current == expected
-    }
+    /// `p` as a thread set to it reads back: a slice equal to the default, or any
+    /// slice on a kernel without per-task slices (before 6.12), is no slice of its own.
+    static func readBack(_ p: SchedulingParameters) -> SchedulingParameters? { parameters(of: attr(for: p)) }
 
     /// `a` as a baseline to restore: a SCHED_OTHER/BATCH thread at the default slice
     /// gets `sched_runtime` 0, so that restoring it leaves it without a slice of its own
