@@ -17,6 +17,9 @@ public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// Whether Linux runs these parameters in its fair class (EEVDF).
+    public var isFairClass: Bool { !isRealTime }
+
     public var description: String {
         switch self {
         case .other(let n): return "SCHED_OTHER nice \(n)"

@@ -117,12 +117,15 @@ public final class BoostGuardian: Sendable {
     }
 
     /// Puts `rec`'s thread back if it still belongs to the same process and still
-    /// runs with the boosted parameters.
+    /// runs with the boosted parameters (or is caught at the placement step a
+    /// fair-class boost passes through, `LinuxScheduling.placeAfresh`).
     static func restoreIfStillBoosted(_ rec: Record) -> Bool {
         guard access("/proc/\(rec.tgid)/task/\(rec.tid)", F_OK) == 0 else { return false }
         var now = pvs_sched_attr()
         guard pvs_sched_getattr(rec.tid, &now) == 0 else { return false }
-        guard LinuxScheduling.parameters(of: now) == LinuxScheduling.parameters(of: rec.boosted) else { return false }
+        let current = LinuxScheduling.parameters(of: now), boosted = LinuxScheduling.parameters(of: rec.boosted)
+        let atPlacementStep = boosted?.isFairClass == true && current == LinuxScheduling.placementStep
+        guard current == boosted || atPlacementStep else { return false }
         var original = rec.original
         original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
         return pvs_sched_setattr(rec.tid, &original) == 0

@@ -120,9 +120,16 @@ public final class LinuxActuator: Actuator {
             }
             var attr = LinuxScheduling.attr(for: parameters)
             announce(thread, original: original, boosted: attr)
+            // A fair-class boost starts with a clean slate: see `LinuxScheduling.placeAfresh`.
+            if cur[thread] == nil, parameters.isFairClass { LinuxScheduling.placeAfresh(thread) }
             let r = pvs_sched_setattr(thread.rawValue, &attr)
             guard r == 0 else {
-                if cur[thread] == nil { pvs_restore_table_forget(thread.rawValue) }
+                if cur[thread] == nil {
+                    // Not left half-way (at the placement step): back to the original.
+                    original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+                    _ = pvs_sched_setattr(thread.rawValue, &original)
+                    pvs_restore_table_forget(thread.rawValue)
+                }
                 throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
             }
             cur[thread] = parameters
@@ -219,6 +226,28 @@ public enum LinuxScheduling {
         return found.value.load(ordering: .relaxed)
     }()
     private final class SliceCell: Sendable { let value = Atomic<UInt64>(0) }
+
+    /// The parameters of `placeAfresh`'s step.
+    static let placementStep = SchedulingParameters.fifo(priority: 1)
+
+    /// The step through the real-time class that makes a fair-class (EEVDF) boost
+    /// work: `thread` is set to SCHED_FIFO 1, the lowest real-time priority, for the
+    /// moment before its boost is set.
+    ///
+    /// EEVDF keeps a thread's lag (service received minus service owed) across sleeps and
+    /// weight changes: a vCPU thread that ran more than its share, boosted or not, is
+    /// *ineligible* when its next boost begins, and the host thread EEVDF picks instead
+    /// keeps the CPU until the next scheduling event (the 4 ms tick at HZ=250). Entering
+    /// the fair class from another class places the thread afresh, with no lag.
+    /// Measured with a vCPU-like thread boosted and woken every 5 ms beside two busy threads
+    /// on one CPU (`scripts/eevdf-lag.sh`): wake-ups that waited over 500 µs fell from 12.7%
+    /// to none for a vCPU that sleeps between boosts, and from 71% to 0.1% for one that
+    /// stays runnable. At FIFO 1 the step preempts no real-time task (equal
+    /// priorities do not preempt), and a failure (no RLIMIT_RTPRIO) only skips it.
+    static func placeAfresh(_ thread: ThreadID) {
+        var step = attr(for: placementStep)
+        _ = pvs_sched_setattr(thread.rawValue, &step)
+    }
 
     /// `p` as a thread set to it reads back: a slice equal to the default, or any
     /// slice on a kernel without per-task slices (before 6.12), is no slice of its own.

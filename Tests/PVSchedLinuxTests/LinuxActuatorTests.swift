@@ -156,6 +156,45 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 0))
     }
 
+    /// A fair-class boost passes through SCHED_FIFO 1 (`LinuxScheduling.placeAfresh`)
+    /// but ends exactly at its parameters, and its restore leaves no trace of the step.
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
+    func aFairBoostEndsAtItsParametersAfterThePlacementStep() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let act = LinuxActuator()
+        var nice4 = LinuxScheduling.attr(for: .other(nice: 4))
+        #expect(pvs_sched_setattr(t.id.rawValue, &nice4) == 0)
+        try act.adopt(t.id, allowRealTime: false)
+        for boost in [SchedulingParameters.other(nice: -20), .batch(nice: -10)] {
+            try act.apply(boost, to: t.id)
+            #expect(try LinuxScheduling.parameters(of: t.id) == boost)
+            try act.restore(t.id)
+            #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 4))
+        }
+        #expect(pvs_restore_table_lookup(t.id.rawValue, &nice4) == 0)
+    }
+
+    /// If the daemon dies between the placement step and the boost, the guardian
+    /// finds the thread at SCHED_FIFO 1 and puts it back; a real-time boost's thread
+    /// found at FIFO 1 is an administrator's, and stays.
+    @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
+    func theGuardianRestoresAThreadCaughtAtThePlacementStep() throws {
+        let t = ParkedThread()
+        defer { t.finish() }
+        let original = LinuxScheduling.attr(for: .other(nice: 3))
+        for (boost, restored) in [(SchedulingParameters.slice(nice: -20, sliceUs: 100), true), (.fifo(priority: 10), false)] {
+            var step = LinuxScheduling.attr(for: LinuxScheduling.placementStep)
+            #expect(pvs_sched_setattr(t.id.rawValue, &step) == 0)
+            let record = BoostGuardian.Record(tid: t.id.rawValue, tgid: getpid(), original: original,
+                                              boosted: LinuxScheduling.attr(for: boost))
+            #expect(BoostGuardian.restoreIfStillBoosted(record) == restored)
+            #expect(try LinuxScheduling.parameters(of: t.id) == (restored ? .other(nice: 3) : LinuxScheduling.placementStep))
+        }
+        var back = original
+        #expect(pvs_sched_setattr(t.id.rawValue, &back) == 0)
+    }
+
     @Test func errorsAreTypedAndNameTheThread() {
         let act = LinuxActuator()
         #expect(throws: ActuatorError.self) { try act.apply(.fifo(priority: 1), to: ThreadID(0x7fff_fff0)) }
