@@ -362,8 +362,9 @@ public final class VMBinding: VMEventSink {
     public var threads: [ThreadID?] { vcpus.map { v in v.state.withLock { $0.thread } } }
 
     /// Counters for `vcpu`.
-    /// Counters of `vcpu` as last published for the control plane: at most ~1 ms
-    /// old while the VM runs (the enforcer republishes), and read without touching
+    /// Counters of `vcpu` as last published for the control plane: every boost and
+    /// unboost at once, other counts at most ~100 ms old while the VM runs (events and
+    /// the enforcer republish), and read without touching
     /// the vCPU's own lock, so that any number of readers cost its thread nothing.
     public func publishedStats(vcpu: Int) -> VCPUStats {
         vcpus[vcpu].published.withLock { $0 }
@@ -518,6 +519,7 @@ public final class VMBinding: VMEventSink {
         let now = clock.nowNs()
         var readError: SharedAreaError?
         var failing = false
+        var boostedAfter = false
         let outcome: NotifyOutcome = vcpus[vcpu].state.withLock { s in
             guard s.attachedGeneration == generation else { return .unchanged }  // raced a replacement
             s.stats.events &+= 1
@@ -573,12 +575,16 @@ public final class VMBinding: VMEventSink {
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
             s.stats.outcomes.count(result)
             if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
+            boostedAfter = s.boostStart != nil
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
                                       interruptPending: view.interruptPending, decision: decision, outcome: result))
             return result
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }
+        // A boost begun, or charged to another budget, may be due a check before the
+        // enforcer planned to look.
+        if boostedAfter, let next = governor.nextCheckNs() { budgetAlarm?.need(checkAtNs: next) }
         if failing {
             let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
             slot.withLock { s in
@@ -619,6 +625,10 @@ public final class VMBinding: VMEventSink {
 
     /// When the enforcer must next look (see `VMEventSink.nextBudgetCheckNs`).
     public func nextBudgetCheckNs() -> UInt64? { governor.nextCheckNs() }
+
+    /// The enforcer sleeps on it; a boost that could run out before its planned
+    /// wake-up rings it (see `notify`).
+    public let budgetAlarm: BudgetAlarm? = BudgetAlarm()
 
     /// Undoes every boost and detaches the driver (VM exit).
     public func shutdown() {

@@ -1,4 +1,7 @@
 import PVSchedABI
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where the hypervisor side of a VM sends its vCPU events: the narrow interface
 /// a VMM calls out through (cloud-hypervisor's `VmOps` shape). The VMM knows
@@ -6,7 +9,7 @@ import PVSchedABI
 /// (a `VMBinding`) implements this.
 ///
 /// Calling context: `notify`, `setThread` from the vCPU's own thread or a device
-/// thread; `enforceBudgets` from a periodic enforcer thread. All are thread-safe.
+/// thread; `enforceBudgets` from the enforcer thread. All are thread-safe.
 public protocol VMEventSink: AnyObject, Sendable {
     /// Delivers `event` for `vcpu`. `interruptStillQueued` (for `.vmEntry`) says an
     /// injected interrupt could not be delivered on this entry, so it stays pending.
@@ -22,10 +25,22 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// The earliest time (host monotonic ns) a running boost could spend its budget,
     /// nil when none runs: the enforcer calls `enforceBudgets` again no later.
     func nextBudgetCheckNs() -> UInt64?
+    /// What the enforcer sleeps on, if the sink wakes it when a boost needs it (nil:
+    /// the enforcer looks every `enforcerSleepNs`).
+    var budgetAlarm: BudgetAlarm? { get }
 }
 
 extension VMEventSink {
     public func nextBudgetCheckNs() -> UInt64? { nil }
+    public var budgetAlarm: BudgetAlarm? { nil }
+
+    /// The enforcer's pause between two `enforceBudgets`: on the sink's alarm when it
+    /// has one (until the next budget check, or a boost that needs one sooner), else
+    /// `enforcerSleepNs`.
+    public func sleepUntilBudgetCheck() {
+        if let budgetAlarm { budgetAlarm.sleep { nextBudgetCheckNs() } }
+        else { usleep(UInt32(enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000)) }
+    }
 
     /// How long an enforcer may sleep before its next `enforceBudgets`: until the
     /// next possible budget exhaustion, at most `maxNs` (the pacing of the

@@ -36,6 +36,8 @@ public enum KernelEventBench {
         func setThread(_ thread: ThreadID?, vcpu: Int) { inner.setThread(thread, vcpu: vcpu) }
         func setArea(_ area: SharedArea?) { inner.setArea(area) }
         func enforceBudgets() -> Int { inner.enforceBudgets() }
+        func nextBudgetCheckNs() -> UInt64? { inner.nextBudgetCheckNs() }
+        var budgetAlarm: BudgetAlarm? { inner.budgetAlarm }
     }
 
     static func config() -> VMConfiguration {

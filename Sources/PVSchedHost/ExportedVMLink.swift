@@ -77,6 +77,9 @@ public final class ExportedVMLink: VMEventSink, SharedAreaRegistrar {
     public func setArea(_ area: SharedArea?) {}
     private let lastWrite = ManagedAtomic<UInt64>(0)
 
+    /// No boosts here: the enforcer sleeps `BudgetAlarm.idleNs` between two refreshes.
+    public let budgetAlarm: BudgetAlarm? = BudgetAlarm()
+
     /// No budgets here (no driver); the VMM's periodic call refreshes the counts in the file.
     public func enforceBudgets() -> Int {
         let now = MonotonicClock.nowNs()

@@ -114,7 +114,7 @@ public final class AttachedVMSession: VMSession {
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
             while enforcing.load(ordering: .relaxed) {
                 events.enforceBudgets()
-                usleep(UInt32(events.enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000))
+                events.sleepUntilBudgetCheck()
             }
         }
         enforcer.withLock { $0 = t }
@@ -143,6 +143,7 @@ public final class AttachedVMSession: VMSession {
 
     private func detach() {
         enforcing.store(false, ordering: .relaxed)
+        link.events.budgetAlarm?.ring()
         enforcer.takeAndJoin()
         onDetach()
         for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }

@@ -209,8 +209,7 @@ public final class VirtualMachine: @unchecked Sendable {
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
                     events.enforceBudgets()
-                    // Back exactly when a running boost could spend its budget, or in 1 ms.
-                    finished.wait(while: 0, timeoutNs: Int64(events.enforcerSleepNs(now: MonotonicClock.nowNs())))
+                    events.sleepUntilBudgetCheck()
                 }
             }
         }
@@ -246,6 +245,7 @@ public final class VirtualMachine: @unchecked Sendable {
         irqDevice.stop()
         for t in threads { t.join() }
         threads.removeAll()
+        events?.budgetAlarm?.ring()
         enforcer?.join()
         enforcer = nil
         host?.release()

@@ -1,4 +1,7 @@
 import PVSchedABI
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 import PVSchedTesting
 import Testing
@@ -119,6 +122,28 @@ import Testing
         clock.advance(by: 1)
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
         #expect(b.stats(vcpu: 0).boostedNs == 5_000_000)
+    }
+
+    /// The enforcer sleeps on the binding's alarm: an event that boosts wakes it (the
+    /// boost could spend its budget before the enforcer's idle pause ends), one that
+    /// does not boost leaves it asleep.
+    @Test func aBoostWakesTheSleepingEnforcerAndOtherEventsDoNot() throws {
+        let (_, b, _, _) = try setup(governor: .default) { e, _ in
+            if case .interruptInjection = e { return .boost() }
+            return .none
+        }
+        let alarm = try #require(b.budgetAlarm)
+        let woke = WokeBox()
+        let enforcer = PVSchedCore.Thread { alarm.sleep { b.nextBudgetCheckNs() }; woke.mark() }
+        usleep(10_000)
+        #expect(b.notify(.vmExit(.halt), vcpu: 0) == .unchanged)
+        usleep(10_000)
+        #expect(woke.at == 0)
+        let boosted = MonotonicClock.nowNs()
+        #expect(b.notify(.interruptInjection(vector: 32), vcpu: 0) == .boosted)
+        enforcer.join()
+        #expect(woke.at - boosted < BudgetAlarm.idleNs / 2)
+        #expect(alarm.wakeUps == 1)
     }
 
     @Test func boostsAreChargedTheirThreadsCPUTimeToTheBudgetOfTheGuestsState() throws {

@@ -1,0 +1,88 @@
+import Atomics
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// When a VM's budget enforcer wakes: exactly when a running boost could spend its
+/// budget, and otherwise rarely.
+///
+/// The enforcer is a real-time thread, so each of its wake-ups preempts whatever runs on
+/// its CPU, a boosted vCPU included (and a fair-class boost preempted in the middle may
+/// not get the CPU back until the next tick). It therefore sleeps in `sleep(next:)` until
+/// the governor's next possible budget exhaustion, or for `idleNs` while no boost runs
+/// (counters are republished then). A boost that begins, or that starts being charged to
+/// another budget, calls `need(checkAtNs:)`, which wakes the enforcer only when that
+/// check is due before its planned wake-up.
+// @unchecked Sendable: the condition variable's state is guarded by its mutex; the plan is an atomic.
+public final class BudgetAlarm: @unchecked Sendable {
+    /// How long the enforcer sleeps while no boost runs.
+    public static let idleNs: UInt64 = 100_000_000
+    /// The planned wake-up (host monotonic ns); `.max` while the enforcer is choosing
+    /// it (any need wakes it then), 0 while it is awake and working (it looks anyway).
+    private let planned = ManagedAtomic<UInt64>(0)
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+    private let cond: UnsafeMutablePointer<pthread_cond_t>
+    private var rung = false  // guarded by mutex
+    private let wakeUpCount = ManagedAtomic<UInt64>(0)
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        cond = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+        var attr = pthread_condattr_t()
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(cond, &attr)
+        pthread_condattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_cond_destroy(cond)
+        pthread_mutex_destroy(mutex)
+        cond.deallocate()
+        mutex.deallocate()
+    }
+
+    /// How many times the enforcer woke up (for `pvsched bench` and tests).
+    public var wakeUps: UInt64 { wakeUpCount.load(ordering: .relaxed) }
+
+    /// A check is due at `checkAtNs`: wakes the enforcer if it planned to sleep longer.
+    /// Call it after the governor recorded the change that makes the check due.
+    public func need(checkAtNs: UInt64) {
+        guard checkAtNs < planned.load(ordering: .sequentiallyConsistent) else { return }
+        ring()
+    }
+
+    /// Wakes the enforcer now (a boost to look at, or the VM stopping).
+    public func ring() {
+        pthread_mutex_lock(mutex)
+        rung = true
+        pthread_cond_signal(cond)
+        pthread_mutex_unlock(mutex)
+    }
+
+    /// Sleeps until `next()` (the next budget check, nil while no boost runs: then
+    /// `idleNs`), or until rung. `next` is read after the plan is open to rings, so a
+    /// boost that begins meanwhile is never missed.
+    public func sleep(next: () -> UInt64?) {
+        planned.store(.max, ordering: .sequentiallyConsistent)
+        let now = MonotonicClock.nowNs()
+        let idle = now.addingReportingOverflow(Self.idleNs)
+        // At least 20 µs: a check due now was just made.
+        let until = max(now &+ 20_000, min(next() ?? .max, idle.overflow ? .max : idle.partialValue))
+        planned.store(until, ordering: .sequentiallyConsistent)
+        pthread_mutex_lock(mutex)
+        while !rung {
+            let t = MonotonicClock.nowNs()
+            if t >= until { break }
+            var ts = timespec(tv_sec: Int(until / 1_000_000_000), tv_nsec: Int(until % 1_000_000_000))
+            _ = pthread_cond_timedwait(cond, mutex, &ts)
+        }
+        rung = false
+        planned.store(0, ordering: .sequentiallyConsistent)
+        pthread_mutex_unlock(mutex)
+        wakeUpCount.wrappingIncrement(ordering: .relaxed)
+    }
+}
