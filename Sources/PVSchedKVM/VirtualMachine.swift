@@ -305,6 +305,9 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Makes vCPU `ctx` leave KVM_RUN (or its halt wait) soon.
     func kick(_ ctx: VCPUContext) {
         ctx.wakeups.bumpAndWake(1)
+        // Pairs with the fence in runLoop: either this sees the thread in the guest and
+        // interrupts it, or the thread sees this bump before entering and does not wait.
+        Atomics.atomicMemoryFence(ordering: .sequentiallyConsistent)
         if ctx.state.load(ordering: .acquiring) == .inGuest {
             ctx.fd.requestImmediateExit(true)
             let tid = ctx.thread.load(ordering: .relaxed)
@@ -330,9 +333,16 @@ public final class VirtualMachine: @unchecked Sendable {
         defer { ctx.state.store(.stopped, ordering: .releasing) }
         while !stopping.load(ordering: .acquiring) {
             ctx.state.store(.entering, ordering: .releasing)
+            let kicks = ctx.wakeups.value
             let queued = config.interrupts == .userspace ? injectPending(ctx) : false
             events?.notify(.vmEntry, vcpu: ctx.index, interruptStillQueued: queued)
             ctx.state.store(.inGuest, ordering: .releasing)
+            // An interrupt raised since the injection above found the thread not yet in
+            // the guest, so nothing interrupts KVM_RUN for it: enter with an immediate
+            // exit and inject it next round. (Lost, it stayed queued until the guest's
+            // next exit, which a guest running batch work may not make for seconds.)
+            Atomics.atomicMemoryFence(ordering: .sequentiallyConsistent)
+            if ctx.wakeups.value != kicks { fd.requestImmediateExit(true) }
             let exit: VMExit
             do {
                 exit = try fd.run()
