@@ -246,14 +246,16 @@ enum Sched {
         }
     }
 
-    /// The running task sleeps until `tsc`; `now` is the caller's last TSC reading.
-    static func sleep(untilTSC tsc: UInt64, now: UInt64 = 0) {
+    /// The running task sleeps until `tsc`. The timer is armed from a fresh TSC reading
+    /// (the VMM's timer takes a delay): under PVM the caller's last reading can be a
+    /// millisecond old, and the timer would fire that much late.
+    static func sleep(untilTSC tsc: UInt64) {
         let s = this
         let irq = irq_save()
         let t = s.pointee.tasks[s.pointee.current]!
         t.pointee.wakeTSC = tsc
         t.pointee.state = Task.sleeping
-        schedule(now: now)
+        schedule()
         irq_restore(irq)
     }
 

@@ -99,7 +99,7 @@ enum Workloads {
         var woke = nowTSC()
         var next = woke &+ interval
         while next < end {
-            Sched.sleep(untilTSC: next, now: woke)
+            Sched.sleep(untilTSC: next)
             woke = nowTSC()
             Results.record(r, latenessNs: woke > next ? tscToNs(woke - next) : 0)
             next &+= interval
