@@ -175,6 +175,24 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         #expect(pvs_restore_table_lookup(t.id.rawValue, &nice4) == 0)
     }
 
+    /// Only a waiting thread is placed afresh: the state comes from /proc/TID/stat.
+    @Test func aSleepingThreadIsWaitingAndASpinningOneIsNot() {
+        let parked = ParkedThread()
+        defer { parked.finish() }
+        // The parked thread wakes every millisecond: it is found waiting at least once.
+        #expect((0..<100).contains { _ in LinuxScheduling.isWaiting(parked.id) })
+        let stop = Atomic(false), tid = Atomic<Int32>(0)
+        let spinner = PVSchedCore.Thread {
+            tid.store(pvs_gettid(), ordering: .releasing)
+            while !stop.load(ordering: .relaxed) {}
+        }
+        while tid.load(ordering: .acquiring) == 0 { usleep(100) }
+        #expect(!LinuxScheduling.isWaiting(ThreadID(tid.load(ordering: .acquiring))))
+        stop.store(true, ordering: .relaxed)
+        spinner.join()
+        #expect(!LinuxScheduling.isWaiting(ThreadID(Int32.max)))  // no such thread
+    }
+
     /// If the daemon dies between the placement step and the boost, the guardian
     /// finds the thread at SCHED_FIFO 1 and puts it back; a real-time boost's thread
     /// found at FIFO 1 is an administrator's, and stays.
