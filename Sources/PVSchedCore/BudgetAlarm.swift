@@ -45,7 +45,7 @@ public final class BudgetAlarm: @unchecked Sendable {
         mutex.deallocate()
     }
 
-    /// How many times the enforcer woke up (for `pvsched bench` and tests).
+    /// How many times the enforcer woke up (tests count them).
     public var wakeUps: UInt64 { wakeUpCount.load(ordering: .relaxed) }
 
     /// A check is due at `checkAtNs`: wakes the enforcer if it planned to sleep longer.

@@ -361,7 +361,6 @@ public final class VMBinding: VMEventSink {
     /// The OS thread of each vCPU (nil while it has none).
     public var threads: [ThreadID?] { vcpus.map { v in v.state.withLock { $0.thread } } }
 
-    /// Counters for `vcpu`.
     /// Counters of `vcpu` as last published for the control plane: every boost and
     /// unboost at once, other counts at most ~100 ms old while the VM runs (events and
     /// the enforcer republish), and read without touching

@@ -237,8 +237,8 @@ public enum LinuxScheduling {
         let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         guard n > 0 else { return false }
         // "TID (comm) S ...": the state follows the last ')' (a comm may contain one).
-        guard let close = buffer[..<n].lastIndex(of: UInt8(ascii: ")")), close + 2 < n else { return false }
-        let state = buffer[close + 2]
+        guard let paren = buffer[..<n].lastIndex(of: UInt8(ascii: ")")), paren + 2 < n else { return false }
+        let state = buffer[paren + 2]
         return state == UInt8(ascii: "S") || state == UInt8(ascii: "D")
     }
 
@@ -254,16 +254,17 @@ public enum LinuxScheduling {
     /// *ineligible* when its next boost begins, and the host thread EEVDF picks instead
     /// keeps the CPU until the next scheduling event (the 4 ms tick at HZ=250). Entering
     /// the fair class from another class places the thread afresh, with no lag.
-    ///
-    /// Only a thread that waits (a halted vCPU) is placed afresh: its debt is forgiven
-    /// once per wake-up. A runnable one (a vCPU running batch work) keeps its lag, or
-    /// every boost would forgive it the CPU it ran beyond its share, at the host's
-    /// expense (rt+batch, 3 runs: host work 0.71x with the step, 0.91x without).
     /// Measured with a vCPU-like thread boosted and woken every 5 ms beside two busy threads
     /// on one CPU (`scripts/eevdf-lag.sh`): wake-ups that waited over 500 µs fell from 12.7%
     /// to none for a vCPU that sleeps between boosts, and from 71% to 0.1% for one that
-    /// stays runnable. At FIFO 1 the step preempts no real-time task (equal
-    /// priorities do not preempt), and a failure (no RLIMIT_RTPRIO) only skips it.
+    /// stays runnable.
+    ///
+    /// The actuator places afresh only a thread that waits (a halted vCPU): its debt is
+    /// forgiven once per wake-up. A runnable one (a vCPU running batch work) keeps its lag,
+    /// or every boost would forgive it the CPU it ran beyond its share, at the host's
+    /// expense (the demo's rt+batch, 3 runs: host work 0.71x with the step at every boost,
+    /// 0.91x without). At FIFO 1 the step preempts no real-time task (equal priorities do
+    /// not preempt), and a failure (no RLIMIT_RTPRIO) only skips it.
     static func placeAfresh(_ thread: ThreadID) {
         var step = attr(for: placementStep)
         _ = pvs_sched_setattr(thread.rawValue, &step)

@@ -13,7 +13,7 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Seconds per mode.") var seconds: Double = 4
     @Option(help: "Wake-up / interrupt interval in microseconds (a guest wake-up costs ~0.5-0.9 ms of emulated execution under PVM: keep it well above that). Default 5000; with --vmm qemu 1000.") var intervalUs: UInt64?
     @Option(help: "Modes to compare, comma-separated (idle, vanilla, static-rt, a driver name, DRIVER@CLASS for a driver boosting with another --boost class, or kernel:DRIVER for that driver fed from the host kernel's KVM events, as for an attached VM).")
-    var modes = "idle,vanilla,static-rt,latency-boost"
+    var modes = "idle,vanilla,static-rt,latency-boost,deadline-boost@slice:100"
     @Option(help: "Host CPUs, comma-separated: vCPU i runs on the i-th; each gets busy threads and a probe (default: all, last first).")
     var cpus: String?
     @Option(help: "Boost class of the drivers' boosts: fifo:N, rr:N, nice:N or slice:US (an EEVDF slice of US µs at nice -20).") var boost = "fifo:10"
