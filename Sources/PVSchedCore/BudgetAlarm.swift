@@ -12,9 +12,9 @@ import Musl
 /// its CPU, a boosted vCPU included (and a fair-class boost preempted in the middle may
 /// not get the CPU back until the next tick). It therefore sleeps in `sleep(next:)` until
 /// the governor's next possible budget exhaustion, or for `idleNs` while no boost runs
-/// (counters are republished then). A boost that begins, or that starts being charged to
-/// another budget, calls `need(checkAtNs:)`, which wakes the enforcer only when that
-/// check is due before its planned wake-up.
+/// (counters are republished then). The governor calls `need(checkAtNs:)` when a boost
+/// begins, changes budget or has its budget trimmed, which wakes the enforcer only when
+/// that check is due before its planned wake-up.
 // @unchecked Sendable: the condition variable's state is guarded by its mutex; the plan is an atomic.
 public final class BudgetAlarm: @unchecked Sendable {
     /// How long the enforcer sleeps while no boost runs.

@@ -97,9 +97,14 @@ public final class Governor: Sendable {
     }
     private let state: Mutex<State>
     private let vcpuCount: Int
+    /// Woken when a change moves the next budget check earlier (see `nextCheckNs`).
+    private let alarm: BudgetAlarm?
 
-    public init(config: GovernorConfig, vcpuCount: Int) {
+    /// `alarm`, if given, is told whenever a boost begins, changes budget or has its
+    /// budget trimmed: the moments the next check can move earlier.
+    public init(config: GovernorConfig, vcpuCount: Int, alarm: BudgetAlarm? = nil) {
         self.vcpuCount = vcpuCount
+        self.alarm = alarm
         var v = VCPUBudget()
         v.critical = config.criticalBudgetNs
         v.general = config.generalBudgetNs
@@ -114,7 +119,14 @@ public final class Governor: Sendable {
                 s.vcpus[i].critical = min(s.vcpus[i].critical, config.criticalBudgetNs)
                 s.vcpus[i].general = min(s.vcpus[i].general, config.generalBudgetNs)
             }
+            announceNextCheck(s)
         }
+    }
+
+    /// Tells the alarm when the next check is due (it wakes the enforcer only if that
+    /// is sooner than planned). Called with the state locked, after the change.
+    private func announceNextCheck(_ s: State) {
+        if let alarm, let next = nextCheck(s) { alarm.need(checkAtNs: next) }
     }
 
     private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
@@ -169,6 +181,7 @@ public final class Governor: Sendable {
             s.vcpus[vcpu].boosted = true
             s.vcpus[vcpu].charging = budget
             s.vcpus[vcpu].lastCPUNs = cpuNs ?? 0
+            announceNextCheck(s)
             return nil
         }
     }
@@ -192,6 +205,7 @@ public final class Governor: Sendable {
             roll(&s, now: now)
             guard s.vcpus[vcpu].boosted else { return nil }
             account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
+            let switched = budget.map { $0 != s.vcpus[vcpu].charging } ?? false
             if let budget { s.vcpus[vcpu].charging = budget }
             let charging = s.vcpus[vcpu].charging
             if s.vcpus[vcpu][charging] == 0 {
@@ -205,23 +219,30 @@ public final class Governor: Sendable {
                 s.vcpus[vcpu].boosted = false
                 return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit)
             }
+            if switched { announceNextCheck(s) }
             return nil
         }
     }
 
-    /// The earliest wall time at which a running boost could spend its budget (a
-    /// thread runs at most as fast as the wall clock): when the enforcer must look
-    /// next. Nil while no vCPU is boosted.
+    /// The earliest wall time at which a running boost could spend its budget, or the
+    /// boosts together the VM's share (a thread runs at most as fast as the wall clock):
+    /// when the enforcer must look next. Nil while no vCPU is boosted.
     public func nextCheckNs() -> UInt64? {
-        state.withLock { s in
-            var next: UInt64?
-            for v in s.vcpus where v.boosted {
-                let (t, o) = (v.lastWallNs ?? 0).addingReportingOverflow(v[v.charging])
-                let at = o ? UInt64.max : t
-                next = min(next ?? at, at)
-            }
-            return next
+        state.withLock { nextCheck($0) }
+    }
+
+    private func nextCheck(_ s: State) -> UInt64? {
+        func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
+        let boosted = s.vcpus.filter(\.boosted)
+        guard let since = boosted.map({ $0.lastWallNs ?? 0 }).min() else { return nil }
+        var next = boosted.map { plus($0.lastWallNs ?? 0, $0[$0.charging]) }.min()!
+        // The share: the boosted vCPUs, accounted up to `since` at the latest, together
+        // spend at most their count in ns per ns.
+        let limit = shareLimitNs(s.config)
+        if limit != .max {
+            next = min(next, plus(since, (limit > s.windowUsedNs ? limit - s.windowUsedNs : 0) / UInt64(boosted.count)))
         }
+        return next
     }
 
     /// `vcpu`'s budgets left, brought up to `now` for an unboosted vCPU (for stats).

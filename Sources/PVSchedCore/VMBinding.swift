@@ -324,7 +324,8 @@ public final class VMBinding: VMEventSink {
         self.vm = vm
         self.trace = trace
         self.actuator = actuator
-        self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount)
+        self.budgetAlarm = BudgetAlarm()
+        self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount, alarm: budgetAlarm)
         self.boost = boost
         self.logger = logger
         self.vcpus = (0..<vm.vcpuCount).map { _ in VCPUSlot() }
@@ -518,7 +519,6 @@ public final class VMBinding: VMEventSink {
         let now = clock.nowNs()
         var readError: SharedAreaError?
         var failing = false
-        var boostedAfter = false
         let outcome: NotifyOutcome = vcpus[vcpu].state.withLock { s in
             guard s.attachedGeneration == generation else { return .unchanged }  // raced a replacement
             s.stats.events &+= 1
@@ -574,16 +574,12 @@ public final class VMBinding: VMEventSink {
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
             s.stats.outcomes.count(result)
             if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
-            boostedAfter = s.boostStart != nil
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
                                       interruptPending: view.interruptPending, decision: decision, outcome: result))
             return result
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }
-        // A boost begun, or charged to another budget, may be due a check before the
-        // enforcer planned to look.
-        if boostedAfter, let next = governor.nextCheckNs() { budgetAlarm?.need(checkAtNs: next) }
         if failing {
             let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
             slot.withLock { s in
@@ -625,9 +621,9 @@ public final class VMBinding: VMEventSink {
     /// When the enforcer must next look (see `VMEventSink.nextBudgetCheckNs`).
     public func nextBudgetCheckNs() -> UInt64? { governor.nextCheckNs() }
 
-    /// The enforcer sleeps on it; a boost that could run out before its planned
-    /// wake-up rings it (see `notify`).
-    public let budgetAlarm: BudgetAlarm? = BudgetAlarm()
+    /// The enforcer sleeps on it; the governor rings it when a boost could run out
+    /// before the enforcer planned to look.
+    public let budgetAlarm: BudgetAlarm?
 
     /// Undoes every boost and detaches the driver (VM exit).
     public func shutdown() {

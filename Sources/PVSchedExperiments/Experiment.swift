@@ -28,9 +28,13 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
         case .idle: return "idle"
         case .vanilla: return "vanilla"
         case .staticRT: return "static-rt"
-        case .driver(let n, let b): return n + (b.map { "@" + BoostSettings.classText($0) } ?? "")
-        case .kernel(let n, let b): return "kernel:" + n + (b.map { "@" + BoostSettings.classText($0) } ?? "")
+        case .driver(let n, let b): return n + Self.classSuffix(b)
+        case .kernel(let n, let b): return "kernel:" + n + Self.classSuffix(b)
         }
+    }
+
+    private static func classSuffix(_ boost: SchedulingParameters?) -> String {
+        boost.map { "@" + BoostSettings.classText($0) } ?? ""
     }
 
     /// Parses a mode; nil when a `@CLASS` suffix is not a boost class.
@@ -53,15 +57,16 @@ public enum Mode: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    /// The driver a mode runs (static-rt's for static-rt), and the boosts it makes.
-    func pvsched(in scenario: Scenario) -> (driver: String, boost: BoostSettings)? {
+    /// The driver a mode runs (static-rt's for static-rt), the boosts it makes and the
+    /// governor that limits them (none for static-rt); nil without pvsched.
+    func pvsched(in scenario: Scenario) -> (driver: String, boost: BoostSettings, governor: GovernorConfig)? {
         var boost = scenario.boost
         switch self {
         case .idle, .vanilla: return nil
-        case .staticRT: return ("static-rt", BoostSettings())
+        case .staticRT: return ("static-rt", BoostSettings(), .unlimited)
         case .driver(let n, let b), .kernel(let n, let b):
             if let b { boost.boosted = b }
-            return (n, boost)
+            return (n, boost, scenario.governor)
         }
     }
 }
@@ -214,7 +219,6 @@ public struct ExperimentRunner {
         let managed = mode.pvsched(in: scenario)
         let pvsched = managed != nil
         let host = try PVSchedHost(actuator: LinuxActuator())
-        let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
         var kernelDriven: KernelDrivenVM?
         let vm: VirtualMachine
         if case .kernel = mode {
@@ -222,7 +226,8 @@ public struct ExperimentRunner {
             kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host, source: source)
             vm = kernelDriven!.vm
         } else {
-            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: managed?.driver, governor: governor,
+            vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: managed?.driver,
+                                 governor: managed?.governor ?? scenario.governor,
                                  boost: managed?.boost ?? BoostSettings())
         }
         defer { kernelDriven?.stop(); kernelDriven?.source.close() }
@@ -244,7 +249,7 @@ public struct ExperimentRunner {
         noisy?.start()
         let started = MonotonicClock.nowNs()
         if let kernelDriven, let managed {
-            try kernelDriven.start(driver: managed.driver, governor: governor, boost: managed.boost)
+            try kernelDriven.start(driver: managed.driver, governor: managed.governor, boost: managed.boost)
         } else { vm.start() }
         let binding = kernelDriven?.binding ?? vm.binding
         let limit = scenario.durationNs + 20_000_000_000

@@ -43,8 +43,7 @@ extension ExperimentRunner {
         var session: AttachedVMSession?
         var watcher: GuestAreaWatcher?
         if let managed {
-            let governor = mode == .staticRT ? GovernorConfig.unlimited : scenario.governor
-            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: managed.driver, governor: governor,
+            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: managed.driver, governor: managed.governor,
                                     boost: managed.boost)
             let region = try SharedMemoryFile(path: guest.shmPath)
             if let b = s.binding {

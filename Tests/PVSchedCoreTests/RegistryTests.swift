@@ -1,5 +1,8 @@
 import Synchronization
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import PVSchedCore
 import PVSchedTesting
 
@@ -117,6 +120,41 @@ import PVSchedTesting
 }
 
 @Suite struct GovernorTests {
+    /// The enforcer's next look: the earliest budget or VM-share exhaustion of the
+    /// running boosts (here the share: 25% of 2 vCPUs × 10 ms is 5 ms, spent twice as
+    /// fast by two boosts).
+    @Test func theNextCheckIsTheEarliestBudgetOrShareExhaustion() {
+        let g = Governor(config: .init(criticalBudgetNs: 4_000_000, generalBudgetNs: 8_000_000, throttleWindowNs: 0,
+                                       shareWindowNs: 10_000_000, maxVMShare: 0.25), vcpuCount: 2)
+        #expect(g.nextCheckNs() == nil)
+        #expect(g.beginBoost(vcpu: 0, now: 1000, budget: .critical) == nil)
+        #expect(g.nextCheckNs() == 1000 + 4_000_000)
+        #expect(g.checkOverrun(vcpu: 0, now: 1000, budget: .general) == nil)
+        #expect(g.nextCheckNs() == 1000 + 5_000_000)
+        #expect(g.beginBoost(vcpu: 1, now: 1000) == nil)
+        #expect(g.nextCheckNs() == 1000 + 2_500_000)
+    }
+
+    /// Trimming a running boost's budget can make its check due sooner: the governor
+    /// tells the alarm, which wakes an enforcer that planned to sleep longer.
+    @Test func trimmingARunningBoostsBudgetWakesTheEnforcer() {
+        let alarm = BudgetAlarm()
+        let config = GovernorConfig(criticalBudgetNs: 5_000_000, generalBudgetNs: 5_000_000, throttleWindowNs: 0,
+                                    shareWindowNs: .max, maxVMShare: 1)
+        let g = Governor(config: config, vcpuCount: 1, alarm: alarm)
+        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)  // no enforcer asleep yet: nothing to wake
+        let woke = WokeBox()
+        let enforcer = PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
+        usleep(10_000)
+        #expect(woke.at == 0)
+        let trimmed = MonotonicClock.nowNs()
+        var smaller = config
+        smaller.generalBudgetNs = 1_000_000
+        g.update(smaller)
+        enforcer.join()
+        #expect(woke.at - trimmed < BudgetAlarm.idleNs / 2)
+    }
+
     @Test func aSpentBudgetCutsAndThrottlesAndThenAllowsAgain() {
         let g = Governor(config: .init(criticalBudgetNs: 40, generalBudgetNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1),
                          vcpuCount: 1)

@@ -23,6 +23,11 @@ final class ParkedThread: Sendable {
         while shared.tid.load(ordering: .acquiring) == 0 { usleep(100) }
     }
     var id: ThreadID { ThreadID(shared.tid.load(ordering: .acquiring)) }
+    /// Sets the thread's scheduling parameters directly (as an administrator would); true on success.
+    func set(_ p: SchedulingParameters) -> Bool {
+        var a = LinuxScheduling.attr(for: p)
+        return pvs_sched_setattr(id.rawValue, &a) == 0
+    }
     func finish() { shared.stop.store(true, ordering: .relaxed); thread.join() }
 }
 
@@ -35,8 +40,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         defer { t.finish() }
         let act = LinuxActuator()
         // Give the thread a non-default original so restoring is not a coincidence.
-        var nice = LinuxScheduling.attr(for: .other(nice: 3))
-        #expect(pvs_sched_setattr(t.id.rawValue, &nice) == 0)
+        #expect(t.set(.other(nice: 3)))
         #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 3))
 
         try act.apply(.fifo(priority: 12), to: t.id)
@@ -54,16 +58,14 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         let t = ParkedThread()
         defer { t.finish() }
         let act = LinuxActuator()
-        var nice2 = LinuxScheduling.attr(for: .other(nice: 2))
-        #expect(pvs_sched_setattr(t.id.rawValue, &nice2) == 0)
+        #expect(t.set(.other(nice: 2)))
         try act.adopt(t.id, allowRealTime: false)
         try act.apply(.fifo(priority: 11), to: t.id)
         try act.restore(t.id)
         #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 2))
         // Boosted, then reniced by an administrator: restore leaves their setting.
         try act.apply(.fifo(priority: 11), to: t.id)
-        var nice7 = LinuxScheduling.attr(for: .other(nice: 7))
-        #expect(pvs_sched_setattr(t.id.rawValue, &nice7) == 0)
+        #expect(t.set(.other(nice: 7)))
         #expect(throws: ActuatorError.self) { try act.restore(t.id) }
         #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 7))
         // While it stands, no boost.
@@ -73,7 +75,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         }
         #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 7))
         // Put back at the baseline, the thread is boosted and restored again.
-        #expect(pvs_sched_setattr(t.id.rawValue, &nice2) == 0)
+        #expect(t.set(.other(nice: 2)))
         try act.apply(.fifo(priority: 11), to: t.id)
         #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 11))
         try act.restore(t.id)
@@ -102,12 +104,10 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         #expect(now.sched_runtime == base)
         // A slice an administrator gave the thread while boosted is theirs: not restored.
         try act.apply(.slice(nice: -20, sliceUs: 150), to: t.id)
-        var theirs = LinuxScheduling.attr(for: .slice(nice: -5, sliceUs: 2000))
-        #expect(pvs_sched_setattr(t.id.rawValue, &theirs) == 0)
+        #expect(t.set(.slice(nice: -5, sliceUs: 2000)))
         #expect(throws: ActuatorError.self) { try act.restore(t.id) }
         #expect(try LinuxScheduling.parameters(of: t.id) == .slice(nice: -5, sliceUs: 2000))
-        var plain = LinuxScheduling.attr(for: .other(nice: 0))
-        #expect(pvs_sched_setattr(t.id.rawValue, &plain) == 0)
+        #expect(t.set(.other(nice: 0)))
         act.release(t.id)
     }
 
@@ -115,8 +115,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     func aRealTimeThreadIsRefusedAtAttachUnlessAllowed() throws {
         let t = ParkedThread()
         defer { t.finish() }
-        var fifo = LinuxScheduling.attr(for: .fifo(priority: 3))
-        #expect(pvs_sched_setattr(t.id.rawValue, &fifo) == 0)
+        #expect(t.set(.fifo(priority: 3)))
         let act = LinuxActuator()
         do { try act.adopt(t.id, allowRealTime: false); Issue.record("adopted a real-time thread") } catch {
             #expect(error.kind == .realTimeAtAttach(current: .fifo(priority: 3)))
@@ -125,8 +124,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         try act.apply(.fifo(priority: 9), to: t.id)
         try act.restore(t.id)
         #expect(try LinuxScheduling.parameters(of: t.id) == .fifo(priority: 3))
-        var other = LinuxScheduling.attr(for: .other(nice: 0))
-        #expect(pvs_sched_setattr(t.id.rawValue, &other) == 0)
+        #expect(t.set(.other(nice: 0)))
     }
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
@@ -163,8 +161,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         let t = ParkedThread()
         defer { t.finish() }
         let act = LinuxActuator()
-        var nice4 = LinuxScheduling.attr(for: .other(nice: 4))
-        #expect(pvs_sched_setattr(t.id.rawValue, &nice4) == 0)
+        #expect(t.set(.other(nice: 4)))
         try act.adopt(t.id, allowRealTime: false)
         for boost in [SchedulingParameters.other(nice: -20), .batch(nice: -10)] {
             try act.apply(boost, to: t.id)
@@ -172,7 +169,8 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
             try act.restore(t.id)
             #expect(try LinuxScheduling.parameters(of: t.id) == .other(nice: 4))
         }
-        #expect(pvs_restore_table_lookup(t.id.rawValue, &nice4) == 0)
+        var entry = pvs_sched_attr()
+        #expect(pvs_restore_table_lookup(t.id.rawValue, &entry) == 0)
     }
 
     /// Only a waiting thread is placed afresh: the state comes from /proc/TID/stat.
@@ -202,15 +200,13 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
         defer { t.finish() }
         let original = LinuxScheduling.attr(for: .other(nice: 3))
         for (boost, restored) in [(SchedulingParameters.slice(nice: -20, sliceUs: 100), true), (.fifo(priority: 10), false)] {
-            var step = LinuxScheduling.attr(for: LinuxScheduling.placementStep)
-            #expect(pvs_sched_setattr(t.id.rawValue, &step) == 0)
+            #expect(t.set(LinuxScheduling.placementStep))
             let record = BoostGuardian.Record(tid: t.id.rawValue, tgid: getpid(), original: original,
                                               boosted: LinuxScheduling.attr(for: boost))
             #expect(BoostGuardian.restoreIfStillBoosted(record) == restored)
             #expect(try LinuxScheduling.parameters(of: t.id) == (restored ? .other(nice: 3) : LinuxScheduling.placementStep))
         }
-        var back = original
-        #expect(pvs_sched_setattr(t.id.rawValue, &back) == 0)
+        #expect(t.set(.other(nice: 3)))
     }
 
     @Test func errorsAreTypedAndNameTheThread() {
