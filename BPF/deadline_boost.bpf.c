@@ -11,6 +11,9 @@ PVSCHED_DRIVER("bpf-deadline-boost", PVSCHED_EVENT_VM_ENTRY | PVSCHED_EVENT_VM_E
 /* An interrupt handler keeps a running boost (the one its interrupt started), never starts one. */
 #define HANDLER_FLAGS (PVSCHED_FLAG_IN_IRQ | PVSCHED_FLAG_IN_SOFTIRQ | PVSCHED_FLAG_IN_NMI)
 #define HORIZON_NS 500000ll
+/* The timer vectors' bits in ctx->pending_vectors: 0x30 is word 0 bit 48, 0xEC word 3 bit 44. */
+#define TIMER_BITS_0 (1ull << 48)
+#define TIMER_BITS_3 (1ull << 44)
 
 static __attribute__((noinline)) int deadline_near(const struct pvsched_bpf_ctx *ctx) {
     if (!ctx->has_guest || ctx->next_deadline_ns == 0 || ctx->guest_now_ns == 0) return 0;
@@ -29,9 +32,19 @@ static int wants_boost(const struct pvsched_bpf_ctx *ctx) {
     return ctx->boosted && ((ctx->flags & HANDLER_FLAGS) || deadline_near(ctx));
 }
 
+/* Whether an interrupt injected and not yet taken would boost by itself (a device's,
+ * or the timer near the deadline): the boost lasts until the guest takes it. */
+static int pending_wants_boost(const struct pvsched_bpf_ctx *ctx) {
+    if (!ctx->interrupt_pending) return 0;
+    if (!ctx->has_guest) return 1;
+    if ((ctx->pending_vectors[0] & ~TIMER_BITS_0) | ctx->pending_vectors[1] | ctx->pending_vectors[2] |
+        (ctx->pending_vectors[3] & ~TIMER_BITS_3)) return 1;
+    return deadline_near(ctx);
+}
+
 SEC("pvsched")
 int deadline_boost(struct pvsched_bpf_ctx *ctx) {
     if (wants_boost(ctx)) return ctx->boosted ? PVSCHED_BPF_NONE : PVSCHED_BPF_BOOST;
-    if (!ctx->boosted || ctx->interrupt_pending || !pvsched_guest_caused(ctx)) return PVSCHED_BPF_NONE;
+    if (!ctx->boosted || pending_wants_boost(ctx) || !pvsched_guest_caused(ctx)) return PVSCHED_BPF_NONE;
     return PVSCHED_BPF_UNBOOST;
 }

@@ -19,10 +19,9 @@ import Glibc
 ///   into the header (`host_negotiation`, `host_reason`) for the guest to read;
 /// - reads each vCPU's sequence counter at a bounded rate (every `busyPollNs`
 ///   while the guest reports work or a vCPU is boosted, every `idlePollNs`
-///   otherwise) and sends `guestUpdate` when a line changed;
-/// - sleeps until `deadlineLeadNs` before the next deadline a guest published
-///   (guest clock mapped to the host's) and sends `deadline`, so a driver can boost
-///   the vCPU thread before the guest's timer fires;
+///   otherwise) and sends `guestUpdate` when a line changed (the binding, reading
+///   the line, learns the guest's deadline and announces it ahead, as for any VM:
+///   see `DeadlineSchedule`);
 /// - notices a withdrawn or rewritten header (module unloaded or reloaded) and a
 ///   VM that pvsched disabled (a bad line): the area is dropped, boosts undone,
 ///   the status set to disabled in the region, with the reason.
@@ -33,14 +32,10 @@ public final class GuestAreaWatcher: Sendable {
         public var busyPollNs: UInt64
         /// Poll period otherwise.
         public var idlePollNs: UInt64
-        /// How long before a published deadline the `deadline` event is sent.
-        public var deadlineLeadNs: UInt64
         /// Poll period while no valid header is there.
         public var headerPollNs: UInt64
-        public init(busyPollNs: UInt64 = 200_000, idlePollNs: UInt64 = 1_000_000, deadlineLeadNs: UInt64 = 200_000,
-                    headerPollNs: UInt64 = 20_000_000) {
-            self.busyPollNs = busyPollNs; self.idlePollNs = idlePollNs
-            self.deadlineLeadNs = deadlineLeadNs; self.headerPollNs = headerPollNs
+        public init(busyPollNs: UInt64 = 200_000, idlePollNs: UInt64 = 1_000_000, headerPollNs: UInt64 = 20_000_000) {
+            self.busyPollNs = busyPollNs; self.idlePollNs = idlePollNs; self.headerPollNs = headerPollNs
         }
         /// The bounds each setting must lie in (a hostile or mistyped value cannot
         /// make the watcher spin or sleep through deadlines).
@@ -69,7 +64,6 @@ public final class GuestAreaWatcher: Sendable {
     public struct Counters: Equatable, Sendable {
         public var polls: UInt64 = 0
         public var guestUpdates: UInt64 = 0
-        public var deadlines: UInt64 = 0
         public var registrations: UInt64 = 0
     }
 
@@ -109,15 +103,12 @@ public final class GuestAreaWatcher: Sendable {
     private struct VCPUWatch {
         var sequence: UInt32?
         var state: GuestVCPUState?
-        /// The guest deadline already announced (each is announced once).
-        var announced: UInt64 = 0
     }
 
     private func run() {
         var generation: UInt32?
         var area: SharedArea?
         var watches: [VCPUWatch] = []
-        var offset = GuestClockMapping()
         while running.load(ordering: .relaxed) {
             let now = MonotonicClock.nowNs()
             let magic = header32(PVSCHED_OFF_MAGIC)
@@ -138,7 +129,7 @@ public final class GuestAreaWatcher: Sendable {
                     phaseBox.withLock { $0 = .disabled("\(bad)") }
                     continue
                 }
-                let wake = poll(current, &watches, &offset, now: now)
+                let wake = poll(current, &watches, now: now)
                 sleep(until: wake)
                 continue
             }
@@ -151,7 +142,6 @@ public final class GuestAreaWatcher: Sendable {
                     writeHeader(negotiation: PVSCHED_DEV_ACCEPTED, reason: PVSCHED_REASON_NONE)
                     area = binding.area
                     watches = Array(repeating: VCPUWatch(), count: area?.layout.vcpuCount ?? 0)
-                    offset = GuestClockMapping()
                     phaseBox.withLock { $0 = .accepted(accepted) }
                     logger.info("pvsched region accepted", metadata: ["vm": "\(link.handle)", "protocol": "\(accepted)"])
                     continue
@@ -168,18 +158,15 @@ public final class GuestAreaWatcher: Sendable {
     }
 
     /// One look at every vCPU; returns when to look again.
-    private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], _ offset: inout GuestClockMapping, now: UInt64) -> UInt64 {
+    private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], now: UInt64) -> UInt64 {
         var next = now + settings.idlePollNs
         var busy = false
-        var updates: UInt64 = 0, deadlines: UInt64 = 0
+        var updates: UInt64 = 0
         for v in watches.indices {
             guard let seq = area.sequence(vcpu: v) else { continue }
             if seq != watches[v].sequence, seq & 1 == 0 {
                 watches[v].sequence = seq
-                if let st = try? area.read(vcpu: v) {
-                    watches[v].state = st
-                    offset.observe(hostNs: now, guestNs: st.guestClockNs)
-                }
+                if let st = try? area.read(vcpu: v) { watches[v].state = st }
                 binding.notify(.guestUpdate, vcpu: v)
                 updates += 1
             } else if seq & 1 == 1 {
@@ -187,20 +174,10 @@ public final class GuestAreaWatcher: Sendable {
             }
             guard let st = watches[v].state else { continue }
             if !st.flags.subtracting(.idle).isEmpty { busy = true }
-            if let d = st.nextDeadlineNs, d != watches[v].announced, let hostDeadline = offset.hostTime(guestNs: d) {
-                let wakeAt = hostDeadline > settings.deadlineLeadNs ? hostDeadline - settings.deadlineLeadNs : 0
-                if now >= wakeAt {
-                    watches[v].announced = d
-                    binding.notify(.deadline(inNs: hostDeadline > now ? hostDeadline - now : 0), vcpu: v)
-                    deadlines += 1
-                } else {
-                    next = min(next, wakeAt)
-                }
-            }
             if binding.publishedStats(vcpu: v).boosted { busy = true }
         }
         if busy { next = min(next, now + settings.busyPollNs) }
-        counters.withLock { c in c.polls &+= 1; c.guestUpdates &+= updates; c.deadlines &+= deadlines }
+        counters.withLock { c in c.polls &+= 1; c.guestUpdates &+= updates }
         return next
     }
 

@@ -90,6 +90,8 @@ public final class BPFDriver: Driver {
         c.vcpu = UInt32(view.vcpu)
         c.boosted = view.boosted ? 1 : 0
         c.interrupt_pending = view.interruptPending ? 1 : 0
+        let w = view.pendingVectors.words
+        c.pending_vectors = (w.0, w.1, w.2, w.3)
         c.now_ns = view.nowNs
         c.boosted_for_ns = view.boostedForNs
         if let g = view.guest {

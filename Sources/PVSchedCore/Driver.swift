@@ -21,17 +21,19 @@ public struct VCPUView: Equatable, Sendable {
     public var boostedSinceNs: UInt64?
     /// Host monotonic time of the event.
     public var nowNs: UInt64
-    /// An interrupt was injected and the vCPU has not entered the guest since
-    /// (so the guest has not seen it yet: its shared state is older than the interrupt).
-    public var interruptPending: Bool
+    /// The vectors injected since the vCPU last entered the guest able to take them
+    /// (so the guest has not seen them yet: its shared state is older than they are).
+    public var pendingVectors: InterruptVectors
+    /// An interrupt was injected and the guest has not taken it yet.
+    public var interruptPending: Bool { !pendingVectors.isEmpty }
     /// The guest's clock now, estimated from the host's (nil until the binding has
     /// seen a fresh line): what a published deadline is compared with.
     public var guestNowNs: UInt64?
 
     public init(vcpu: Int, guest: GuestVCPUState?, boosted: Bool, boostedSinceNs: UInt64? = nil, nowNs: UInt64,
-                interruptPending: Bool = false, guestNowNs: UInt64? = nil) {
+                pendingVectors: InterruptVectors = [], guestNowNs: UInt64? = nil) {
         self.vcpu = vcpu; self.guest = guest; self.boosted = boosted
-        self.boostedSinceNs = boostedSinceNs; self.nowNs = nowNs; self.interruptPending = interruptPending
+        self.boostedSinceNs = boostedSinceNs; self.nowNs = nowNs; self.pendingVectors = pendingVectors
         self.guestNowNs = guestNowNs
     }
 

@@ -4,18 +4,24 @@ import Synchronization
 public struct TraceRecord: Sendable, CustomStringConvertible {
     public var timeNs: UInt64
     public var vcpu: Int
-    public var event: VCPUEvent
+    /// The event the driver was told of; nil for the budget enforcer's cut of a boost
+    /// that no event came to end.
+    public var event: VCPUEvent?
     public var guest: GuestVCPUState?
     public var boosted: Bool
-    public var interruptPending: Bool
+    public var pendingVectors: InterruptVectors
+    public var interruptPending: Bool { !pendingVectors.isEmpty }
+    /// How far the guest's published deadline was (negative: overdue), as the driver saw it.
+    public var deadlineInNs: Int64?
     public var decision: Decision
     public var outcome: NotifyOutcome
 
     public var description: String {
         let flags = guest.map { "0x" + String($0.flags.rawValue, radix: 16) } ?? "-"
         let task = guest.map { "\($0.task)" } ?? "-"
-        return "\(timeNs / 1000) µs vCPU \(vcpu) \(event) flags \(flags) task \(task) boosted \(boosted)"
-            + "\(interruptPending ? " irq-pending" : "") -> \(decision) (\(outcome))"
+        return "\(timeNs / 1000) µs vCPU \(vcpu) \(event.map { "\($0)" } ?? "enforcer") flags \(flags) task \(task) boosted \(boosted)"
+            + "\(interruptPending ? " irq-pending \(pendingVectors)" : "")"
+            + "\(deadlineInNs.map { " deadline \($0 >= 0 ? "+" : "")\($0 / 1000) µs" } ?? "") -> \(decision) (\(outcome))"
     }
 }
 

@@ -23,6 +23,54 @@ public enum ExitReason: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
+/// A set of interrupt vectors (0...255): the interrupts injected into a vCPU that
+/// its guest has not taken yet. Four words, as the BPF context carries it.
+public struct InterruptVectors: Equatable, Sendable, ExpressibleByArrayLiteral, CustomStringConvertible {
+    /// Bit `v % 64` of word `v / 64` is vector `v`.
+    public private(set) var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
+
+    public init() {}
+    public init(arrayLiteral vectors: UInt8...) { for v in vectors { insert(v) } }
+    public init(words: (UInt64, UInt64, UInt64, UInt64)) { self.words = words }
+
+    public var isEmpty: Bool { words == (0, 0, 0, 0) }
+
+    public func contains(_ vector: UInt8) -> Bool { word(vector >> 6) & (1 << UInt64(vector & 63)) != 0 }
+
+    public mutating func insert(_ vector: UInt8) {
+        let bit: UInt64 = 1 << UInt64(vector & 63)
+        switch vector >> 6 {
+        case 0: words.0 |= bit
+        case 1: words.1 |= bit
+        case 2: words.2 |= bit
+        default: words.3 |= bit
+        }
+    }
+
+    public mutating func removeAll() { words = (0, 0, 0, 0) }
+
+    /// The vectors of this set that are not in `other`.
+    public func subtracting(_ other: Self) -> Self {
+        Self(words: (words.0 & ~other.words.0, words.1 & ~other.words.1, words.2 & ~other.words.2, words.3 & ~other.words.3))
+    }
+
+    /// The vectors in ascending order.
+    public var vectors: [UInt8] { (0...255).map { UInt8($0) }.filter(contains) }
+
+    public static func == (a: Self, b: Self) -> Bool { a.words == b.words }
+
+    public var description: String { "[" + vectors.map { "0x" + String($0, radix: 16) }.joined(separator: ",") + "]" }
+
+    private func word(_ i: UInt8) -> UInt64 {
+        switch i {
+        case 0: return words.0
+        case 1: return words.1
+        case 2: return words.2
+        default: return words.3
+        }
+    }
+}
+
 /// A vCPU event the hypervisor component sends to a VM's driver.
 public enum VCPUEvent: Equatable, Sendable {
     /// The vCPU thread is about to enter the guest.

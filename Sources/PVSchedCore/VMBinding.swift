@@ -280,8 +280,8 @@ public final class VMBinding: VMEventSink {
         var unsettledStreak = 0
         /// Consecutive decisions the driver failed to make.
         var failureStreak = 0
-        /// An interruptInjection was seen and no vmEntry since.
-        var injectionPending = false
+        /// The vectors of the injections seen since the last vmEntry that delivered them.
+        var pendingVectors: InterruptVectors = []
         var stats = VCPUStats()
         /// When the counters were last published for the control plane.
         var publishedAtNs: UInt64 = 0
@@ -329,6 +329,7 @@ public final class VMBinding: VMEventSink {
         self.boost = boost
         self.logger = logger
         self.vcpus = (0..<vm.vcpuCount).map { _ in VCPUSlot() }
+        self.deadlines = DeadlineSchedule(vcpus: vm.vcpuCount)
     }
 
     /// The driver serving this VM now.
@@ -519,6 +520,8 @@ public final class VMBinding: VMEventSink {
         let now = clock.nowNs()
         var readError: SharedAreaError?
         var failing = false
+        var deadlineDue: UInt64?
+        let announcesDeadlines = driver.events.contains(.deadline)
         let outcome: NotifyOutcome = vcpus[vcpu].state.withLock { s in
             guard s.attachedGeneration == generation else { return .unchanged }  // raced a replacement
             s.stats.events &+= 1
@@ -530,6 +533,10 @@ public final class VMBinding: VMEventSink {
                     guest = g
                     s.lastGuest = g
                     s.unsettledStreak = 0
+                    if announcesDeadlines {
+                        deadlineDue = deadlines.record(vcpu: vcpu, guestNs: g.nextDeadlineNs,
+                                                       hostNs: g.nextDeadlineNs.flatMap { s.guestClock.hostTime(guestNs: $0) }, now: now)
+                    }
                 } catch {
                     // A vCPU preempted (or kicked) in the middle of an update leaves its
                     // counter odd for a while: decide on the last consistent snapshot.
@@ -551,13 +558,13 @@ public final class VMBinding: VMEventSink {
                 cutBy = veto
             }
             switch event {
-            case .interruptInjection: s.injectionPending = true
-            case .vmEntry: s.injectionPending = s.injectionPending && interruptStillQueued
+            case .interruptInjection(let vector): s.pendingVectors.insert(vector)
+            case .vmEntry: if !interruptStillQueued { s.pendingVectors.removeAll() }
             default: break
             }
             var view = VCPUView(vcpu: vcpu, guest: guest, boosted: s.boostStart != nil,
                                 boostedSinceNs: s.boostStart, nowNs: now,
-                                interruptPending: s.injectionPending)
+                                pendingVectors: s.pendingVectors)
             if guest != nil { view.guestNowNs = s.guestClock.guestTime(hostNs: now) }
             let failedBefore = driver.failedDecisions
             let decision = driver.decide(event: event, view: view)
@@ -575,11 +582,13 @@ public final class VMBinding: VMEventSink {
             s.stats.outcomes.count(result)
             if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
-                                      interruptPending: view.interruptPending, decision: decision, outcome: result))
+                                      pendingVectors: view.pendingVectors, deadlineInNs: view.deadlineInNs, decision: decision,
+                                      outcome: result))
             return result
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area { publish(area, vcpu: vcpu) }
+        if let deadlineDue { budgetAlarm?.need(checkAtNs: deadlineDue) }
         if failing {
             let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
             slot.withLock { s in
@@ -611,6 +620,8 @@ public final class VMBinding: VMEventSink {
                 guard s.boostStart != nil,
                       let veto = governor.checkOverrun(vcpu: i, now: now, cpuNs: cpuTime(s), budget: Self.budget(for: s)) else { return false }
                 cut(&s, vcpu: i, veto: veto, now: now)
+                trace?.record(TraceRecord(timeNs: now, vcpu: i, event: nil, guest: s.lastGuest, boosted: true,
+                                          pendingVectors: s.pendingVectors, decision: .none, outcome: .vetoed(veto)))
                 return true
             }
             if wasCut { cutCount += 1; if let area { publish(area, vcpu: i) } }
@@ -618,8 +629,26 @@ public final class VMBinding: VMEventSink {
         return cutCount
     }
 
-    /// When the enforcer must next look (see `VMEventSink.nextBudgetCheckNs`).
-    public func nextBudgetCheckNs() -> UInt64? { governor.nextCheckNs() }
+    /// Sends `deadline` for each vCPU whose published deadline is due (see
+    /// `DeadlineSchedule`); the enforcer calls this. Returns how many.
+    @discardableResult
+    public func announceDeadlines() -> Int {
+        let due = deadlines.takeDue(now: clock.nowNs())
+        for d in due { notify(.deadline(inNs: d.inNs), vcpu: d.vcpu) }
+        return due.count
+    }
+
+    /// When the enforcer must next look (see `VMEventSink.nextEnforcerWakeNs`).
+    public func nextEnforcerWakeNs() -> UInt64? {
+        switch (governor.nextCheckNs(), deadlines.nextDueNs()) {
+        case let (a?, b?): return min(a, b)
+        case let (a, b): return a ?? b
+        }
+    }
+
+    /// The deadlines the guest published, announced ahead as `deadline` events to a
+    /// driver that subscribes to them.
+    public let deadlines: DeadlineSchedule
 
     /// The enforcer sleeps on it; the governor rings it when a boost could run out
     /// before the enforcer planned to look.
@@ -681,11 +710,16 @@ public final class VMBinding: VMEventSink {
 
     /// The budget a boost is charged to in the vCPU's present state: the critical
     /// one while the guest is in an interrupt, softirq, NMI or preemption-off
-    /// section, or has an injected interrupt not yet taken; the general one otherwise.
+    /// section, or has an injected interrupt not yet taken while it runs no real-time
+    /// task; the general one otherwise.
     private static func budget(for s: VCPUState) -> BoostBudget {
-        if s.injectionPending { return .critical }
-        guard let flags = s.lastGuest?.flags else { return .general }
-        return flags.isDisjoint(with: [.inIRQ, .inSoftIRQ, .inNMI, .preemptDisabled]) ? .general : .critical
+        let flags = s.lastGuest?.flags ?? []
+        if !flags.isDisjoint(with: [.inIRQ, .inSoftIRQ, .inNMI, .preemptDisabled]) { return .critical }
+        // An interrupt not taken yet is what a boost waits for, unless the guest runs
+        // real-time work meanwhile: then the time is that work's (a tick queued while
+        // an RT task ran used to charge the task's run to the short budget).
+        if !s.pendingVectors.isEmpty && !flags.contains(.rtTaskRunning) { return .critical }
+        return .general
     }
 
     /// Ends a running boost's accounting (the governor's too); the caller restores the thread.

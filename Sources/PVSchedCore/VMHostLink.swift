@@ -9,7 +9,8 @@ import Glibc
 /// (a `VMBinding`) implements this.
 ///
 /// Calling context: `notify`, `setThread` from the vCPU's own thread or a device
-/// thread; `enforceBudgets` from the enforcer thread. All are thread-safe.
+/// thread; `enforceBudgets` and `announceDeadlines` from the VM's enforcer thread
+/// (its host-side timer). All are thread-safe.
 public protocol VMEventSink: AnyObject, Sendable {
     /// Delivers `event` for `vcpu`. `interruptStillQueued` (for `.vmEntry`) says an
     /// injected interrupt could not be delivered on this entry, so it stays pending.
@@ -22,31 +23,41 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// Cuts boosts that ran past their budget even when no event comes; returns how many.
     @discardableResult
     func enforceBudgets() -> Int
-    /// The earliest time (host monotonic ns) a running boost could spend its budget,
-    /// nil when none runs: the enforcer calls `enforceBudgets` again no later.
-    func nextBudgetCheckNs() -> UInt64?
-    /// What the enforcer sleeps on, if the sink wakes it when a boost needs it (nil:
-    /// the enforcer looks every `enforcerSleepNs`).
+    /// Sends `deadline` for the vCPUs whose published deadline is now near, whether
+    /// or not any other event comes; returns how many.
+    @discardableResult
+    func announceDeadlines() -> Int
+    /// The earliest time (host monotonic ns) the enforcer has work: a running boost
+    /// that could spend its budget, or a deadline to announce; nil when there is
+    /// none. The enforcer calls `enforceBudgets` and `announceDeadlines` again no later.
+    func nextEnforcerWakeNs() -> UInt64?
+    /// What the enforcer sleeps on, if the sink wakes it when it has work sooner
+    /// (nil: the enforcer looks every `enforcerSleepNs`).
     var budgetAlarm: BudgetAlarm? { get }
 }
 
 extension VMEventSink {
-    public func nextBudgetCheckNs() -> UInt64? { nil }
+    public func announceDeadlines() -> Int { 0 }
+    public func nextEnforcerWakeNs() -> UInt64? { nil }
     public var budgetAlarm: BudgetAlarm? { nil }
 
-    /// The enforcer's pause between two `enforceBudgets`: on the sink's alarm when it
-    /// has one (until the next budget check, or a boost that needs one sooner), else
-    /// `enforcerSleepNs`.
-    public func sleepUntilBudgetCheck() {
-        if let budgetAlarm { budgetAlarm.sleep { nextBudgetCheckNs() } }
+    /// The enforcer's pause between two rounds: on the sink's alarm when it has one
+    /// (until the next budget check or deadline, or sooner work), else `enforcerSleepNs`.
+    public func sleepUntilEnforcerWake() {
+        if let budgetAlarm { budgetAlarm.sleep { nextEnforcerWakeNs() } }
         else { usleep(UInt32(enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000)) }
     }
 
-    /// How long an enforcer may sleep before its next `enforceBudgets`: until the
-    /// next possible budget exhaustion, at most `maxNs` (the pacing of the
-    /// publication of counters), at least 20 µs.
+    /// One round of the enforcer: cut overrunning boosts, announce due deadlines.
+    public func runEnforcerRound() {
+        enforceBudgets()
+        announceDeadlines()
+    }
+
+    /// How long an enforcer may sleep before its next round: until its next work, at
+    /// most `maxNs` (the pacing of the publication of counters), at least 20 µs.
     public func enforcerSleepNs(now: UInt64, maxNs: UInt64 = 1_000_000) -> UInt64 {
-        guard let next = nextBudgetCheckNs() else { return maxNs }
+        guard let next = nextEnforcerWakeNs() else { return maxNs }
         return min(maxNs, max(20_000, next > now ? next - now : 0))
     }
 

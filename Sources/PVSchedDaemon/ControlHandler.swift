@@ -295,7 +295,7 @@ public final class ControlHandler: Sendable {
         if let w = attacher.watcher(vm: s.handle.id) {
             let c = w.stats
             vm["watcher"] = ["phase": .string("\(w.phase)"), "polls": JSON(c.polls), "guestUpdates": JSON(c.guestUpdates),
-                             "deadlines": JSON(c.deadlines), "registrations": JSON(c.registrations)]
+                             "registrations": JSON(c.registrations)]
         }
         return .object(vm)
     }
@@ -326,10 +326,12 @@ public final class ControlHandler: Sendable {
     }
 
     func traceJSON(_ r: TraceRecord) -> JSON {
-        ["timeUs": JSON(r.timeNs / 1000), "vcpu": JSON(r.vcpu), "event": .string("\(r.event)"),
+        ["timeUs": JSON(r.timeNs / 1000), "vcpu": JSON(r.vcpu), "event": .string(r.event.map { "\($0)" } ?? "enforcer"),
          "flags": JSON(r.guest.map { "0x" + String($0.flags.rawValue, radix: 16) }),
          "task": JSON(r.guest.map { "\($0.task)" }), "boosted": .bool(r.boosted),
-         "interruptPending": .bool(r.interruptPending), "decision": .string("\(r.decision)"), "outcome": .string("\(r.outcome)")]
+         "interruptPending": .bool(r.interruptPending), "pendingVectors": .array(r.pendingVectors.vectors.map { JSON(Int($0)) }),
+         "deadlineInUs": r.deadlineInNs.map { JSON($0 / 1000) } ?? .null,
+         "decision": .string("\(r.decision)"), "outcome": .string("\(r.outcome)")]
     }
 
     private func eventNames(_ m: EventMask) -> JSON {

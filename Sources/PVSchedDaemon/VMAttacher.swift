@@ -178,6 +178,7 @@ final class VMAttacher: Sendable {
         }
         let threads = Mutex(found)
         session.binding.map { found.install(in: $0, boostMainLoop: boostMainLoop) }
+        if let leadUs, let binding = session.binding { binding.deadlines.leadNs = UInt64(leadUs) * 1000 }
 
         var negotiation = "no shared area given"
         var watcher: GuestAreaWatcher?
@@ -189,7 +190,6 @@ final class VMAttacher: Sendable {
         } else if let region, let binding = session.binding {
             var settings = GuestAreaWatcher.Settings()
             if let pollUs { settings.busyPollNs = UInt64(pollUs) * 1000; settings.idlePollNs = max(settings.idlePollNs, settings.busyPollNs) }
-            if let leadUs { settings.deadlineLeadNs = UInt64(leadUs) * 1000 }
             let w = GuestAreaWatcher(region: region, link: session.link, binding: binding, settings: settings,
                                      priority: host.canUseRealTime ? 90 : nil, threads: host.threads, logger: logger)
             // The guest may already have written its header: give the watcher a moment to say.
@@ -198,7 +198,7 @@ final class VMAttacher: Sendable {
             watcher = w
         }
         let slot = UInt32(truncatingIfNeeded: session.handle.id)
-        var eventsText = "watcher (guest updates and deadlines)"
+        var eventsText = "watcher (guest updates)"
         var kernel: KernelEventSource?
         if events != "watch" {
             switch kernelEvents {

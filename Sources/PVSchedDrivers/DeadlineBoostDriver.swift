@@ -18,7 +18,11 @@ import PVSchedCore
 ///   read), but does not start one: a round-robin tick's handler is not boosted.
 /// - The boost ends at the first event where the guest's state is current (an exit
 ///   it caused, a line change) and it reports no RT work, no boost request and no
-///   near deadline.
+///   near deadline, unless an interrupt the guest has not taken yet is one that
+///   would boost by itself (a device's, or the timer near the deadline). A pending
+///   round-robin tick does not hold a boost: held for one, a vCPU running batch
+///   work kept the boost until the governor cut it, and was then throttled through
+///   its RT task's next wake-ups.
 public final class DeadlineBoostDriver: Driver {
     /// Tunables of the policy.
     public struct Settings: Equatable, Sendable {
@@ -38,9 +42,15 @@ public final class DeadlineBoostDriver: Driver {
     public let events: EventMask = .all
     public let settings: Settings
 
+    /// `settings.timerVectors` as a set of vectors, to mask pending ones with.
+    private let timerVectors: InterruptVectors
+
     public init(name: String = "deadline-boost", settings: Settings = Settings()) {
         self.name = name
         self.settings = settings
+        var timers = InterruptVectors()
+        for v in settings.timerVectors { timers.insert(v) }
+        self.timerVectors = timers
     }
 
     /// Guest flags that are real-time work by themselves.
@@ -50,8 +60,16 @@ public final class DeadlineBoostDriver: Driver {
 
     public func decide(event: VCPUEvent, view: VCPUView) -> Decision {
         if wantsBoost(event, view) { return view.boosted ? .none : .boost() }
-        guard view.boosted, !view.interruptPending, LatencyBoostDriver.guestCaused(event) else { return .none }
+        guard view.boosted, !pendingInterruptWantsBoost(view), LatencyBoostDriver.guestCaused(event) else { return .none }
         return .unboost
+    }
+
+    /// Whether an interrupt injected and not yet taken would boost by itself, so the
+    /// boost must last until the guest takes it.
+    private func pendingInterruptWantsBoost(_ view: VCPUView) -> Bool {
+        guard view.interruptPending else { return false }
+        guard view.guest != nil else { return true }
+        return !view.pendingVectors.subtracting(timerVectors).isEmpty || deadlineNear(view)
     }
 
     private func wantsBoost(_ event: VCPUEvent, _ view: VCPUView) -> Bool {

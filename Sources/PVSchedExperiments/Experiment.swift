@@ -1,3 +1,4 @@
+import Foundation
 import Histogram
 import Logging
 import PVSchedCore
@@ -113,6 +114,10 @@ public struct Scenario: Sendable {
     public var boost = BoostSettings()
     public var governor: GovernorConfig = .default
     public var modes: [Mode] = [.idle, .vanilla, .staticRT, .driver("latency-boost")]
+    /// Where to write each pvsched run's driver trace (the last `traceCapacity`
+    /// notifications of each vCPU and the enforcer's cuts, `SCENARIO-MODE-RUN.trace`); nil: none.
+    public var traceDirectory: String?
+    public var traceCapacity = 20_000
     /// The Linux guest under unmodified QEMU instead of the built-in VMM (nil):
     /// cyclictest on vCPU 0 (see `runQEMU`).
     public var qemuGuest: LinuxGuestImage?
@@ -219,6 +224,7 @@ public struct ExperimentRunner {
         let managed = mode.pvsched(in: scenario)
         let pvsched = managed != nil
         let host = try PVSchedHost(actuator: LinuxActuator())
+        let trace = pvsched && scenario.traceDirectory != nil ? EventTrace(vcpus: scenario.vcpus, capacity: scenario.traceCapacity) : nil
         var kernelDriven: KernelDrivenVM?
         let vm: VirtualMachine
         if case .kernel = mode {
@@ -228,7 +234,7 @@ public struct ExperimentRunner {
         } else {
             vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: managed?.driver,
                                  governor: managed?.governor ?? scenario.governor,
-                                 boost: managed?.boost ?? BoostSettings())
+                                 boost: managed?.boost ?? BoostSettings(), trace: trace)
         }
         defer { kernelDriven?.stop(); kernelDriven?.source.close() }
 
@@ -279,6 +285,7 @@ public struct ExperimentRunner {
                 if v.workload == .batch || v.workload == .cyclicBatch { batchWork += v.workUnits }
             }
         }
+        if let trace, let dir = scenario.traceDirectory { try write(trace, of: mode, index: index, to: dir) }
         if case .failed(let vcpu, let failure) = final {
             logger.error("VM failed in mode \(mode)", metadata: ["vcpu": "\(vcpu)", "reason": "\(failure)"])
         }
@@ -293,6 +300,19 @@ public struct ExperimentRunner {
             throttleCount: totals.throttleCount,
             exits: vm.exitCounts.reduce(0, +),
             outcome: "\(final)")
+    }
+}
+
+extension ExperimentRunner {
+    /// Writes a run's driver trace, vCPU by vCPU, to `DIR/SCENARIO-MODE-RUN.trace`.
+    func write(_ trace: EventTrace, of mode: Mode, index: Int, to dir: String) throws {
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let scenarioName = scenario.guest.rawValue + (scenario.noisyVM ? "+noisy" : "")
+        let name = "\(scenarioName)-\(mode)".map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "_" }
+        var text = "# \(scenario.guestTitle), mode \(mode), run \(index); µs on the host's monotonic clock\n"
+        for v in 0..<scenario.vcpus { for r in trace.records(vcpu: v) { text += r.description + "\n" } }
+        let path = (dir as NSString).appendingPathComponent("\(String(name))-\(index).trace")
+        try Data(text.utf8).write(to: URL(fileURLWithPath: path))
     }
 }
 

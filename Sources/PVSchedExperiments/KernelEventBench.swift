@@ -36,7 +36,8 @@ public enum KernelEventBench {
         func setThread(_ thread: ThreadID?, vcpu: Int) { inner.setThread(thread, vcpu: vcpu) }
         func setArea(_ area: SharedArea?) { inner.setArea(area) }
         func enforceBudgets() -> Int { inner.enforceBudgets() }
-        func nextBudgetCheckNs() -> UInt64? { inner.nextBudgetCheckNs() }
+        func announceDeadlines() -> Int { inner.announceDeadlines() }
+        func nextEnforcerWakeNs() -> UInt64? { inner.nextEnforcerWakeNs() }
         var budgetAlarm: BudgetAlarm? { inner.budgetAlarm }
     }
 

@@ -113,8 +113,8 @@ public final class AttachedVMSession: VMSession {
         let t = PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
             while enforcing.load(ordering: .relaxed) {
-                events.enforceBudgets()
-                events.sleepUntilBudgetCheck()
+                events.runEnforcerRound()
+                events.sleepUntilEnforcerWake()
             }
         }
         enforcer.withLock { $0 = t }

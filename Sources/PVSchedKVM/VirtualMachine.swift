@@ -208,8 +208,8 @@ public final class VirtualMachine: @unchecked Sendable {
             enforcer = PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 while !stopping.load(ordering: .relaxed) {
-                    events.enforceBudgets()
-                    events.sleepUntilBudgetCheck()
+                    events.runEnforcerRound()
+                    events.sleepUntilEnforcerWake()
                 }
             }
         }

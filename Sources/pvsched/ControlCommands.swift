@@ -144,7 +144,7 @@ struct VMAttach: ParsableCommand {
     var protectHostPriority: Int64?
     @Flag(help: "Do not boost QEMU's main-loop thread with the vCPUs (it delivers the guest's timer interrupts under TCG).") var noBoostMainLoop = false
     @Option(help: "How often the watcher reads the guest's lines while it works, in µs (50-100000; default 200).") var pollUs: Int64?
-    @Option(help: "How long before a guest's published deadline the watcher wakes, in µs (0-100000; default 200).") var deadlineLeadUs: Int64?
+    @Option(help: "How long before a deadline the guest published its driver gets a `deadline` event, in µs (0-100000; default 200).") var deadlineLeadUs: Int64?
     @Option(help: "The export file of `pvsched run --export`.") var export: String?
     @Option(help: "The VMM process id.") var pid: Int64?
     @Option(help: "vCPU thread ids in vCPU order, comma-separated.") var threads: String?

@@ -30,6 +30,8 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Run these scenarios one after the other: 'all' (mixed, cyclic, irq-response, rt+batch, mixed with a noisy VM, and the hostile guests hostile-stuck and hostile-flip), or a comma-separated list of --guest values (a '+noisy' suffix adds the noisy VM).")
     var scenarios: String?
     @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
+    @Option(help: "Write each pvsched run's driver trace (every vCPU's notifications: event, guest flags, decision, outcome; and the budget enforcer's cuts) to DIR/SCENARIO-MODE-RUN.trace.")
+    var traceDir: String?
     @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm) or qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs).")
     var vmm = "builtin"
 
@@ -60,6 +62,7 @@ struct ScenarioOptions: ParsableArguments {
             }
         }
         s.guest = g
+        s.traceDirectory = traceDir
         s.vcpus = vcpus
         s.busyThreads = busyThreads
         s.noisyVM = noisyVM

@@ -106,7 +106,8 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
 
     @Test func aPublishedDeadlineBoostsShortlyBeforeItAndNotAtOnce() throws {
         let lead: UInt64 = 2_000_000
-        let vm = try WatchedVM(settings: .init(deadlineLeadNs: lead, headerPollNs: 1_000_000))
+        let vm = try WatchedVM(settings: .init(headerPollNs: 1_000_000))
+        vm.session.binding?.deadlines.leadNs = lead
         vm.register()
         #expect(eventually { vm.hostNegotiation == PVSCHED_DEV_ACCEPTED })
         // The guest's clock runs 7 s behind the host's; its deadline is 30 ms ahead.
@@ -123,8 +124,7 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         // Not before the lead (a little slack for the clock mapping), not long after the deadline.
         #expect(early > -1_000_000, "boosted \(-early) ns before the lead time")
         #expect(boostedAt < written + 30_000_000 + 10_000_000)
-        // The watcher counts the event after delivering it, at the end of its poll.
-        #expect(eventually { vm.watcher.stats.deadlines == 1 })
+        #expect(eventually { vm.session.binding?.totals.eventsByKind.deadline == 1 })
     }
 
     @Test func aLineWithUnknownFlagsDisablesPvschedNamesTheFieldAndTellsTheGuest() throws {

@@ -64,7 +64,7 @@ struct SamplePolicyTests {
                                                                       nextDeadlineNs: 77, guestClockNs: 70) : nil
                                 let view = VCPUView(vcpu: 1, guest: guest, boosted: boosted,
                                                     boostedSinceNs: boosted ? 10_000_000 - age : nil, nowNs: 10_000_000,
-                                                    interruptPending: pending)
+                                                    pendingVectors: pending ? [48] : [])
                                 let expected = builtin.decide(event: e, view: view)
                                 #expect(bpf.decide(event: e, view: view) == expected, "\(e) flags \(flags) boosted \(boosted) pending \(pending) age \(age)")
                                 switch expected { case .none: counts[0] += 1; case .boost: counts[1] += 1; case .unboost: counts[2] += 1 }
@@ -128,14 +128,14 @@ struct DeadlinePolicyTests {
         for e in events {
             for flags in [0, 1, 2, 8, 16, 32, 64, 0x41, 0x50] as [UInt32] {
                 for boosted in [false, true] {
-                    for pending in [false, true] {
+                    for pending: InterruptVectors in [[], [0x30], [0x31], [0xEC], [0x30, 0xEC], [0x30, 0x31], [0xEC, 0xFF], [0x70]] {
                         for (deadline, now): (UInt64?, UInt64?) in [(nil, 5_000_000), (5_200_000, 5_000_000), (5_600_000, 5_000_000),
                                                                     (4_000_000, 5_000_000), (5_100_000, nil)] {
                             for hasGuest in [false, true] where hasGuest || flags == 0 {
                                 let guest = hasGuest ? GuestVCPUState(flags: .init(rawValue: flags), task: .normal(nice: 0),
                                                                       nextDeadlineNs: deadline, guestClockNs: 4_900_000) : nil
                                 let view = VCPUView(vcpu: 0, guest: guest, boosted: boosted, boostedSinceNs: boosted ? 1 : nil,
-                                                    nowNs: 10_000_000, interruptPending: pending, guestNowNs: now)
+                                                    nowNs: 10_000_000, pendingVectors: pending, guestNowNs: now)
                                 let expected = builtin.decide(event: e, view: view)
                                 #expect(bpf.decide(event: e, view: view) == expected, "\(e) flags \(flags) boosted \(boosted) pending \(pending) deadline \(String(describing: deadline)) now \(String(describing: now))")
                                 if case .boost = expected { boosts += 1 }
@@ -172,5 +172,24 @@ struct DeadlinePolicyTests {
         #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, boosted: true)) == .unboost,
                 "RT work done, the next deadline is far: the boost ends")
         #expect(d.decide(event: .vmExit(.doorbell), view: view(deadlineIn: 900_000, flags: [.rtTaskRunning], boosted: true)) == .none)
+    }
+
+    /// An interrupt the guest has not taken yet holds a boost only if it would boost
+    /// by itself: a round-robin tick queued while the RT task ran did not, and held
+    /// the boost through the batch work after it until the governor cut it.
+    @Test func aPendingTickDoesNotHoldABoostButAPendingDeviceInterruptOrDeadlineTimerDoes() {
+        let d = DeadlineBoostDriver()
+        func done(deadlineIn: Int64, pending: InterruptVectors) -> VCPUView {
+            let now: UInt64 = 50_000_000
+            let g = GuestVCPUState(flags: [], nextDeadlineNs: UInt64(Int64(now) + deadlineIn), guestClockNs: now - 1000)
+            return VCPUView(vcpu: 0, guest: g, boosted: true, boostedSinceNs: 1, nowNs: 9, pendingVectors: pending, guestNowNs: now)
+        }
+        let doorbell = VCPUEvent.vmExit(.doorbell)
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 4_000_000, pending: [0x30])) == .unboost, "a tick")
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 4_000_000, pending: [0xEC])) == .unboost, "Linux's tick")
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 4_000_000, pending: [0x31])) == .none, "a device's interrupt")
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 4_000_000, pending: [0x30, 0x31])) == .none)
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 100_000, pending: [0x30])) == .none, "the timer of the deadline")
+        #expect(d.decide(event: doorbell, view: done(deadlineIn: 4_000_000, pending: [])) == .unboost)
     }
 }

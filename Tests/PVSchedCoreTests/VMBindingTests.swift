@@ -134,7 +134,7 @@ import Testing
         }
         let alarm = try #require(b.budgetAlarm)
         let woke = WokeBox()
-        let enforcer = PVSchedCore.Thread { alarm.sleep { b.nextBudgetCheckNs() }; woke.mark() }
+        let enforcer = PVSchedCore.Thread { alarm.sleep { b.nextEnforcerWakeNs() }; woke.mark() }
         usleep(10_000)
         #expect(b.notify(.vmExit(.halt), vcpu: 0) == .unchanged)
         usleep(10_000)
@@ -158,12 +158,12 @@ import Testing
         // The guest is in an interrupt handler: the boost is charged to the 1 ms critical budget.
         buf.writer.setFlags(vcpu: 0, [.inIRQ])
         #expect(b.notify(.vmExit(.halt), vcpu: 0) == .boosted)
-        #expect(b.nextBudgetCheckNs() == clock.nowNs() + 1_000_000)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 1_000_000)
         // 5 ms pass but the thread runs only 0.6 ms of them (it halted): not cut.
         clock.advance(by: 5_000_000)
         act.setCPUTime(10_600_000, of: thread)
         #expect(b.enforceBudgets() == 0)
-        #expect(b.nextBudgetCheckNs() == clock.nowNs() + 400_000)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 400_000)
         // The next 0.4 ms of CPU time spend it: the enforcer cuts the boost without an event.
         clock.advance(by: 400_000)
         act.setCPUTime(11_000_000, of: thread)
@@ -280,5 +280,56 @@ import Testing
         guard case .actuatorFailed = b.notify(.vmEntry, vcpu: 0) else { Issue.record("expected failure"); return }
         #expect(b.stats(vcpu: 0).boosted == false)
         #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
+    }
+}
+
+/// The host side of "boost ahead of the guest's deadline", for any VM: the binding
+/// learns the deadline from the line it reads at an event, the enforcer announces it.
+@Suite struct DeadlineAnnouncementTests {
+    @Test func aDeadlineReadAtAnEventIsAnnouncedItsLeadAheadEvenWithNoOtherEvent() throws {
+        let clock = ManualClock(startNs: 10_000_000_000)
+        let r = DriverRegistry()
+        let d = ScriptedDriver("s") { e, _ in
+            if case .deadline = e { return .boost() }
+            return .none
+        }
+        try r.register(d)
+        try r.setDefault("s")
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator(), governor: .unlimited, clock: clock)
+        b.setThread(ThreadID(100), vcpu: 0)
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        b.deadlines.leadNs = 300_000
+        // The guest's clock runs 4 s behind the host's; it sleeps until 2 ms from now.
+        let guestNow = clock.nowNs() - 4_000_000_000
+        buf.writer.update(vcpu: 0) { g in
+            g.flags = GuestVCPUState.Flags.idle.rawValue
+            g.guest_clock_ns = guestNow
+            g.next_deadline_ns = guestNow + 2_000_000
+        }
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 1_700_000)
+        clock.advance(by: 1_000_000)
+        #expect(b.announceDeadlines() == 0)
+        clock.advance(by: 700_000)
+        #expect(b.announceDeadlines() == 1)
+        #expect(b.stats(vcpu: 0).boosted)
+        #expect(b.announceDeadlines() == 0, "once")
+        #expect(d.calls.filter { $0.hasPrefix("deadline") } == ["\(VCPUEvent.deadline(inNs: 300_000))"])
+    }
+
+    /// A driver that does not subscribe to `deadline` leaves the enforcer asleep.
+    @Test func aDriverWithoutTheDeadlineEventSchedulesNone() throws {
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("s", events: [.halt]) { _, _ in .none })
+        try r.setDefault("s")
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator(), governor: .unlimited)
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        let now = MonotonicClock.nowNs()
+        buf.writer.update(vcpu: 0) { g in g.guest_clock_ns = now; g.next_deadline_ns = now + 50_000_000 }
+        b.notify(.halt, vcpu: 0)
+        #expect(b.deadlines.nextDueNs() == nil)
+        #expect(b.nextEnforcerWakeNs() == nil)
     }
 }

@@ -41,7 +41,7 @@ import PVSchedTesting
         }
         // A halt seen after an injection the guest has not taken yet does not end the boost.
         var pending = view([.idle], boosted: true, since: 9_000)
-        pending.interruptPending = true
+        pending.pendingVectors = [48]
         #expect(d.decide(event: .halt, view: pending) == .none)
         #expect(d.decide(event: .vmExit(.halt), view: pending) == .none)
         // But they may start one the guest asks for.

@@ -279,8 +279,17 @@ struct pvsched_bpf_ctx {
     uint64_t next_deadline_ns;
     uint64_t guest_clock_ns;
     uint64_t guest_now_ns;      /* the guest's clock now, mapped from the host's (0: not known yet) */
+    /* The vectors of interrupt_pending: bit (v % 64) of word (v / 64) is vector v,
+     * injected and not yet taken by the guest (see pvsched_vector_pending). */
+    uint64_t pending_vectors[4];
 };
-_Static_assert(sizeof(struct pvsched_bpf_ctx) == 88, "bpf ctx");
+_Static_assert(sizeof(struct pvsched_bpf_ctx) == 120, "bpf ctx");
+_Static_assert(__builtin_offsetof(struct pvsched_bpf_ctx, pending_vectors) == 88, "bpf ctx pending_vectors");
+
+/* Whether vector v is among the context's pending vectors. */
+static inline int pvsched_vector_pending(const struct pvsched_bpf_ctx *ctx, uint32_t v) {
+    return (ctx->pending_vectors[(v >> 6) & 3] >> (v & 63)) & 1;
+}
 
 struct pvsched_bpf_driver_info {
     char     name[PVSCHED_PROTOCOL_NAME_LEN];
