@@ -199,7 +199,11 @@ enum Sched {
         if boot.pointee.irqchip != 0 {
             LAPIC.armDeadline(next)
         } else {
-            let us = next > now ? (next - now) / tscPerUs : 0
+            // The VMM's timer takes a delay: computed from a fresh reading, since `now`
+            // may be much older (a vCPU thread preempted on the host in the middle of a
+            // timer interrupt armed the next one that much late, seen at 3 ms).
+            let fresh = nowTSC()
+            let us = next > fresh ? (next - fresh) / tscPerUs : 0
             outl(UInt16(PVSCHED_PORT_TIMER_ARM), UInt32(max(1, min(us, 10_000_000))))
         }
     }
@@ -246,9 +250,8 @@ enum Sched {
         }
     }
 
-    /// The running task sleeps until `tsc`. The timer is armed from a fresh TSC reading
-    /// (the VMM's timer takes a delay): under PVM the caller's last reading can be a
-    /// millisecond old, and the timer would fire that much late.
+    /// The running task sleeps until `tsc` (`armTimer` computes the VMM timer's delay
+    /// from a fresh TSC reading).
     static func sleep(untilTSC tsc: UInt64) {
         let s = this
         let irq = irq_save()
