@@ -20,6 +20,18 @@ public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
     /// Whether Linux runs these parameters in its fair class (EEVDF).
     public var isFairClass: Bool { !isRealTime }
 
+    /// The same class at the least weight (nice 19): what a thread with these
+    /// parameters repays a boost at (see `RepaymentLedger`). Nil when there is no
+    /// lower weight to go to: a real-time thread, SCHED_IDLE, or nice 19 already.
+    public var repayment: SchedulingParameters? {
+        switch self {
+        case .other(let n): return n < 19 ? .other(nice: 19) : nil
+        case .slice(let n, let us): return n < 19 ? .slice(nice: 19, sliceUs: us) : nil
+        case .batch(let n): return n < 19 ? .batch(nice: 19) : nil
+        case .idle, .fifo, .rr: return nil
+        }
+    }
+
     public var description: String {
         switch self {
         case .other(let n): return "SCHED_OTHER nice \(n)"
@@ -83,11 +95,16 @@ public protocol Actuator: AnyObject, Sendable {
     func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError)
     /// Forgets `thread`'s baseline (after restoring it, if boosted).
     func release(_ thread: ThreadID)
+    /// The parameters `thread` was adopted with (what restores return to), if known:
+    /// a boost is repaid at the least weight of that class.
+    func baseline(of thread: ThreadID) -> SchedulingParameters?
 }
 
 extension Actuator {
     /// No CPU clock by default: the governor then charges wall time.
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? { nil }
+    /// No baseline by default: boosts are then not repaid.
+    public func baseline(of thread: ThreadID) -> SchedulingParameters? { nil }
     public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {}
     public func release(_ thread: ThreadID) { try? restore(thread) }
 }

@@ -23,20 +23,30 @@ public struct GovernorConfig: Equatable, Sendable {
     public var shareWindowNs: UInt64
     /// Largest fraction (0...1) of `shareWindowNs × vCPUs` that the VM may spend boosted.
     public var maxVMShare: Double
+    /// How a vCPU repays its boosts: after a boost in which it ran `B`, it runs at the
+    /// least weight of its own class for `repaymentFactor × B` (see `RepaymentLedger`;
+    /// the factor is the number of busy threads expected beside the vCPU on its CPU).
+    /// 0: boosts are not repaid.
+    public var repaymentFactor: Double
+    /// The longest repayment after one boost (what is owed beyond it is forgiven).
+    public var maxRepaymentNs: UInt64
 
     public init(criticalBudgetNs: UInt64 = 2_000_000, generalBudgetNs: UInt64 = 5_000_000, throttleWindowNs: UInt64 = 10_000_000,
-                shareWindowNs: UInt64 = 100_000_000, maxVMShare: Double = 0.5) {
+                shareWindowNs: UInt64 = 100_000_000, maxVMShare: Double = 0.5, repaymentFactor: Double = 2,
+                maxRepaymentNs: UInt64 = 20_000_000) {
         self.criticalBudgetNs = criticalBudgetNs
         self.generalBudgetNs = generalBudgetNs
         self.throttleWindowNs = throttleWindowNs
         self.shareWindowNs = shareWindowNs
         self.maxVMShare = maxVMShare
+        self.repaymentFactor = repaymentFactor
+        self.maxRepaymentNs = maxRepaymentNs
     }
 
     public static let `default` = GovernorConfig()
     /// No limits at all (for measuring the unprotected mechanism).
     public static let unlimited = GovernorConfig(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0,
-                                                 shareWindowNs: .max, maxVMShare: 1.0)
+                                                 shareWindowNs: .max, maxVMShare: 1.0, repaymentFactor: 0)
 
     func budget(_ kind: BoostBudget) -> UInt64 { kind == .critical ? criticalBudgetNs : generalBudgetNs }
 }

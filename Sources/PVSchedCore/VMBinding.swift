@@ -108,8 +108,14 @@ public struct VCPUStats: Equatable, Sendable {
     /// Time from the event to the driver's decision: reading the guest's line, the
     /// governor's check and `decide` itself.
     public var decisionLatency = LatencyBuckets()
+    /// Boosts repaid (the thread ran at the least weight afterwards), and the
+    /// repayment time they were given in all.
+    public var repayments: UInt64 = 0
+    public var repaymentNs: UInt64 = 0
     /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
+    /// Whether the vCPU thread is repaying a boost now (a snapshot).
+    public var repaying: Bool = false
     /// Who manages the vCPU thread's scheduling now (a snapshot).
     public var thread: ThreadOwnership = .pvsched
     public init() {}
@@ -120,6 +126,7 @@ public struct VCPUStats: Equatable, Sendable {
         events &+= o.events; eventsByKind.add(o.eventsByKind); outcomes.add(o.outcomes)
         vetoesThrottled &+= o.vetoesThrottled; vetoesVMShare &+= o.vetoesVMShare
         decisionLatency.add(o.decisionLatency); boosted = boosted || o.boosted
+        repayments &+= o.repayments; repaymentNs &+= o.repaymentNs; repaying = repaying || o.repaying
     }
 }
 
@@ -282,6 +289,8 @@ public final class VMBinding: VMEventSink {
         var failureStreak = 0
         /// The vectors of the injections seen since the last vmEntry that delivered them.
         var pendingVectors: InterruptVectors = []
+        /// The boost the thread is repaying, and what it still owes (see `RepaymentLedger`).
+        var ledger = RepaymentLedger()
         var stats = VCPUStats()
         /// When the counters were last published for the control plane.
         var publishedAtNs: UInt64 = 0
@@ -330,6 +339,7 @@ public final class VMBinding: VMEventSink {
         self.logger = logger
         self.vcpus = (0..<vm.vcpuCount).map { _ in VCPUSlot() }
         self.deadlines = DeadlineSchedule(vcpus: vm.vcpuCount)
+        self.repaymentEnds = Mutex(Array(repeating: nil, count: vm.vcpuCount))
     }
 
     /// The driver serving this VM now.
@@ -376,6 +386,7 @@ public final class VMBinding: VMEventSink {
     private func publishStats(_ s: inout VCPUState, vcpu: Int, now: UInt64) {
         var snapshot = s.stats
         snapshot.boosted = s.boostStart != nil
+        snapshot.repaying = s.ledger.isRepaying
         if vcpus[vcpu].published.withLockIfAvailable({ $0 = snapshot }) != nil { s.publishedAtNs = now }
     }
 
@@ -386,6 +397,7 @@ public final class VMBinding: VMEventSink {
         return vcpus[vcpu].state.withLock { s in
             var st = s.stats
             st.boosted = s.boostStart != nil
+            st.repaying = s.ledger.isRepaying
             if let start = s.boostStart, now > start { st.boostedNs &+= now - start }
             return st
         }
@@ -410,6 +422,8 @@ public final class VMBinding: VMEventSink {
             if old != thread {
                 endBoost(&s, vcpu: vcpu, now: clock.nowNs())
                 s.stats.thread = ownership
+                s.ledger.reset()  // the old thread's repayment ends with its release below
+                repaymentEnds.withLock { $0[vcpu] = nil }
             }
             s.thread = thread
             return old
@@ -617,6 +631,7 @@ public final class VMBinding: VMEventSink {
         for (i, v) in vcpus.enumerated() {
             let wasCut: Bool = v.state.withLock { s in
                 defer { if s.publishedAtNs != now { publishStats(&s, vcpu: i, now: now) } }
+                endRepayment(&s, vcpu: i, dueBy: now)
                 guard s.boostStart != nil,
                       let veto = governor.checkOverrun(vcpu: i, now: now, cpuNs: cpuTime(s), budget: Self.budget(for: s)) else { return false }
                 cut(&s, vcpu: i, veto: veto, now: now)
@@ -640,11 +655,13 @@ public final class VMBinding: VMEventSink {
 
     /// When the enforcer must next look (see `VMEventSink.nextEnforcerWakeNs`).
     public func nextEnforcerWakeNs() -> UInt64? {
-        switch (governor.nextCheckNs(), deadlines.nextDueNs()) {
-        case let (a?, b?): return min(a, b)
-        case let (a, b): return a ?? b
-        }
+        let due = [governor.nextCheckNs(), deadlines.nextDueNs()] + repaymentEnds.withLock { $0 }
+        return due.compactMap { $0 }.min()
     }
+
+    /// When each vCPU's repayment ends (for the enforcer's plan; the vCPU's ledger is
+    /// the truth), so that planning takes no vCPU lock.
+    private let repaymentEnds: Mutex<[UInt64?]>
 
     /// The deadlines the guest published, announced ahead as `deadline` events to a
     /// driver that subscribes to them.
@@ -672,6 +689,14 @@ public final class VMBinding: VMEventSink {
                 return .vetoed(veto)
             }
             let params = boost.parameters(priority: priority)
+            if s.ledger.isRepaying {
+                // Latency wins: the repayment ends (what is left of it is owed) and the
+                // boost starts from the thread's own parameters.
+                s.ledger.repaymentCut(now: now, maxNs: governor.config.maxRepaymentNs)
+                repaymentEnds.withLock { $0[vcpu] = nil }
+                try? actuator.restore(thread)
+            }
+            s.ledger.boostBegan(cpuNs: cpuTime(s))
             do {
                 try actuator.apply(params, to: thread)
                 if s.stats.thread == .operator {
@@ -696,13 +721,47 @@ public final class VMBinding: VMEventSink {
             guard s.boostStart != nil else { return .unchanged }
             endBoost(&s, vcpu: vcpu, now: now)
             if let thread = s.thread {
-                do { try actuator.restore(thread) } catch {
+                do { try settle(&s, vcpu: vcpu, thread: thread, now: now) } catch {
                     noteOwnership(error, &s, vcpu: vcpu)
                     return .actuatorFailed(error)
                 }
             }
             return .unboosted
         }
+    }
+
+    /// A boost ended: the thread repays it at the least weight of its own class (see
+    /// `RepaymentLedger`), or goes back to its own parameters when nothing is owed.
+    private func settle(_ s: inout VCPUState, vcpu: Int, thread: ThreadID, now: UInt64) throws(ActuatorError) {
+        let config = governor.config
+        // No class to repay at (a real-time, SCHED_IDLE or nice-19 thread): nothing is owed.
+        let repayment = actuator.baseline(of: thread)?.repayment
+        let factor = repayment == nil ? 0 : config.repaymentFactor
+        if let repayment, let ns = s.ledger.boostEnded(cpuNs: cpuTime(s), now: now, factor: factor, maxNs: config.maxRepaymentNs) {
+            do {
+                try actuator.apply(repayment, to: thread)
+                s.stats.repayments &+= 1
+                s.stats.repaymentNs &+= ns
+                repaymentEnds.withLock { $0[vcpu] = now &+ ns }
+                budgetAlarm?.need(checkAtNs: now &+ ns)
+                return
+            } catch {
+                s.ledger.repaymentEnded()
+                if case .ownedByOperator = error.kind { throw error }
+            }
+        }
+        if repayment == nil { _ = s.ledger.boostEnded(cpuNs: nil, now: now, factor: 0, maxNs: 0) }
+        try actuator.restore(thread)
+    }
+
+    /// Ends `vcpu`'s repayment if it is due by `now` (or at once when `now` is nil):
+    /// the thread goes back to its own parameters. Under the vCPU's lock.
+    private func endRepayment(_ s: inout VCPUState, vcpu: Int, dueBy now: UInt64?) {
+        guard s.boostStart == nil, let until = s.ledger.repayingUntilNs, now.map({ until <= $0 }) ?? true else { return }
+        repaymentEnds.withLock { $0[vcpu] = nil }
+        s.ledger.repaymentEnded()
+        guard let thread = s.thread else { return }
+        do { try actuator.restore(thread) } catch { noteOwnership(error, &s, vcpu: vcpu) }
     }
 
     /// The boosted thread's CPU time now, for the governor (nil without a CPU clock).
@@ -737,12 +796,18 @@ public final class VMBinding: VMEventSink {
         companionsFollow(boostedVCPU: -1, vcpuParameters: boost.boosted)
     }
 
-    /// Ends `vcpu`'s boost, if any, and puts its thread back (after `also` under the same lock).
+    /// Ends `vcpu`'s boost or repayment, if any, and puts its thread back (after `also`
+    /// under the same lock): nothing is owed after a driver replacement or a detach.
     private func undoBoost(vcpu: Int, now: UInt64, also: (inout VCPUState) -> Void = { _ in }) {
         let thread: ThreadID? = vcpus[vcpu].state.withLock { s in
             also(&s)
+            if s.ledger.isRepaying {
+                endRepayment(&s, vcpu: vcpu, dueBy: nil)
+                publishStats(&s, vcpu: vcpu, now: now)
+            }
             guard s.boostStart != nil else { return nil }
             endBoost(&s, vcpu: vcpu, now: now)
+            _ = s.ledger.boostEnded(cpuNs: nil, now: now, factor: 0, maxNs: 0)
             publishStats(&s, vcpu: vcpu, now: now)
             return s.thread
         }
@@ -755,7 +820,7 @@ public final class VMBinding: VMEventSink {
         s.stats.throttleCount &+= 1
         Self.countVeto(veto, &s.stats)
         if let thread = s.thread {
-            do { try actuator.restore(thread) } catch { noteOwnership(error, &s, vcpu: vcpu) }
+            do { try settle(&s, vcpu: vcpu, thread: thread, now: now) } catch { noteOwnership(error, &s, vcpu: vcpu) }
         }
         logger.debug("boost cut", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(veto)", "guest": "\(s.lastGuest.map { "flags 0x\(String($0.flags.rawValue, radix: 16)) \($0.task) seq \($0.sequence)" } ?? "-")"])
     }

@@ -20,7 +20,8 @@ public protocol VMEventSink: AnyObject, Sendable {
     func setThread(_ thread: ThreadID?, vcpu: Int)
     /// Installs (or drops) the guest's validated shared area.
     func setArea(_ area: SharedArea?)
-    /// Cuts boosts that ran past their budget even when no event comes; returns how many.
+    /// Cuts boosts that ran past their budget even when no event comes, and ends the
+    /// repayments that are due; returns how many boosts it cut.
     @discardableResult
     func enforceBudgets() -> Int
     /// Sends `deadline` for the vCPUs whose published deadline is now near, whether
@@ -28,8 +29,8 @@ public protocol VMEventSink: AnyObject, Sendable {
     @discardableResult
     func announceDeadlines() -> Int
     /// The earliest time (host monotonic ns) the enforcer has work: a running boost
-    /// that could spend its budget, or a deadline to announce; nil when there is
-    /// none. The enforcer calls `enforceBudgets` and `announceDeadlines` again no later.
+    /// that could spend its budget, a repayment to end, or a deadline to announce;
+    /// nil when there is none. The enforcer calls `enforceBudgets` and `announceDeadlines` again no later.
     func nextEnforcerWakeNs() -> UInt64?
     /// What the enforcer sleeps on, if the sink wakes it when it has work sooner
     /// (nil: the enforcer looks every `enforcerSleepNs`).

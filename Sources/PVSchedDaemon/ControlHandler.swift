@@ -245,6 +245,8 @@ public final class ControlHandler: Sendable {
         if let v = try p.optionalInt("throttleWindowUs", in: 0...maxUs) { g.throttleWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalInt("shareWindowUs", in: 1...maxUs) { g.shareWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalDouble("maxVMShare", in: 0...1) { g.maxVMShare = v }
+        if let v = try p.optionalDouble("repaymentFactor", in: 0...64) { g.repaymentFactor = v }
+        if let v = try p.optionalInt("maxRepaymentUs", in: 0...1_000_000) { g.maxRepaymentNs = UInt64(v) * 1000 }
         if try p.bool("unlimited", default: false) { g = .unlimited }
         return g
     }
@@ -310,6 +312,7 @@ public final class ControlHandler: Sendable {
                     "eventsByKind": .object(Dictionary(uniqueKeysWithValues: st.eventsByKind.byName.map { ($0.0, JSON($0.1)) })),
                     "outcomes": .object(Dictionary(uniqueKeysWithValues: st.outcomes.byName.map { ($0.0, JSON($0.1)) })),
                     "boosts": JSON(st.boostCount), "boostedNs": JSON(st.boostedNs), "throttles": JSON(st.throttleCount),
+                    "repaying": .bool(st.repaying), "repayments": JSON(st.repayments), "repaymentNs": JSON(st.repaymentNs),
                     "vetoes": ["throttled": JSON(st.vetoesThrottled), "vm_share": JSON(st.vetoesVMShare)],
                     "decisionLatency": ["count": JSON(st.decisionLatency.total), "sumNs": JSON(st.decisionLatency.sumNs),
                                         "bucketsLeNs": .array(LatencyBuckets.upperBoundsNs.map { JSON($0) }),
@@ -322,7 +325,8 @@ public final class ControlHandler: Sendable {
     func governorJSON(_ g: GovernorConfig) -> JSON {
         func us(_ ns: UInt64) -> JSON { ns == .max ? .null : JSON(ns / 1000) }
         return ["criticalBudgetUs": us(g.criticalBudgetNs), "generalBudgetUs": us(g.generalBudgetNs), "throttleWindowUs": us(g.throttleWindowNs),
-                "shareWindowUs": us(g.shareWindowNs), "maxVMShare": JSON(g.maxVMShare)]
+                "shareWindowUs": us(g.shareWindowNs), "maxVMShare": JSON(g.maxVMShare), "repaymentFactor": JSON(g.repaymentFactor),
+                "maxRepaymentUs": JSON(g.maxRepaymentNs / 1000)]
     }
 
     func traceJSON(_ r: TraceRecord) -> JSON {

@@ -51,6 +51,7 @@ public final class MetricsExporter: Sendable {
                 }
                 counter("pvsched_boosts_total", "Boosts applied", labels, now.boostCount, before.boostCount)
                 counter("pvsched_throttles_total", "Boosts the governor refused or cut", labels, now.throttleCount, before.throttleCount)
+                counter("pvsched_repayments_total", "Boosts repaid at the least weight afterwards", labels, now.repayments, before.repayments)
                 counter("pvsched_vetoes_total", "Governor vetoes by reason", labels + [("reason", "throttled")],
                         now.vetoesThrottled, before.vetoesThrottled)
                 counter("pvsched_vetoes_total", "Governor vetoes by reason", labels + [("reason", "vm_share")],
@@ -63,6 +64,8 @@ public final class MetricsExporter: Sendable {
                 }
                 registry.makeGauge(descriptor: d("pvsched_vcpu_boosted", "1 while the vCPU thread is boosted"), labels: labels)
                     .set(to: now.boosted ? 1.0 : 0.0)
+                registry.makeGauge(descriptor: d("pvsched_vcpu_repaying", "1 while the vCPU thread repays a boost at the least weight"), labels: labels)
+                    .set(to: now.repaying ? 1.0 : 0.0)
                 let histogram = registry.makeDurationHistogram(
                     descriptor: d("pvsched_decision_latency_seconds", "Time a driver took to decide (bucket counts exact, sum an upper bound)"),
                     labels: labels, buckets: LatencyBuckets.upperBoundsNs.map { Duration.nanoseconds(Int64($0)) })

@@ -173,6 +173,9 @@ public struct ModeResult: Codable, Sendable {
     public var guestBatchThroughput: Double
     public var boostCount: UInt64
     public var boostedMs: Double
+    /// Repayment time the vCPUs were given after their boosts (ms), and how many.
+    public var repaymentMs: Double = 0
+    public var repayments: UInt64 = 0
     public var throttleCount: UInt64
     public var exits: UInt64
     public var outcome: String
@@ -297,6 +300,8 @@ public struct ExperimentRunner {
             guestBatchThroughput: Double(batchWork) / (Double(scenario.durationNs) / 1e9),
             boostCount: totals.boostCount,
             boostedMs: Double(totals.boostedNs) / 1e6,
+            repaymentMs: Double(totals.repaymentNs) / 1e6,
+            repayments: totals.repayments,
             throttleCount: totals.throttleCount,
             exits: vm.exitCounts.reduce(0, +),
             outcome: "\(final)")

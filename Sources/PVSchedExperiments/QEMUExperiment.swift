@@ -94,6 +94,8 @@ extension ExperimentRunner {
             guestBatchThroughput: 0,
             boostCount: totals.boostCount,
             boostedMs: Double(totals.boostedNs) / 1e6,
+            repaymentMs: Double(totals.repaymentNs) / 1e6,
+            repayments: totals.repayments,
             throttleCount: totals.throttleCount,
             exits: 0,
             outcome: watcher.map { "\($0.phase)" } ?? "QEMU, no pvsched")

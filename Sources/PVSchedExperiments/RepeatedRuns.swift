@@ -73,7 +73,8 @@ extension Report {
         else { return "" }
         let workBar = scenario.guest.isHostile ? 1 - scenario.governor.maxVMShare : 0.9
         let seconds = Double(scenario.durationNs) / 1e9 * Double(scenario.vcpus)
-        var rows = [["mode", "guest p99 / static-rt", "host p99 / vanilla", "host max / vanilla", "host work", "boosted share", "mean boost"]]
+        var rows = [["mode", "guest p99 / static-rt", "host p99 / vanilla", "host max / vanilla", "host work", "boosted share", "mean boost",
+                     "repaying share"]]
         for r in results where !["idle", "vanilla", "static-rt"].contains(r.mode) {
             func check(_ v: Double, _ ok: Bool) -> String { String(format: "%.2fx ", v) + (ok ? "ok" : "MISSED") }
             let g = (median(r.mode) { Double($0.guestLatency.p99) } ?? 0) / staticP99
@@ -83,7 +84,8 @@ extension Report {
             let boostedMs = median(r.mode) { $0.boostedMs } ?? 0, boosts = median(r.mode) { Double($0.boostCount) } ?? 0
             rows.append([r.mode, check(g, g <= 1.25), check(h, h <= 1.5), check(m, m <= 2), check(w, w >= workBar),
                          String(format: "%.0f%%", seconds > 0 ? boostedMs / 10 / seconds : 0),
-                         boosts > 0 ? format(boostedMs * 1000 / boosts) + " µs" : "-"])
+                         boosts > 0 ? format(boostedMs * 1000 / boosts) + " µs" : "-",
+                         String(format: "%.0f%%", seconds > 0 ? (median(r.mode) { $0.repaymentMs } ?? 0) / 10 / seconds : 0)])
         }
         guard rows.count > 1 else { return "" }
         return "\nthe bar (medians; host work ≥ \(String(format: "%.2f", workBar))x):\n" + render(rows)

@@ -171,6 +171,11 @@ public final class LinuxActuator: Actuator {
     /// The thread's CPU time, by the thread CPU clock (ours) or schedstat (other processes').
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? { cpuClock.cpuTimeNs(of: thread) }
 
+    /// The parameters `thread` had when it was adopted.
+    public func baseline(of thread: ThreadID) -> SchedulingParameters? {
+        baselines.withLock { $0[thread] }.flatMap(LinuxScheduling.parameters(of:))
+    }
+
     deinit { restoreAll() }
 }
 

@@ -78,4 +78,8 @@ public final class RecordingActuator: Actuator {
     /// Sets the CPU time `thread` has run (a manual thread CPU clock); threads never set have none.
     public func setCPUTime(_ ns: UInt64, of thread: ThreadID) { state.withLock { $0.cpuTimes[thread] = ns } }
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? { state.withLock { $0.cpuTimes[thread] } }
+
+    /// Threads' baselines: the parameters set with `setInitial` (none otherwise, so
+    /// boosts are not repaid).
+    public func baseline(of thread: ThreadID) -> SchedulingParameters? { state.withLock { $0.initial[thread] } }
 }

@@ -107,6 +107,8 @@ struct VMStart: ParsableCommand {
     @Option(help: "Governor: CPU time a vCPU may run boosted otherwise (real-time tasks), µs.") var generalBudgetUs: Int64?
     @Option(help: "Governor: throttle window after a cut, µs.") var throttleUs: Int64?
     @Option(help: "Governor: largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
+    @Option(help: "Governor: a boost in which a vCPU ran B is repaid at the least weight for FACTOR × B (the busy threads expected beside it on its CPU; 0-64, 0: no repayment; default 2).")
+    var repaymentFactor: Double?
     @Flag(help: "Governor: no limits (for static-rt).") var unlimited = false
 
     func run() throws {
@@ -119,6 +121,7 @@ struct VMStart: ParsableCommand {
         if let generalBudgetUs { p["generalBudgetUs"] = .int(generalBudgetUs) }
         if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
         if let vmShare { p["maxVMShare"] = .double(vmShare) }
+        if let repaymentFactor { p["repaymentFactor"] = .double(repaymentFactor) }
         let vm = try control.call("vm.start", p)
         if !control.json { print("started \(vm["name"]?.cell ?? "?") (id \(vm["id"]?.cell ?? "?")), driver \(vm["driver"]?.cell ?? "-")") }
     }
@@ -252,9 +255,23 @@ struct VMGovernor: ParsableCommand {
     @Option(help: "Throttle window after a cut, µs.") var throttleUs: Int64?
     @Option(help: "Window of the VM share, µs.") var shareWindowUs: Int64?
     @Option(help: "Largest share (0-1) of the VM's vCPU time boosted.") var vmShare: Double?
+    @Option(help: "A boost in which a vCPU ran B is repaid at the least weight for FACTOR × B (0-64; 0: no repayment).")
+    var repaymentFactor: Double?
+    @Option(help: "The longest repayment after one boost, µs (0-1000000).") var maxRepaymentUs: Int64?
+
+    func validate() throws {
+        if let repaymentFactor, !(repaymentFactor.isFinite && (0...64).contains(repaymentFactor)) {
+            throw ValidationError("--repayment-factor must be 0...64, got \(repaymentFactor)")
+        }
+        if let maxRepaymentUs, !(0...1_000_000).contains(maxRepaymentUs) {
+            throw ValidationError("--max-repayment-us must be 0...1000000, got \(maxRepaymentUs)")
+        }
+    }
 
     func run() throws {
         var p: [String: JSON] = ["vm": .string(vm)]
+        if let repaymentFactor { p["repaymentFactor"] = .double(repaymentFactor) }
+        if let maxRepaymentUs { p["maxRepaymentUs"] = .int(maxRepaymentUs) }
         if let criticalBudgetUs { p["criticalBudgetUs"] = .int(criticalBudgetUs) }
         if let generalBudgetUs { p["generalBudgetUs"] = .int(generalBudgetUs) }
         if let throttleUs { p["throttleWindowUs"] = .int(throttleUs) }
@@ -262,7 +279,7 @@ struct VMGovernor: ParsableCommand {
         if let vmShare { p["maxVMShare"] = .double(vmShare) }
         let r = try control.call(p.count > 1 ? "vm.governor.set" : "vm.governor.get", p)
         if !control.json {
-            for key in ["criticalBudgetUs", "generalBudgetUs", "throttleWindowUs", "shareWindowUs", "maxVMShare"] {
+            for key in ["criticalBudgetUs", "generalBudgetUs", "throttleWindowUs", "shareWindowUs", "maxVMShare", "repaymentFactor", "maxRepaymentUs"] {
                 print("\(key): \(r[key].map { $0 == .null ? "unlimited" : $0.cell } ?? "?")")
             }
         }
@@ -300,12 +317,12 @@ struct StatsCommand: ParsableCommand {
                 let boostedMs = Double(c["boostedNs"]?.intValue ?? 0) / 1e6
                 rows.append([v["name"]?.cell ?? "", c["index"]?.cell ?? "", v["driver"]?.cell ?? "-", c["thread"]?.cell ?? "-",
                              c["boosted"]?.cell ?? "", c["events"]?.cell ?? "", c["boosts"]?.cell ?? "",
-                             String(format: "%.1f", boostedMs), c["throttles"]?.cell ?? "",
+                             String(format: "%.1f", boostedMs), c["repayments"]?.cell ?? "0", c["throttles"]?.cell ?? "",
                              "\(c["vetoes"]?["throttled"]?.cell ?? "0")/\(c["vetoes"]?["vm_share"]?.cell ?? "0")"])
             }
         }
         print(rows.isEmpty ? "no VMs" : table(["VM", "VCPU", "DRIVER", "TID", "BOOSTED", "EVENTS", "BOOSTS", "BOOSTED MS",
-                                               "THROTTLES", "VETOES THR/SHARE"], rows))
+                                               "REPAID", "THROTTLES", "VETOES THR/SHARE"], rows))
     }
 }
 

@@ -24,6 +24,8 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Governor: CPU time a vCPU may run boosted otherwise (real-time tasks), ms.") var generalBudgetMs: Double = 5
     @Option(help: "Governor: throttle window after a cut boost, in milliseconds.") var throttleMs: Double = 10
     @Option(help: "Governor: largest share (0-1) of the VM's vCPU time that may be boosted.") var vmShare: Double = 0.5
+    @Option(help: "Governor: a boost in which a vCPU ran B is repaid at the least weight for FACTOR × B (the busy threads beside it on its CPU; 0: boosts are not repaid).")
+    var repaymentFactor: Double = 2
     @Flag(help: "Print JSON instead of the table.") var json = false
     @Option(help: "Run each mode this many times, interleaved, and report each figure's median and spread (1-20).")
     var runs = 1
@@ -68,11 +70,15 @@ struct ScenarioOptions: ParsableArguments {
         s.noisyVM = noisyVM
         s.durationNs = UInt64(seconds * 1e9)
         s.intervalNs = intervalUs * 1000
+        guard repaymentFactor.isFinite, (0...64).contains(repaymentFactor) else {
+            throw ValidationError("--repayment-factor must be 0...64, got \(repaymentFactor)")
+        }
         guard criticalBudgetMs > 0, generalBudgetMs > 0, (0...1).contains(vmShare) else {
             throw ValidationError("governor limits: --critical-budget-ms > 0, --general-budget-ms > 0, --vm-share in 0...1")
         }
         s.governor = GovernorConfig(criticalBudgetNs: UInt64(criticalBudgetMs * 1e6), generalBudgetNs: UInt64(generalBudgetMs * 1e6),
-                                    throttleWindowNs: UInt64(throttleMs * 1e6), shareWindowNs: 100_000_000, maxVMShare: vmShare)
+                                    throttleWindowNs: UInt64(throttleMs * 1e6), shareWindowNs: 100_000_000, maxVMShare: vmShare,
+                                    repaymentFactor: repaymentFactor)
         guard let boostClass = BoostSettings.parseClass(boost) else {
             throw ValidationError("--boost must be \(BoostSettings.classSyntax), got '\(boost)'")
         }

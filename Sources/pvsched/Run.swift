@@ -97,7 +97,7 @@ struct Run: ParsableCommand {
         if let stats {
             let t = stats.totals
             if let reason = stats.disabledReason { print("pvsched disabled for this VM: \(reason)") }
-            print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount)")
+            print("driver \(driver): events \(t.events), boosts \(t.boostCount), boosted \(t.boostedNs / 1000) µs, throttled \(t.throttleCount), repaid \(t.repayments) (\(t.repaymentNs / 1000) µs)")
         }
         if let bpfDriver {
             print("bpf driver \(bpfDriver.name): \(bpfDriver.failureCount) failed runs")
