@@ -10,9 +10,10 @@
 ///
 /// The factor is the number of busy threads the vCPU's CPU is shared with: a thread
 /// with a share `1/(f+1)` of its CPU took `B − B/(f+1)` more than its share, and gives
-/// that back by running next to nothing for `f × B`. A vCPU that halts after its boost
-/// (most latency-sensitive guests) wanted nothing more and repays by sleeping: the
-/// host's threads lose nothing either way. The thread's own share cannot be measured
+/// that back by running next to nothing for `f × B`. A vCPU that goes idle (most
+/// latency-sensitive guests, after their work) wanted no more than it had and owes
+/// nothing: the binding repays no boost that ends in a halt, and a halt ends a
+/// repayment. The thread's own share cannot be measured
 /// from its run-queue times between boosts (EEVDF serves a CPU-bound thread in slices
 /// as long as the windows between boosts, whatever the competition: windows of 4 ms
 /// read a share of 1/2 beside 1, 2 or 4 busy threads), so it is a setting.

@@ -591,7 +591,12 @@ public final class VMBinding: VMEventSink {
             }
             s.stats.decisionLatency.record(decided > now ? decided - now : 0)
             s.stats.eventsByKind.count(event)
-            var result = carryOut(decision, &s, vcpu: vcpu, now: now)
+            // A vCPU that goes idle owes nothing: it wanted no more CPU than it had, and
+            // repays by sleeping (a repayment of a sleeping vCPU thread only skews its
+            // EEVDF lag for its next boost: waits of 26 ms seen in hostile-flip).
+            let idle = Self.goesIdle(event, guest: guest)
+            if idle { endRepayment(&s, vcpu: vcpu, dueBy: nil) }
+            var result = carryOut(decision, &s, vcpu: vcpu, now: now, idle: idle)
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
             s.stats.outcomes.count(result)
             if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
@@ -676,7 +681,17 @@ public final class VMBinding: VMEventSink {
         install(nil)
     }
 
-    private func carryOut(_ decision: Decision, _ s: inout VCPUState, vcpu: Int, now: UInt64) -> NotifyOutcome {
+    /// Whether `event` shows the vCPU going idle: it halts, or its current line says so.
+    private static func goesIdle(_ event: VCPUEvent, guest: GuestVCPUState?) -> Bool {
+        switch event {
+        case .halt, .vmExit(.halt): return true
+        case .guestUpdate: return guest?.flags.contains(.idle) ?? false
+        default: return false
+        }
+    }
+
+    /// Carries out `decision`; `idle`: the vCPU is going idle (an unboost then owes nothing).
+    private func carryOut(_ decision: Decision, _ s: inout VCPUState, vcpu: Int, now: UInt64, idle: Bool) -> NotifyOutcome {
         switch decision {
         case .none:
             return .unchanged
@@ -721,7 +736,7 @@ public final class VMBinding: VMEventSink {
             guard s.boostStart != nil else { return .unchanged }
             endBoost(&s, vcpu: vcpu, now: now)
             if let thread = s.thread {
-                do { try settle(&s, vcpu: vcpu, thread: thread, now: now) } catch {
+                do { try settle(&s, vcpu: vcpu, thread: thread, now: now, repay: !idle) } catch {
                     noteOwnership(error, &s, vcpu: vcpu)
                     return .actuatorFailed(error)
                 }
@@ -731,11 +746,12 @@ public final class VMBinding: VMEventSink {
     }
 
     /// A boost ended: the thread repays it at the least weight of its own class (see
-    /// `RepaymentLedger`), or goes back to its own parameters when nothing is owed.
-    private func settle(_ s: inout VCPUState, vcpu: Int, thread: ThreadID, now: UInt64) throws(ActuatorError) {
+    /// `RepaymentLedger`), or goes back to its own parameters when nothing is owed
+    /// (`repay` false: the vCPU goes idle).
+    private func settle(_ s: inout VCPUState, vcpu: Int, thread: ThreadID, now: UInt64, repay: Bool = true) throws(ActuatorError) {
         let config = governor.config
         // No class to repay at (a real-time, SCHED_IDLE or nice-19 thread): nothing is owed.
-        let repayment = actuator.baseline(of: thread)?.repayment
+        let repayment = repay ? actuator.baseline(of: thread)?.repayment : nil
         let factor = repayment == nil ? 0 : config.repaymentFactor
         if let repayment, let ns = s.ledger.boostEnded(cpuNs: cpuTime(s), now: now, factor: factor, maxNs: config.maxRepaymentNs) {
             do {

@@ -63,7 +63,7 @@ import Testing
         let d = ScriptedDriver("s") { e, _ in
             switch e {
             case .interruptInjection: return .boost()
-            case .halt: return .unboost
+            case .vmExit(.doorbell), .halt: return .unboost
             default: return .none
             }
         }
@@ -85,7 +85,7 @@ import Testing
         #expect(b.notify(.interruptInjection(vector: 0x31), vcpu: 0) == .boosted)
         clock.advance(by: 1_000_000)
         act.setCPUTime(cpuAtStartUs * 1000 + 1_000_000, of: thread)
-        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(b.notify(.vmExit(.doorbell), vcpu: 0) == .unboosted)  // the guest goes on running
     }
 
     @Test func aBoostIsRepaidAtNice19AndTheEnforcerEndsTheRepaymentOnTime() throws {
@@ -114,7 +114,7 @@ import Testing
         #expect(act.calls.suffix(2) == [.restore(thread), .apply(.fifo(priority: 10), thread)])
         clock.advance(by: 1_000_000)
         act.setCPUTime(3_000_000, of: thread)
-        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(b.notify(.vmExit(.doorbell), vcpu: 0) == .unboosted)
         // 1.5 ms owed from the cut repayment, 2 ms for this boost.
         #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 3_500_000)
     }
@@ -145,6 +145,24 @@ import Testing
         boostAndEnd(b, act, clock)
         #expect(act.calls == [.apply(.fifo(priority: 10), thread), .restore(thread)])
         #expect(b.stats(vcpu: 0).repayments == 0)
+    }
+
+    /// A vCPU that goes idle owes nothing: a boost that ends at a halt is not repaid,
+    /// and a halt ends a repayment in progress (what was owed is forgiven).
+    @Test func aVCPUThatHaltsOwesNothing() throws {
+        let (b, act, clock, _) = try setup()
+        act.setCPUTime(1_000_000, of: thread)
+        #expect(b.notify(.interruptInjection(vector: 0x31), vcpu: 0) == .boosted)
+        clock.advance(by: 1_000_000)
+        act.setCPUTime(2_000_000, of: thread)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(act.calls == [.apply(.fifo(priority: 10), thread), .restore(thread)])
+        boostAndEnd(b, act, clock, cpuAtStartUs: 3000)
+        #expect(b.stats(vcpu: 0).repaying)
+        b.notify(.vmExit(.halt), vcpu: 0)
+        #expect(act.calls.last == .restore(thread))
+        #expect(!b.stats(vcpu: 0).repaying)
+        #expect(b.nextEnforcerWakeNs() == nil)
     }
 
     /// A thread with no lower weight to go to owes nothing.
