@@ -30,7 +30,16 @@ public final class BudgetAlarm: @unchecked Sendable {
     public init() {
         mutex = .allocate(capacity: 1)
         cond = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
+        // Priority inheritance: a vCPU thread that rings the alarm may run at the least
+        // weight (repaying a boost) and be preempted holding the mutex; the real-time
+        // enforcer waiting for it then lends it its priority instead of waiting for it
+        // to be scheduled (without it, the enforcer and every vCPU that rang after it
+        // stood still for 20-35 ms in hostile-flip).
+        var mutexAttr = pthread_mutexattr_t()
+        pthread_mutexattr_init(&mutexAttr)
+        pthread_mutexattr_setprotocol(&mutexAttr, Int32(PTHREAD_PRIO_INHERIT))
+        pthread_mutex_init(mutex, &mutexAttr)
+        pthread_mutexattr_destroy(&mutexAttr)
         var attr = pthread_condattr_t()
         pthread_condattr_init(&attr)
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
@@ -59,8 +68,10 @@ public final class BudgetAlarm: @unchecked Sendable {
     public func ring() {
         pthread_mutex_lock(mutex)
         rung = true
-        pthread_cond_signal(cond)
         pthread_mutex_unlock(mutex)
+        // After the unlock: the woken enforcer, real-time, may preempt this thread at
+        // once, and must not find the mutex still held.
+        pthread_cond_signal(cond)
     }
 
     /// Sleeps until `next()` (the next budget check, nil while no boost runs: then

@@ -35,23 +35,25 @@ public final class DeadlineSchedule: Sendable {
         var dueNs: UInt64
         var announced: Bool
     }
-    private struct State {
-        var entries: [Entry?]
-        var lastAnnouncedNs: [UInt64]
-        var leadNs: UInt64
+    /// One vCPU's deadline. Each vCPU has its own lock: a vCPU thread preempted while
+    /// recording its deadline must not hold up another vCPU's (or the enforcer).
+    private final class Slot: Sendable {
+        let entry = Mutex<Entry?>(nil)
+        let lastAnnouncedNs = Atomic<UInt64>(0)
     }
-    private let state: Mutex<State>
+    private let slots: [Slot]
+    private let lead: Atomic<UInt64>
 
     public init(vcpus: Int, leadNs: UInt64 = DeadlineSchedule.defaultLeadNs) {
-        state = Mutex(State(entries: Array(repeating: nil, count: vcpus), lastAnnouncedNs: Array(repeating: 0, count: vcpus),
-                            leadNs: min(leadNs, Self.maxLeadNs)))
+        slots = (0..<max(0, vcpus)).map { _ in Slot() }
+        lead = Atomic(min(leadNs, Self.maxLeadNs))
     }
 
     /// How long before a deadline it is announced (clamped to `maxLeadNs`); a change
     /// applies to deadlines recorded from then on.
     public var leadNs: UInt64 {
-        get { state.withLock { $0.leadNs } }
-        set { state.withLock { $0.leadNs = min(newValue, Self.maxLeadNs) } }
+        get { lead.load(ordering: .relaxed) }
+        set { lead.store(min(newValue, Self.maxLeadNs), ordering: .relaxed) }
     }
 
     /// Records what `vcpu`'s line says now: a deadline (guest clock, and the host time
@@ -59,14 +61,17 @@ public final class DeadlineSchedule: Sendable {
     /// Returns when the deadline falls due if it is new and will be announced (the
     /// enforcer must be woken by then), nil otherwise.
     func record(vcpu: Int, guestNs: UInt64?, hostNs: UInt64?, now: UInt64) -> UInt64? {
-        state.withLock { s in
-            guard vcpu >= 0, vcpu < s.entries.count else { return nil }
-            guard let guestNs, let hostNs else { s.entries[vcpu] = nil; return nil }
-            if let e = s.entries[vcpu], e.guestNs == guestNs { return nil }  // the same deadline, read again
-            guard hostNs > now else { s.entries[vcpu] = nil; return nil }    // already due: the guest's timer is
-            let due = max(hostNs > s.leadNs ? hostNs - s.leadNs : 0, s.lastAnnouncedNs[vcpu] &+ Self.minSpacingNs)
-            guard due <= hostNs else { s.entries[vcpu] = nil; return nil }   // too soon after the last announcement
-            s.entries[vcpu] = Entry(guestNs: guestNs, hostNs: hostNs, dueNs: due, announced: false)
+        guard vcpu >= 0, vcpu < slots.count else { return nil }
+        let slot = slots[vcpu]
+        let leadNs = self.leadNs
+        let last = slot.lastAnnouncedNs.load(ordering: .relaxed)
+        return slot.entry.withLock { e in
+            guard let guestNs, let hostNs else { e = nil; return nil }
+            if let old = e, old.guestNs == guestNs { return nil }  // the same deadline, read again
+            guard hostNs > now else { e = nil; return nil }       // already due: the guest's timer is
+            let due = max(hostNs > leadNs ? hostNs - leadNs : 0, last &+ Self.minSpacingNs)
+            guard due <= hostNs else { e = nil; return nil }      // too soon after the last announcement
+            e = Entry(guestNs: guestNs, hostNs: hostNs, dueNs: due, announced: false)
             return due
         }
     }
@@ -74,20 +79,23 @@ public final class DeadlineSchedule: Sendable {
     /// The deadlines due at `now`, each once: marks them announced and returns each
     /// vCPU with the time left until its deadline.
     func takeDue(now: UInt64) -> [(vcpu: Int, inNs: UInt64)] {
-        state.withLock { s in
-            var due: [(vcpu: Int, inNs: UInt64)] = []
-            for v in s.entries.indices {
-                guard let e = s.entries[v], !e.announced, e.dueNs <= now else { continue }
-                s.entries[v]!.announced = true
-                s.lastAnnouncedNs[v] = now
-                due.append((v, e.hostNs > now ? e.hostNs - now : 0))
+        var due: [(vcpu: Int, inNs: UInt64)] = []
+        for (v, slot) in slots.enumerated() {
+            let left: UInt64? = slot.entry.withLock { e in
+                guard let entry = e, !entry.announced, entry.dueNs <= now else { return nil }
+                e!.announced = true
+                return entry.hostNs > now ? entry.hostNs - now : 0
             }
-            return due
+            if let left {
+                slot.lastAnnouncedNs.store(now, ordering: .relaxed)
+                due.append((v, left))
+            }
         }
+        return due
     }
 
     /// The earliest time a recorded deadline falls due; nil when none waits.
     public func nextDueNs() -> UInt64? {
-        state.withLock { s in s.entries.compactMap { e in e.flatMap { $0.announced ? nil : $0.dueNs } }.min() }
+        slots.compactMap { slot in slot.entry.withLock { e in e.flatMap { $0.announced ? nil : $0.dueNs } } }.min()
     }
 }

@@ -302,6 +302,9 @@ public final class VMBinding: VMEventSink {
         /// that readers never take `state`: a reader preempted while holding the
         /// vCPU's lock would stall the vCPU thread. Writers never wait for it.
         let published = Mutex(VCPUStats())
+        /// When the vCPU's repayment ends (0: none): the enforcer plans by it without
+        /// taking `state` (the ledger there is the truth).
+        let repaymentEnd = Atomic<UInt64>(0)
     }
     private let slot = Mutex(Slot())
     /// Threads that deliver the VM's interrupts (QEMU's main loop under TCG): they
@@ -339,7 +342,6 @@ public final class VMBinding: VMEventSink {
         self.logger = logger
         self.vcpus = (0..<vm.vcpuCount).map { _ in VCPUSlot() }
         self.deadlines = DeadlineSchedule(vcpus: vm.vcpuCount)
-        self.repaymentEnds = Mutex(Array(repeating: nil, count: vm.vcpuCount))
     }
 
     /// The driver serving this VM now.
@@ -423,7 +425,7 @@ public final class VMBinding: VMEventSink {
                 endBoost(&s, vcpu: vcpu, now: clock.nowNs())
                 s.stats.thread = ownership
                 s.ledger.reset()  // the old thread's repayment ends with its release below
-                repaymentEnds.withLock { $0[vcpu] = nil }
+                vcpus[vcpu].repaymentEnd.store(0, ordering: .relaxed)
             }
             s.thread = thread
             return old
@@ -660,13 +662,9 @@ public final class VMBinding: VMEventSink {
 
     /// When the enforcer must next look (see `VMEventSink.nextEnforcerWakeNs`).
     public func nextEnforcerWakeNs() -> UInt64? {
-        let due = [governor.nextCheckNs(), deadlines.nextDueNs()] + repaymentEnds.withLock { $0 }
-        return due.compactMap { $0 }.min()
+        let repayments = vcpus.map { $0.repaymentEnd.load(ordering: .relaxed) }.filter { $0 != 0 }
+        return ([governor.nextCheckNs(), deadlines.nextDueNs()].compactMap { $0 } + repayments).min()
     }
-
-    /// When each vCPU's repayment ends (for the enforcer's plan; the vCPU's ledger is
-    /// the truth), so that planning takes no vCPU lock.
-    private let repaymentEnds: Mutex<[UInt64?]>
 
     /// The deadlines the guest published, announced ahead as `deadline` events to a
     /// driver that subscribes to them.
@@ -708,7 +706,7 @@ public final class VMBinding: VMEventSink {
                 // Latency wins: the repayment ends (what is left of it is owed) and the
                 // boost starts from the thread's own parameters.
                 s.ledger.repaymentCut(now: now, maxNs: governor.config.maxRepaymentNs)
-                repaymentEnds.withLock { $0[vcpu] = nil }
+                vcpus[vcpu].repaymentEnd.store(0, ordering: .relaxed)
                 try? actuator.restore(thread)
             }
             s.ledger.boostBegan(cpuNs: cpuTime(s))
@@ -758,7 +756,7 @@ public final class VMBinding: VMEventSink {
                 try actuator.apply(repayment, to: thread)
                 s.stats.repayments &+= 1
                 s.stats.repaymentNs &+= ns
-                repaymentEnds.withLock { $0[vcpu] = now &+ ns }
+                vcpus[vcpu].repaymentEnd.store(now &+ ns, ordering: .relaxed)
                 budgetAlarm?.need(checkAtNs: now &+ ns)
                 return
             } catch {
@@ -774,7 +772,7 @@ public final class VMBinding: VMEventSink {
     /// the thread goes back to its own parameters. Under the vCPU's lock.
     private func endRepayment(_ s: inout VCPUState, vcpu: Int, dueBy now: UInt64?) {
         guard s.boostStart == nil, let until = s.ledger.repayingUntilNs, now.map({ until <= $0 }) ?? true else { return }
-        repaymentEnds.withLock { $0[vcpu] = nil }
+        vcpus[vcpu].repaymentEnd.store(0, ordering: .relaxed)
         s.ledger.repaymentEnded()
         guard let thread = s.thread else { return }
         do { try actuator.restore(thread) } catch { noteOwnership(error, &s, vcpu: vcpu) }
