@@ -14,31 +14,12 @@
  *   CLASS: none, fifo (SCHED_FIFO 10), slice (SCHED_OTHER nice -20, a 100 us slice),
  *          placed (slice, through SCHED_FIFO 1 first: pvsched's step for a waiting thread)
  * Needs root (or CAP_SYS_NICE). Build: cc -O2 -pthread -o boost-classes boost-classes.c */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include <sys/syscall.h>
-
-struct attr { uint32_t size, policy; uint64_t flags; int32_t nice; uint32_t priority; uint64_t runtime, deadline, period; uint32_t umin, umax; };
-static int set(pid_t t, int policy, int nice, int prio, uint64_t runtime) {
-    struct attr a; memset(&a, 0, sizeof a); a.size = sizeof a; a.policy = policy; a.nice = nice; a.priority = prio; a.runtime = runtime;
-    return (int)syscall(SYS_sched_setattr, t, &a, 0);
-}
-static uint64_t now(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1000000000ull + ts.tv_nsec; }
-static uint64_t cputime(void) { struct timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); return ts.tv_sec * 1000000000ull + ts.tv_nsec; }
-static void sleep_until(uint64_t t) { struct timespec ts = { (time_t)(t / 1000000000), (long)(t % 1000000000) }; clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, 0); }
+#include "sched-lab.h"
 
 static int cpu, busy_count;
 static const char *klass;
 static double repay;
-static void pin(void) { cpu_set_t s; CPU_ZERO(&s); CPU_SET(cpu, &s); pthread_setaffinity_np(pthread_self(), sizeof s, &s); }
+static void pin(void) { pin_to(cpu); }
 static atomic_int stop, vcpu_tid, generation;
 static atomic_ullong boosted_at, repay_until;
 enum { MAX = 100000 };

@@ -10,28 +10,10 @@
  *   PLACE 1: the boost first sets SCHED_FIFO 1, then the fair boost (pvsched's way); 0: directly
  *   RUNNABLE 1: the vCPU spins between boosts instead of sleeping (a vCPU running batch work)
  * Needs root (or CAP_SYS_NICE). Build: cc -O2 -pthread -o eevdf-lag eevdf-lag.c */
-#define _GNU_SOURCE
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-#include <unistd.h>
-#include <linux/futex.h>
-#include <sys/syscall.h>
+#include "sched-lab.h"
 
-struct attr { uint32_t size, policy; uint64_t flags; int32_t nice; uint32_t priority; uint64_t runtime, deadline, period; uint32_t umin, umax; };
-static int set(pid_t t, int policy, int nice, int prio, uint64_t runtime) {
-    struct attr a; memset(&a, 0, sizeof a); a.size = sizeof a; a.policy = policy; a.nice = nice; a.priority = prio; a.runtime = runtime;
-    return (int)syscall(SYS_sched_setattr, t, &a, 0);
-}
-static uint64_t now(void) { struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts); return ts.tv_sec * 1000000000ull + ts.tv_nsec; }
-static void spin(uint64_t ns) { uint64_t end = now() + ns; while (now() < end) {} }
 static int cpu, place, runnable;
-static void pin(void) { cpu_set_t s; CPU_ZERO(&s); CPU_SET(cpu, &s); pthread_setaffinity_np(pthread_self(), sizeof s, &s); }
+static void pin(void) { pin_to(cpu); }
 
 static atomic_int word, stop;
 static atomic_int vcpu_tid;
