@@ -25,7 +25,7 @@ echo 0 > "$t/tracing_on"; : > "$t/trace"
 echo 32768 > "$t/buffer_size_kb"
 echo 1 > "$t/events/sched/sched_switch/enable"; echo 1 > "$t/events/sched/sched_wakeup/enable"
 echo 1 > "$t/tracing_on"
-"$bin" demo --guest "$guest" --modes "$mode" --seconds "$seconds" --plot /dev/null > "$out.demo" 2>/dev/null || true
+"$bin" demo --guest "$guest" --modes "$mode" --seconds "$seconds" --plot "$out.svg" > "$out.demo" 2>/dev/null || true
 echo 0 > "$t/tracing_on"
 cat "$t/trace" > "$out"
 grep -E "^(mode|$mode) " "$out.demo" | head -3 || true
@@ -85,4 +85,4 @@ if [ -s "$out.waits" ]; then
     { v[++n] = $2 }
     END { report() }'
 fi
-rm -f "$out" "$out.demo" "$out.waits"
+rm -f "$out" "$out.demo" "$out.waits" "$out.svg"

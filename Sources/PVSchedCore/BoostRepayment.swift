@@ -13,10 +13,10 @@
 /// that back by running next to nothing for `f × B`. A vCPU that goes idle (most
 /// latency-sensitive guests, after their work) wanted no more than it had and owes
 /// nothing: the binding repays no boost that ends in a halt, and a halt ends a
-/// repayment. The thread's own share cannot be measured
-/// from its run-queue times between boosts (EEVDF serves a CPU-bound thread in slices
-/// as long as the windows between boosts, whatever the competition: windows of 4 ms
-/// read a share of 1/2 beside 1, 2 or 4 busy threads), so it is a setting.
+/// repayment. The thread's own share cannot be measured from its run-queue times
+/// between boosts (EEVDF serves a CPU-bound thread in slices as long as those windows,
+/// whatever the competition: windows of 4 ms read a share of 1/2 beside 1, 2 or 4 busy
+/// threads), so the factor is a setting.
 ///
 /// A boost that comes during a repayment ends it first (latency wins); what is left
 /// is added to the next repayment, up to `maxNs`.

@@ -81,9 +81,15 @@ public enum GovernorVeto: Equatable, Sendable, CustomStringConvertible {
 /// Enforces a VM's boost budgets (see `GovernorConfig`). It only answers; the
 /// binding acts on its answers and tells it, at every step, the wall time and the
 /// boosted thread's CPU time.
+///
+/// Each vCPU's budgets have a lock of their own and the VM's share is kept in atomics,
+/// so that no lock is shared between vCPUs: a vCPU thread preempted while it holds
+/// its budgets (one repaying a boost at nice 19 may wait tens of milliseconds for its
+/// CPU) holds up no other vCPU. Only the enforcer, a real-time thread, takes them all
+/// (`nextCheckNs`), and the locks lend it their holders' priority.
 public final class Governor: Sendable {
     /// The limits in force (an operator may change them while the VM runs).
-    public var config: GovernorConfig { state.withLock { $0.config } }
+    public var config: GovernorConfig { config(vcpu: 0) }
     private struct VCPUBudget {
         /// Budgets left (ns of CPU time) as of `lastWallNs`.
         var critical: UInt64 = .max
@@ -99,44 +105,76 @@ public final class Governor: Sendable {
         var lastCPUNs: UInt64 = 0
         var throttledUntil: UInt64 = 0
     }
-    private struct State {
+    /// One vCPU's budgets, and its copy of the limits (changed for all vCPUs at once).
+    private struct VCPUState {
         var config: GovernorConfig
-        var vcpus: [VCPUBudget]
-        var windowStart: UInt64 = 0
-        var windowUsedNs: UInt64 = 0   // boosted CPU time accounted inside the current window
+        var budget = VCPUBudget()
     }
-    private let state: Mutex<State>
+    private final class Slot: Sendable {
+        let state: Mutex<VCPUState>
+        init(_ s: VCPUState) { state = Mutex(s) }
+    }
+    private let slots: [Slot]
     private let vcpuCount: Int
+    /// The VM's share window: where it began, and the boosted CPU time accounted in it.
+    private let windowStart = Atomic<UInt64>(0)
+    private let windowUsedNs = Atomic<UInt64>(0)
+    /// How many vCPUs are boosted now (for the share's next check).
+    private let boostedCount = Atomic<Int>(0)
     /// Woken when a change moves the next budget check earlier (see `nextCheckNs`).
     private let alarm: BudgetAlarm?
+    /// Serialises `update`s (the control plane's), never taken by a vCPU.
+    private let updates = Mutex(())
 
     /// `alarm`, if given, is told whenever a boost begins, changes budget or has its
     /// budget trimmed: the moments the next check can move earlier.
     public init(config: GovernorConfig, vcpuCount: Int, alarm: BudgetAlarm? = nil) {
         self.vcpuCount = vcpuCount
         self.alarm = alarm
-        var v = VCPUBudget()
-        v.critical = config.criticalBudgetNs
-        v.general = config.generalBudgetNs
-        self.state = Mutex(State(config: config, vcpus: Array(repeating: v, count: vcpuCount)))
+        var s = VCPUState(config: config)
+        s.budget.critical = config.criticalBudgetNs
+        s.budget.general = config.generalBudgetNs
+        slots = (0..<max(1, vcpuCount)).map { _ in Slot(s) }
     }
+
+    /// The limits as `vcpu` sees them (all vCPUs see the same, but each reads its own copy).
+    public func config(vcpu: Int) -> GovernorConfig { slots[vcpu].state.withLock { $0.config } }
 
     /// Replaces the limits; budgets larger than the new sizes are trimmed.
     public func update(_ config: GovernorConfig) {
-        state.withLock { s in
-            s.config = config
-            for i in s.vcpus.indices {
-                s.vcpus[i].critical = min(s.vcpus[i].critical, config.criticalBudgetNs)
-                s.vcpus[i].general = min(s.vcpus[i].general, config.generalBudgetNs)
+        updates.withLock { _ in
+            for (i, slot) in slots.enumerated() {
+                slot.state.withLock { s in
+                    s.config = config
+                    s.budget.critical = min(s.budget.critical, config.criticalBudgetNs)
+                    s.budget.general = min(s.budget.general, config.generalBudgetNs)
+                    announceNextCheck(s, vcpu: i)
+                }
             }
-            announceNextCheck(s)
         }
     }
 
-    /// Tells the alarm when the next check is due (it wakes the enforcer only if that
-    /// is sooner than planned). Called with the state locked, after the change.
-    private func announceNextCheck(_ s: State) {
-        if let alarm, let next = nextCheck(s) { alarm.need(checkAtNs: next) }
+    /// Tells the alarm when `vcpu`'s boost, or the VM's share, could next run out (it
+    /// wakes the enforcer only if that is sooner than planned). Under the vCPU's lock,
+    /// after the change.
+    private func announceNextCheck(_ s: VCPUState, vcpu: Int) {
+        guard let alarm, s.budget.boosted else { return }
+        let since = s.budget.lastWallNs ?? 0
+        var next = Self.plus(since, s.budget[s.budget.charging])
+        if let share = shareCheck(s.config, since: since) { next = min(next, share) }
+        alarm.need(checkAtNs: next)
+    }
+
+    private static func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
+
+    /// When the boosted vCPUs together could spend the VM's share, accounted up to
+    /// `since` at the latest (each spends at most 1 ns per ns); nil without a limit.
+    private func shareCheck(_ config: GovernorConfig, since: UInt64) -> UInt64? {
+        let limit = shareLimitNs(config)
+        guard limit != .max else { return nil }
+        let used = windowUsedNs.load(ordering: .relaxed)
+        let boosted = UInt64(max(1, boostedCount.load(ordering: .relaxed)))
+        return Self.plus(since, (limit > used ? limit - used : 0) / boosted)
     }
 
     private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
@@ -145,28 +183,31 @@ public final class Governor: Sendable {
         return limit >= Double(UInt64.max) ? .max : UInt64(limit)
     }
 
-    private func roll(_ s: inout State, now: UInt64) {
-        let window = s.config.shareWindowNs
+    /// Starts a new share window when the current one is over (whoever sees it first).
+    private func roll(_ config: GovernorConfig, now: UInt64) {
+        let window = config.shareWindowNs
         guard window != .max, window > 0 else { return }
-        if now >= s.windowStart, now - s.windowStart >= window {
-            s.windowStart = now - (now - s.windowStart) % window
-            s.windowUsedNs = 0
+        let start = windowStart.load(ordering: .acquiring)
+        guard now >= start, now - start >= window else { return }
+        let fresh = now - (now - start) % window
+        if windowStart.compareExchange(expected: start, desired: fresh, ordering: .acquiringAndReleasing).exchanged {
+            windowUsedNs.store(0, ordering: .releasing)
         }
     }
 
-    /// Brings `vcpu`'s budgets up to `now`: an unboosted vCPU refills both 1:1 with
+    /// Brings a vCPU's budgets up to `now`: an unboosted vCPU refills both 1:1 with
     /// wall time; a boosted one is charged the CPU time its thread ran since the last
     /// step, to the budget it is charging.
-    private func account(_ s: inout State, vcpu: Int, now: UInt64, cpuNs: UInt64?) {
-        var v = s.vcpus[vcpu]
-        defer { s.vcpus[vcpu] = v }
+    private func account(_ s: inout VCPUState, now: UInt64, cpuNs: UInt64?) {
+        var v = s.budget
+        defer { s.budget = v }
         let since = v.lastWallNs ?? now
         let wall = now > since ? now - since : 0
         if v.boosted {
             // Without a CPU clock, wall time is charged (the thread ran at most that long).
             let cpu = cpuNs.map { $0 > v.lastCPUNs ? $0 - v.lastCPUNs : 0 } ?? wall
             v[v.charging] = v[v.charging] > cpu ? v[v.charging] - cpu : 0
-            s.windowUsedNs &+= cpu
+            windowUsedNs.wrappingAdd(cpu, ordering: .relaxed)
             if let cpuNs { v.lastCPUNs = cpuNs }
         } else {
             let (c, oc) = v.critical.addingReportingOverflow(wall)
@@ -180,29 +221,32 @@ public final class Governor: Sendable {
     /// May `vcpu` start a boost charged to `budget` now? `cpuNs` is its thread's CPU
     /// time now (nil without a CPU clock). Records the start when allowed.
     public func beginBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget = .general) -> GovernorVeto? {
-        state.withLock { s in
-            roll(&s, now: now)
-            if s.vcpus[vcpu].boosted { return nil }
-            if now < s.vcpus[vcpu].throttledUntil { return .throttled(untilNs: s.vcpus[vcpu].throttledUntil) }
+        slots[vcpu].state.withLock { s in
+            roll(s.config, now: now)
+            if s.budget.boosted { return nil }
+            if now < s.budget.throttledUntil { return .throttled(untilNs: s.budget.throttledUntil) }
             let limit = shareLimitNs(s.config)
-            if s.windowUsedNs >= limit { return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit) }
-            account(&s, vcpu: vcpu, now: now, cpuNs: nil)
-            if s.vcpus[vcpu][budget] == 0 { return .throttled(untilNs: now) }
-            s.vcpus[vcpu].boosted = true
-            s.vcpus[vcpu].charging = budget
-            s.vcpus[vcpu].lastCPUNs = cpuNs ?? 0
-            announceNextCheck(s)
+            let used = windowUsedNs.load(ordering: .relaxed)
+            if used >= limit { return .vmShareExhausted(usedNs: used, limitNs: limit) }
+            account(&s, now: now, cpuNs: nil)
+            if s.budget[budget] == 0 { return .throttled(untilNs: now) }
+            s.budget.boosted = true
+            s.budget.charging = budget
+            s.budget.lastCPUNs = cpuNs ?? 0
+            boostedCount.wrappingAdd(1, ordering: .relaxed)
+            announceNextCheck(s, vcpu: vcpu)
             return nil
         }
     }
 
     /// Records the end of `vcpu`'s boost (`cpuNs`: its thread's CPU time now).
     public func endBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil) {
-        state.withLock { s in
-            roll(&s, now: now)
-            guard s.vcpus[vcpu].boosted else { return }
-            account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
-            s.vcpus[vcpu].boosted = false
+        slots[vcpu].state.withLock { s in
+            roll(s.config, now: now)
+            guard s.budget.boosted else { return }
+            account(&s, now: now, cpuNs: cpuNs)
+            s.budget.boosted = false
+            boostedCount.wrappingSubtract(1, ordering: .relaxed)
         }
     }
 
@@ -211,25 +255,28 @@ public final class Governor: Sendable {
     /// budget is spent or the VM's share is used up, the boost is ended (and, for a
     /// spent budget, the vCPU throttled) and the reason returned.
     public func checkOverrun(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget? = nil) -> GovernorVeto? {
-        state.withLock { s in
-            roll(&s, now: now)
-            guard s.vcpus[vcpu].boosted else { return nil }
-            account(&s, vcpu: vcpu, now: now, cpuNs: cpuNs)
-            let switched = budget.map { $0 != s.vcpus[vcpu].charging } ?? false
-            if let budget { s.vcpus[vcpu].charging = budget }
-            let charging = s.vcpus[vcpu].charging
-            if s.vcpus[vcpu][charging] == 0 {
-                s.vcpus[vcpu].boosted = false
+        slots[vcpu].state.withLock { s in
+            roll(s.config, now: now)
+            guard s.budget.boosted else { return nil }
+            account(&s, now: now, cpuNs: cpuNs)
+            let switched = budget.map { $0 != s.budget.charging } ?? false
+            if let budget { s.budget.charging = budget }
+            let charging = s.budget.charging
+            if s.budget[charging] == 0 {
+                s.budget.boosted = false
+                boostedCount.wrappingSubtract(1, ordering: .relaxed)
                 let (until, overflow) = now.addingReportingOverflow(s.config.throttleWindowNs)
-                s.vcpus[vcpu].throttledUntil = overflow ? .max : until
-                return .budgetExhausted(charging, untilNs: s.vcpus[vcpu].throttledUntil)
+                s.budget.throttledUntil = overflow ? .max : until
+                return .budgetExhausted(charging, untilNs: s.budget.throttledUntil)
             }
             let limit = shareLimitNs(s.config)
-            if s.windowUsedNs > limit {
-                s.vcpus[vcpu].boosted = false
-                return .vmShareExhausted(usedNs: s.windowUsedNs, limitNs: limit)
+            let used = windowUsedNs.load(ordering: .relaxed)
+            if used > limit {
+                s.budget.boosted = false
+                boostedCount.wrappingSubtract(1, ordering: .relaxed)
+                return .vmShareExhausted(usedNs: used, limitNs: limit)
             }
-            if switched { announceNextCheck(s) }
+            if switched { announceNextCheck(s, vcpu: vcpu) }
             return nil
         }
     }
@@ -238,35 +285,34 @@ public final class Governor: Sendable {
     /// boosts together the VM's share (a thread runs at most as fast as the wall clock):
     /// when the enforcer must look next. Nil while no vCPU is boosted.
     public func nextCheckNs() -> UInt64? {
-        state.withLock { nextCheck($0) }
-    }
-
-    private func nextCheck(_ s: State) -> UInt64? {
-        func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
-        let boosted = s.vcpus.filter(\.boosted)
-        guard let since = boosted.map({ $0.lastWallNs ?? 0 }).min() else { return nil }
-        var next = boosted.map { plus($0.lastWallNs ?? 0, $0[$0.charging]) }.min()!
-        // The share: the boosted vCPUs, accounted up to `since` at the latest, together
-        // spend at most their count in ns per ns.
-        let limit = shareLimitNs(s.config)
-        if limit != .max {
-            next = min(next, plus(since, (limit > s.windowUsedNs ? limit - s.windowUsedNs : 0) / UInt64(boosted.count)))
+        var next: UInt64?
+        var since: UInt64?
+        var config: GovernorConfig?
+        for slot in slots {
+            slot.state.withLock { s in
+                config = config ?? s.config
+                guard s.budget.boosted else { return }
+                let wall = s.budget.lastWallNs ?? 0
+                since = min(since ?? wall, wall)
+                let at = Self.plus(wall, s.budget[s.budget.charging])
+                next = min(next ?? at, at)
+            }
         }
+        guard var next, let since, let config else { return nil }
+        if let share = shareCheck(config, since: since) { next = min(next, share) }
         return next
     }
 
     /// `vcpu`'s budgets left, brought up to `now` for an unboosted vCPU (for stats).
     public func budgetsLeft(vcpu: Int, now: UInt64) -> (critical: UInt64, general: UInt64) {
-        state.withLock { s in
-            if !s.vcpus[vcpu].boosted { account(&s, vcpu: vcpu, now: now, cpuNs: nil) }
-            return (s.vcpus[vcpu].critical, s.vcpus[vcpu].general)
+        slots[vcpu].state.withLock { s in
+            if !s.budget.boosted { account(&s, now: now, cpuNs: nil) }
+            return (s.budget.critical, s.budget.general)
         }
     }
-}
 
-extension Governor {
     /// Whether `vcpu` is inside its throttle window at `now`.
     public func isThrottled(vcpu: Int, now: UInt64) -> Bool {
-        state.withLock { now < $0.vcpus[vcpu].throttledUntil }
+        slots[vcpu].state.withLock { now < $0.budget.throttledUntil }
     }
 }

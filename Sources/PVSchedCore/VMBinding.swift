@@ -1,3 +1,4 @@
+import Atomics
 import Logging
 import Synchronization
 
@@ -276,6 +277,27 @@ public final class VMBinding: VMEventSink {
         /// Why the last driver was ejected.
         var ejection: String?
     }
+    /// What `notify` needs of the slot, published whole at every change so that a
+    /// vCPU thread reads it with no lock shared with the other vCPUs (one preempted in
+    /// it, repaying a boost at nice 19, held up its siblings for milliseconds).
+    private final class Dispatch: AtomicReference, Sendable {
+        let driver: (any Driver)?
+        let generation: UInt64
+        let area: SharedArea?
+        let disabled: Bool
+        init(_ s: Slot) {
+            driver = s.driver; generation = s.generation; area = s.area; disabled = s.disabledReason != nil
+        }
+    }
+    private let dispatch = ManagedAtomic(Dispatch(Slot()))
+    /// Changes the slot and publishes what `notify` reads of it.
+    private func changeSlot<T>(_ body: (inout Slot) -> T) -> T {
+        slot.withLock { s in
+            let result = body(&s)
+            dispatch.store(Dispatch(s), ordering: .releasing)
+            return result
+        }
+    }
     private struct VCPUState {
         var thread: ThreadID?
         var boostStart: UInt64?
@@ -484,7 +506,7 @@ public final class VMBinding: VMEventSink {
     /// Dropping the area (the guest withdrew it) undoes every boost: there is
     /// nothing left to decide on.
     public func setArea(_ area: SharedArea?) {
-        let hadArea: Bool = slot.withLock { s in
+        let hadArea: Bool = changeSlot { s in
             let had = s.area != nil
             s.area = area
             if area != nil { s.disabledReason = nil }
@@ -501,7 +523,7 @@ public final class VMBinding: VMEventSink {
     /// boosts, then attaches the new one. Returns the old driver.
     @discardableResult
     func install(_ driver: (any Driver)?) -> (any Driver)? {
-        let (old, generation): ((any Driver)?, UInt64) = slot.withLock { s in
+        let (old, generation): ((any Driver)?, UInt64) = changeSlot { s in
             let old = s.driver
             s.driver = driver
             s.generation &+= 1
@@ -529,9 +551,8 @@ public final class VMBinding: VMEventSink {
     /// delivered on this entry (the guest has interrupts off), so it stays pending.
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
-        let (driver, generation, area, disabled) = slot.withLock { s in
-            (s.driver, s.generation, s.area, s.disabledReason != nil)
-        }
+        let d = dispatch.load(ordering: .acquiring)
+        let (driver, generation, area, disabled) = (d.driver, d.generation, d.area, d.disabled)
         guard !disabled, let driver, driver.events.contains(event.kind) else { return .unchanged }
         let now = clock.nowNs()
         var readError: SharedAreaError?
@@ -705,7 +726,7 @@ public final class VMBinding: VMEventSink {
             if s.ledger.isRepaying {
                 // Latency wins: the repayment ends (what is left of it is owed) and the
                 // boost starts from the thread's own parameters.
-                s.ledger.repaymentCut(now: now, maxNs: governor.config.maxRepaymentNs)
+                s.ledger.repaymentCut(now: now, maxNs: governor.config(vcpu: vcpu).maxRepaymentNs)
                 vcpus[vcpu].repaymentEnd.store(0, ordering: .relaxed)
                 try? actuator.restore(thread)
             }
@@ -747,7 +768,7 @@ public final class VMBinding: VMEventSink {
     /// `RepaymentLedger`), or goes back to its own parameters when nothing is owed
     /// (`repay` false: the vCPU goes idle).
     private func settle(_ s: inout VCPUState, vcpu: Int, thread: ThreadID, now: UInt64, repay: Bool = true) throws(ActuatorError) {
-        let config = governor.config
+        let config = governor.config(vcpu: vcpu)
         // No class to repay at (a real-time, SCHED_IDLE or nice-19 thread): nothing is owed.
         let repayment = repay ? actuator.baseline(of: thread)?.repayment : nil
         let factor = repayment == nil ? 0 : config.repaymentFactor
@@ -848,7 +869,7 @@ public final class VMBinding: VMEventSink {
 
     /// Disables pvsched for the VM after a bad read: drops the area and undoes every boost.
     private func disable(_ error: SharedAreaError) {
-        let first: Bool = slot.withLock { s in
+        let first: Bool = changeSlot { s in
             guard s.area != nil else { return false }
             s.area = nil
             s.disabledReason = error

@@ -140,3 +140,26 @@ public enum Report {
         t.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Report {
+    /// Writes a report (the SVG plot) to `path`: a regular file, or none yet, is
+    /// replaced atomically; anything else there (a device such as /dev/null, a FIFO) is
+    /// written to in place. An atomic write renames a new file over the path, and
+    /// `--plot /dev/null` run as root replaced the device with a regular file.
+    public static func write(_ text: String, to path: String) throws {
+        var st = stat()
+        if stat(path, &st) == 0, st.st_mode & S_IFMT != S_IFREG {
+            guard let handle = FileHandle(forWritingAtPath: path) else {
+                throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path])
+            }
+            defer { try? handle.close() }
+            try handle.write(contentsOf: Data(text.utf8))
+            return
+        }
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+    }
+}

@@ -99,10 +99,26 @@ public final class LinuxActuator: Actuator {
         }
     }
 
+    /// A change decided under `current` and made after it: see `apply`.
+    private struct Change {
+        var attr: pvs_sched_attr
+        var original: pvs_sched_attr
+        /// What pvsched had applied before (nil: the thread was at its original).
+        var previous: SchedulingParameters?
+        var placeFirst: Bool
+    }
+
+    // Both `apply` and `restore` decide under `current` and change the thread after
+    // releasing it. The change may lower the calling thread's own priority (a vCPU
+    // thread giving its boost back, or starting a repayment at nice 19), and Linux
+    // preempts it right at the call's return: holding the lock then, it held up every
+    // other thread's actuation until it ran again, and priority inheritance does not
+    // help a fair-class waiter (another vCPU's thread). Changes of one thread never
+    // overlap: the binding makes them all under that vCPU's lock.
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
         let baseline = baselines.withLock { $0[thread] }
-        try current.withLock { cur throws(ActuatorError) in
-            if cur[thread] == parameters { return }
+        let planned: Change? = try current.withLock { cur throws(ActuatorError) -> Change? in
+            if cur[thread] == parameters { return nil }
             // The thread must still be where pvsched left it: at its boost, or at its baseline.
             if let mine = cur[thread] { try checkUnchanged(thread, expected: mine) }
             else if let baseline { try checkUnchanged(thread, expected: LinuxScheduling.parameters(of: baseline)) }
@@ -114,48 +130,55 @@ public final class LinuxActuator: Actuator {
                     guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
                     original = LinuxScheduling.normalized(original)
                 }
-                if LinuxScheduling.parameters(of: original) == LinuxScheduling.readBack(parameters) { return }
+                if LinuxScheduling.parameters(of: original) == LinuxScheduling.readBack(parameters) { return nil }
                 let rr = pvs_restore_table_remember(thread.rawValue, &original)
                 guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
             }
-            var attr = LinuxScheduling.attr(for: parameters)
+            let attr = LinuxScheduling.attr(for: parameters)
             announce(thread, original: original, boosted: attr)
             // A fair-class boost starts with a clean slate: see `LinuxScheduling.placeAfresh`.
-            if cur[thread] == nil, parameters.isFairClass, LinuxScheduling.isWaiting(thread) { LinuxScheduling.placeAfresh(thread) }
-            let r = pvs_sched_setattr(thread.rawValue, &attr)
-            guard r == 0 else {
-                if cur[thread] == nil {
-                    // Not left half-way (at the placement step): back to the original.
-                    original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
-                    _ = pvs_sched_setattr(thread.rawValue, &original)
-                    pvs_restore_table_forget(thread.rawValue)
-                }
-                throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
-            }
+            let change = Change(attr: attr, original: original, previous: cur[thread],
+                                placeFirst: cur[thread] == nil && parameters.isFairClass && LinuxScheduling.isWaiting(thread))
             cur[thread] = parameters
+            return change
+        }
+        guard var change = planned else { return }
+        if change.placeFirst { LinuxScheduling.placeAfresh(thread) }
+        let r = pvs_sched_setattr(thread.rawValue, &change.attr)
+        guard r == 0 else {
+            current.withLock { cur in cur[thread] = change.previous }
+            if change.previous == nil {
+                // Not left half-way (at the placement step): back to the original.
+                change.original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+                _ = pvs_sched_setattr(thread.rawValue, &change.original)
+                pvs_restore_table_forget(thread.rawValue)
+            }
+            throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
         }
     }
 
     public func restore(_ thread: ThreadID) throws(ActuatorError) {
-        try current.withLock { cur throws(ActuatorError) in
-            guard let mine = cur.removeValue(forKey: thread) else { return }
+        let planned: pvs_sched_attr? = try current.withLock { cur throws(ActuatorError) -> pvs_sched_attr? in
+            guard let mine = cur.removeValue(forKey: thread) else { return nil }
             var original = pvs_sched_attr()
-            guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return }
+            guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return nil }
             // Changed by someone else while boosted: their setting stays.
             do throws(ActuatorError) {
                 try checkUnchanged(thread, expected: mine)
             } catch {
                 pvs_restore_table_forget(thread.rawValue)
-                if error.kind == .system && error.errno == Errno.noSuchProcess.rawValue { return }
+                if error.kind == .system && error.errno == Errno.noSuchProcess.rawValue { return nil }
                 throw error
             }
-            original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
-            let r = pvs_sched_setattr(thread.rawValue, &original)
-            pvs_restore_table_forget(thread.rawValue)
-            // A thread that already exited (ESRCH) needs no restoring.
-            guard r == 0 || r == -Errno.noSuchProcess.rawValue else {
-                throw ActuatorError(thread: thread, operation: "sched_setattr(original)", errno: -r)
-            }
+            return original
+        }
+        guard var original = planned else { return }
+        original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+        let r = pvs_sched_setattr(thread.rawValue, &original)
+        pvs_restore_table_forget(thread.rawValue)
+        // A thread that already exited (ESRCH) needs no restoring.
+        guard r == 0 || r == -Errno.noSuchProcess.rawValue else {
+            throw ActuatorError(thread: thread, operation: "sched_setattr(original)", errno: -r)
         }
     }
 

@@ -172,7 +172,7 @@ struct Demo: ParsableCommand {
             print(Report.table(results, scenario: scenario))
         }
         let svg = Report.svg(results, title: "pvsched: \(scenario.guest.rawValue) guest, \(scenario.vcpus) vCPUs, \(scenario.busyThreads) busy host threads")
-        try svg.write(toFile: plot, atomically: true, encoding: .utf8)
+        try Report.write(svg, to: plot)
         if !options.json { print("plot: \(plot)") }
     }
 }
