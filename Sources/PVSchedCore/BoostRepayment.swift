@@ -61,6 +61,7 @@ struct RepaymentLedger: Sendable {
     /// The repayment is over (served, or undone): back at the thread's own parameters.
     mutating func repaymentEnded() { repayingUntilNs = nil }
 
-    /// Forgets the thread (another thread now runs the vCPU, or none).
+    /// Forgets the boost and all that is owed: another thread runs the vCPU now (or
+    /// none), the vCPU went idle, or the boost was undone.
     mutating func reset() { self = RepaymentLedger() }
 }

@@ -27,35 +27,38 @@ public struct TraceRecord: Sendable, CustomStringConvertible {
 
 /// A bounded record of the last notifications of each vCPU of a VM, for
 /// debugging policies (`pvsched run --trace N`). Off unless a binding is given one.
+/// Each vCPU's ring has a lock of its own: recording happens on the vCPU path, where
+/// no lock is shared between vCPUs.
 public final class EventTrace: Sendable {
     public let capacity: Int
-    /// Per vCPU: the records and the index of the oldest once the ring is full.
+    /// One vCPU's records and the index of the oldest once the ring is full.
     private struct Ring { var records: [TraceRecord] = []; var next = 0 }
-    private let rings: Mutex<[Ring]>
+    private final class Slot: Sendable { let ring = Mutex(Ring()) }
+    private let rings: [Slot]
 
     public init(vcpus: Int, capacity: Int) {
         self.capacity = max(1, capacity)
-        rings = Mutex(Array(repeating: Ring(), count: vcpus))
+        rings = (0..<max(0, vcpus)).map { _ in Slot() }
     }
 
     func record(_ r: TraceRecord) {
-        rings.withLock { rings in
-            guard r.vcpu >= 0, r.vcpu < rings.count else { return }
-            if rings[r.vcpu].records.count < capacity {
-                rings[r.vcpu].records.append(r)
+        guard r.vcpu >= 0, r.vcpu < rings.count else { return }
+        rings[r.vcpu].ring.withLock { ring in
+            if ring.records.count < capacity {
+                ring.records.append(r)
             } else {
-                rings[r.vcpu].records[rings[r.vcpu].next] = r
-                rings[r.vcpu].next = (rings[r.vcpu].next + 1) % capacity
+                ring.records[ring.next] = r
+                ring.next = (ring.next + 1) % capacity
             }
         }
     }
 
     /// The kept records of `vcpu`, oldest first (empty for an unknown vCPU).
     public func records(vcpu: Int) -> [TraceRecord] {
-        rings.withLock { rings in
-            guard vcpu >= 0, vcpu < rings.count else { return [] }
-            let ring = rings[vcpu]
-            return Array(ring.records[ring.next...] + ring.records[..<ring.next])
-        }
+        guard vcpu >= 0, vcpu < rings.count else { return [] }
+        return rings[vcpu].ring.withLock { ring in Array(ring.records[ring.next...] + ring.records[..<ring.next]) }
     }
+
+    /// Every vCPU's kept records, vCPU by vCPU, each oldest first.
+    public func allRecords() -> [TraceRecord] { rings.indices.flatMap { records(vcpu: $0) } }
 }

@@ -30,7 +30,8 @@ public struct InterruptVectors: Equatable, Sendable, ExpressibleByArrayLiteral, 
     public private(set) var words: (UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0)
 
     public init() {}
-    public init(arrayLiteral vectors: UInt8...) { for v in vectors { insert(v) } }
+    public init<S: Sequence<UInt8>>(_ vectors: S) { for v in vectors { insert(v) } }
+    public init(arrayLiteral vectors: UInt8...) { self.init(vectors) }
     public init(words: (UInt64, UInt64, UInt64, UInt64)) { self.words = words }
 
     public var isEmpty: Bool { words == (0, 0, 0, 0) }

@@ -683,8 +683,12 @@ public final class VMBinding: VMEventSink {
 
     /// When the enforcer must next look (see `VMEventSink.nextEnforcerWakeNs`).
     public func nextEnforcerWakeNs() -> UInt64? {
-        let repayments = vcpus.map { $0.repaymentEnd.load(ordering: .relaxed) }.filter { $0 != 0 }
-        return ([governor.nextCheckNs(), deadlines.nextDueNs()].compactMap { $0 } + repayments).min()
+        var next = min(governor.nextCheckNs() ?? .max, deadlines.nextDueNs() ?? .max)
+        for v in vcpus {
+            let end = v.repaymentEnd.load(ordering: .relaxed)
+            if end != 0 { next = min(next, end) }
+        }
+        return next == .max ? nil : next
     }
 
     /// The deadlines the guest published, announced ahead as `deadline` events to a
@@ -771,8 +775,8 @@ public final class VMBinding: VMEventSink {
         let config = governor.config(vcpu: vcpu)
         // No class to repay at (a real-time, SCHED_IDLE or nice-19 thread): nothing is owed.
         let repayment = repay ? actuator.baseline(of: thread)?.repayment : nil
-        let factor = repayment == nil ? 0 : config.repaymentFactor
-        if let repayment, let ns = s.ledger.boostEnded(cpuNs: cpuTime(s), now: now, factor: factor, maxNs: config.maxRepaymentNs) {
+        if let repayment,
+           let ns = s.ledger.boostEnded(cpuNs: cpuTime(s), now: now, factor: config.repaymentFactor, maxNs: config.maxRepaymentNs) {
             do {
                 try actuator.apply(repayment, to: thread)
                 s.stats.repayments &+= 1
@@ -785,7 +789,7 @@ public final class VMBinding: VMEventSink {
                 if case .ownedByOperator = error.kind { throw error }
             }
         }
-        if repayment == nil { _ = s.ledger.boostEnded(cpuNs: nil, now: now, factor: 0, maxNs: 0) }
+        if repayment == nil { s.ledger.reset() }
         try actuator.restore(thread)
     }
 
@@ -842,7 +846,7 @@ public final class VMBinding: VMEventSink {
             }
             guard s.boostStart != nil else { return nil }
             endBoost(&s, vcpu: vcpu, now: now)
-            _ = s.ledger.boostEnded(cpuNs: nil, now: now, factor: 0, maxNs: 0)
+            s.ledger.reset()
             publishStats(&s, vcpu: vcpu, now: now)
             return s.thread
         }

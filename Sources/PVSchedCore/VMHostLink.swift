@@ -42,17 +42,17 @@ extension VMEventSink {
     public func nextEnforcerWakeNs() -> UInt64? { nil }
     public var budgetAlarm: BudgetAlarm? { nil }
 
-    /// The enforcer's pause between two rounds: on the sink's alarm when it has one
-    /// (until the next budget check or deadline, or sooner work), else `enforcerSleepNs`.
-    public func sleepUntilEnforcerWake() {
-        if let budgetAlarm { budgetAlarm.sleep { nextEnforcerWakeNs() } }
-        else { usleep(UInt32(enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000)) }
-    }
-
-    /// One round of the enforcer: cut overrunning boosts, announce due deadlines.
-    public func runEnforcerRound() {
-        enforceBudgets()
-        announceDeadlines()
+    /// The enforcer's loop, on its own thread, while `running()`: cuts overrunning
+    /// boosts and ends due repayments (`enforceBudgets`), announces due deadlines, then
+    /// sleeps on the sink's alarm when it has one (until its next work, or sooner work
+    /// it is rung for), else `enforcerSleepNs`.
+    public func runEnforcer(while running: () -> Bool) {
+        while running() {
+            enforceBudgets()
+            announceDeadlines()
+            if let budgetAlarm { budgetAlarm.sleep { nextEnforcerWakeNs() } }
+            else { usleep(UInt32(enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000)) }
+        }
     }
 
     /// How long an enforcer may sleep before its next round: until its next work, at

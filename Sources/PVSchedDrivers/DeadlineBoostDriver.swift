@@ -29,9 +29,10 @@ public final class DeadlineBoostDriver: Driver {
         /// How close the next RT deadline must be for a timer interrupt to boost.
         public var horizonNs: Int64
         /// The vectors of timer interrupts: the built-in VMM's, and Linux's local APIC
-        /// timer (0xEC).
+        /// timer.
         public var timerVectors: Set<UInt8>
-        public init(horizonNs: Int64 = 500_000, timerVectors: Set<UInt8> = [UInt8(PVSCHED_VECTOR_TIMER), 0xEC]) {
+        public init(horizonNs: Int64 = 500_000,
+                    timerVectors: Set<UInt8> = [UInt8(PVSCHED_VECTOR_TIMER), UInt8(PVSCHED_VECTOR_LINUX_TIMER)]) {
             self.horizonNs = horizonNs; self.timerVectors = timerVectors
         }
     }
@@ -48,9 +49,7 @@ public final class DeadlineBoostDriver: Driver {
     public init(name: String = "deadline-boost", settings: Settings = Settings()) {
         self.name = name
         self.settings = settings
-        var timers = InterruptVectors()
-        for v in settings.timerVectors { timers.insert(v) }
-        self.timerVectors = timers
+        self.timerVectors = InterruptVectors(settings.timerVectors)
     }
 
     /// Guest flags that are real-time work by themselves.

@@ -315,7 +315,7 @@ extension ExperimentRunner {
         let scenarioName = scenario.guest.rawValue + (scenario.noisyVM ? "+noisy" : "")
         let name = "\(scenarioName)-\(mode)".map { $0.isLetter || $0.isNumber || $0 == "-" ? $0 : "_" }
         var text = "# \(scenario.guestTitle), mode \(mode), run \(index); µs on the host's monotonic clock\n"
-        for v in 0..<scenario.vcpus { for r in trace.records(vcpu: v) { text += r.description + "\n" } }
+        for r in trace.allRecords() { text += r.description + "\n" }
         let path = (dir as NSString).appendingPathComponent("\(String(name))-\(index).trace")
         try Data(text.utf8).write(to: URL(fileURLWithPath: path))
     }

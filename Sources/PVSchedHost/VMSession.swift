@@ -112,10 +112,7 @@ public final class AttachedVMSession: VMSession {
         self.onDetach = onDetach
         let t = PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
-            while enforcing.load(ordering: .relaxed) {
-                events.runEnforcerRound()
-                events.sleepUntilEnforcerWake()
-            }
+            events.runEnforcer { enforcing.load(ordering: .relaxed) }
         }
         enforcer.withLock { $0 = t }
     }

@@ -207,10 +207,7 @@ public final class VirtualMachine: @unchecked Sendable {
             let priority = config.deviceThreadPriority
             enforcer = PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
-                while !stopping.load(ordering: .relaxed) {
-                    events.runEnforcerRound()
-                    events.sleepUntilEnforcerWake()
-                }
+                events.runEnforcer { !stopping.load(ordering: .relaxed) }
             }
         }
     }

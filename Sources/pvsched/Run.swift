@@ -106,7 +106,7 @@ struct Run: ParsableCommand {
             }
         }
         if let eventTrace {
-            for v in 0..<vcpus { for r in eventTrace.records(vcpu: v) { print("trace| \(r)") } }
+            for r in eventTrace.allRecords() { print("trace| \(r)") }
         }
         if let results = vm.results() {
             for r in results.vcpus where r.samples > 0 || r.workUnits > 0 {

@@ -248,7 +248,7 @@ static inline void pvsched_guest_write_end(volatile struct pvsched_vcpu_guest *g
 #define PVSCHED_EVENT_HALT          4u
 #define PVSCHED_EVENT_INJECTION     8u  /* vector in pvsched_bpf_ctx.vector */
 #define PVSCHED_EVENT_GUEST_UPDATE  16u /* a watcher saw the guest line change (VMs without exits) */
-#define PVSCHED_EVENT_DEADLINE      32u /* the guest's published deadline is near (watcher) */
+#define PVSCHED_EVENT_DEADLINE      32u /* the guest's published deadline is near (the host announces it) */
 
 /* Exit reasons in pvsched_bpf_ctx.exit_reason. */
 #define PVSCHED_EXIT_NONE      0u
@@ -290,6 +290,10 @@ _Static_assert(__builtin_offsetof(struct pvsched_bpf_ctx, pending_vectors) == 88
 static inline int pvsched_vector_pending(const struct pvsched_bpf_ctx *ctx, uint32_t v) {
     return (ctx->pending_vectors[(v >> 6) & 3] >> (v & 63)) & 1;
 }
+
+/* A stock Linux guest's timer interrupt (its local APIC timer, LOCAL_TIMER_VECTOR);
+ * the built-in VMM's is PVSCHED_VECTOR_TIMER (pvsched_boot.h). */
+#define PVSCHED_VECTOR_LINUX_TIMER  0xECu
 
 struct pvsched_bpf_driver_info {
     char     name[PVSCHED_PROTOCOL_NAME_LEN];
