@@ -43,6 +43,11 @@ public struct GovernorConfig: Equatable, Sendable {
         self.maxRepaymentNs = maxRepaymentNs
     }
 
+    /// The repayment factors and longest repayments (µs) accepted from outside (the
+    /// control API, the CLI).
+    public static let repaymentFactorRange: ClosedRange<Double> = 0...64
+    public static let maxRepaymentUsRange: ClosedRange<Int64> = 0...1_000_000
+
     public static let `default` = GovernorConfig()
     /// No limits at all (for measuring the unprotected mechanism).
     public static let unlimited = GovernorConfig(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0,

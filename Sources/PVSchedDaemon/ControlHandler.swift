@@ -245,8 +245,8 @@ public final class ControlHandler: Sendable {
         if let v = try p.optionalInt("throttleWindowUs", in: 0...maxUs) { g.throttleWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalInt("shareWindowUs", in: 1...maxUs) { g.shareWindowNs = UInt64(v) * 1000 }
         if let v = try p.optionalDouble("maxVMShare", in: 0...1) { g.maxVMShare = v }
-        if let v = try p.optionalDouble("repaymentFactor", in: 0...64) { g.repaymentFactor = v }
-        if let v = try p.optionalInt("maxRepaymentUs", in: 0...1_000_000) { g.maxRepaymentNs = UInt64(v) * 1000 }
+        if let v = try p.optionalDouble("repaymentFactor", in: GovernorConfig.repaymentFactorRange) { g.repaymentFactor = v }
+        if let v = try p.optionalInt("maxRepaymentUs", in: GovernorConfig.maxRepaymentUsRange) { g.maxRepaymentNs = UInt64(v) * 1000 }
         if try p.bool("unlimited", default: false) { g = .unlimited }
         return g
     }

@@ -111,6 +111,10 @@ struct VMStart: ParsableCommand {
     var repaymentFactor: Double?
     @Flag(help: "Governor: no limits (for static-rt).") var unlimited = false
 
+    func validate() throws {
+        if let repaymentFactor { try validateRepaymentFactor(repaymentFactor) }
+    }
+
     func run() throws {
         var p: [String: JSON] = ["vcpus": .int(vcpus), "workload": .string(workload), "durationMs": .int(durationMs),
                                  "intervalUs": .int(intervalUs), "irqchip": .bool(irqchip), "pvsched": .bool(!noPvsched),
@@ -260,11 +264,10 @@ struct VMGovernor: ParsableCommand {
     @Option(help: "The longest repayment after one boost, µs (0-1000000).") var maxRepaymentUs: Int64?
 
     func validate() throws {
-        if let repaymentFactor, !(repaymentFactor.isFinite && (0...64).contains(repaymentFactor)) {
-            throw ValidationError("--repayment-factor must be 0...64, got \(repaymentFactor)")
-        }
-        if let maxRepaymentUs, !(0...1_000_000).contains(maxRepaymentUs) {
-            throw ValidationError("--max-repayment-us must be 0...1000000, got \(maxRepaymentUs)")
+        if let repaymentFactor { try validateRepaymentFactor(repaymentFactor) }
+        let range = GovernorConfig.maxRepaymentUsRange
+        if let maxRepaymentUs, !range.contains(maxRepaymentUs) {
+            throw ValidationError("--max-repayment-us must be \(range.lowerBound)...\(range.upperBound), got \(maxRepaymentUs)")
         }
     }
 
@@ -424,5 +427,13 @@ struct BPFUnload: ParsableCommand {
             let moved = r["moved"]?.arrayValue ?? []
             print("unloaded '\(name)'\(moved.isEmpty ? "" : "; moved to the default driver: \(moved.map(\.cell).joined(separator: ", "))")")
         }
+    }
+}
+
+/// `--repayment-factor` as the governor accepts it (`GovernorConfig.repaymentFactorRange`).
+func validateRepaymentFactor(_ factor: Double) throws {
+    let range = GovernorConfig.repaymentFactorRange
+    guard factor.isFinite, range.contains(factor) else {
+        throw ValidationError("--repayment-factor must be \(Int(range.lowerBound))...\(Int(range.upperBound)), got \(factor)")
     }
 }

@@ -70,9 +70,7 @@ struct ScenarioOptions: ParsableArguments {
         s.noisyVM = noisyVM
         s.durationNs = UInt64(seconds * 1e9)
         s.intervalNs = intervalUs * 1000
-        guard repaymentFactor.isFinite, (0...64).contains(repaymentFactor) else {
-            throw ValidationError("--repayment-factor must be 0...64, got \(repaymentFactor)")
-        }
+        try validateRepaymentFactor(repaymentFactor)
         guard criticalBudgetMs > 0, generalBudgetMs > 0, (0...1).contains(vmShare) else {
             throw ValidationError("governor limits: --critical-budget-ms > 0, --general-budget-ms > 0, --vm-share in 0...1")
         }
