@@ -37,6 +37,35 @@ public struct BoostSettings: Equatable, Sendable {
         }
     }
 
+    /// The parameters of the threads that follow a boosted vCPU (its companions): one
+    /// real-time priority above the vCPU's, within the protected host priorities.
+    public func companionParameters(for vcpu: SchedulingParameters) -> SchedulingParameters {
+        let above: SchedulingParameters
+        switch vcpu {
+        case .fifo(let n): above = .fifo(priority: min(n &+ 1, 99))
+        case .rr(let n): above = .rr(priority: min(n &+ 1, 99))
+        default: above = vcpu
+        }
+        return BoostSettings(boosted: above, maxPriority: 99, protectedHostPriority: protectedHostPriority)
+            .parameters(priority: nil)
+    }
+
+    /// The least real-time priority at which a thread (the budget enforcer) preempts
+    /// every thread these settings boost: one above the class's own priority, the
+    /// highest a driver may ask for and their companions', at most 99; 1 when boosts
+    /// stay in the fair class. An enforcer above that would preempt host real-time
+    /// work for nothing.
+    public var preemptingPriority: UInt8 {
+        let vcpus = [parameters(priority: nil), parameters(priority: maxPriority)]
+        let top = (vcpus + vcpus.map(companionParameters)).map { p -> UInt8 in
+            switch p {
+            case .fifo(let n), .rr(let n): return n
+            default: return 0
+            }
+        }.max() ?? 0
+        return min(top, 98) + 1
+    }
+
     /// The boost classes `parseClass` accepts, for error messages and help.
     public static let classSyntax = "fifo:1-99, rr:1-99, nice:-20-19 or slice:100-100000 (µs; nice -20, or slice:US:nice:N)"
     /// The range of an EEVDF slice the kernel accepts (it clamps others), in µs.
@@ -484,15 +513,7 @@ public final class VMBinding: VMEventSink {
             c.boostedVCPUs = max(0, c.boostedVCPUs + delta)
             guard !c.threads.isEmpty else { return }
             if c.boostedVCPUs > 0, c.applied == nil {
-                let above: SchedulingParameters
-                switch vcpuParameters {
-                case .fifo(let n): above = .fifo(priority: min(n &+ 1, 99))
-                case .rr(let n): above = .rr(priority: min(n &+ 1, 99))
-                default: above = vcpuParameters
-                }
-                // The protected host priorities bind the companions too.
-                let p = BoostSettings(boosted: above, maxPriority: 99, protectedHostPriority: boost.protectedHostPriority)
-                    .parameters(priority: nil)
+                let p = boost.companionParameters(for: vcpuParameters)
                 for t in c.threads { try? actuator.apply(p, to: t) }
                 c.applied = p
             } else if c.boostedVCPUs == 0, c.applied != nil {
@@ -698,6 +719,8 @@ public final class VMBinding: VMEventSink {
     /// The enforcer sleeps on it; the governor rings it when a boost could run out
     /// before the enforcer planned to look.
     public let budgetAlarm: BudgetAlarm?
+    /// Just above this VM's boosts (`BoostSettings.preemptingPriority`).
+    public var enforcerPriority: UInt8? { boost.preemptingPriority }
 
     /// Undoes every boost and detaches the driver (VM exit).
     public func shutdown() {

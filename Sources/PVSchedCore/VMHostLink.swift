@@ -35,12 +35,16 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// What the enforcer sleeps on, if the sink wakes it when it has work sooner
     /// (nil: the enforcer looks every `enforcerSleepNs`).
     var budgetAlarm: BudgetAlarm? { get }
+    /// The real-time priority the enforcer needs to preempt every thread the sink's
+    /// boosts raise, and no more (nil: the sink has no say; the VMM's own choice).
+    var enforcerPriority: UInt8? { get }
 }
 
 extension VMEventSink {
     public func announceDeadlines() -> Int { 0 }
     public func nextEnforcerWakeNs() -> UInt64? { nil }
     public var budgetAlarm: BudgetAlarm? { nil }
+    public var enforcerPriority: UInt8? { nil }
 
     /// The enforcer's loop, on its own thread, while `running()`: cuts overrunning
     /// boosts and ends due repayments (`enforceBudgets`), announces due deadlines, then

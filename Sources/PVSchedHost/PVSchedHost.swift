@@ -136,7 +136,7 @@ public final class PVSchedHost: Sendable {
         let link = try self.link(name: name, vcpus: vcpus, driver: driver, governor: governor, boost: boost,
                                  trace: EventTrace(vcpus: vcpus, capacity: traceCapacity))
         let session = AttachedVMSession(link: link, summary: summary, threads: threads,
-                                        enforcerPriority: canUseRealTime ? 90 : nil, onDetach: onDetach)
+                                        enforcerPriority: canUseRealTime ? link.events.enforcerPriority ?? 90 : nil, onDetach: onDetach)
         sessionTable.withLock { $0[link.handle.id] = session }
         logger.info("VM attached", metadata: ["vm": "\(link.handle)", "vcpus": "\(vcpus)", "what": "\(summary)"])
         return session

@@ -201,10 +201,13 @@ public final class VirtualMachine: @unchecked Sendable {
             threads.append(PVSchedCore.Thread(name: "vcpu\(ctx.index)") { [self] in runLoop(ctx) })
         }
         if let events {
-            // The enforcer runs real-time like the device threads: starved by the host
-            // load it protects against, it would cut boosts late (and, holding a vCPU's
-            // lock, could block a boosted vCPU thread).
-            let priority = config.deviceThreadPriority
+            // The enforcer runs real-time when the device threads do: starved by the
+            // host load it protects against, it would cut boosts late (and, holding a
+            // vCPU's lock, hold up a boosted vCPU thread). It runs just above the VM's
+            // boosts (the sink says), not at the devices' priority: higher, it would
+            // preempt host real-time work for nothing; what preempts it now is host
+            // real-time work the boosts yield to as well.
+            let priority = config.deviceThreadPriority.map { events.enforcerPriority ?? $0 }
             enforcer = PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 events.runEnforcer { !stopping.load(ordering: .relaxed) }

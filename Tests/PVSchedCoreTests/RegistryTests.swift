@@ -117,6 +117,43 @@ import PVSchedTesting
                 == .slice(nice: -20, sliceUs: 150))
         #expect(BoostSettings(boosted: .fifo(priority: 60), protectedHostPriority: nil).parameters(priority: nil) == .fifo(priority: 60))
     }
+
+    /// The enforcer runs just above what a VM's boosts can raise (the vCPU at the
+    /// highest priority a driver may ask for, its companions one above), and no higher.
+    @Test func theEnforcersPriorityIsJustAboveEveryBoostedThread() {
+        #expect(BoostSettings().preemptingPriority == 50)  // fifo:10, drivers up to 49 (50 is protected)
+        #expect(BoostSettings(boosted: .slice(nice: -20, sliceUs: 3000)).preemptingPriority == 1)
+        #expect(BoostSettings(boosted: .other(nice: -20)).preemptingPriority == 1)
+        #expect(BoostSettings(boosted: .fifo(priority: 10), protectedHostPriority: 1).preemptingPriority == 1)
+        #expect(BoostSettings(boosted: .rr(priority: 5), maxPriority: 5).preemptingPriority == 7)  // companions at 6
+        #expect(BoostSettings(boosted: .fifo(priority: 10), protectedHostPriority: nil).preemptingPriority == 52)
+        #expect(BoostSettings(boosted: .fifo(priority: 99), maxPriority: 99, protectedHostPriority: nil).preemptingPriority == 99)
+        func rt(_ p: SchedulingParameters) -> Int {
+            switch p {
+            case .fifo(let n), .rr(let n): return Int(n)
+            default: return 0
+            }
+        }
+        for boosted in [SchedulingParameters.fifo(priority: 1), .fifo(priority: 10), .rr(priority: 40), .fifo(priority: 99),
+                        .other(nice: -20), .slice(nice: -20, sliceUs: 100)] {
+            for maxPriority: UInt8 in [1, 10, 50, 99] {
+                for protected: UInt8? in [nil, 1, 2, 11, 50, 99] {
+                    let b = BoostSettings(boosted: boosted, maxPriority: maxPriority, protectedHostPriority: protected)
+                    let enforcer = Int(b.preemptingPriority)
+                    for asked: UInt8? in [nil, 1, 5, 49, 98, 99] {
+                        let vcpu = b.parameters(priority: asked)
+                        let companion = b.companionParameters(for: vcpu)
+                        let both = "\(boosted) max \(maxPriority) protected \(String(describing: protected)) asked \(String(describing: asked))"
+                        #expect(rt(vcpu) < enforcer || enforcer == 99, "\(both)")
+                        #expect(rt(companion) < enforcer || enforcer == 99, "\(both)")
+                        if let protected { #expect(rt(companion) < Int(protected), "\(both)") }
+                    }
+                    // Never above the protected host priorities.
+                    if let protected { #expect(enforcer <= Int(protected), "\(boosted) max \(maxPriority) protected \(protected)") }
+                }
+            }
+        }
+    }
 }
 
 @Suite struct GovernorTests {
