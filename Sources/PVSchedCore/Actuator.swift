@@ -20,6 +20,14 @@ public enum SchedulingParameters: Hashable, Sendable, CustomStringConvertible {
     /// Whether Linux runs these parameters in its fair class (EEVDF).
     public var isFairClass: Bool { !isRealTime }
 
+    /// The real-time priority (1-99), nil in the fair classes.
+    public var realTimePriority: UInt8? {
+        switch self {
+        case .fifo(let n), .rr(let n): return n
+        default: return nil
+        }
+    }
+
     /// The same class at the least weight (nice 19): what a thread with these
     /// parameters repays a boost at (see `RepaymentLedger`). Nil when there is no
     /// lower weight to go to: a real-time thread, SCHED_IDLE, or nice 19 already.

@@ -57,12 +57,7 @@ public struct BoostSettings: Equatable, Sendable {
     /// work for nothing.
     public var preemptingPriority: UInt8 {
         let vcpus = [parameters(priority: nil), parameters(priority: maxPriority)]
-        let top = (vcpus + vcpus.map(companionParameters)).map { p -> UInt8 in
-            switch p {
-            case .fifo(let n), .rr(let n): return n
-            default: return 0
-            }
-        }.max() ?? 0
+        let top = (vcpus + vcpus.map(companionParameters)).compactMap(\.realTimePriority).max() ?? 0
         return min(top, 98) + 1
     }
 

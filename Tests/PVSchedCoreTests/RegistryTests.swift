@@ -128,12 +128,7 @@ import PVSchedTesting
         #expect(BoostSettings(boosted: .rr(priority: 5), maxPriority: 5).preemptingPriority == 7)  // companions at 6
         #expect(BoostSettings(boosted: .fifo(priority: 10), protectedHostPriority: nil).preemptingPriority == 52)
         #expect(BoostSettings(boosted: .fifo(priority: 99), maxPriority: 99, protectedHostPriority: nil).preemptingPriority == 99)
-        func rt(_ p: SchedulingParameters) -> Int {
-            switch p {
-            case .fifo(let n), .rr(let n): return Int(n)
-            default: return 0
-            }
-        }
+        func rt(_ p: SchedulingParameters) -> Int { Int(p.realTimePriority ?? 0) }
         for boosted in [SchedulingParameters.fifo(priority: 1), .fifo(priority: 10), .rr(priority: 40), .fifo(priority: 99),
                         .other(nice: -20), .slice(nice: -20, sliceUs: 100)] {
             for maxPriority: UInt8 in [1, 10, 50, 99] {
