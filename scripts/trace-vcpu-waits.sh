@@ -112,12 +112,11 @@ function holders(g, cpu, from, to,   k, s0, s1) {
             if (field("next_prio") + 0 >= 120) { delete since[nextpid]; next }
             g = "boosted vCPU"
             if ((nextpid in lastset) && lastset[nextpid] > start) start = lastset[nextpid]
-            since[nextpid] = start
         }
         w = ts - start
         print g "\t" w > waits
         count[g]++
-        if (w >= long_ns) { longs[g]++; longsum[g] += w; holders(g, cpu, since[nextpid], ts) }
+        if (w >= long_ns) { longs[g]++; longsum[g] += w; holders(g, cpu, start, ts) }
         if (g == "host probe" && (nextpid in irqdelay)) {
             d = irqdelay[nextpid]; if (d < 0) d = 0
             q = ts - irqts[nextpid]; lat = d + q
