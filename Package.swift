@@ -52,6 +52,9 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The build's version and git revision, generated before every build.
+        .plugin(name: "BuildInfoPlugin", capability: .buildTool()),
+        .target(name: "PVSchedBuildInfo", plugins: ["BuildInfoPlugin"]),
         // The guest component: the Embedded Swift kernel in Guest/, built and embedded by a plugin.
         .plugin(name: "GuestImagePlugin", capability: .buildTool()),
         .target(name: "PVSchedGuestImage", plugins: ["GuestImagePlugin"]),
@@ -74,7 +77,7 @@ let package = Package(
         // Attaching to VMs another VMM runs: QMP, vCPU threads by name, the ivshmem
         // transport and the watcher that delivers events when no exits are seen.
         .target(name: "PVSchedAttach", dependencies: [
-            "PVSchedCore", "PVSchedABI", "PVSchedControl", "CHostService",
+            "PVSchedCore", "PVSchedABI", "PVSchedControl", "CHostService", "CLinuxSched",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -83,7 +86,7 @@ let package = Package(
         // The host service: control socket, request handling, metrics endpoint.
         .target(name: "PVSchedDaemon", dependencies: [
             "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",
-            "PVSchedLinux", "PVSchedKernelEvents", "PVSchedAttach",
+            "PVSchedLinux", "PVSchedKernelEvents", "PVSchedAttach", "PVSchedBuildInfo",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -100,7 +103,7 @@ let package = Package(
         // The command-line tool.
         .executableTarget(name: "pvsched", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
-            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost", "PVSchedControl", "PVSchedDaemon",
+            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost", "PVSchedControl", "PVSchedDaemon", "PVSchedBuildInfo",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

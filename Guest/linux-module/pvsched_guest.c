@@ -145,6 +145,17 @@ out:
 	local_irq_restore(irqflags);
 }
 
+/* The running task's policy as it is now. A task that changes its own policy
+ * while it runs (chrt, sched_setscheduler: no switch follows) would otherwise show
+ * its old one until it is switched out, possibly for the whole of a CPU-bound
+ * real-time burst; every interrupt's end catches up with it (the tick at least). */
+static void pvs_refresh_current(struct pvs_cpu *c)
+{
+	if (c->idle)
+		return;
+	c->policy = pvs_task_policy(current, &c->priority, &c->nice);
+}
+
 static void probe_irq_entry(void *data, int irq, struct irqaction *action)
 {
 	this_cpu_inc(pvs_cpus.irq_depth);
@@ -155,6 +166,7 @@ static void probe_irq_exit(void *data, int irq, struct irqaction *action, int re
 {
 	if (this_cpu_read(pvs_cpus.irq_depth) > 0)
 		this_cpu_dec(pvs_cpus.irq_depth);
+	pvs_refresh_current(this_cpu_ptr(&pvs_cpus));
 	pvs_publish();
 }
 
@@ -168,6 +180,7 @@ static void probe_vector_exit(void *data, int vector)
 {
 	if (this_cpu_read(pvs_cpus.irq_depth) > 0)
 		this_cpu_dec(pvs_cpus.irq_depth);
+	pvs_refresh_current(this_cpu_ptr(&pvs_cpus));
 	pvs_publish();
 }
 
@@ -181,6 +194,7 @@ static void probe_softirq_exit(void *data, unsigned int vec_nr)
 {
 	if (this_cpu_read(pvs_cpus.softirq_depth) > 0)
 		this_cpu_dec(pvs_cpus.softirq_depth);
+	pvs_refresh_current(this_cpu_ptr(&pvs_cpus));
 	pvs_publish();
 }
 

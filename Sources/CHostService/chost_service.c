@@ -16,6 +16,8 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <limits.h>
+#include <linux/openat2.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -249,5 +251,74 @@ void pvs_ignore_stop_signals(void) {
 }
 
 void pvs_close(int fd) { close(fd); }
+
+/* Fallback walk: each component opened with O_NOFOLLOW (a link fails with ELOOP). */
+static int open_walk(int dirfd, const char *path, int flags, int beneath) {
+    if (beneath && path[0] == '/') return -EXDEV;
+    char buf[PATH_MAX];
+    if (strlen(path) >= sizeof buf) return -ENAMETOOLONG;
+    strcpy(buf, path);
+    int cur = path[0] == '/' ? open("/", O_PATH | O_DIRECTORY | O_CLOEXEC) : fcntl(dirfd == AT_FDCWD ? open(".", O_PATH | O_DIRECTORY | O_CLOEXEC) : dirfd, F_DUPFD_CLOEXEC, 0);
+    if (cur < 0) return -errno;
+    char *save = NULL;
+    char *part = strtok_r(buf, "/", &save);
+    while (part) {
+        char *next = strtok_r(NULL, "/", &save);
+        if (strcmp(part, "..") == 0 && beneath) { close(cur); return -EXDEV; }
+        int fd = openat(cur, part, next ? (O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) : (flags | O_NOFOLLOW | O_CLOEXEC));
+        int e = errno;
+        close(cur);
+        if (fd < 0) return -e;
+        cur = fd;
+        part = next;
+    }
+    return cur;
+}
+
+int pvs_open_no_symlinks(int dirfd, const char *path, int flags, int beneath) {
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | (beneath ? RESOLVE_BENEATH : 0);
+    long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+    if (fd >= 0) return (int)fd;
+    if (errno == ENOSYS) return open_walk(dirfd, path, flags, beneath);
+    return -errno;
+}
+
+int pvs_set_nonblocking(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return -errno;
+    return 0;
+}
+
+int pvs_write_record(int fd, const void *buf, size_t len) {
+    for (;;) {
+        ssize_t n = write(fd, buf, len);
+        if (n == (ssize_t)len) return 0;
+        if (n >= 0) return -EIO; /* a short write cannot happen for len <= PIPE_BUF */
+        if (errno == EINTR) continue;
+        return -errno;
+    }
+}
+
+void pvs_ignore_sigpipe(void) { signal(SIGPIPE, SIG_IGN); }
+
+int pvs_process_uid(int32_t pid, uint32_t *uid) {
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "re");
+    if (!f) return -errno;
+    int r = -EINVAL;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "Uid:", 4) == 0) {
+            *uid = (uint32_t)strtoul(line + 4, NULL, 10);
+            r = 0;
+            break;
+        }
+    }
+    fclose(f);
+    return r;
+}
 
 void pvs_set_process_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }

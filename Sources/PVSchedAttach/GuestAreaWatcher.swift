@@ -78,10 +78,10 @@ public final class GuestAreaWatcher: Sendable {
     private let logger: Logger
 
     public init(region: SharedMemoryFile, link: VMHostLink, binding: VMBinding, settings: Settings = Settings(),
-                priority: UInt8?, threads: any ThreadControl, logger: Logger) {
+                priority: UInt8?, threads: any ThreadControl, logger: Logger) throws(ThreadError) {
         self.region = region; self.link = link; self.binding = binding
         self.settings = settings; self.logger = logger
-        let t = PVSchedCore.Thread { [self] in
+        let t = try PVSchedCore.Thread(name: "pvs-watcher") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             run()
         }
@@ -111,6 +111,18 @@ public final class GuestAreaWatcher: Sendable {
         var watches: [VCPUWatch] = []
         while running.load(ordering: .relaxed) {
             let now = MonotonicClock.nowNs()
+            if region.faulted {
+                // The file was truncated under us: what is mapped now is zeros.
+                if case .disabled = phase {} else {
+                    let why = "the region file \(region.path) was truncated under the host"
+                    binding.disable(.regionLost(why))
+                    area = nil
+                    phaseBox.withLock { $0 = .disabled(why) }
+                    logger.error("pvsched disabled for VM: its region went away", metadata: ["vm": "\(link.handle)", "path": "\(region.path)"])
+                }
+                sleep(until: now + settings.headerPollNs)
+                continue
+            }
             let magic = header32(PVSCHED_OFF_MAGIC)
             let gen = header32(PVSCHED_OFF_GUEST_GENERATION)
             if let current = area {

@@ -28,10 +28,12 @@ public final class QMPClient: Sendable {
     public let version: String
     static let maxLine = 1 << 20
 
-    /// Connects to `path`, reads the greeting and leaves negotiation mode.
+    /// Connects to `path` (no symbolic link on the way; the socket owned by root or
+    /// by the user of the process that serves it: see `SafeOpen.connectSocket`),
+    /// reads the greeting and leaves negotiation mode.
     public init(path: String, timeoutMs: Int32 = 5000) throws(QMPError) {
-        let fd = pvs_unix_connect(path)
-        guard fd >= 0 else { throw QMPError("cannot connect to \(path): \(String(cString: strerror(-fd)))") }
+        let fd: Int32
+        do throws(SafeOpenError) { fd = try SafeOpen.connectSocket(path, field: "qmp") } catch { throw QMPError(error.message) }
         self.fd = fd
         _ = pvs_set_timeouts(fd, timeoutMs, timeoutMs)
         var pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0

@@ -1,3 +1,5 @@
+import CLinuxSched
+
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +15,13 @@ public struct SharedMemoryError: Error, Equatable, Sendable, CustomStringConvert
 /// A read-write shared mapping of part of a file under /dev/shm (an attached
 /// VM's guest memory, or the ivshmem region its guest writes the pvsched area
 /// into): the owner that keeps a `SharedArea` valid.
+///
+/// The file is opened as `SafeOpen` does (no symbolic link, a regular file owned by
+/// root or the VMM's user, not writable by others) and, with a VMM given, must be
+/// one that process maps. Whoever can write the file can also truncate it under
+/// the daemon: a read past its new end would raise SIGBUS. The mapping is
+/// registered with the region guard (`pvs_region_guard_add`), which turns such a
+/// fault into zeros and `faulted`; the owner then disables the VM with the reason.
 public final class SharedMemoryFile: @unchecked Sendable {
     // @unchecked Sendable: the mapping is fixed for the object's life; the guest
     // writes it concurrently by design and every reader goes through the seqlock
@@ -24,20 +33,27 @@ public final class SharedMemoryFile: @unchecked Sendable {
     public let path: String
 
     /// Maps `length` bytes at `offset` of `path` (the whole file when `length` is nil).
-    /// The path must lie under /dev/shm/ and is opened without following links.
-    public init(path: String, offset: Int = 0, length: Int? = nil) throws(SharedMemoryError) {
-        guard path.hasPrefix("/dev/shm/"), !path.contains("/../"), !path.hasSuffix("/..") else {
-            throw SharedMemoryError(field: "memory", "must be a file under /dev/shm/")
-        }
+    /// The path must lie under /dev/shm/; `vmm`, when given, is the process that
+    /// must map the same file (and whose user may own it).
+    public init(path: String, offset: Int = 0, length: Int? = nil, vmm: Int32? = nil) throws(SharedMemoryError) {
         self.path = path
-        let fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { throw SharedMemoryError(field: "memory", "cannot open \(path): \(String(cString: strerror(errno)))") }
-        defer { close(fd) }
-        var st = stat()
-        guard fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else {
-            throw SharedMemoryError(field: "memory", "\(path) is not a regular file")
+        var owner: SafeOpen.Owner?
+        if let vmm {
+            guard let o = SafeOpen.Owner.process(vmm) else { throw SharedMemoryError(field: "memory", "process \(vmm) is gone") }
+            owner = o
         }
-        let size = Int(st.st_size)
+        let opened: (fd: Int32, stat: stat)
+        do throws(SafeOpenError) {
+            opened = try SafeOpen.regularFile(path, under: "/dev/shm", flags: O_RDWR, owner: owner, field: "memory")
+        } catch {
+            throw SharedMemoryError(field: "memory", error.message)
+        }
+        let fd = opened.fd
+        defer { close(fd) }
+        if let vmm, !SafeOpen.isMapped(opened.stat, by: vmm) {
+            throw SharedMemoryError(field: "memory", "\(path) is not mapped by process \(vmm): not that VM's memory")
+        }
+        let size = Int(opened.stat.st_size)
         let length = length ?? (size - offset)
         guard offset >= 0, length > 0 else {
             throw SharedMemoryError(field: "areaOffset", "\(path) (\(size) bytes) has nothing at offset \(offset)")
@@ -53,11 +69,22 @@ public final class SharedMemoryFile: @unchecked Sendable {
         guard let p = mmap(nil, self.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(aligned)), p != MAP_FAILED else {
             throw SharedMemoryError(field: "memory", "mmap \(path): \(String(cString: strerror(errno)))")
         }
+        guard pvs_region_guard_add(p, self.length) == 0 else {
+            munmap(p, self.length)
+            throw SharedMemoryError(field: "memory", "too many shared regions mapped (\(PVS_REGION_SLOTS))")
+        }
         base = p
     }
 
     /// The requested bytes.
     public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base + skew, count: length - skew) }
 
-    deinit { munmap(base, length) }
+    /// Whether the file was truncated under the mapping (a read faulted): the
+    /// region now reads as zeros and means nothing.
+    public var faulted: Bool { pvs_region_guard_faulted(base) != 0 }
+
+    deinit {
+        pvs_region_guard_remove(base)
+        munmap(base, length)
+    }
 }

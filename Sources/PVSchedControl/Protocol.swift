@@ -18,6 +18,13 @@ public enum ControlProtocol {
         "vm.list", "vm.start", "vm.attach", "vm.stop", "vm.driver.get", "vm.driver.replace", "vm.driver.unassign",
         "vm.stats", "vm.governor.get", "vm.governor.set", "vm.trace", "thread.boost", "thread.restore",
     ]
+    /// The methods that change nothing: what members of the daemon's read group may call.
+    public static let readOnlyMethods: Set<String> = [
+        "daemon.info", "drivers.list", "vm.list", "vm.stats", "vm.driver.get", "vm.governor.get", "vm.trace",
+    ]
+    /// What a read-group member's `thread.boost` may ask (of a thread its own user runs):
+    /// at most this SCHED_FIFO priority (below the host's protected priorities) and time.
+    public static let readerBoostLimits = (maxPriority: Int64(49), maxDurationMs: Int64(10_000))
 }
 
 /// A control error: a stable code, the request field it is about, and a message.

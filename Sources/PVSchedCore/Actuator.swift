@@ -63,6 +63,12 @@ public struct ActuatorError: Error, Equatable, Sendable, CustomStringConvertible
         /// The thread was already real-time when pvsched was given it (`current`),
         /// and the VM is not configured to accept that.
         case realTimeAtAttach(current: SchedulingParameters)
+        /// The thread pvsched was given has exited (its id may name another thread
+        /// by now): it is dropped and never acted on again.
+        case threadGone
+        /// A thread of another process, and no guardian takes records now: a change
+        /// the daemon's death would leave behind is not made.
+        case unguarded
     }
     public let thread: ThreadID
     public let operation: String
@@ -71,11 +77,35 @@ public struct ActuatorError: Error, Equatable, Sendable, CustomStringConvertible
     public init(thread: ThreadID, operation: String, errno: Int32, kind: Kind = .system) {
         self.thread = thread; self.operation = operation; self.errno = errno; self.kind = kind
     }
+    /// A stable name of the failure, for counters and metrics.
+    public var reason: String {
+        switch kind {
+        case .system: return errno == 1 ? "permission_denied" : "system_error"
+        case .ownedByOperator: return "operator_owned"
+        case .realTimeAtAttach: return "refused_real_time"
+        case .threadGone: return "thread_gone"
+        case .unguarded: return "unguarded"
+        }
+    }
+
+    /// The failure without the thread it happened to: the same text for every
+    /// thread that fails for the same cause.
+    public var cause: String {
+        switch kind {
+        case .system where errno == 1: return "\(operation): permission denied (EPERM)"
+        case .system: return "\(operation): errno \(errno)"
+        case .unguarded: return "the boost guardian is not running: other processes' threads are not changed"
+        default: return description
+        }
+    }
+
     public var description: String {
         switch kind {
         case .system: return "\(operation) on \(thread) failed: errno \(errno)"
         case .ownedByOperator(let p): return "\(thread) was changed by someone else (now \(p.map { "\($0)" } ?? "unknown")): left alone"
         case .realTimeAtAttach(let p): return "\(thread) is already real-time (\(p)) at attach: refused"
+        case .threadGone: return "\(thread) has exited: dropped"
+        case .unguarded: return "\(thread) belongs to another process and the boost guardian is not running: not changed"
         }
     }
 }
@@ -106,6 +136,10 @@ public protocol Actuator: AnyObject, Sendable {
     /// The parameters `thread` was adopted with (what restores return to), if known:
     /// a boost is repaid at the least weight of that class.
     func baseline(of thread: ThreadID) -> SchedulingParameters?
+    /// The process `thread` belonged to when the actuator took hold of it (adopt or
+    /// first apply), if it holds it: whoever named the thread as a VMM's checks that
+    /// the id did not change hands in between.
+    func owningProcess(of thread: ThreadID) -> Int32?
 }
 
 extension Actuator {
@@ -115,4 +149,5 @@ extension Actuator {
     public func baseline(of thread: ThreadID) -> SchedulingParameters? { nil }
     public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {}
     public func release(_ thread: ThreadID) { try? restore(thread) }
+    public func owningProcess(of thread: ThreadID) -> Int32? { nil }
 }

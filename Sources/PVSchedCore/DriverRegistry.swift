@@ -10,6 +10,8 @@ public enum RegistryError: Error, Equatable, Sendable, CustomStringConvertible {
     case vmAlreadyBound(UInt64)
     case noDriverForProtocol(name: String, version: ProtocolVersion)
     case assignedDriverIncompatible(driver: String, implements: String, guest: String)
+    /// The registry holds as many drivers (or VMs) as it takes.
+    case full(what: String, limit: Int)
 
     public var description: String {
         switch self {
@@ -21,6 +23,7 @@ public enum RegistryError: Error, Equatable, Sendable, CustomStringConvertible {
         case .noDriverForProtocol(let n, let v): return "no registered driver implements protocol '\(n)' compatible with version \(v)"
         case .assignedDriverIncompatible(let d, let impl, let guest):
             return "driver '\(d)' assigned to this VM implements \(impl), the guest speaks \(guest)"
+        case .full(let what, let limit): return "at most \(limit) \(what) (unload or stop one first)"
         }
     }
 }
@@ -52,6 +55,11 @@ public final class DriverRegistry: Sendable {
     private let control = Mutex(())
     private let logger: Logger
 
+    /// Registered drivers and bound VMs are bounded: every one costs memory (a BPF
+    /// object's maps up to 64 MiB) and metric series, and requests are hostile input.
+    public static let maxDrivers = 64
+    public static let maxVMs = 1024
+
     public init(logger: Logger = Logger(label: "pvsched.registry")) { self.logger = logger }
 
     // MARK: drivers
@@ -60,6 +68,7 @@ public final class DriverRegistry: Sendable {
     public func register(_ driver: any Driver) throws(RegistryError) {
         try state.withLock { s throws(RegistryError) in
             guard s.drivers[driver.name] == nil else { throw .duplicateName(driver.name) }
+            guard s.drivers.count < Self.maxDrivers else { throw .full(what: "drivers", limit: Self.maxDrivers) }
             s.drivers[driver.name] = driver
             s.order.append(driver.name)
         }
@@ -144,6 +153,7 @@ public final class DriverRegistry: Sendable {
                                     ejector: { [weak self] b, driver, reason in self?.eject(b, driver: driver, reason: reason) })
             let d: (any Driver)? = try state.withLock { s throws(RegistryError) in
                 guard s.bindings[vm.id] == nil else { throw .vmAlreadyBound(vm.id) }
+                guard s.bindings.count < Self.maxVMs else { throw .full(what: "VMs", limit: Self.maxVMs) }
                 s.bindings[vm.id] = binding
                 return s.defaultName.flatMap { s.drivers[$0] }
             }

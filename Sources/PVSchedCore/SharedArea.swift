@@ -11,6 +11,9 @@ public enum SharedAreaError: Error, Equatable, Sendable, CustomStringConvertible
     case badHeaderSize(found: UInt16, expected: UInt16)
     case protocolNameNotTerminated
     case protocolNameEmpty
+    /// A byte outside printable ASCII (0x21-0x7e): the name is an identifier, shown to
+    /// operators, and a terminal's control sequences have no place in it.
+    case protocolNameNotPrintable
     case vcpuCountOutOfRange(found: UInt16, max: Int)
     case strideTooSmall(found: UInt16, minimum: Int)
     case vcpuOffsetInvalid(found: UInt32, reason: String)
@@ -20,6 +23,8 @@ public enum SharedAreaError: Error, Equatable, Sendable, CustomStringConvertible
     case taskPriorityOutOfRange(vcpu: Int, policy: UInt32, found: Int32)
     case taskNiceOutOfRange(vcpu: Int, found: Int32)
     case sequenceNeverSettled(vcpu: Int, attempts: Int)
+    /// The memory behind the area went away (its file was truncated under the host).
+    case regionLost(String)
 
     /// The ABI field (as named in pvsched_abi.h) that this error is about.
     public var field: String {
@@ -29,7 +34,7 @@ public enum SharedAreaError: Error, Equatable, Sendable, CustomStringConvertible
         case .badMagic: return "magic"
         case .unsupportedABIVersion: return "abi_version"
         case .badHeaderSize: return "header_size"
-        case .protocolNameNotTerminated, .protocolNameEmpty: return "protocol_name"
+        case .protocolNameNotTerminated, .protocolNameEmpty, .protocolNameNotPrintable: return "protocol_name"
         case .vcpuCountOutOfRange: return "vcpu_count"
         case .strideTooSmall: return "vcpu_stride"
         case .vcpuOffsetInvalid: return "vcpu_offset"
@@ -39,44 +44,52 @@ public enum SharedAreaError: Error, Equatable, Sendable, CustomStringConvertible
         case .taskPriorityOutOfRange: return "task_priority"
         case .taskNiceOutOfRange: return "task_nice"
         case .sequenceNeverSettled: return "seq"
+        case .regionLost: return "region"
         }
     }
 
+    // The messages name the field and what it must be, never the value found: the
+    // bytes are the guest's (or, through a mistyped path, a file's), and a refusal is
+    // no way to read them out.
     public var description: String {
         let detail: String
         switch self {
         case .areaTooSmall(let size, let needed):
             detail = "area is \(size) bytes, needs at least \(needed)"
-        case .misaligned(_, let value, let alignment):
-            detail = "0x\(String(value, radix: 16)) is not aligned to \(alignment) bytes"
-        case .badMagic(let found):
-            detail = "expected 0x\(String(PVSCHED_MAGIC, radix: 16)), found 0x\(String(found, radix: 16))"
-        case .unsupportedABIVersion(let found, let supported):
-            detail = "version \(found) is not supported (this host speaks version \(supported))"
-        case .badHeaderSize(let found, let expected):
-            detail = "found \(found), expected \(expected)"
+        case .misaligned(_, _, let alignment):
+            detail = "not aligned to \(alignment) bytes"
+        case .badMagic:
+            detail = "not pvsched's magic 0x\(String(PVSCHED_MAGIC, radix: 16))"
+        case .unsupportedABIVersion(_, let supported):
+            detail = "not a version this host speaks (\(supported))"
+        case .badHeaderSize(_, let expected):
+            detail = "must be \(expected)"
         case .protocolNameNotTerminated:
             detail = "not NUL-terminated within \(PVSCHED_PROTOCOL_NAME_LEN) bytes"
         case .protocolNameEmpty:
             detail = "empty"
-        case .vcpuCountOutOfRange(let found, let max):
-            detail = "\(found) is outside 1...\(max)"
-        case .strideTooSmall(let found, let minimum):
-            detail = "\(found) is smaller than a vCPU area (\(minimum) bytes) or not a multiple of \(PVSCHED_CACHE_LINE)"
-        case .vcpuOffsetInvalid(let found, let reason):
-            detail = "\(found): \(reason)"
+        case .protocolNameNotPrintable:
+            detail = "must be printable ASCII (0x21-0x7e)"
+        case .vcpuCountOutOfRange(_, let max):
+            detail = "must be 1...\(max)"
+        case .strideTooSmall(_, let minimum):
+            detail = "must be at least a vCPU area (\(minimum) bytes) and a multiple of \(PVSCHED_CACHE_LINE)"
+        case .vcpuOffsetInvalid(_, let reason):
+            detail = reason
         case .vcpuIndexOutOfRange(let index, let count):
             detail = "vCPU \(index) is out of range (area has \(count))"
-        case .unknownFlags(let vcpu, let bits):
-            detail = "vCPU \(vcpu) sets unknown bits 0x\(String(bits, radix: 16))"
-        case .taskPolicyInvalid(let vcpu, let found):
-            detail = "vCPU \(vcpu) reports policy \(found), which is not a PVSCHED_TASK_* value"
-        case .taskPriorityOutOfRange(let vcpu, let policy, let found):
-            detail = "vCPU \(vcpu) reports priority \(found) for policy \(policy)"
-        case .taskNiceOutOfRange(let vcpu, let found):
-            detail = "vCPU \(vcpu) reports nice \(found), outside \(PVSCHED_NICE_MIN)...\(PVSCHED_NICE_MAX)"
+        case .unknownFlags(let vcpu, _):
+            detail = "vCPU \(vcpu) sets bits the protocol does not define"
+        case .taskPolicyInvalid(let vcpu, _):
+            detail = "vCPU \(vcpu) reports a policy that is not a PVSCHED_TASK_* value"
+        case .taskPriorityOutOfRange(let vcpu, _, _):
+            detail = "vCPU \(vcpu) reports a priority outside its policy's range"
+        case .taskNiceOutOfRange(let vcpu, _):
+            detail = "vCPU \(vcpu) reports a nice outside \(PVSCHED_NICE_MIN)...\(PVSCHED_NICE_MAX)"
         case .sequenceNeverSettled(let vcpu, let attempts):
             detail = "vCPU \(vcpu)'s sequence counter did not settle after \(attempts) reads"
+        case .regionLost(let why):
+            return "shared area lost: \(why)"
         }
         return "shared area field `\(field)`: \(detail)"
     }
@@ -139,6 +152,7 @@ public struct SharedAreaLayout: Equatable, Sendable {
         }
         guard terminated else { throw .protocolNameNotTerminated }
         guard !nameBytes.isEmpty else { throw .protocolNameEmpty }
+        guard nameBytes.allSatisfy({ $0 >= 0x21 && $0 <= 0x7E }) else { throw .protocolNameNotPrintable }
         let name = String(decoding: nameBytes, as: UTF8.self)
 
         let major = load(PVSCHED_OFF_PROTOCOL_MAJOR, UInt16.self)

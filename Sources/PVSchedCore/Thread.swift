@@ -5,6 +5,14 @@ import Glibc
 import Musl
 #endif
 
+/// Why a thread could not be started (the process or the system is out of threads
+/// or memory): an error to answer, never a crash.
+public struct ThreadError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// pthread_create's error number (EAGAIN: a thread limit; ENOMEM).
+    public let errno: Int32
+    public var description: String { "cannot start a thread: \(String(cString: strerror(errno)))" }
+}
+
 /// A dedicated OS thread (pthread) for work that blocks in the kernel or must not
 /// share the Swift concurrency pool: vCPU loops, device threads, probes.
 // @unchecked Sendable: `handle` is set once in init; pthread_join/kill are thread-safe.
@@ -15,7 +23,12 @@ public final class Thread: @unchecked Sendable {
 
     /// Starts `body` on a new thread, named `name` (at most 15 bytes are kept; shown
     /// by top -H, ps and scheduler traces) when given.
-    public init(name: String? = nil, _ body: @escaping @Sendable () -> Void) {
+    public convenience init(name: String? = nil, body: @escaping @Sendable () -> Void) throws(ThreadError) {
+        try self.init(name: name, body)
+    }
+
+    /// Starts `body` on a new thread (see `init(name:body:)`).
+    public init(name: String? = nil, _ body: @escaping @Sendable () -> Void) throws(ThreadError) {
         box = Box(name.map { name in { Thread.nameCurrent(name); body() } } ?? body)
         handle = pthread_t()
         let arg = Unmanaged.passRetained(box).toOpaque()
@@ -24,7 +37,10 @@ public final class Thread: @unchecked Sendable {
             box.body()
             return nil
         }, arg)
-        precondition(r == 0, "pthread_create failed: \(r)")
+        guard r == 0 else {
+            Unmanaged<Box>.fromOpaque(arg).release()
+            throw ThreadError(errno: r)
+        }
     }
 
     /// Names the calling thread (through /proc/thread-self/comm: glibc's

@@ -143,6 +143,11 @@ public struct VCPUStats: Equatable, Sendable {
     public var repaying: Bool = false
     /// Who manages the vCPU thread's scheduling now (a snapshot).
     public var thread: ThreadOwnership = .pvsched
+    /// Why the vCPU's boosts cannot be applied now, nil when they can (a snapshot:
+    /// set by the first boost that fails for a cause, cleared by the next that works).
+    public var boostBlocked: String?
+    /// Boosts the actuator could not apply, by reason.
+    public var failedBoosts = BoostFailureCounts()
     public init() {}
 
     /// Adds `other`'s counters to these (snapshots are or-ed).
@@ -152,6 +157,35 @@ public struct VCPUStats: Equatable, Sendable {
         vetoesThrottled &+= o.vetoesThrottled; vetoesVMShare &+= o.vetoesVMShare
         decisionLatency.add(o.decisionLatency); boosted = boosted || o.boosted
         repayments &+= o.repayments; repaymentNs &+= o.repaymentNs; repaying = repaying || o.repaying
+        failedBoosts.add(o.failedBoosts); boostBlocked = boostBlocked ?? o.boostBlocked
+    }
+}
+
+/// Boosts the actuator could not apply, by `ActuatorError.reason`.
+public struct BoostFailureCounts: Equatable, Sendable {
+    public var permissionDenied: UInt64 = 0
+    public var unguarded: UInt64 = 0
+    public var threadGone: UInt64 = 0
+    public var operatorOwned: UInt64 = 0
+    public var other: UInt64 = 0
+    public init() {}
+    mutating func count(_ reason: String) {
+        switch reason {
+        case "permission_denied": permissionDenied &+= 1
+        case "unguarded": unguarded &+= 1
+        case "thread_gone": threadGone &+= 1
+        case "operator_owned", "refused_real_time": operatorOwned &+= 1
+        default: other &+= 1
+        }
+    }
+    mutating func add(_ o: BoostFailureCounts) {
+        permissionDenied &+= o.permissionDenied; unguarded &+= o.unguarded; threadGone &+= o.threadGone
+        operatorOwned &+= o.operatorOwned; other &+= o.other
+    }
+    /// (reason, count) pairs, for listings and metrics.
+    public var byName: [(String, UInt64)] {
+        [("permission_denied", permissionDenied), ("unguarded", unguarded), ("thread_gone", threadGone),
+         ("operator_owned", operatorOwned), ("other", other)]
     }
 }
 
@@ -164,6 +198,9 @@ public enum ThreadOwnership: String, Equatable, Sendable {
     case `operator`
     /// It was already real-time when pvsched was given it: refused (see `BoostSettings.allowRealTimeThreads`).
     case refusedRealTime = "refused_real_time"
+    /// It exited: dropped, never acted on again (its id may name another thread),
+    /// until the VMM's next listing names the vCPU's new thread.
+    case gone
 }
 
 /// Events delivered to a driver, by kind.
@@ -459,9 +496,11 @@ public final class VMBinding: VMEventSink {
     /// Records the OS thread that runs `vcpu` (call from that thread when it starts).
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
         var ownership = ThreadOwnership.pvsched
-        if let thread, thread != vcpus[vcpu].state.withLock({ $0.thread }) {
-            do { try actuator.adopt(thread, allowRealTime: boost.allowRealTimeThreads) } catch {
+        var thread = thread
+        if let t = thread, t != vcpus[vcpu].state.withLock({ $0.thread }) {
+            do { try actuator.adopt(t, allowRealTime: boost.allowRealTimeThreads) } catch {
                 if case .realTimeAtAttach = error.kind { ownership = .refusedRealTime }
+                if case .threadGone = error.kind { ownership = .gone; thread = nil }
                 logger.warning("vCPU thread not managed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
             }
         }
@@ -481,10 +520,36 @@ public final class VMBinding: VMEventSink {
 
     /// Notes what an actuator error says about who manages `thread` (under its vCPU's lock).
     private func noteOwnership(_ error: ActuatorError, _ s: inout VCPUState, vcpu: Int) {
+        if case .threadGone = error.kind { dropGoneThread(&s, vcpu: vcpu); return }
         guard case .ownedByOperator(let current) = error.kind, s.stats.thread != .operator else { return }
         s.stats.thread = .operator
         logger.warning("vCPU thread changed by someone else: pvsched leaves it alone until it is back at its original parameters",
                        metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "now": "\(current.map { "\($0)" } ?? "?")"])
+    }
+
+    /// A boost the actuator could not apply: counted by reason, and one state with
+    /// one log line per cause (not per attempt). Under the vCPU's lock.
+    private func noteFailure(_ error: ActuatorError, _ s: inout VCPUState, vcpu: Int) {
+        s.stats.failedBoosts.count(error.reason)
+        switch error.kind {
+        case .ownedByOperator, .realTimeAtAttach, .threadGone: noteOwnership(error, &s, vcpu: vcpu)
+        case .system, .unguarded:
+            let why = error.cause
+            guard s.stats.boostBlocked != why else { return }
+            s.stats.boostBlocked = why
+            logger.warning("boosts cannot be applied", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "reason": "\(why)"])
+        }
+    }
+
+    /// The vCPU's thread exited: it is dropped (the actuator already let it go) and
+    /// nothing is done to its id again. Under the vCPU's lock.
+    private func dropGoneThread(_ s: inout VCPUState, vcpu: Int) {
+        guard s.thread != nil else { return }
+        logger.warning("vCPU thread exited: dropped", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "thread": "\(s.thread!)"])
+        s.thread = nil
+        s.stats.thread = .gone
+        s.ledger.reset()
+        vcpus[vcpu].repaymentEnd.store(0, ordering: .relaxed)
     }
 
     /// Sets the VM's interrupt-delivery threads (see `Companions`); the old ones are restored.
@@ -761,13 +826,13 @@ public final class VMBinding: VMEventSink {
                 }
             } catch {
                 governor.endBoost(vcpu: vcpu, now: now, cpuNs: cpuTime(s))
-                if case .system = error.kind {
-                    try? actuator.restore(thread)
-                    logger.warning("boost failed", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)", "error": "\(error)"])
-                } else {
-                    noteOwnership(error, &s, vcpu: vcpu)  // logged once, when it starts
-                }
+                if case .system = error.kind { try? actuator.restore(thread) }
+                noteFailure(error, &s, vcpu: vcpu)
                 return .actuatorFailed(error)
+            }
+            if s.stats.boostBlocked != nil {
+                s.stats.boostBlocked = nil
+                logger.notice("boosts apply again", metadata: ["vm": "\(vm)", "vcpu": "\(vcpu)"])
             }
             s.boostStart = now
             s.stats.boostCount &+= 1
@@ -889,8 +954,9 @@ public final class VMBinding: VMEventSink {
         }
     }
 
-    /// Disables pvsched for the VM after a bad read: drops the area and undoes every boost.
-    private func disable(_ error: SharedAreaError) {
+    /// Disables pvsched for the VM after a bad read (or when the memory behind its
+    /// area went away): drops the area and undoes every boost.
+    public func disable(_ error: SharedAreaError) {
         let first: Bool = changeSlot { s in
             guard s.area != nil else { return false }
             s.area = nil

@@ -1,11 +1,14 @@
+import CHostService
 import Foundation
 import Logging
 import PVSchedBPF
+import PVSchedBuildInfo
 import PVSchedControl
 import PVSchedCore
 import PVSchedGuestImage
 import PVSchedHost
 import PVSchedKVM
+import PVSchedLinux
 import Synchronization
 
 /// Carries out control requests on a `PVSchedHost`: the seed's ioctls
@@ -20,13 +23,16 @@ public final class ControlHandler: Sendable {
     private let logger: Logger
 
     public init(host: PVSchedHost, metricsAddress: String? = nil, eventsPriority: UInt8? = 90,
-                logger: Logger = Logger(label: "pvsched.control")) {
+                logger: Logger = Logger(label: "pvsched.control")) throws(ThreadError) {
         self.host = host
         self.metricsAddress = metricsAddress
         self.logger = logger
-        operatorBoosts = OperatorBoosts(actuator: host.actuator)
+        operatorBoosts = try OperatorBoosts(actuator: host.actuator)
         attacher = VMAttacher(host: host, eventsPriority: eventsPriority, logger: logger)
     }
+
+    /// Records the kernel event source dropped (nil: it was never opened).
+    public var kernelEventsDropped: UInt64? { attacher.kernelEventsDropped }
 
     /// Stops the operator-boost timer and undoes its boosts; detaches the kernel events.
     public func shutdown() {
@@ -34,35 +40,46 @@ public final class ControlHandler: Sendable {
         attacher.shutdown()
     }
 
-    /// Parses and carries out one request line; returns the response line.
-    public func respond(to line: some Collection<UInt8>) -> [UInt8] {
+    /// Parses and carries out one request line for `caller`; returns the response line.
+    public func respond(to line: some Collection<UInt8>, caller: ControlCaller = .inProcess) -> [UInt8] {
         switch ControlRequest.parse(line) {
         case .failure(let e): return ControlResponse.failure(id: e.id, error: e.error)
         case .success(let request):
-            switch handle(request) {
+            switch handle(request, caller: caller) {
             case .success(let result): return ControlResponse.success(id: request.id, result: result)
             case .failure(let error): return ControlResponse.failure(id: request.id, error: error)
             }
         }
     }
 
-    /// Carries out one parsed request.
-    public func handle(_ request: ControlRequest) -> Result<JSON, ControlError> {
+    /// Carries out one parsed request for `caller` (refused when its role does not allow it).
+    public func handle(_ request: ControlRequest, caller: ControlCaller = .inProcess) -> Result<JSON, ControlError> {
         var p = request.params
         do throws(ControlError) {
-            let result = try dispatch(request.method, &p)
+            if caller.role == .reader && !ControlProtocol.readOnlyMethods.contains(request.method)
+                && request.method != "thread.boost" && request.method != "thread.restore" {
+                throw ControlError(.permissionDenied, field: "method",
+                                   "'\(request.method)' changes the daemon: root only (the read group may call \(ControlProtocol.readOnlyMethods.sorted().joined(separator: ", ")), and boost threads of its own)")
+            }
+            let result = try dispatch(request.method, &p, caller: caller)
             return .success(result)
         } catch {
             return .failure(error)
         }
     }
 
-    private func dispatch(_ method: String, _ p: inout Params) throws(ControlError) -> JSON {
+    private func dispatch(_ method: String, _ p: inout Params, caller: ControlCaller) throws(ControlError) -> JSON {
         switch method {
         case "daemon.info":
             try p.finish()
+            var guardian = JSON.null
+            if let g = (host.actuator as? LinuxActuator)?.guardian?.status {
+                guardian = ["state": .string(g.state.rawValue), "pid": JSON(g.pid), "restarts": JSON(g.restarts), "records": JSON(g.records)]
+            }
             return ["protocol": .int(ControlProtocol.version), "pid": JSON(getpid()),
-                    "vms": JSON(host.sessions.count), "metrics": JSON(metricsAddress),
+                    "version": .string(PVSchedVersion.version), "revision": .string(PVSchedVersion.revision),
+                    "vms": JSON(host.sessions.count), "metrics": JSON(metricsAddress), "guardian": guardian,
+                    "caller": .string(caller.role.rawValue),
                     "methods": .array(ControlProtocol.methods.map { .string($0) })]
         case "drivers.list":
             try p.finish()
@@ -151,16 +168,19 @@ public final class ControlHandler: Sendable {
             }
             return .array(out)
         case "thread.boost":
+            let reader = caller.role == .reader
+            let limits = ControlProtocol.readerBoostLimits
             let tid = Int32(try p.int("tid", in: 1...Int64(Int32.max)))
-            let priority = UInt8(try p.int("priority", in: 1...99, default: 10))
-            let ms = UInt64(try p.int("durationMs", in: 1...3_600_000, default: 10_000))
+            let priority = UInt8(try p.int("priority", in: 1...(reader ? limits.maxPriority : 99), default: 10))
+            let ms = UInt64(try p.int("durationMs", in: 1...(reader ? limits.maxDurationMs : 3_600_000), default: 10_000))
             try p.finish()
-            try checkOperatorThread(tid)
+            try checkOperatorThread(tid, caller: caller)
             try operatorBoosts.boost(ThreadID(tid), priority: priority, durationNs: ms * 1_000_000)
             return ["tid": JSON(tid), "boosted": .string("SCHED_FIFO \(priority)"), "durationMs": JSON(ms)]
         case "thread.restore":
             let tid = Int32(try p.int("tid", in: 1...Int64(Int32.max)))
             try p.finish()
+            if caller.role == .reader { try checkOwnThread(tid, caller: caller) }
             guard operatorBoosts.restore(ThreadID(tid)) else {
                 throw ControlError(.notFound, field: "params.tid", "thread \(tid) has no operator boost")
             }
@@ -251,11 +271,20 @@ public final class ControlHandler: Sendable {
         return g
     }
 
-    private func checkOperatorThread(_ tid: Int32) throws(ControlError) {
+    private func checkOperatorThread(_ tid: Int32, caller: ControlCaller) throws(ControlError) {
         guard access("/proc/\(tid)", F_OK) == 0 else { throw ControlError(.notFound, field: "params.tid", "no thread \(tid)") }
+        if caller.role == .reader { try checkOwnThread(tid, caller: caller) }
         let vcpuThreads = host.sessions.flatMap { $0.binding?.threads.compactMap { $0 } ?? [] }
         if vcpuThreads.contains(ThreadID(tid)) {
             throw ControlError(.conflict, field: "params.tid", "thread \(tid) is a vCPU thread managed by its VM's driver")
+        }
+    }
+
+    /// A read-group caller acts only on threads its own user runs.
+    private func checkOwnThread(_ tid: Int32, caller: ControlCaller) throws(ControlError) {
+        var uid: UInt32 = 0
+        guard pvs_process_uid(tid, &uid) == 0, uid == caller.uid else {
+            throw ControlError(.permissionDenied, field: "params.tid", "thread \(tid) is not one of uid \(caller.uid)'s")
         }
     }
 

@@ -8,19 +8,40 @@ import Synchronization
 import Glibc
 #endif
 
-/// Who may use the control socket: root, the daemon's own user, and members of
-/// an optional admin group. The socket file is 0600 (0660 with an admin group);
-/// the peer credentials of every connection (SO_PEERCRED) are checked as well.
+/// Who may use the control socket, and for what: root and the daemon's own user
+/// for everything; members of an optional read group for the read-only methods
+/// and for boosting threads they own (`ControlCaller`). The socket file is 0600
+/// (0660 owned by the read group); the peer credentials of every connection
+/// (SO_PEERCRED) are checked as well.
 public struct ControlAccess: Sendable {
-    public let adminGroup: UInt32?
-    public init(adminGroup: UInt32? = nil) { self.adminGroup = adminGroup }
+    public let readGroup: UInt32?
+    public init(readGroup: UInt32? = nil) { self.readGroup = readGroup }
 
-    /// Whether a peer with these credentials may send requests.
-    public func allows(pid: Int32, uid: UInt32, gid: UInt32) -> Bool {
-        if uid == 0 || uid == geteuid() { return true }
-        guard let g = adminGroup else { return false }
-        return gid == g || pvs_process_in_group(pid, g) == 1
+    /// What a peer with these credentials may do; nil: nothing.
+    public func caller(pid: Int32, uid: UInt32, gid: UInt32) -> ControlCaller? {
+        if uid == 0 || uid == geteuid() { return ControlCaller(pid: pid, uid: uid, role: .admin) }
+        guard let g = readGroup, gid == g || pvs_process_in_group(pid, g) == 1 else { return nil }
+        return ControlCaller(pid: pid, uid: uid, role: .reader)
     }
+}
+
+/// The peer of one control connection.
+public struct ControlCaller: Sendable, Equatable {
+    /// What a caller may do.
+    public enum Role: String, Sendable {
+        /// Everything (root, the daemon's user).
+        case admin
+        /// The read-only methods, and `thread.boost`/`thread.restore` of threads
+        /// the caller's own user runs, below the protected host priorities and for
+        /// a bounded time (`ControlProtocol.readerBoostLimits`).
+        case reader
+    }
+    public let pid: Int32
+    public let uid: UInt32
+    public let role: Role
+    public init(pid: Int32, uid: UInt32, role: Role) { self.pid = pid; self.uid = uid; self.role = role }
+    /// The daemon itself, tests and the lab calling the handler in process.
+    public static let inProcess = ControlCaller(pid: 0, uid: 0, role: .admin)
 }
 
 /// Why the control socket could not be set up.
@@ -47,7 +68,7 @@ public final class ControlServer: Sendable {
     private let acceptThread = Mutex<PVSchedCore.Thread?>(nil)
     private let stopping = Atomic(false)
 
-    /// Creates the socket at `path` (mode 0600, or 0660 owned by the admin group).
+    /// Creates the socket at `path` (mode 0600, or 0660 owned by the read group).
     public init(path: String, access: ControlAccess, handler: ControlHandler,
                 logger: Logger = Logger(label: "pvsched.control")) throws(ControlServerError) {
         self.path = path
@@ -59,9 +80,9 @@ public final class ControlServer: Sendable {
             let r = pvs_mkdir(dir, 0o755)
             guard r == 0 else { throw ControlServerError(operation: "create \(dir)", errno: -r) }
         }
-        let fd = pvs_unix_listen(path, access.adminGroup == nil ? 0o600 : 0o660, 64)
+        let fd = pvs_unix_listen(path, access.readGroup == nil ? 0o600 : 0o660, 64)
         guard fd >= 0 else { throw ControlServerError(operation: "listen on \(path)", errno: -fd) }
-        if let g = access.adminGroup {
+        if let g = access.readGroup {
             let r = pvs_chown(path, geteuid(), g)
             guard r == 0 else { pvs_close(fd); throw ControlServerError(operation: "chown \(path)", errno: -r) }
         }
@@ -69,8 +90,8 @@ public final class ControlServer: Sendable {
     }
 
     /// Starts accepting connections on a dedicated thread.
-    public func start() {
-        let t = PVSchedCore.Thread { [self] in acceptLoop() }
+    public func start() throws(ThreadError) {
+        let t = try PVSchedCore.Thread(name: "pvs-accept") { [self] in acceptLoop() }
         acceptThread.withLock { $0 = t }
     }
 
@@ -112,8 +133,15 @@ public final class ControlServer: Sendable {
                 pvs_close(fd)
                 continue
             }
-            let t = PVSchedCore.Thread { [self] in serve(fd) }
-            workers.withLock { $0[fd] = t }
+            do {
+                let t = try PVSchedCore.Thread(name: "pvs-control") { [self] in serve(fd) }
+                workers.withLock { $0[fd] = t }
+            } catch {
+                // Out of threads: this client is told so, the daemon carries on.
+                connections.withLock { _ = $0.remove(fd) }
+                send(fd, ControlResponse.failure(id: .null, error: ControlError(.busy, "\(error)")))
+                pvs_close(fd)
+            }
         }
     }
 
@@ -133,10 +161,10 @@ public final class ControlServer: Sendable {
             pvs_close(fd)
         }
         var pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0
-        guard pvs_peer_cred(fd, &pid, &uid, &gid) == 0, access.allows(pid: pid, uid: uid, gid: gid) else {
+        guard pvs_peer_cred(fd, &pid, &uid, &gid) == 0, let caller = access.caller(pid: pid, uid: uid, gid: gid) else {
             logger.warning("control connection refused", metadata: ["uid": "\(uid)", "pid": "\(pid)"])
             send(fd, ControlResponse.failure(id: .null, error: ControlError(
-                .permissionDenied, "uid \(uid) may not use the pvsched control socket (root, the daemon's user or its admin group only)")))
+                .permissionDenied, "uid \(uid) may not use the pvsched control socket (root, the daemon's user or its read group only)")))
             return
         }
         _ = pvs_set_timeouts(fd, 600_000, 10_000)
@@ -149,7 +177,7 @@ public final class ControlServer: Sendable {
             while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
                 var line = pending[..<nl]
                 if line.last == UInt8(ascii: "\r") { line = line.dropLast() }
-                let response = line.isEmpty ? nil : handler.respond(to: line)
+                let response = line.isEmpty ? nil : handler.respond(to: line, caller: caller)
                 pending.removeSubrange(...nl)
                 if let response, !send(fd, response) { return }
             }

@@ -1,9 +1,11 @@
 import CHostService
 import Logging
+import PVSchedBuildInfo
 import PVSchedControl
 import PVSchedCore
 import PVSchedHost
 import PVSchedLinux
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -14,8 +16,9 @@ public struct DaemonOptions: Sendable {
     public var socketPath = ControlProtocol.defaultSocketPath
     /// The lock that makes the daemon one per host.
     public var lockPath = "/run/pvsched/pvsched.lock"
-    /// A group whose members may use the control socket (besides root).
-    public var adminGroup: String?
+    /// A group whose members may call the read-only methods and boost their own
+    /// threads (see `ControlCaller.Role.reader`); everything else is root's.
+    public var readGroup: String?
     /// "HOST:PORT" of the Prometheus endpoint (off when nil).
     public var metrics: String?
     /// argv to start the boost guardian with (nil runs without one).
@@ -39,6 +42,9 @@ public final class Daemon {
     public let metrics: MetricsServer?
     public let guardian: BoostGuardian?
     private let handler: ControlHandler
+    /// The handler, for the metrics (made before it).
+    private let handlerBox = HandlerBox()
+    private final class HandlerBox: Sendable { let handler = Mutex<ControlHandler?>(nil) }
     private let lockFD: Int32
     private let logger: Logger
 
@@ -46,6 +52,9 @@ public final class Daemon {
     /// (`Daemon.blockStopSignals()`) before any thread was created.
     public init(options: DaemonOptions, logger: Logger) throws {
         self.logger = logger
+        // A write to a closed pipe or socket (a guardian or a client gone) is an
+        // error to handle, never the daemon's death.
+        pvs_ignore_sigpipe()
         if let slash = options.lockPath.lastIndex(of: "/"), slash != options.lockPath.startIndex {
             _ = pvs_mkdir(String(options.lockPath[..<slash]), 0o755)
         }
@@ -57,14 +66,14 @@ public final class Daemon {
             throw DaemonError(message: "cannot lock \(options.lockPath): \(String(cString: strerror(-lock)))")
         }
         lockFD = lock
-        var adminGID: UInt32?
-        if let group = options.adminGroup {
+        var readGID: UInt32?
+        if let group = options.readGroup {
             var gid: UInt32 = 0
             guard pvs_group_id(group, &gid) == 0 else {
                 pvs_close(lock)
-                throw DaemonError(message: "--admin-group: no group named '\(group)'")
+                throw DaemonError(message: "--read-group: no group named '\(group)'")
             }
-            adminGID = gid
+            readGID = gid
         }
         var guardian: BoostGuardian?
         if let cmd = options.guardianCommand, let exe = cmd.first {
@@ -85,7 +94,12 @@ public final class Daemon {
                 throw DaemonError(message: "--metrics: expected HOST:PORT, got '\(m)'")
             }
             do {
-                metricsServer = try MetricsServer(host: h, port: port, exporter: MetricsExporter(host: host))
+                var facts = DaemonFacts()
+                facts.version = PVSchedVersion.version
+                facts.revision = PVSchedVersion.revision
+                facts.guardian = { [guardian] in guardian.map { g in let st = g.status; return (st.state == .up, st.restarts) } }
+                facts.kernelEventsDropped = { [handlerBox] in handlerBox.handler.withLock { $0?.kernelEventsDropped } }
+                metricsServer = try MetricsServer(host: h, port: port, exporter: MetricsExporter(host: host, facts: facts))
             } catch {
                 guardian?.close()
                 pvs_close(lock)
@@ -93,9 +107,17 @@ public final class Daemon {
             }
         }
         metrics = metricsServer
-        handler = ControlHandler(host: host, metricsAddress: metricsServer?.boundAddress, logger: logger)
         do {
-            server = try ControlServer(path: options.socketPath, access: ControlAccess(adminGroup: adminGID),
+            handler = try ControlHandler(host: host, metricsAddress: metricsServer?.boundAddress, logger: logger)
+            handlerBox.handler.withLock { [handler] in $0 = handler }
+        } catch {
+            metricsServer?.stop()
+            guardian?.close()
+            pvs_close(lock)
+            throw DaemonError(message: "\(error)")
+        }
+        do {
+            server = try ControlServer(path: options.socketPath, access: ControlAccess(readGroup: readGID),
                                        handler: handler, logger: logger)
         } catch {
             metricsServer?.stop()
@@ -111,8 +133,11 @@ public final class Daemon {
 
     /// Serves until a stop signal arrives, then shuts down cleanly. Returns the signal.
     @discardableResult
-    public func run() -> Int32 {
-        server.start()
+    public func run() throws -> Int32 {
+        do { try server.start() } catch {
+            shutdown()
+            throw DaemonError(message: "\(error)")
+        }
         logger.info("pvsched daemon ready", metadata: [
             "socket": "\(server.path)", "metrics": "\(metrics?.boundAddress ?? "off")",
             "guardian": "\(guardian.map { "pid \($0.pid)" } ?? "off")", "pid": "\(getpid())"])

@@ -1,22 +1,38 @@
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import Synchronization
 
 /// The opt-in Prometheus endpoint (`pvsched daemon --metrics HOST:PORT`):
-/// `GET /metrics` on a SwiftNIO HTTP/1.1 server with one event-loop thread.
+/// `GET /metrics` on a SwiftNIO HTTP/1.1 server with one event-loop thread. It is
+/// reachable by anyone who can reach the address, so it holds at most
+/// `maxConnections` connections and closes one that stays silent for `idleTimeout`:
+/// a client that opens connections and sends nothing cannot exhaust the daemon.
 public final class MetricsServer: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let channel: any Channel
     /// The address actually bound (the port is known even when 0 was asked).
     public let boundAddress: String
+    public static let maxConnections = 32
+    public static let idleTimeout = TimeAmount.seconds(10)
 
     public init(host: String, port: Int, exporter: MetricsExporter) throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let open = ConnectionCount()
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
-                channel.pipeline.configureHTTPServerPipeline().flatMap {
+                guard open.value.add(1, ordering: .relaxed).newValue <= Self.maxConnections else {
+                    open.value.subtract(1, ordering: .relaxed)
+                    return channel.close()
+                }
+                channel.closeFuture.whenComplete { _ in open.value.subtract(1, ordering: .relaxed) }
+                return channel.pipeline.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout)).flatMap {
+                    channel.pipeline.addHandler(CloseWhenIdle())
+                }.flatMap {
+                    channel.pipeline.configureHTTPServerPipeline()
+                }.flatMap {
                     channel.pipeline.addHandler(MetricsHTTPHandler(exporter: exporter))
                 }
             }
@@ -43,6 +59,17 @@ public final class MetricsServer: Sendable {
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         guard !host.isEmpty, let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
         return (host, port)
+    }
+}
+
+/// The endpoint's open connections.
+final class ConnectionCount: Sendable { let value = Atomic<Int>(0) }
+
+/// Closes a connection that sent nothing for the idle timeout.
+final class CloseWhenIdle: ChannelInboundHandler, Sendable {
+    typealias InboundIn = NIOAny
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
     }
 }
 

@@ -16,9 +16,9 @@ final class OperatorBoosts: Sendable {
     private let running = Atomic(true)
     private let expiry = Mutex<PVSchedCore.Thread?>(nil)
 
-    init(actuator: any Actuator) {
+    init(actuator: any Actuator) throws(ThreadError) {
         self.actuator = actuator
-        let t = PVSchedCore.Thread { [self] in
+        let t = try PVSchedCore.Thread(name: "pvs-op-boosts") { [self] in
             while running.load(ordering: .relaxed) {
                 expire(now: MonotonicClock.nowNs())
                 usleep(5_000)

@@ -52,6 +52,12 @@ final class VMAttacher: Sendable {
         if case .success(let k)? = source.withLock({ $0 }) { k.close() }
     }
 
+    /// Records the kernel event source dropped, if it was opened (never opens it).
+    var kernelEventsDropped: UInt64? {
+        if case .success(let k)? = source.withLock({ $0 }) { return k.dropped }
+        return nil
+    }
+
     /// Carries out `vm.attach`.
     ///
     /// The VMM and its vCPU threads come from one of: `qmp` (QEMU: the socket's peer
@@ -153,9 +159,9 @@ final class VMAttacher: Sendable {
                 guard let areaOffset, let areaSize else {
                     throw SharedMemoryError(field: "areaOffset", "areaOffset and areaSize are needed with memory")
                 }
-                region = try SharedMemoryFile(path: memory, offset: Int(areaOffset), length: Int(areaSize))
+                region = try SharedMemoryFile(path: memory, offset: Int(areaOffset), length: Int(areaSize), vmm: pid)
             } else if let shm {
-                region = try SharedMemoryFile(path: shm)
+                region = try SharedMemoryFile(path: shm, vmm: pid)
             }
         } catch {
             throw ControlError(.invalidParams, field: "params.\(shm != nil && error.field == "memory" ? "shm" : error.field)", error.message)
@@ -190,8 +196,14 @@ final class VMAttacher: Sendable {
         } else if let region, let binding = session.binding {
             var settings = GuestAreaWatcher.Settings()
             if let pollUs { settings.busyPollNs = UInt64(pollUs) * 1000; settings.idlePollNs = max(settings.idlePollNs, settings.busyPollNs) }
-            let w = GuestAreaWatcher(region: region, link: session.link, binding: binding, settings: settings,
+            let w: GuestAreaWatcher
+            do {
+                w = try GuestAreaWatcher(region: region, link: session.link, binding: binding, settings: settings,
                                      priority: host.canUseRealTime ? 90 : nil, threads: host.threads, logger: logger)
+            } catch {
+                session.stop()
+                throw ControlError(.failed, "\(error)")
+            }
             // The guest may already have written its header: give the watcher a moment to say.
             for _ in 0..<50 { if w.phase != .waiting { break }; usleep(2000) }
             negotiation = "\(w.phase)"
@@ -237,7 +249,23 @@ final class VMAttacher: Sendable {
                 }
             }
         }
-        let processWatch = ProcessWatcher(pid: pid, tick: refresh) { [weak session] in session?.ended("process \(pid) exited") }
+        // Every second: a region truncated under us disables the VM (the watcher
+        // notices for ivshmem regions; this covers exported memory), then the refresh.
+        let memoryRegion = memory != nil ? region : nil
+        let tick: @Sendable () -> Void = { [weak session, refresh] in
+            if let memoryRegion, memoryRegion.faulted, let b = session?.binding, b.disabledReason == nil {
+                b.disable(.regionLost("the memory file \(memoryRegion.path) was truncated under the host"))
+            }
+            refresh?()
+        }
+        let processWatch: ProcessWatcher
+        do {
+            processWatch = try ProcessWatcher(pid: pid, tick: tick) { [weak session] in session?.ended("process \(pid) exited") }
+        } catch {
+            watcher?.stop()
+            session.stop()
+            throw ControlError(.failed, "\(error)")
+        }
         let keepMapped = region  // the mapping lives until the VM is detached
         detachHook.set { [watcher, kernel] in
             processWatch.stop()
@@ -284,9 +312,11 @@ final class ProcessWatcher: Sendable {
     private let running = Atomic(true)
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
 
-    init(pid: Int32, tick: (@Sendable () -> Void)? = nil, onExit: @escaping @Sendable () -> Void) {
+    init(pid: Int32, tick: (@Sendable () -> Void)? = nil, onExit: @escaping @Sendable () -> Void) throws(ThreadError) {
         let fd = pvs_pidfd_open(pid)
-        let t = PVSchedCore.Thread { [self] in
+        let t: PVSchedCore.Thread
+        do throws(ThreadError) {
+        t = try PVSchedCore.Thread(name: "pvs-procwatch") { [self] in
             defer { if fd >= 0 { pvs_close(fd) } }
             var polls = 0
             while running.load(ordering: .relaxed) {
@@ -302,6 +332,10 @@ final class ProcessWatcher: Sendable {
                     return
                 }
             }
+        }
+        } catch {
+            if fd >= 0 { pvs_close(fd) }
+            throw error
         }
         thread.withLock { $0 = t }
     }

@@ -29,9 +29,9 @@ public enum ControlBench {
             var quiet = Logger(label: "pvsched.bench")
             quiet.logLevel = .warning
             host = try PVSchedHost(actuator: RecordingActuator(), logger: quiet)
-            handler = ControlHandler(host: host)
+            handler = try ControlHandler(host: host)
             server = try ControlServer(path: path, access: ControlAccess(), handler: handler)
-            server.start()
+            try server.start()
             session = try host.attach(name: "bench", vcpus: 1, summary: "benchmark", driver: "latency-boost",
                                       governor: .unlimited)
             session.events.setThread(ThreadID(1_000_000), vcpu: 0)
@@ -56,14 +56,14 @@ public enum ControlBench {
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return [] }
         let echoFD = fds[1]
-        let echo = PVSchedCore.Thread {
+        guard let echo = try? PVSchedCore.Thread(body: {
             var buf = [UInt8](repeating: 0, count: 4096)
             while true {
                 let n = buf.withUnsafeMutableBytes { pvs_recv(echoFD, $0.baseAddress, $0.count) }
                 if n <= 0 { return }
                 _ = buf.withUnsafeBytes { pvs_send_all(echoFD, $0.baseAddress, n) }
             }
-        }
+        }) else { return [] }
         var bare: [Double] = []
         var reply = [UInt8](repeating: 0, count: 4096)
         for i in 0..<samples + 200 {
@@ -108,9 +108,9 @@ public enum ControlBench {
         let events: [VCPUEvent] = [.interruptInjection(vector: 48), .vmEntry, .vmExit(.halt), .halt]
         let n = 200_000
         let sink = setup.session.events
-        func run() -> Double {
+        func run() throws -> Double {
             let result = Atomic<UInt64>(0)
-            let t = PVSchedCore.Thread {
+            let t = try PVSchedCore.Thread {
                 try? control.setAffinity(control.currentThread(), mask: 1)
                 try? control.setCurrentThread(.fifo(priority: 50))
                 let t0 = threadCPUNs()
@@ -121,28 +121,28 @@ public enum ControlBench {
             return Double(result.load(ordering: .relaxed)) / Double(n)
         }
         /// One round with 4 clients calling `method` in a loop (nil: no clients).
-        func round(_ method: String?) -> Double {
-            guard let method else { return run() }
+        func round(_ method: String?) throws -> Double {
+            guard let method else { return try run() }
             let stop = Atomic(false)
             let path = setup.path
             let params: [String: JSON] = method == "vm.stats" ? ["vm": "bench"] : [:]
-            let clients = (0..<4).map { _ in
-                PVSchedCore.Thread {
+            let clients = try (0..<4).map { _ in
+                try PVSchedCore.Thread {
                     guard let c = try? ControlClient(path: path) else { return }
                     while !stop.load(ordering: .relaxed) { _ = try? c.call(method, params) }
                 }
             }
             usleep(20_000)
-            let t = run()
+            let t = try run()
             stop.store(true, ordering: .relaxed)
             for c in clients { c.join() }
             return t
         }
         var idle: [Double] = [], unrelated: [Double] = [], loaded: [Double] = []
         for _ in 0..<rounds {
-            idle.append(round(nil))
-            unrelated.append(round("daemon.info"))
-            loaded.append(round("vm.stats"))
+            idle.append(try round(nil))
+            unrelated.append(try round("daemon.info"))
+            loaded.append(try round("vm.stats"))
         }
         return [
             BenchResult(name: "decision path, 4 clients reading its VM", baseline: "decision path, socket idle",

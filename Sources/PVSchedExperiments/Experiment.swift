@@ -251,15 +251,15 @@ public struct ExperimentRunner {
             c.vcpuAffinity = [scenario.cpuMask(vcpu: 0)]
             noisy = try host.makeVM(config: c, pvsched: false)
         }
-        let load = contended ? scenario.cpus.map { HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
-        let probes = scenario.cpus.map {
-            HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
+        let load = contended ? try scenario.cpus.map { try HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
+        let probes = try scenario.cpus.map {
+            try HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
         }
-        noisy?.start()
+        try noisy?.start()
         let started = MonotonicClock.nowNs()
         if let kernelDriven, let managed {
             try kernelDriven.start(driver: managed.driver, governor: managed.governor, boost: managed.boost)
-        } else { vm.start() }
+        } else { try vm.start() }
         let binding = kernelDriven?.binding ?? vm.binding
         let limit = scenario.durationNs + 20_000_000_000
         var outcome: VMOutcome? = nil

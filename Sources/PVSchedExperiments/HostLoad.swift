@@ -15,12 +15,12 @@ final class HostContention: @unchecked Sendable {
     private var threads: [PVSchedCore.Thread] = []
     private var startedAt: UInt64 = 0
 
-    init(threads count: Int, cpuMask: UInt64) {
+    init(threads count: Int, cpuMask: UInt64) throws {
         work = (0..<count).map { _ in ManagedAtomic(0) }
         startedAt = MonotonicClock.nowNs()
         for counter in work {
             let stop = self.stop
-            threads.append(PVSchedCore.Thread(name: "host-busy") {
+            threads.append(try PVSchedCore.Thread(name: "host-busy") {
                 try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: cpuMask)
                 var x: UInt64 = 1
                 while !stop.load(ordering: .relaxed) {
@@ -52,8 +52,8 @@ final class HostLatencyProbe: @unchecked Sendable {
     // nonisolated(unsafe): written by the probe thread only, read after finish() joined it.
     nonisolated(unsafe) private var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
 
-    init(cpuMask: UInt64, intervalNs: UInt64, priority: UInt8?) {
-        thread = PVSchedCore.Thread(name: "host-probe") { [self] in
+    init(cpuMask: UInt64, intervalNs: UInt64, priority: UInt8?) throws {
+        thread = try PVSchedCore.Thread(name: "host-probe") { [self] in
             try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: cpuMask)
             if let priority { try? LinuxScheduling.setCurrentThread(.fifo(priority: priority)) }
             var next = timespec()

@@ -32,7 +32,7 @@ final class KernelDrivenVM {
     /// Starts the VM, then attaches it once its vCPU threads run and its guest has
     /// registered the area (events before that — the boot — are not seen).
     func start(driver: String, governor: GovernorConfig, boost: BoostSettings = BoostSettings(), timeoutNs: UInt64 = 10_000_000_000) throws {
-        vm.start()
+        try vm.start()
         let deadline = MonotonicClock.nowNs() + timeoutNs
         while MonotonicClock.nowNs() < deadline {
             let e = exported.export

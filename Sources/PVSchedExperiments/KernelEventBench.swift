@@ -60,7 +60,7 @@ public enum KernelEventBench {
         let timing = TimingSink(link.events)
         let vm = try VirtualMachine(config: c, host: VMHostLink(handle: link.handle, events: timing, registrar: link.registrar,
                                                                  onRelease: { link.release() }), threads: host.threads)
-        vm.start()
+        try vm.start()
         _ = vm.wait(timeoutNs: 30_000_000_000)
         let inProcess = timing.latencies.withLock { $0 }
         let inProcessCPU = Double(timing.cpuNs.load(ordering: .relaxed)) / Double(max(1, timing.events.load(ordering: .relaxed)))

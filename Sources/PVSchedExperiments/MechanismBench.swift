@@ -115,10 +115,10 @@ public enum MechanismBench {
         guard LinuxScheduling.canUseRealTime else { return nil }
         let stop = ManagedAtomic(false)
         let tidBox = ManagedAtomic<Int32>(0)
-        let t = PVSchedCore.Thread {
+        guard let t = try? PVSchedCore.Thread(body: {
             tidBox.store(LinuxScheduling.currentThread().rawValue, ordering: .releasing)
             while !stop.load(ordering: .relaxed) { usleep(1000) }
-        }
+        }) else { return nil }
         while tidBox.load(ordering: .acquiring) == 0 { usleep(100) }
         let tid = ThreadID(tidBox.load(ordering: .acquiring))
         let act = LinuxActuator()
@@ -143,7 +143,7 @@ public enum MechanismBench {
         c.boot.pvschedEnabled = driver != nil
         let host = try PVSchedHost(actuator: RecordingActuator())
         let vm = try host.makeVM(config: c, pvsched: driver != nil, driver: driver)
-        vm.start()
+        try vm.start()
         guard vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0), let r = try vm.readResults()?.vcpus.first,
               r.samples > 0 else {
             throw ResultsError(field: "samples", detail: "the exit loop did not report")

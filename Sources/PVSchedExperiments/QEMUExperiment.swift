@@ -48,7 +48,7 @@ extension ExperimentRunner {
             let region = try SharedMemoryFile(path: guest.shmPath)
             if let b = s.binding {
                 threads.install(in: b, boostMainLoop: true)
-                watcher = GuestAreaWatcher(region: region, link: s.link, binding: b, priority: 90, threads: host.threads, logger: logger)
+                watcher = try GuestAreaWatcher(region: region, link: s.link, binding: b, priority: 90, threads: host.threads, logger: logger)
             }
             session = s
         }
@@ -66,9 +66,9 @@ extension ExperimentRunner {
             progress?(mode, index, 0)
             usleep(100_000)
         }
-        let load = contended ? scenario.cpus.map { HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
-        let probes = scenario.cpus.map {
-            HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
+        let load = contended ? try scenario.cpus.map { try HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
+        let probes = try scenario.cpus.map {
+            try HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
         }
         let runStart = MonotonicClock.nowNs()
         let limit = runStart + UInt64(seconds + 120) * 1_000_000_000

@@ -51,7 +51,7 @@ public enum WatcherBench {
         defer { host.shutdown() }
         // The "vCPU": a thread of ours that sleeps.
         let tid = Atomic<Int32>(0), stop = Atomic(false)
-        let vcpu = PVSchedCore.Thread {
+        let vcpu = try PVSchedCore.Thread {
             tid.store(LinuxScheduling.currentThread().rawValue, ordering: .releasing)
             while !stop.load(ordering: .relaxed) { usleep(1000) }
         }
@@ -92,7 +92,7 @@ public enum WatcherBench {
         let direct = run(before: [.idle], direct: true)
         session.link.registrar.unregister()
         let settings = GuestAreaWatcher.Settings()
-        let watcher = GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
+        let watcher = try GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
                                        priority: host.canUseRealTime ? 90 : nil, threads: host.threads,
                                        logger: .init(label: "bench"))
         defer { watcher.stop() }

@@ -116,9 +116,12 @@ public final class PVSchedHost: Sendable {
             throw error
         }
         let session = OwnedVMSession(vm: vm, logger: logger)
+        do { try session.start() } catch {
+            releaseName(config.name)
+            throw error
+        }
         sessionTable.withLock { $0[vm.handle.id] = session }
         releaseName(config.name)
-        session.start()
         logger.info("VM started", metadata: ["vm": "\(vm.handle)", "vcpus": "\(config.vcpus)"])
         return session
     }
@@ -135,8 +138,14 @@ public final class PVSchedHost: Sendable {
         defer { releaseName(name) }
         let link = try self.link(name: name, vcpus: vcpus, driver: driver, governor: governor, boost: boost,
                                  trace: EventTrace(vcpus: vcpus, capacity: traceCapacity))
-        let session = AttachedVMSession(link: link, summary: summary, threads: threads,
-                                        enforcerPriority: canUseRealTime ? link.events.enforcerPriority ?? 90 : nil, onDetach: onDetach)
+        let session: AttachedVMSession
+        do {
+            session = try AttachedVMSession(link: link, summary: summary, threads: threads,
+                                            enforcerPriority: canUseRealTime ? link.events.enforcerPriority ?? 90 : nil, onDetach: onDetach)
+        } catch {
+            link.release()
+            throw error
+        }
         sessionTable.withLock { $0[link.handle.id] = session }
         logger.info("VM attached", metadata: ["vm": "\(link.handle)", "vcpus": "\(vcpus)", "what": "\(summary)"])
         return session

@@ -69,12 +69,18 @@ public final class OwnedVMSession: VMSession {
         return "built-in VMM, workload \(c.boot.workload), \(c.vcpus) vCPU\(c.vcpus == 1 ? "" : "s")"
     }
 
-    func start() {
-        vm.start()
-        let t = PVSchedCore.Thread { [self] in
+    func start() throws(ThreadError) {
+        try vm.start()
+        let t: PVSchedCore.Thread
+        do throws(ThreadError) {
+            t = try PVSchedCore.Thread(name: "pvs-vm-monitor") { [self] in
             let outcome = vm.wait(timeoutNs: .max)
             stateBox.withLock { s in if s == .running { s = .ended("\(outcome)") } }
-            logger.info("VM ended", metadata: ["vm": "\(vm.handle)", "outcome": "\(outcome)"])
+                logger.info("VM ended", metadata: ["vm": "\(vm.handle)", "outcome": "\(outcome)"])
+            }
+        } catch {
+            vm.stop()
+            throw error
         }
         monitor.withLock { $0 = t }
     }
@@ -106,11 +112,11 @@ public final class AttachedVMSession: VMSession {
     private let enforcer = Mutex<PVSchedCore.Thread?>(nil)
 
     init(link: VMHostLink, summary: String, threads: any ThreadControl, enforcerPriority: UInt8?,
-         onDetach: @escaping @Sendable () -> Void) {
+         onDetach: @escaping @Sendable () -> Void) throws(ThreadError) {
         self.link = link
         self.summary = summary
         self.onDetach = onDetach
-        let t = PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
+        let t = try PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
             if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
             events.runEnforcer { enforcing.load(ordering: .relaxed) }
         }

@@ -160,9 +160,9 @@ final class TimerDevice: PortDevice, @unchecked Sendable {
     }
 
     /// Starts the device thread; `raise` delivers its interrupts.
-    func start(raise: @escaping @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void, threads: any ThreadControl, priority: UInt8?) {
+    func start(raise: @escaping @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void, threads: any ThreadControl, priority: UInt8?) throws(ThreadError) {
         running.store(true, ordering: .relaxed)
-        thread = PVSchedCore.Thread(name: "pvs-timer") { [self] in
+        thread = try PVSchedCore.Thread(name: "pvs-timer") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             while running.load(ordering: .acquiring) {
                 let seen = generation.value
@@ -241,11 +241,11 @@ final class IRQResponseDevice: PortDevice, @unchecked Sendable {
     }
 
     /// Starts the device thread; `raise` delivers its interrupts.
-    func start(raise: @escaping @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void, threads: any ThreadControl, priority: UInt8?) {
+    func start(raise: @escaping @Sendable (_ vcpu: Int, _ vector: UInt8) -> Void, threads: any ThreadControl, priority: UInt8?) throws(ThreadError) {
         guard !targets.isEmpty else { return }
         running.store(true, ordering: .relaxed)
         let targets = self.targets, interval = self.intervalNs
-        thread = PVSchedCore.Thread(name: "pvs-irqdev") { [self] in
+        thread = try PVSchedCore.Thread(name: "pvs-irqdev") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             var rng: UInt64 = 0x2545_F491_4F6C_DD1D
             var next = MonotonicClock.nowNs() &+ interval

@@ -192,13 +192,21 @@ public final class VirtualMachine: @unchecked Sendable {
 
     // MARK: lifecycle
 
-    /// Starts every vCPU thread, the timer device and the budget enforcer.
-    public func start() {
+    /// Starts every vCPU thread, the timer device and the budget enforcer. When a
+    /// thread cannot be started, what did start is stopped again and the VM ends.
+    public func start() throws(ThreadError) {
+        do throws(ThreadError) { try startThreads() } catch {
+            stop()
+            throw error
+        }
+    }
+
+    private func startThreads() throws(ThreadError) {
         let raise: @Sendable (Int, UInt8) -> Void = { [weak self] vcpu, vector in self?.raiseInterrupt(vcpu: vcpu, vector: vector) }
-        timer.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
-        irqDevice.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
+        try timer.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
+        try irqDevice.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
         for ctx in vcpus {
-            threads.append(PVSchedCore.Thread(name: "vcpu\(ctx.index)") { [self] in runLoop(ctx) })
+            threads.append(try PVSchedCore.Thread(name: "vcpu\(ctx.index)") { [self] in runLoop(ctx) })
         }
         if let events {
             // The enforcer runs real-time when the device threads do: starved by the
@@ -208,7 +216,7 @@ public final class VirtualMachine: @unchecked Sendable {
             // preempt host real-time work for nothing; what preempts it now is host
             // real-time work the boosts yield to as well.
             let priority = config.deviceThreadPriority.map { events.enforcerPriority ?? $0 }
-            enforcer = PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
+            enforcer = try PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
                 if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
                 events.runEnforcer { !stopping.load(ordering: .relaxed) }
             }

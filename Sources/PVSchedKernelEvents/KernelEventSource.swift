@@ -102,11 +102,15 @@ public final class KernelEventSource: Sendable {
             KernelAttachPoint(section: String(cString: pvs_kev_program_section(raw, i)),
                               attached: pvs_kev_program_state(raw, i) == 2, error: String(cString: pvs_kev_program_error(raw, i)))
         }
-        let t = PVSchedCore.Thread { [self] in
-            if let consumerPriority, let threads { try? threads.setCurrentThread(.fifo(priority: consumerPriority)) }
-            consume()
+        do {
+            let t = try PVSchedCore.Thread(name: "pvs-kevents") { [self] in
+                if let consumerPriority, let threads { try? threads.setCurrentThread(.fifo(priority: consumerPriority)) }
+                consume()
+            }
+            consumer.withLock { $0 = t }
+        } catch {
+            throw KernelEventsUnavailable(reason: "\(error)")  // deinit closes the object
         }
-        consumer.withLock { $0 = t }
     }
 
     /// A one-line summary: which attach points work and which do not.

@@ -12,22 +12,43 @@ import Glibc
 /// sched_setattr(2), only when they differ from what is in force, and puts each
 /// thread back to the exact parameters it had before (read with sched_getattr(2)).
 ///
+/// Threads are held by identity (`ThreadIdentity`: a pidfd, or the start time),
+/// taken when a thread is adopted or first changed: a thread that exited is
+/// dropped (`.threadGone`) and its id, which the kernel may give to another
+/// thread, is never acted on again. Every change is reset on fork
+/// (`SCHED_FLAG_RESET_ON_FORK`); where the kernel's reset is not the thread's own
+/// parameters (a repayment's nice 19), the children born meanwhile are put right
+/// when the thread is restored.
+///
 /// Originals live in an async-signal-safe table, so the process restores every
-/// boosted thread on normal exit, on SIGINT/SIGTERM/SIGHUP/SIGQUIT and on fatal
+/// changed thread on normal exit, on SIGINT/SIGTERM/SIGHUP/SIGQUIT and on fatal
 /// signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) before dying. Threads of
 /// other processes are also announced to a `BoostGuardian` (when given) before
-/// their first boost, so that they are restored even if this process is killed.
+/// their first change, so that they are restored even if this process is killed;
+/// while that guardian takes no records, they are not changed (`.unguarded`).
 public final class LinuxActuator: Actuator {
-    private let current = Mutex([ThreadID: SchedulingParameters]())
     private let logger: Logger
     /// Restores other processes' threads if this process dies.
     public let guardian: BoostGuardian?
-    private struct Guarded { var process: Int32; var sent: (original: pvs_sched_attr, boosted: pvs_sched_attr)? }
-    /// Per thread: its process (nil for our own threads) and what the guardian last heard.
-    private let guardedThreads = Mutex([ThreadID: Guarded?]())
     private let cpuClock = ThreadCPUClock()
-    /// Each adopted thread's parameters when it was adopted: what restores return to.
-    private let baselines = Mutex([ThreadID: pvs_sched_attr]())
+    private let ownProcess = getpid()
+
+    /// What the actuator holds of one thread.
+    private struct Held {
+        var identity: ThreadIdentity
+        /// The parameters when adopted: what restores return to.
+        var baseline: pvs_sched_attr?
+        /// What pvsched applied (nil: the thread is at its original).
+        var applied: SchedulingParameters?
+        /// The original recorded for the change in force (the restore table holds it too).
+        var original: pvs_sched_attr?
+        /// Since when (boot clock ticks) the thread is changed, and what a child born
+        /// meanwhile inherited: put right at the restore when that is not the original.
+        var changedSince: UInt64 = 0
+        var inherited: Set<SchedulingParameters> = []
+        var foreign: Bool { identity.process != getpid() }
+    }
+    private let threads = Mutex([ThreadID: Held]())
 
     public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
@@ -35,57 +56,57 @@ public final class LinuxActuator: Actuator {
         pvs_install_restore_handlers()
     }
 
-    /// Announces a boost of another process's thread to the guardian (only when
-    /// the original or the boosted parameters differ from what it last heard).
-    private func announce(_ thread: ThreadID, original: pvs_sched_attr, boosted: pvs_sched_attr) {
-        guard let guardian else { return }
-        let send: Int32? = guardedThreads.withLock { g in
-            if g[thread] == nil { g[thread] = Self.foreignProcess(of: thread).map { Guarded(process: $0, sent: nil) } }
-            guard var entry = g[thread] ?? nil else { return nil }
-            if let sent = entry.sent, Self.same(sent.original, original), Self.same(sent.boosted, boosted) { return nil }
-            entry.sent = (original, boosted)
-            g[thread] = entry
-            return entry.process
-        }
-        if let process = send { guardian.guard_(thread: thread, process: process, original: original, boosted: boosted) }
-    }
-
-    private static func same(_ a: pvs_sched_attr, _ b: pvs_sched_attr) -> Bool {
-        a.sched_policy == b.sched_policy && a.sched_priority == b.sched_priority && a.sched_nice == b.sched_nice
-            && a.sched_flags == b.sched_flags && a.sched_runtime == b.sched_runtime
-    }
-
-    /// The process of `thread` if it is not this process (from /proc/TID/status).
-    static func foreignProcess(of thread: ThreadID) -> Int32? {
-        if access("/proc/self/task/\(thread.rawValue)", F_OK) == 0 { return nil }
-        guard let f = fopen("/proc/\(thread.rawValue)/status", "re") else { return nil }
-        defer { fclose(f) }
-        var line = [CChar](repeating: 0, count: 256)
-        while fgets(&line, Int32(line.count), f) != nil {
-            let text = String(cString: line)
-            if text.hasPrefix("Tgid:") {
-                return Int32(String(text.dropFirst(5).filter { $0.isNumber }))
+    /// The thread's entry, taking hold of it on first sight; throws `.threadGone`
+    /// (and forgets it) when the thread it stands for has exited. Under `threads`.
+    private func held(_ t: inout [ThreadID: Held], _ thread: ThreadID) throws(ActuatorError) -> Held {
+        if let h = t[thread] {
+            guard h.identity.isAlive else {
+                forgetLocked(&t, thread)
+                throw ActuatorError(thread: thread, operation: "check", errno: ESRCH, kind: .threadGone)
             }
+            return h
         }
-        return nil
+        guard let identity = ThreadIdentity.hold(thread.rawValue) else {
+            throw ActuatorError(thread: thread, operation: "pidfd_open", errno: ESRCH, kind: .threadGone)
+        }
+        return Held(identity: identity)
+    }
+
+    /// Drops everything about `thread` (it exited, or pvsched let it go). Under `threads`.
+    private func forgetLocked(_ t: inout [ThreadID: Held], _ thread: ThreadID) {
+        guard let h = t.removeValue(forKey: thread) else { return }
+        pvs_restore_table_forget(thread.rawValue)
+        h.identity.close()
+        if h.foreign { guardian?.forget(tid: thread.rawValue) }
     }
 
     public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {
-        var now = pvs_sched_attr()
-        let r = pvs_sched_getattr(thread.rawValue, &now)
-        guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
-        let params = LinuxScheduling.parameters(of: now)
-        if let params, params.isRealTime, !allowRealTime {
-            throw ActuatorError(thread: thread, operation: "adopt", errno: 0, kind: .realTimeAtAttach(current: params))
+        try threads.withLock { t throws(ActuatorError) in
+            var h = try held(&t, thread)
+            var now = pvs_sched_attr()
+            let r = pvs_sched_getattr(thread.rawValue, &now)
+            guard r == 0 else {
+                if t[thread] == nil { h.identity.close() }
+                throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r)
+            }
+            let params = LinuxScheduling.parameters(of: now)
+            if let params, params.isRealTime, !allowRealTime {
+                if t[thread] == nil { h.identity.close() }
+                throw ActuatorError(thread: thread, operation: "adopt", errno: 0, kind: .realTimeAtAttach(current: params))
+            }
+            // A thread already changed by pvsched keeps the baseline it was adopted with.
+            if h.applied == nil { h.baseline = LinuxScheduling.normalized(now) }
+            t[thread] = h
         }
-        baselines.withLock { $0[thread] = LinuxScheduling.normalized(now) }
     }
 
     public func release(_ thread: ThreadID) {
         try? restore(thread)
-        _ = baselines.withLock { $0.removeValue(forKey: thread) }
+        threads.withLock { forgetLocked(&$0, thread) }
         cpuClock.forget(thread)
     }
+
+    public func owningProcess(of thread: ThreadID) -> Int32? { threads.withLock { $0[thread]?.identity.process } }
 
     /// Reads `thread`'s parameters and checks that they are still the setting
     /// `expected` (policy, priority, nice); a difference means someone else changed the thread.
@@ -99,107 +120,153 @@ public final class LinuxActuator: Actuator {
         }
     }
 
-    /// A change decided under `current` and made after it: see `apply`.
+    /// A change decided under `threads` and made after it: see `apply`.
     private struct Change {
         var attr: pvs_sched_attr
         var original: pvs_sched_attr
         /// What pvsched had applied before (nil: the thread was at its original).
         var previous: SchedulingParameters?
         var placeFirst: Bool
+        /// For the guardian: the thread's process and start time (nil: our own thread).
+        var foreign: (process: Int32, startTime: UInt64)?
     }
 
-    // Both `apply` and `restore` decide under `current` and change the thread after
+    // Both `apply` and `restore` decide under `threads` and change the thread after
     // releasing it. The change may lower the calling thread's own priority (a vCPU
     // thread giving its boost back, or starting a repayment at nice 19), and Linux
     // preempts it right at the call's return: holding the lock then, it held up every
     // other thread's actuation until it ran again, and priority inheritance does not
     // help a fair-class waiter (another vCPU's thread). Changes of one thread never
-    // overlap: the binding makes them all under that vCPU's lock.
+    // overlap: the binding makes them all under that vCPU's lock. The guardian is
+    // told outside the lock too, and never blocks.
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
-        let baseline = baselines.withLock { $0[thread] }
-        let planned: Change? = try current.withLock { cur throws(ActuatorError) -> Change? in
-            if cur[thread] == parameters { return nil }
+        let planned: Change? = try threads.withLock { t throws(ActuatorError) -> Change? in
+            var h = try held(&t, thread)
+            defer { t[thread] = h }
+            if h.applied == parameters { return nil }
             // The thread must still be where pvsched left it: at its boost, or at its baseline.
-            if let mine = cur[thread] { try checkUnchanged(thread, expected: mine) }
-            else if let baseline { try checkUnchanged(thread, expected: LinuxScheduling.parameters(of: baseline)) }
-            var original = pvs_sched_attr()
-            if pvs_restore_table_lookup(thread.rawValue, &original) == 0 {
+            if let mine = h.applied { try checkUnchanged(thread, expected: mine) }
+            else if let baseline = h.baseline { try checkUnchanged(thread, expected: LinuxScheduling.parameters(of: baseline)) }
+            if h.original == nil {
                 // The baseline taken at adoption, exactly; else the parameters now.
-                if let baseline { original = baseline } else {
+                var original = pvs_sched_attr()
+                if let baseline = h.baseline { original = baseline } else {
                     let r = pvs_sched_getattr(thread.rawValue, &original)
                     guard r == 0 else { throw ActuatorError(thread: thread, operation: "sched_getattr", errno: -r) }
                     original = LinuxScheduling.normalized(original)
                 }
                 if LinuxScheduling.parameters(of: original) == LinuxScheduling.readBack(parameters) { return nil }
-                let rr = pvs_restore_table_remember(thread.rawValue, &original)
+                let rr = pvs_restore_table_remember(thread.rawValue, h.identity.pidfd, &original)
                 guard rr == 0 else { throw ActuatorError(thread: thread, operation: "remember original", errno: -rr) }
+                h.original = original
+                h.changedSince = LinuxScheduling.bootTicks()
+                h.inherited = []
             }
-            let attr = LinuxScheduling.attr(for: parameters)
-            announce(thread, original: original, boosted: attr)
-            // A fair-class boost starts with a clean slate: see `LinuxScheduling.placeAfresh`.
-            let change = Change(attr: attr, original: original, previous: cur[thread],
-                                placeFirst: cur[thread] == nil && parameters.isFairClass && LinuxScheduling.isWaiting(thread))
-            cur[thread] = parameters
+            let change = Change(attr: LinuxScheduling.attr(for: parameters), original: h.original!, previous: h.applied,
+                                // A fair-class boost starts with a clean slate: see `LinuxScheduling.placeAfresh`.
+                                placeFirst: h.applied == nil && parameters.isFairClass && LinuxScheduling.isWaiting(thread),
+                                foreign: h.foreign ? (h.identity.process, h.identity.startTime) : nil)
+            h.applied = parameters
+            h.inherited.insert(LinuxScheduling.inheritedByChild(parameters))
+            if change.placeFirst { h.inherited.insert(LinuxScheduling.inheritedByChild(LinuxScheduling.placementStep)) }
             return change
         }
         guard var change = planned else { return }
+        if let foreign = change.foreign, let guardian {
+            var told = true
+            if change.placeFirst {
+                told = guardian.announce(tid: thread.rawValue, tgid: foreign.process, startTime: foreign.startTime,
+                                         original: change.original, changed: LinuxScheduling.attr(for: LinuxScheduling.placementStep))
+            }
+            if told {
+                told = guardian.announce(tid: thread.rawValue, tgid: foreign.process, startTime: foreign.startTime,
+                                         original: change.original, changed: change.attr)
+            }
+            guard told else {
+                undoPlan(thread, change)
+                throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: 0, kind: .unguarded)
+            }
+        }
         if change.placeFirst { LinuxScheduling.placeAfresh(thread) }
         let r = pvs_sched_setattr(thread.rawValue, &change.attr)
         guard r == 0 else {
-            current.withLock { cur in cur[thread] = change.previous }
+            undoPlan(thread, change)
             if change.previous == nil {
                 // Not left half-way (at the placement step): back to the original.
                 change.original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
                 _ = pvs_sched_setattr(thread.rawValue, &change.original)
-                pvs_restore_table_forget(thread.rawValue)
             }
             throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
         }
     }
 
+    /// Takes back a planned change that was not made.
+    private func undoPlan(_ thread: ThreadID, _ change: Change) {
+        threads.withLock { t in
+            guard var h = t[thread] else { return }
+            h.applied = change.previous
+            if change.previous == nil {
+                h.original = nil
+                pvs_restore_table_forget(thread.rawValue)
+            }
+            t[thread] = h
+        }
+    }
+
     public func restore(_ thread: ThreadID) throws(ActuatorError) {
-        let planned: pvs_sched_attr? = try current.withLock { cur throws(ActuatorError) -> pvs_sched_attr? in
-            guard let mine = cur.removeValue(forKey: thread) else { return nil }
-            var original = pvs_sched_attr()
-            guard pvs_restore_table_lookup(thread.rawValue, &original) == 1 else { return nil }
+        struct Undo { var original: pvs_sched_attr; var since: UInt64; var inherited: Set<SchedulingParameters>; var process: Int32 }
+        let planned: Undo? = try threads.withLock { t throws(ActuatorError) -> Undo? in
+            guard var h = t[thread], let mine = h.applied else { return nil }
+            // A thread that exited needs no restoring, and its id may name another thread now.
+            guard h.identity.isAlive else { forgetLocked(&t, thread); return nil }
+            h.applied = nil
+            let undo = h.original.map { Undo(original: $0, since: h.changedSince, inherited: h.inherited, process: h.identity.process) }
+            h.original = nil
+            t[thread] = h
+            guard undo != nil else { return nil }
             // Changed by someone else while boosted: their setting stays.
             do throws(ActuatorError) {
                 try checkUnchanged(thread, expected: mine)
             } catch {
                 pvs_restore_table_forget(thread.rawValue)
-                if error.kind == .system && error.errno == Errno.noSuchProcess.rawValue { return nil }
+                if error.kind == .system && error.errno == ESRCH { return nil }
                 throw error
             }
-            return original
+            return undo
         }
-        guard var original = planned else { return }
-        original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
-        let r = pvs_sched_setattr(thread.rawValue, &original)
+        guard var undo = planned else { return }
+        undo.original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+        let r = pvs_sched_setattr(thread.rawValue, &undo.original)
         pvs_restore_table_forget(thread.rawValue)
         // A thread that already exited (ESRCH) needs no restoring.
-        guard r == 0 || r == -Errno.noSuchProcess.rawValue else {
+        guard r == 0 || r == -ESRCH else {
             throw ActuatorError(thread: thread, operation: "sched_setattr(original)", errno: -r)
         }
+        LinuxScheduling.fixChildren(of: thread.rawValue, process: undo.process, bornSince: undo.since,
+                                    inherited: undo.inherited, original: undo.original)
     }
 
     public func restoreAll() {
-        let threads = current.withLock { Array($0.keys) }
-        for t in threads {
+        let changed = threads.withLock { t in t.filter { $0.value.applied != nil }.map(\.key) }
+        for t in changed {
             do { try restore(t) } catch { logger.error("restore failed", metadata: ["error": "\(error)"]) }
         }
     }
 
-    public func applied(to thread: ThreadID) -> SchedulingParameters? { current.withLock { $0[thread] } }
+    public func applied(to thread: ThreadID) -> SchedulingParameters? { threads.withLock { $0[thread]?.applied } }
 
     /// The thread's CPU time, by the thread CPU clock (ours) or schedstat (other processes').
     public func cpuTimeNs(of thread: ThreadID) -> UInt64? { cpuClock.cpuTimeNs(of: thread) }
 
     /// The parameters `thread` had when it was adopted.
     public func baseline(of thread: ThreadID) -> SchedulingParameters? {
-        baselines.withLock { $0[thread] }.flatMap(LinuxScheduling.parameters(of:))
+        threads.withLock { $0[thread]?.baseline }.flatMap(LinuxScheduling.parameters(of:))
     }
 
-    deinit { restoreAll() }
+    deinit {
+        restoreAll()
+        threads.withLock { t in for k in Array(t.keys) { forgetLocked(&t, k) } }
+    }
 }
 
 /// Reading and converting Linux thread scheduling parameters.
@@ -239,7 +306,8 @@ public enum LinuxScheduling {
     /// (threads inherit their creator's slice, so reading a new thread is not enough).
     public static let defaultSliceNs: UInt64 = {
         let found = SliceCell()
-        let t = PVSchedCore.Thread {
+        // Without a thread to learn it on, no slice is told apart from the default.
+        guard let t = try? PVSchedCore.Thread(body: {
             let tid = pvs_gettid()
             var a = pvs_sched_attr()
             guard pvs_sched_getattr(tid, &a) == 0 else { return }
@@ -249,7 +317,7 @@ public enum LinuxScheduling {
                 guard pvs_sched_setattr(tid, &a) == 0, pvs_sched_getattr(tid, &a) == 0 else { return }
                 found.value.store(a.sched_runtime, ordering: .relaxed)
             }
-        }
+        }) else { return 0 }
         t.join()
         return found.value.load(ordering: .relaxed)
     }()
@@ -339,18 +407,104 @@ public enum LinuxScheduling {
             a.sched_policy = UInt32(PVS_SCHED_OTHER); a.sched_nice = Int32(n); a.sched_runtime = UInt64(us) * 1000
         case .batch(let n): a.sched_policy = UInt32(PVS_SCHED_BATCH); a.sched_nice = Int32(n)
         case .idle: a.sched_policy = UInt32(PVS_SCHED_IDLE)
-        case .fifo(let prio):
-            a.sched_policy = UInt32(PVS_SCHED_FIFO); a.sched_priority = UInt32(prio)
-            a.sched_flags = UInt64(PVS_SCHED_FLAG_RESET_ON_FORK)
-        case .rr(let prio):
-            a.sched_policy = UInt32(PVS_SCHED_RR); a.sched_priority = UInt32(prio)
-            a.sched_flags = UInt64(PVS_SCHED_FLAG_RESET_ON_FORK)
+        case .fifo(let prio): a.sched_policy = UInt32(PVS_SCHED_FIFO); a.sched_priority = UInt32(prio)
+        case .rr(let prio): a.sched_policy = UInt32(PVS_SCHED_RR); a.sched_priority = UInt32(prio)
         }
+        // Whatever pvsched sets is a loan to this thread, not to the children it forks.
+        a.sched_flags = UInt64(PVS_SCHED_FLAG_RESET_ON_FORK)
         return a
     }
 }
 
 extension LinuxScheduling {
+    /// Whether two attributes set the same parameters (policy, priority, nice, flags, slice).
+    static func same(_ a: pvs_sched_attr, _ b: pvs_sched_attr) -> Bool {
+        a.sched_policy == b.sched_policy && a.sched_priority == b.sched_priority && a.sched_nice == b.sched_nice
+            && a.sched_flags == b.sched_flags && a.sched_runtime == b.sched_runtime
+    }
+
+    /// Now on the clock of a thread's start time (/proc/TID/stat): clock ticks since boot.
+    static func bootTicks() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_BOOTTIME, &ts)
+        let hz = UInt64(max(sysconf(Int32(_SC_CLK_TCK)), 1))
+        return UInt64(ts.tv_sec) * hz + UInt64(ts.tv_nsec) * hz / 1_000_000_000
+    }
+
+    /// What a child forked by a thread at `p` (set by pvsched, so with
+    /// SCHED_FLAG_RESET_ON_FORK) starts with: the kernel puts a real-time policy back
+    /// to SCHED_OTHER nice 0, a negative nice to 0 and a slice to the default, but
+    /// keeps a positive nice (a repayment's 19) and SCHED_BATCH/IDLE.
+    static func inheritedByChild(_ p: SchedulingParameters) -> SchedulingParameters {
+        switch p {
+        case .fifo, .rr: return .other(nice: 0)
+        case .other(let n), .slice(let n, _): return .other(nice: max(n, 0))
+        case .batch(let n): return .batch(nice: max(n, 0))
+        case .idle: return .idle
+        }
+    }
+
+    /// Puts right the children `thread` (of `process`) forked since `bornSince` (boot
+    /// clock ticks) while pvsched had changed it: a child (every thread of it, and its
+    /// own children, a few generations down) still at one of `inherited` that is not
+    /// what it would have inherited from the thread at `original` is given that. Does
+    /// nothing (and reads nothing) when the kernel's reset on fork already gave the
+    /// children exactly that, the usual case (a boost of a nice 0 thread).
+    static func fixChildren(of thread: Int32, process: Int32, bornSince: UInt64,
+                            inherited: Set<SchedulingParameters>, original: pvs_sched_attr) {
+        var target = original
+        var expected = parameters(of: original)
+        if original.sched_flags & UInt64(PVS_SCHED_FLAG_RESET_ON_FORK) != 0 {
+            expected = expected.map(inheritedByChild)
+            if let e = expected { target = attr(for: e); target.sched_flags = 0 }
+        }
+        let wrong = inherited.filter { $0 != expected }
+        guard !wrong.isEmpty else { return }
+        target.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
+        var visited = 0
+        func children(of tid: Int32, in pid: Int32) -> [Int32] {
+            guard let text = readSmallFile("/proc/\(pid)/task/\(tid)/children") else { return [] }
+            return text.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { Int32($0) }
+        }
+        func fix(_ pid: Int32, depth: Int) {
+            visited += 1
+            guard depth <= 4, visited <= 4096 else { return }
+            var start: UInt64 = 0
+            guard pvs_thread_start_time(pid, &start) == 0, start + 1 >= bornSince else { return }
+            for tid in threadIDs(of: pid) {
+                var now = pvs_sched_attr()
+                if pvs_sched_getattr(tid, &now) == 0, let p = parameters(of: now), wrong.contains(p) {
+                    _ = pvs_sched_setattr(tid, &target)
+                }
+                for c in children(of: tid, in: pid) { fix(c, depth: depth + 1) }
+            }
+        }
+        for c in children(of: thread, in: process) { fix(c, depth: 1) }
+    }
+
+    /// The thread ids of process `pid` (/proc/PID/task).
+    static func threadIDs(of pid: Int32) -> [Int32] {
+        guard let dir = opendir("/proc/\(pid)/task") else { return [] }
+        defer { closedir(dir) }
+        var out: [Int32] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if let t = Int32(name) { out.append(t) }
+        }
+        return out
+    }
+
+    /// A small file's text (procfs), nil when it cannot be read.
+    static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n >= 0 else { return nil }
+        return String(decoding: buffer[..<n], as: UTF8.self)
+    }
+
     /// Sets the calling thread's parameters directly (for the VMM's own device
     /// threads, which die with the VM: nothing to restore).
     public static func setCurrentThread(_ parameters: SchedulingParameters) throws(Errno) {

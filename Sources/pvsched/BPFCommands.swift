@@ -70,8 +70,8 @@ struct BPFVerify: ParsableCommand {
         guard let data = FileManager.default.contents(atPath: object) else { throw ValidationError("cannot read \(object)") }
         let driver = try BPFDriver(elf: [UInt8](data))
         let p = driver.interpreter.program
-        print("\(object): driver '\(driver.name)' (\(driver.protocolName) \(driver.protocolVersion)), \(p.instructions.count) instructions, verified")
-        for m in p.maps { print("  map \(m.definition.name): \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries") }
+        print("\(object): driver '\(driver.name)' (\(driver.protocolName) \(driver.protocolVersion)), \(p.instructions.count) instructions, verified".escapedForDisplay)
+        for m in p.maps { print("  map \(m.definition.name): \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries".escapedForDisplay) }
     }
 }
 
@@ -83,9 +83,9 @@ struct BPFDump: ParsableCommand {
 
     func run() throws {
         let p = try loadProgram(program, section: section)
-        if let d = p.driver { print("driver '\(d.name)', protocol \(d.protocolMajor).\(d.protocolMinor), events 0x\(String(d.events, radix: 16))") }
+        if let d = p.driver { print("driver '\(d.name)', protocol \(d.protocolMajor).\(d.protocolMinor), events 0x\(String(d.events, radix: 16))".escapedForDisplay) }
         for (k, m) in p.maps.enumerated() {
-            print("map \(k) '\(m.definition.name)': \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries")
+            print("map \(k) '\(m.definition.name)': \(m.definition.kind), key \(m.definition.keySize) B, value \(m.definition.valueSize) B, \(m.definition.maxEntries) entries".escapedForDisplay)
         }
         let decoded = DecodedProgram(p)
         let mapNames = p.maps.map(\.definition.name)

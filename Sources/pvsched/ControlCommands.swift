@@ -37,7 +37,7 @@ struct DaemonUnavailable: Error, CustomStringConvertible {
 /// An error message and exit status, printed without a stack of context.
 enum CleanExit {
     static func message(_ text: String, code: Int32) -> ExitCode {
-        FileHandleOut.stderr(text)
+        FileHandleOut.stderr(text.escapedForDisplay)
         return ExitCode(code)
     }
 }
@@ -60,7 +60,7 @@ extension JSON {
         case .bool(let b): return b ? "yes" : "no"
         case .int(let i): return "\(i)"
         case .double(let d): return String(format: "%.3g", d)
-        case .string(let s): return s
+        case .string(let s): return s.escapedForDisplay
         case .array(let a): return a.isEmpty ? "-" : a.map(\.cell).joined(separator: ",")
         case .object: return "{...}"
         }

@@ -17,7 +17,9 @@ struct DaemonCommand: ParsableCommand {
 
     @Option(help: "Control socket path.") var socket = ControlProtocol.defaultSocketPath
     @Option(help: "Lock file that keeps the daemon one per host.") var lock = "/run/pvsched/pvsched.lock"
-    @Option(help: "A group whose members may use the control socket (default: root only).") var adminGroup: String?
+    @Option(help: "A group whose members may call the read-only verbs (list, stats, top, trace, drivers) and boost threads they own, below FIFO 50 for at most 10 s; everything else stays root's (default: root only).")
+    var readGroup: String?
+    @Option(help: .hidden) var adminGroup: String?
     @Option(help: "Serve Prometheus metrics at HOST:PORT (e.g. 127.0.0.1:9464).") var metrics: String?
     @Flag(help: "Run without the boost guardian process (boosts of other processes' threads are then not undone if the daemon is killed).")
     var noGuardian = false
@@ -36,15 +38,12 @@ struct DaemonCommand: ParsableCommand {
     func run() throws {
         Daemon.blockStopSignals()
         let level = Logger.Level(rawValue: logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        LoggingSystem.bootstrap { label in DaemonLogHandler(label: label, level: level) }
         var options = DaemonOptions()
         options.socketPath = socket
         options.lockPath = lock
-        options.adminGroup = adminGroup
+        if adminGroup != nil { FileHandleOut.stderr("pvsched daemon: --admin-group is now --read-group (read-only verbs and boosts of the caller's own threads)") }
+        options.readGroup = readGroup ?? adminGroup
         options.metrics = metrics
         options.guardianCommand = noGuardian ? nil : ["/proc/self/exe", "guardian"]
         let daemon: Daemon
@@ -52,7 +51,10 @@ struct DaemonCommand: ParsableCommand {
             FileHandleOut.stderr("pvsched daemon: \(error)")
             throw ExitCode(1)
         }
-        daemon.run()
+        do { try daemon.run() } catch {
+            FileHandleOut.stderr("pvsched daemon: \(error)")
+            throw ExitCode(1)
+        }
     }
 }
 

@@ -88,7 +88,7 @@ struct Run: ParsableCommand {
                                  trace: eventTrace)
         }
         let stats = vm.binding
-        vm.start()
+        try vm.start()
         let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))
         print("outcome: \(outcome)")
         print("exits per vCPU: \(vm.exitCounts), guest TSC \(vm.tscKHz) kHz")

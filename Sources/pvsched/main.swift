@@ -1,4 +1,5 @@
 import ArgumentParser
+import PVSchedBuildInfo
 import PVSchedControl
 import PVSchedCore
 import PVSchedDrivers
@@ -8,6 +9,7 @@ struct PVSched: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pvsched",
         abstract: "Cooperative (paravirtual) vCPU scheduling for KVM.",
+        version: PVSchedBuild.description,
         subcommands: [Demo.self, Bench.self, Run.self, DaemonCommand.self, VMCommand.self, Drivers.self, StatsCommand.self,
                       TopCommand.self, BPFCommand.self, BoostThread.self, GuardianCommand.self])
 }

@@ -30,7 +30,7 @@ final class WatchedVM {
         host = try PVSchedHost(actuator: actuator)
         session = try host.attach(name: "watched", vcpus: vcpus, summary: "test", driver: "latency-boost")
         for i in 0..<vcpus { session.events.setThread(ThreadID(Int32(1000 + i)), vcpu: i) }
-        watcher = GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
+        watcher = try GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
                                    priority: nil, threads: host.threads, logger: .init(label: "test"))
     }
 

@@ -94,7 +94,7 @@ struct SamplePolicyTests {
         let registry = host.registry
         try registry.register(bpf)
         let vm = try host.makeVM(config: config, driver: bpf.name, governor: .unlimited)
-        vm.start()
+        try vm.start()
         // Wait until the BPF driver has boosted (the guest boots slowly on a loaded machine)...
         let deadline = MonotonicClock.nowNs() + 10_000_000_000
         while bpf.maps[0].words(at: 1)[0] == 0 && MonotonicClock.nowNs() < deadline && vm.outcome == nil { usleep(1000) }

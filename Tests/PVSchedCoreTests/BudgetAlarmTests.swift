@@ -8,11 +8,11 @@ import Glibc
 /// The enforcer's alarm: it sleeps until the next budget check, and a need for an
 /// earlier check (a boost beginning) wakes it, a later one does not.
 @Suite struct BudgetAlarmTests {
-    @Test func itSleepsUntilTheNextCheckAndALaterNeedDoesNotWakeIt() {
+    @Test func itSleepsUntilTheNextCheckAndALaterNeedDoesNotWakeIt() throws {
         let alarm = BudgetAlarm()
         let start = MonotonicClock.nowNs()
         let woke = WokeBox()
-        let t = PVSchedCore.Thread { alarm.sleep { start + 40_000_000 }; woke.mark() }
+        let t = try PVSchedCore.Thread { alarm.sleep { start + 40_000_000 }; woke.mark() }
         usleep(5_000)
         alarm.need(checkAtNs: start + 10_000_000_000)
         t.join()
@@ -20,10 +20,10 @@ import Glibc
         #expect(alarm.wakeUps == 1)
     }
 
-    @Test func anEarlierNeedWakesItWellBeforeItsIdlePause() {
+    @Test func anEarlierNeedWakesItWellBeforeItsIdlePause() throws {
         let alarm = BudgetAlarm()
         let woke = WokeBox()
-        let t = PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
+        let t = try PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
         usleep(10_000)
         let needed = MonotonicClock.nowNs()
         alarm.need(checkAtNs: needed + 1_000_000)

@@ -169,14 +169,14 @@ import PVSchedTesting
 
     /// Trimming a running boost's budget can make its check due sooner: the governor
     /// tells the alarm, which wakes an enforcer that planned to sleep longer.
-    @Test func trimmingARunningBoostsBudgetWakesTheEnforcer() {
+    @Test func trimmingARunningBoostsBudgetWakesTheEnforcer() throws {
         let alarm = BudgetAlarm()
         let config = GovernorConfig(criticalBudgetNs: 5_000_000, generalBudgetNs: 5_000_000, throttleWindowNs: 0,
                                     shareWindowNs: .max, maxVMShare: 1)
         let g = Governor(config: config, vcpuCount: 1, alarm: alarm)
         #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)  // no enforcer asleep yet: nothing to wake
         let woke = WokeBox()
-        let enforcer = PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
+        let enforcer = try PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
         usleep(10_000)
         #expect(woke.at == 0)
         let trimmed = MonotonicClock.nowNs()

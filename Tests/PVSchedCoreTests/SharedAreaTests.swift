@@ -130,7 +130,7 @@ import PVSchedTesting
         let writer = buf.writer
         // The writer keeps deadline == clock + 1000 and priority == 1 + clock % 99; a torn read breaks that.
         let done = Atomic(false)
-        let t = Thread { 
+        let t = try Thread {
             var i: UInt64 = 1
             while !done.load(ordering: .relaxed) {
                 writer.update(vcpu: 0) { g in

@@ -134,7 +134,7 @@ import Testing
         }
         let alarm = try #require(b.budgetAlarm)
         let woke = WokeBox()
-        let enforcer = PVSchedCore.Thread { alarm.sleep { b.nextEnforcerWakeNs() }; woke.mark() }
+        let enforcer = try PVSchedCore.Thread { alarm.sleep { b.nextEnforcerWakeNs() }; woke.mark() }
         usleep(10_000)
         #expect(b.notify(.vmExit(.halt), vcpu: 0) == .unchanged)
         usleep(10_000)

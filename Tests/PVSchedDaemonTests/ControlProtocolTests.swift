@@ -8,7 +8,7 @@ import PVSchedTesting
 
 /// A host with the built-ins and a recording actuator, served by a handler.
 func makeHandler() throws -> ControlHandler {
-    ControlHandler(host: try PVSchedHost(actuator: RecordingActuator()))
+    try ControlHandler(host: try PVSchedHost(actuator: RecordingActuator()))
 }
 
 func request(_ method: String, _ params: [String: JSON] = [:], id: Int64 = 1) -> [UInt8] {

@@ -16,7 +16,7 @@ final class LocalDaemon {
         path = "/tmp/pvsched-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
         handler = try makeHandler()
         server = try ControlServer(path: path, access: ControlAccess(), handler: handler)
-        server.start()
+        try server.start()
     }
 
     deinit { server.stop(); handler.shutdown() }
@@ -121,7 +121,7 @@ struct Rng {
         var threads: [PVSchedCore.Thread] = []
         let path = d.path
         for k in 0..<16 {
-            threads.append(PVSchedCore.Thread {
+            threads.append(try PVSchedCore.Thread {
                 do {
                     let c = try ControlClient(path: path)
                     for _ in 0..<100 {

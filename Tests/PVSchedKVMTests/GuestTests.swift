@@ -23,8 +23,8 @@ func runGuest(_ perVCPU: [Workload], durationMs: UInt64 = 400, intervalUs: UInt6
     let samples = Mutex<[[GuestVCPUState]]>(Array(repeating: [], count: perVCPU.count))
     let stop = Atomic(false)
     let binding = vm.binding!
-    vm.start()
-    let sampler = PVSchedCore.Thread {
+    try vm.start()
+    let sampler = try PVSchedCore.Thread {
         while !stop.load(ordering: .relaxed) {
             if let area = binding.area {
                 for i in 0..<perVCPU.count {
@@ -99,7 +99,7 @@ struct GuestWorkloadTests {
         let act = RecordingActuator()
         let host = try PVSchedHost(actuator: act)
         let vm = try host.makeVM(config: config, driver: "latency-boost", governor: .default)
-        vm.start()
+        try vm.start()
         let started = MonotonicClock.nowNs()
         #expect(vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0))
         let ran = MonotonicClock.nowNs() - started

@@ -83,7 +83,7 @@ func bootGuest(vcpus: Int, arg: UInt32 = 0, workload: Workload = .selftest, driv
     if let driver { try registry.register(driver); try registry.setDefault(driver.name) }
     let vm = try host.makeVM(config: config, governor: governor)
     try setUp(vm, registry)
-    vm.start()
+    try vm.start()
     let outcome = vm.wait(timeoutNs: 30_000_000_000)
     return (vm, outcome, registry)
 }
@@ -198,7 +198,7 @@ struct VMBootTests {
         let swaps = Mutex(0)
         let (vm, outcome, registry) = try bootGuest(vcpus: 2, workload: .cyclic, actuator: act, durationMs: 600) { vm, registry in
             let id = vm.handle.id
-            _ = PVSchedCore.Thread {
+            _ = try PVSchedCore.Thread {
                 for k in 0..<40 {
                     _ = try? registry.assign(k % 2 == 0 ? "nop" : "latency-boost", to: id)
                     swaps.withLock { $0 += 1 }

@@ -14,9 +14,9 @@ final class ParkedThread: Sendable {
     }
     private let shared = Shared()
     let thread: PVSchedCore.Thread
-    init() {
+    init() throws {
         let shared = self.shared
-        thread = Thread {
+        thread = try Thread {
             shared.tid.store(pvs_gettid(), ordering: .releasing)
             while !shared.stop.load(ordering: .relaxed) { usleep(1000) }
         }
@@ -36,7 +36,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
 @Suite(.serialized) struct LinuxActuatorTests {
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func boostsARealThreadAndRestoresItsOriginalParameters() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let act = LinuxActuator()
         // Give the thread a non-default original so restoring is not a coincidence.
@@ -55,7 +55,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func anAdministratorsChangeWinsAndTheBaselineFromAttachIsRestored() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let act = LinuxActuator()
         #expect(t.set(.other(nice: 2)))
@@ -87,7 +87,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     /// and restored to no slice of its own (the default one, following the sysctl).
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func aSliceBoostSetsTheThreadsOwnSliceAndRestoreLeavesItWithTheDefault() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let base = LinuxScheduling.defaultSliceNs
         try #require(base > 0, "the kernel reports no default slice (before Linux 6.12)")
@@ -113,7 +113,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func aRealTimeThreadIsRefusedAtAttachUnlessAllowed() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         #expect(t.set(.fifo(priority: 3)))
         let act = LinuxActuator()
@@ -129,7 +129,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func restoreAllPutsEveryThreadBack() throws {
-        let a = ParkedThread(), b = ParkedThread()
+        let a = try ParkedThread(), b = try ParkedThread()
         defer { a.finish(); b.finish() }
         let act = LinuxActuator()
         try act.apply(.fifo(priority: 5), to: a.id)
@@ -141,7 +141,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
 
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func bindingBoostsTheVCPUThreadThroughLatencyBoostDecisions() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let r = DriverRegistry()
         try r.register(BoostOnInjection())
@@ -158,7 +158,7 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     /// but ends exactly at its parameters, and its restore leaves no trace of the step.
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func aFairBoostEndsAtItsParametersAfterThePlacementStep() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let act = LinuxActuator()
         #expect(t.set(.other(nice: 4)))
@@ -174,13 +174,13 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     }
 
     /// Only a waiting thread is placed afresh: the state comes from /proc/TID/stat.
-    @Test func aSleepingThreadIsWaitingAndASpinningOneIsNot() {
-        let parked = ParkedThread()
+    @Test func aSleepingThreadIsWaitingAndASpinningOneIsNot() throws {
+        let parked = try ParkedThread()
         defer { parked.finish() }
         // The parked thread wakes every millisecond: it is found waiting at least once.
         #expect((0..<100).contains { _ in LinuxScheduling.isWaiting(parked.id) })
         let stop = Atomic(false), tid = Atomic<Int32>(0)
-        let spinner = PVSchedCore.Thread {
+        let spinner = try PVSchedCore.Thread {
             tid.store(pvs_gettid(), ordering: .releasing)
             while !stop.load(ordering: .relaxed) {}
         }
@@ -196,14 +196,16 @@ let realTimeAvailable = LinuxScheduling.canUseRealTime
     /// found at FIFO 1 is an administrator's, and stays.
     @Test(.enabled(if: Requirement.realTime.shouldRun, "\(Requirement.realTime.reason)"))
     func theGuardianRestoresAThreadCaughtAtThePlacementStep() throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         let original = LinuxScheduling.attr(for: .other(nice: 3))
         for (boost, restored) in [(SchedulingParameters.slice(nice: -20, sliceUs: 100), true), (.fifo(priority: 10), false)] {
             #expect(t.set(LinuxScheduling.placementStep))
-            let record = BoostGuardian.Record(tid: t.id.rawValue, tgid: getpid(), original: original,
-                                              boosted: LinuxScheduling.attr(for: boost))
-            #expect(BoostGuardian.restoreIfStillBoosted(record) == restored)
+            var start: UInt64 = 0
+            #expect(pvs_thread_start_time(t.id.rawValue, &start) == 0)
+            let record = BoostGuardian.Record(kind: .thread, tid: t.id.rawValue, tgid: getpid(), startTime: start, original: original,
+                                              changed: [LinuxScheduling.attr(for: boost)])
+            #expect(BoostGuardian.restoreIfStillChanged(record, since: 0) == restored)
             #expect(try LinuxScheduling.parameters(of: t.id) == (restored ? .other(nice: 3) : LinuxScheduling.placementStep))
         }
         #expect(t.set(.other(nice: 3)))
@@ -243,7 +245,7 @@ let pvschedBinary: String? = {
           .enabled(if: pvschedBinary != nil, "the pvsched binary is not built (run `swift build` first)"),
           arguments: [SIGTERM, SIGINT])
     func aSignalledProcessRestoresTheThreadsItBoosted(signal: Int32) throws {
-        let t = ParkedThread()
+        let t = try ParkedThread()
         defer { t.finish() }
         var pid: pid_t = 0
         let args = [pvschedBinary!, "boost-thread", "\(t.id.rawValue)", "--priority", "7", "--seconds", "30"]

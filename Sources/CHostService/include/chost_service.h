@@ -56,6 +56,25 @@ int pvs_read_exact(int fd, void *buf, size_t len);
 int pvs_waitpid(int32_t pid, int nohang);
 /* Ignore SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGPIPE in this process. */
 void pvs_ignore_stop_signals(void);
+/* O_PATH (a descriptor that only names a file), which Swift's Glibc does not export. */
+enum { PVS_O_PATH = 010000000 };
+/* Opens path relative to dirfd (AT_FDCWD, or a directory) with no symbolic link
+ * anywhere on the way (openat2 RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, and
+ * RESOLVE_BENEATH when beneath is set: no "..", no absolute path out of dirfd);
+ * on kernels without openat2, component by component with O_NOFOLLOW. fd or -errno
+ * (-ELOOP for a symbolic link, -EXDEV for a path out of dirfd). */
+int pvs_open_no_symlinks(int dirfd, const char *path, int flags, int beneath);
+/* Make fd non-blocking; 0 or -errno. */
+int pvs_set_nonblocking(int fd);
+/* write() buf whole or not at all on a non-blocking pipe (len <= PIPE_BUF: atomic);
+ * 0, -EAGAIN when the pipe is full, -EPIPE when its reader is gone, or -errno. */
+int pvs_write_record(int fd, const void *buf, size_t len);
+/* Ignore SIGPIPE in this process: a write to a closed pipe or socket then fails
+ * with EPIPE instead of killing the process. */
+void pvs_ignore_sigpipe(void);
+/* The uid owning a process (the real uid, /proc/PID/status); 0 and *uid, or -errno. */
+int pvs_process_uid(int32_t pid, uint32_t *uid);
+
 /* close(fd). */
 void pvs_close(int fd);
 /* Set the calling process's name (prctl PR_SET_NAME). */

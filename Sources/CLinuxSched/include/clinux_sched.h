@@ -42,8 +42,11 @@ int pvs_get_affinity(pid_t tid, uint64_t *cpu_mask);
  * changed. Operations are lock-free and async-signal-safe (fixed array,
  * atomic slots), so a fatal-signal handler can walk it. */
 #define PVS_RESTORE_SLOTS 1024
-/* Record tid's original attributes if not yet recorded; 0, or -ENOSPC. */
-int pvs_restore_table_remember(pid_t tid, const struct pvs_sched_attr *original);
+/* Record tid's original attributes if not yet recorded; 0, or -ENOSPC. pidfd (or
+ * -1) holds the thread's identity: a thread that exited is never restored (its id
+ * may belong to another thread by then). The caller keeps pidfd open until it
+ * forgets the entry. */
+int pvs_restore_table_remember(pid_t tid, int pidfd, const struct pvs_sched_attr *original);
 /* Copy tid's original into *out; 1 if found, 0 if not. */
 int pvs_restore_table_lookup(pid_t tid, struct pvs_sched_attr *out);
 /* Forget tid's entry; 1 if it was present. */
@@ -53,6 +56,36 @@ int pvs_restore_table_forget(pid_t tid);
 int pvs_restore_table_restore_all(void);
 /* Number of recorded threads. */
 int pvs_restore_table_count(void);
+
+/* Thread identity: a thread is held by a pidfd (PIDFD_THREAD, Linux 6.9+; a
+ * process's main thread also on older kernels), never by its bare id, which the
+ * kernel hands to a new thread once the old one is gone. */
+/* pidfd_open(tid, PIDFD_THREAD) (or flags 0 for a thread-group leader when the
+ * kernel lacks PIDFD_THREAD); fd or -errno. */
+int pvs_thread_pidfd(pid_t tid);
+/* 1 if the thread (or process) behind pidfd has exited, 0 if it still runs, -errno. */
+int pvs_pidfd_exited(int pidfd);
+/* The thread's start time (/proc/TID/stat field 22, clock ticks since boot); 0 or -errno. */
+int pvs_thread_start_time(pid_t tid, uint64_t *ticks);
+/* The process (thread group) of tid (/proc/TID/status Tgid); >0 or -errno. */
+int pvs_thread_tgid(pid_t tid);
+
+/* Memory another process can truncate (a file under /dev/shm that a VMM maps):
+ * a read past the file's end raises SIGBUS. A region registered here is
+ * recovered instead: the SIGBUS handler maps zero-filled anonymous memory over
+ * the whole region, marks it faulted and returns, so the faulting read sees
+ * zeros; the owner checks `pvs_region_guard_faulted` and stops using it.
+ * Faults elsewhere keep their fatal path (restore, then die). The table holds
+ * PVS_REGION_SLOTS regions; every operation is lock-free. */
+#define PVS_REGION_SLOTS 4096
+/* Registers [base, base+len) (page-aligned base); 0, or -ENOSPC. Installs the handlers. */
+int pvs_region_guard_add(void *base, size_t len);
+/* Forgets the region that starts at base (before munmap). */
+void pvs_region_guard_remove(void *base);
+/* 1 if the region at base faulted (and now holds zeros), else 0. */
+int pvs_region_guard_faulted(void *base);
+/* Number of faults recovered since the process started (for tests and metrics). */
+long pvs_region_guard_fault_count(void);
 
 /* Install handlers for SIGINT, SIGTERM, SIGHUP, SIGQUIT and the fatal
  * synchronous signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) that restore
