@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "PVSchedControl", targets: ["PVSchedControl"]),
         .library(name: "PVSchedABI", targets: ["PVSchedABI"]),
         .library(name: "PVSchedAttach", targets: ["PVSchedAttach"]),
+        .library(name: "PVSchedHost", targets: ["PVSchedHost"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -107,8 +108,12 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary.
-        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI", .product(name: "Atomics", package: "swift-atomics")]),
+        // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary,
+        // the stand-in guest; `pvsched-standin` runs a stand-in VMM process for tests and the lab.
+        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI", "CLinuxSched", .product(name: "Atomics", package: "swift-atomics")]),
+        .executableTarget(name: "pvsched-standin", dependencies: [
+            "PVSchedTesting", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
             "PVSchedExperiments", "PVSchedAttach", "PVSchedABI",

@@ -23,6 +23,10 @@ let package = Package(
         .executableTarget(name: "FuzzGuestOutput", dependencies: [
             .product(name: "PVSchedAttach", package: "pvsched"), .product(name: "PVSchedControl", package: "pvsched"),
         ], swiftSettings: fuzzFlags),
+        .executableTarget(name: "FuzzRegionWatch", dependencies: [
+            .product(name: "PVSchedAttach", package: "pvsched"), .product(name: "PVSchedHost", package: "pvsched"),
+            .product(name: "PVSchedCore", package: "pvsched"), .product(name: "PVSchedABI", package: "pvsched"),
+        ], swiftSettings: fuzzFlags),
         .executableTarget(name: "FuzzControlRequest", dependencies: [
             .product(name: "PVSchedControl", package: "pvsched"), .product(name: "PVSchedCore", package: "pvsched"),
         ], swiftSettings: fuzzFlags),

@@ -37,7 +37,18 @@ swift build
 bash scripts/build-linux-guest.sh || echo "Linux test guest not built: the QEMU tests will skip (or fail under PVSCHED_REQUIRE_QEMU=1)" >&2
 # Serially: many tests run real VMs, real-time threads and a daemon on a 2-core machine, and
 # several of them time what they see; run side by side they starve each other.
+# Every file a test makes (regions in /dev/shm, sockets and exports in /tmp) is
+# removed by the test: whatever is left afterwards fails the run.
+leftovers() { ls -d /dev/shm/pvsched* /dev/shm/pvs-* /tmp/pvsched-* 2>/dev/null | sort || true; }
+before=$(leftovers)
 swift test --no-parallel
+after=$(leftovers)
+left=$(comm -13 <(echo "$before") <(echo "$after") | grep -v '^$' || true)
+if [ -n "$left" ]; then
+    echo "tests left files behind:" >&2
+    echo "$left" >&2
+    exit 1
+fi
 # The libFuzzer targets (ELF loader, verifier + interpreter, shared area, control
 # requests), each for a bounded time from the corpus in Fuzz/Corpus.
 # PVSCHED_FUZZ_SECONDS=0 skips them.

@@ -14,7 +14,9 @@
  * The layout, the flag bits, the protocol name and version all come from
  * pvsched_abi.h, the one ABI header the host and every guest include.
  */
+#include <linux/cpu.h>
 #include <linux/cpumask.h>
+#include <linux/delay.h>
 #include <linux/hrtimer.h>
 #include <linux/io.h>
 #include <linux/kobject.h>
@@ -28,6 +30,8 @@
 #include <linux/sysfs.h>
 #include <linux/timekeeping.h>
 #include <linux/tracepoint.h>
+#include <linux/workqueue.h>
+#include <asm/processor.h>
 
 #include "pvsched_abi.h"
 
@@ -75,6 +79,8 @@ static struct {
 	bool live;                 /* the probes may publish */
 	void *hrtimer_wakeup_fn;   /* the function of a hrtimer_sleeper: RT sleeps */
 	u32 generation;
+	struct work_struct hook_work; /* hooks the tracepoints after the probe */
+	bool hooked;
 } pvs;
 
 static struct pvsched_vcpu_area *pvs_area(unsigned int cpu)
@@ -304,6 +310,12 @@ static void pvs_unhook(void)
 	tracepoint_synchronize_unregister();
 }
 
+static int pvs_unhook_dev(struct device *dev)
+{
+	pvs_unhook();
+	return 0;
+}
+
 static int pvs_hook(struct device *dev)
 {
 	size_t i;
@@ -336,6 +348,81 @@ fail:
 	for (i = 0; i < ARRAY_SIZE(pvs_hooks); i++)
 		pvs_hooks[i].tp = NULL;
 	return err;
+}
+
+/* --- kernel text patching under QEMU's TCG ------------------------------------
+ *
+ * Hooking and unhooking a tracepoint patches kernel text (its static key's jump
+ * and static call sites, int3 first: text_poke_bp). QEMU 7.2's multi-threaded TCG
+ * can keep running a stale translation of such a site on another vCPU: that CPU
+ * then takes the int3 over and over in a section with interrupts off, the
+ * patching CPU waits for it forever, and the guest wedges (soft lockups, RCU
+ * stalls: "timer wakeup didn't happen"). Measured with this module alone, no host
+ * side at all: a wedge within 3-25 unload/load cycles under thread=multi, none in
+ * 50 under thread=single, none in 50 with the other CPUs offline while patching.
+ * So under TCG (CPUID's hypervisor leaf says "TCGTCGTCGTCG") the module patches
+ * with the other CPUs offline and brings them back after; on KVM and real hardware
+ * text_poke_bp is sound and nothing changes. Knob: tcg_quiesce (default 1). */
+static bool tcg_quiesce = true;
+module_param(tcg_quiesce, bool, 0644);
+MODULE_PARM_DESC(tcg_quiesce, "under QEMU's TCG, take the other CPUs offline while hooking or unhooking (default 1)");
+
+static bool pvs_under_tcg(void)
+{
+	unsigned int eax, ebx, ecx, edx;
+
+	if (!boot_cpu_has(X86_FEATURE_HYPERVISOR))
+		return false;
+	cpuid(0x40000000, &eax, &ebx, &ecx, &edx);
+	return ebx == 0x54474354 && ecx == 0x43544743 && edx == 0x47435447;  /* "TCGTCGTCGTCG" */
+}
+
+/* Runs fn(dev) with every CPU but the boot CPU offline, on the boot CPU (which
+ * x86 cannot take offline), when under TCG; directly otherwise. */
+struct pvs_patch_call {
+	int (*fn)(struct device *dev);
+	struct device *dev;
+};
+
+static long pvs_patch_alone(void *arg)
+{
+	struct pvs_patch_call *call = arg;
+	unsigned int cpu, self = raw_smp_processor_id();
+	cpumask_var_t offlined;
+	long ret;
+
+	int tries;
+
+	if (!zalloc_cpumask_var(&offlined, GFP_KERNEL))
+		return call->fn(call->dev);
+	/* CPU hotplug can be disabled for a moment (the PCI core probes with it off,
+	 * and this runs right after a probe): try again until every other CPU is off. */
+	for (tries = 0; tries < 500; tries++) {
+		for_each_online_cpu(cpu) {
+			if (cpu != self && remove_cpu(cpu) == 0)
+				cpumask_set_cpu(cpu, offlined);
+		}
+		if (num_online_cpus() == 1)
+			break;
+		msleep(10);
+	}
+	if (num_online_cpus() > 1)
+		pr_warn(DRV_NAME ": could not take the other CPUs offline: patching with them online\n");
+	ret = call->fn(call->dev);
+	for_each_cpu(cpu, offlined)
+		if (add_cpu(cpu))
+			pr_warn(DRV_NAME ": CPU %u did not come back online\n", cpu);
+	free_cpumask_var(offlined);
+	return ret;
+}
+
+static int pvs_patch(int (*fn)(struct device *dev), struct device *dev)
+{
+	struct pvs_patch_call call = { fn, dev };
+
+	if (!tcg_quiesce || !pvs_under_tcg() || num_online_cpus() == 1)
+		return fn(dev);
+	return (int)work_on_cpu(cpumask_first(cpu_online_mask), pvs_patch_alone, &call);
 }
 
 /* Writes the header: the lines first, then every field, then the magic last, so
@@ -500,6 +587,20 @@ static struct kobject *pvs_kobj;
 
 /* --- the PCI driver ----------------------------------------------------------- */
 
+/* Hooks the tracepoints after the probe; a failure withdraws the region. */
+static void pvs_hook_work(struct work_struct *work)
+{
+	struct device *dev = &pvs.pdev->dev;
+
+	if (pvs_patch(pvs_hook, dev)) {
+		WRITE_ONCE(pvs.live, false);
+		pvs_withdraw();
+		dev_err(dev, "pvsched withdrawn: its tracepoints could not be hooked\n");
+		return;
+	}
+	pvs.hooked = true;
+}
+
 static int pvs_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 {
 	size_t needed;
@@ -549,14 +650,12 @@ static int pvs_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	pvs.pdev = pdev;
 	pvs_write_header();
 	WRITE_ONCE(pvs.live, true);
-	err = pvs_hook(&pdev->dev);
-	if (err) {
-		WRITE_ONCE(pvs.live, false);
-		pvs_withdraw();
-		pvs.hdr = NULL;
-		pvs.pdev = NULL;
-		return err;
-	}
+	/* The tracepoints are hooked from a work item, not here: the PCI core probes
+	 * with CPU hotplug disabled (pci_call_probe), and under TCG the hooking needs
+	 * the other CPUs offline (pvs_patch). */
+	pvs.hooked = false;
+	INIT_WORK(&pvs.hook_work, pvs_hook_work);
+	schedule_work(&pvs.hook_work);
 	dev_info(&pdev->dev, "pvsched region at BAR%d (%zu bytes): protocol %s %u.%u, %u vCPUs\n",
 		 IVSHMEM_SHM_BAR, pvs.len, protocol, protocol_major, protocol_minor, pvs.vcpus);
 	return 0;
@@ -567,7 +666,10 @@ static void pvs_remove(struct pci_dev *pdev)
 	if (pvs.pdev != pdev)
 		return;
 	WRITE_ONCE(pvs.live, false);
-	pvs_unhook();
+	flush_work(&pvs.hook_work);
+	if (pvs.hooked)
+		pvs_patch(pvs_unhook_dev, &pdev->dev);
+	pvs.hooked = false;
 	pvs_withdraw();
 	dev_info(&pdev->dev, "pvsched withdrawn: the host sees the status disabled\n");
 	pvs.hdr = NULL;

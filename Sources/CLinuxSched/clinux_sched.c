@@ -240,6 +240,26 @@ static int recover_region_fault(void *addr) {
     return 0;
 }
 
+#define PVS_EXIT_PATHS 8
+static char exit_paths[PVS_EXIT_PATHS][256];
+static int exit_path_used[PVS_EXIT_PATHS];
+
+void pvs_remove_at_exit(const char *path) {
+    for (int i = 0; i < PVS_EXIT_PATHS; i++) {
+        int expected = 0;
+        if (__atomic_compare_exchange_n(&exit_path_used[i], &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+            strncpy(exit_paths[i], path, sizeof exit_paths[i] - 1);
+            __atomic_store_n(&exit_path_used[i], 2, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+static void remove_exit_paths(void) {
+    for (int i = 0; i < PVS_EXIT_PATHS; i++)
+        if (__atomic_load_n(&exit_path_used[i], __ATOMIC_ACQUIRE) == 2) unlink(exit_paths[i]);
+}
+
 static int handler_runs;
 static int installed;
 static const int restore_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT };
@@ -247,6 +267,7 @@ static const int restore_signals[] = { SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGSEGV
 static void restore_and_reraise(int sig) {
     int saved = errno;
     pvs_restore_table_restore_all();
+    remove_exit_paths();
     __atomic_add_fetch(&handler_runs, 1, __ATOMIC_RELAXED);
     struct sigaction dfl;
     memset(&dfl, 0, sizeof(dfl));
@@ -266,6 +287,7 @@ static void bus_handler(int sig, siginfo_t *info, void *context) {
 }
 
 static void restore_at_exit(void) {
+    remove_exit_paths();
     if (pvs_restore_table_count() > 0) {
         pvs_restore_table_restore_all();
         __atomic_add_fetch(&handler_runs, 1, __ATOMIC_RELAXED);

@@ -1,6 +1,4 @@
-import Atomics
 import Logging
-import PVSchedABI
 import PVSchedCore
 import Synchronization
 
@@ -9,219 +7,45 @@ import Glibc
 #endif
 
 /// Delivers an attached VM's events when the host sees none of its exits (QEMU
-/// under TCG, or any VMM without kernel events): the shared-memory transport's
-/// other half.
-///
-/// A dedicated thread (real-time when allowed, so that its wake-ups are on time
-/// under host load):
-/// - waits for the guest to write a region header (magic and generation), then
-///   validates and negotiates it through the VM's registrar, and writes the answer
-///   into the header (`host_negotiation`, `host_reason`) for the guest to read;
-/// - reads each vCPU's sequence counter at a bounded rate (every `busyPollNs`
-///   while the guest reports work or a vCPU is boosted, every `idlePollNs`
-///   otherwise) and sends `guestUpdate` when a line changed (the binding, reading
-///   the line, learns the guest's deadline and announces it ahead, as for any VM:
-///   see `DeadlineSchedule`);
-/// - notices a withdrawn or rewritten header (module unloaded or reloaded) and a
-///   VM that pvsched disabled (a bad line): the area is dropped, boosts undone,
-///   the status set to disabled in the region, with the reason.
+/// under TCG, or any VMM without kernel events): a dedicated thread (real-time
+/// when allowed, so that its wake-ups are on time under host load) that steps the
+/// VM's `RegionWatch` and sleeps until it asks to look again.
 public final class GuestAreaWatcher: Sendable {
-    /// How often and how early the watcher looks.
-    public struct Settings: Equatable, Sendable {
-        /// Poll period while a vCPU reports work (irq, RT task, ...) or is boosted.
-        public var busyPollNs: UInt64
-        /// Poll period otherwise.
-        public var idlePollNs: UInt64
-        /// Poll period while no valid header is there.
-        public var headerPollNs: UInt64
-        public init(busyPollNs: UInt64 = 200_000, idlePollNs: UInt64 = 1_000_000, headerPollNs: UInt64 = 20_000_000) {
-            self.busyPollNs = busyPollNs; self.idlePollNs = idlePollNs; self.headerPollNs = headerPollNs
-        }
-        /// The bounds each setting must lie in (a hostile or mistyped value cannot
-        /// make the watcher spin or sleep through deadlines).
-        public static let pollRange: ClosedRange<UInt64> = 50_000...100_000_000
-    }
+    public typealias Settings = RegionWatch.Settings
+    public typealias Phase = RegionWatch.Phase
+    public typealias Counters = RegionWatch.Counters
 
-    /// Where the watcher's VM stands.
-    public enum Phase: Equatable, Sendable, CustomStringConvertible {
-        /// No valid header yet (or withdrawn).
-        case waiting
-        case accepted(AreaAcceptance)
-        case refused(AreaRefusal)
-        /// Accepted, then a line failed validation: pvsched is off for the VM.
-        case disabled(String)
-        public var description: String {
-            switch self {
-            case .waiting: return "waiting for the guest"
-            case .accepted(let a): return "accepted: \(a)"
-            case .refused(let r): return "refused: \(r.message)"
-            case .disabled(let why): return "disabled: \(why)"
-            }
-        }
-    }
-
-    /// Counters of what the watcher did.
-    public struct Counters: Equatable, Sendable {
-        public var polls: UInt64 = 0
-        public var guestUpdates: UInt64 = 0
-        public var registrations: UInt64 = 0
-    }
-
-    private let region: SharedMemoryFile
-    private let link: VMHostLink
-    private let binding: VMBinding
-    private let settings: Settings
+    public let watch: RegionWatch
     private let running = Atomic(true)
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
-    private let phaseBox = Mutex(Phase.waiting)
-    private let counters = Mutex(Counters())
-    private let logger: Logger
 
     public init(region: SharedMemoryFile, link: VMHostLink, binding: VMBinding, settings: Settings = Settings(),
                 priority: UInt8?, threads: any ThreadControl, logger: Logger) throws(ThreadError) {
-        self.region = region; self.link = link; self.binding = binding
-        self.settings = settings; self.logger = logger
+        let watch = RegionWatch(region: region, link: link, binding: binding, settings: settings, logger: logger)
+        self.watch = watch
         let t = try PVSchedCore.Thread(name: "pvs-watcher") { [self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
-            run()
+            while running.load(ordering: .relaxed) {
+                let next = watch.step(now: MonotonicClock.nowNs())
+                Self.sleep(until: next)
+            }
         }
         thread.withLock { $0 = t }
     }
 
-    public var phase: Phase { phaseBox.withLock { $0 } }
-    public var stats: Counters { counters.withLock { $0 } }
+    public var phase: Phase { watch.phase }
+    public var stats: Counters { watch.stats }
 
     /// Stops the thread; the caller detaches the VM (which undoes the boosts).
     public func stop() {
         running.store(false, ordering: .relaxed)
         thread.takeAndJoin()
-        if case .accepted = phase { withdrawStatus(negotiation: PVSCHED_DEV_IDLE, reason: PVSCHED_REASON_NONE) }
+        watch.withdraw()
     }
 
-    // MARK: the loop
-
-    private struct VCPUWatch {
-        var sequence: UInt32?
-        var state: GuestVCPUState?
-    }
-
-    private func run() {
-        var generation: UInt32?
-        var area: SharedArea?
-        var watches: [VCPUWatch] = []
-        while running.load(ordering: .relaxed) {
-            let now = MonotonicClock.nowNs()
-            if region.faulted {
-                // The file was truncated under us: what is mapped now is zeros.
-                if case .disabled = phase {} else {
-                    let why = "the region file \(region.path) was truncated under the host"
-                    binding.disable(.regionLost(why))
-                    area = nil
-                    phaseBox.withLock { $0 = .disabled(why) }
-                    logger.error("pvsched disabled for VM: its region went away", metadata: ["vm": "\(link.handle)", "path": "\(region.path)"])
-                }
-                sleep(until: now + settings.headerPollNs)
-                continue
-            }
-            let magic = header32(PVSCHED_OFF_MAGIC)
-            let gen = header32(PVSCHED_OFF_GUEST_GENERATION)
-            if let current = area {
-                if magic != PVSCHED_MAGIC || gen != generation {
-                    link.registrar.unregister()
-                    publishAll(current, status: .disabled)
-                    area = nil
-                    phaseBox.withLock { $0 = .waiting }
-                    logger.info("guest withdrew its pvsched region", metadata: ["vm": "\(link.handle)"])
-                    continue
-                }
-                if let bad = binding.disabledReason {
-                    area = nil
-                    publishAll(current, status: .disabled)
-                    writeHeader(negotiation: PVSCHED_DEV_REFUSED, reason: PVSCHED_REASON_BAD_LINE)
-                    phaseBox.withLock { $0 = .disabled("\(bad)") }
-                    continue
-                }
-                let wake = poll(current, &watches, now: now)
-                sleep(until: wake)
-                continue
-            }
-            // No area: wait for a (new) header, then register it.
-            if magic == PVSCHED_MAGIC, gen != generation {
-                generation = gen
-                counters.withLock { $0.registrations &+= 1 }
-                switch link.registrar.register(area: region.bytes, owner: region) {
-                case .success(let accepted):
-                    writeHeader(negotiation: PVSCHED_DEV_ACCEPTED, reason: PVSCHED_REASON_NONE)
-                    area = binding.area
-                    watches = Array(repeating: VCPUWatch(), count: area?.layout.vcpuCount ?? 0)
-                    phaseBox.withLock { $0 = .accepted(accepted) }
-                    logger.info("pvsched region accepted", metadata: ["vm": "\(link.handle)", "protocol": "\(accepted)"])
-                    continue
-                case .failure(let refusal):
-                    writeHeader(negotiation: PVSCHED_DEV_REFUSED, reason: refusal.code)
-                    phaseBox.withLock { $0 = .refused(refusal) }
-                    logger.warning("pvsched region refused", metadata: ["vm": "\(link.handle)", "reason": "\(refusal)"])
-                }
-            } else if magic != PVSCHED_MAGIC, generation != nil, case .waiting = phase {
-                generation = nil  // withdrawn: the next header is new whatever its generation
-            }
-            sleep(until: now + settings.headerPollNs)
-        }
-    }
-
-    /// One look at every vCPU; returns when to look again.
-    private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], now: UInt64) -> UInt64 {
-        var next = now + settings.idlePollNs
-        var busy = false
-        var updates: UInt64 = 0
-        for v in watches.indices {
-            guard let seq = area.sequence(vcpu: v) else { continue }
-            if seq != watches[v].sequence, seq & 1 == 0 {
-                watches[v].sequence = seq
-                if let st = try? area.read(vcpu: v) { watches[v].state = st }
-                binding.notify(.guestUpdate, vcpu: v)
-                updates += 1
-            } else if seq & 1 == 1 {
-                busy = true  // mid-write: look again soon
-            }
-            guard let st = watches[v].state else { continue }
-            if !st.flags.subtracting(.idle).isEmpty { busy = true }
-            if binding.publishedStats(vcpu: v).boosted { busy = true }
-        }
-        if busy { next = min(next, now + settings.busyPollNs) }
-        counters.withLock { c in c.polls &+= 1; c.guestUpdates &+= updates }
-        return next
-    }
-
-    private func sleep(until ns: UInt64) {
+    private static func sleep(until ns: UInt64) {
+        guard ns > MonotonicClock.nowNs() else { return }
         var ts = timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000))
         while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
-    }
-
-    // MARK: the region header's host-written words
-
-    /// The 32-bit header word at `offset` (the guest writes some, the host others).
-    private func word(_ offset: Int) -> UnsafeAtomic<UInt32> {
-        UnsafeAtomic(at: (region.bytes.baseAddress! + offset).assumingMemoryBound(to: UInt32.AtomicRepresentation.self))
-    }
-
-    private func header32(_ offset: Int) -> UInt32 { word(offset).load(ordering: .acquiring) }
-
-    private func writeHeader(negotiation: UInt32, reason: UInt32) {
-        word(PVSCHED_OFF_HOST_REASON).store(reason, ordering: .relaxed)
-        word(PVSCHED_OFF_HOST_NEGOTIATION).store(negotiation, ordering: .releasing)
-    }
-
-    private func withdrawStatus(negotiation: UInt32, reason: UInt32) {
-        if let a = try? SharedArea(validating: region.bytes, owner: region) { publishAll(a, status: .disabled) }
-        writeHeader(negotiation: negotiation, reason: reason)
-    }
-
-    private func publishAll(_ area: SharedArea, status: HostVCPUStatus) {
-        for v in 0..<area.layout.vcpuCount {
-            let st = binding.publishedStats(vcpu: min(v, link.handle.vcpuCount - 1))
-            try? area.publish(vcpu: v, status: status, boostCount: st.boostCount, boostedNs: st.boostedNs,
-                              throttleCount: st.throttleCount)
-        }
     }
 }

@@ -140,6 +140,9 @@ public protocol Actuator: AnyObject, Sendable {
     /// first apply), if it holds it: whoever named the thread as a VMM's checks that
     /// the id did not change hands in between.
     func owningProcess(of thread: ThreadID) -> Int32?
+    /// Whether the thread the actuator took hold of as `thread` has exited (its id
+    /// may name another thread now); false when it holds no such thread.
+    func hasExited(_ thread: ThreadID) -> Bool
 }
 
 extension Actuator {
@@ -150,4 +153,5 @@ extension Actuator {
     public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {}
     public func release(_ thread: ThreadID) { try? restore(thread) }
     public func owningProcess(of thread: ThreadID) -> Int32? { nil }
+    public func hasExited(_ thread: ThreadID) -> Bool { false }
 }

@@ -26,6 +26,10 @@ public enum SharedAreaError: Error, Equatable, Sendable, CustomStringConvertible
     /// The memory behind the area went away (its file was truncated under the host).
     case regionLost(String)
 
+    /// Whether this is a bad read of a line (the area in use was found invalid), as
+    /// opposed to the memory behind the area going away.
+    public var isReadError: Bool { if case .regionLost = self { return false } else { return true } }
+
     /// The ABI field (as named in pvsched_abi.h) that this error is about.
     public var field: String {
         switch self {

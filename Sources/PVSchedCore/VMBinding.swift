@@ -518,6 +518,26 @@ public final class VMBinding: VMEventSink {
         if let old, old != thread { actuator.release(old) }
     }
 
+    /// Drops the vCPU threads that exited (a boosted one among them: no event need
+    /// come for it to go); whoever feeds the VM calls this now and then (attached
+    /// VMs: every second). Returns the vCPUs whose thread was dropped.
+    @discardableResult
+    public func dropExitedThreads() -> [Int] {
+        var dropped: [Int] = []
+        let now = clock.nowNs()
+        for (i, v) in vcpus.enumerated() {
+            guard let t = v.state.withLock({ $0.thread }), actuator.hasExited(t) else { continue }
+            v.state.withLock { s in
+                guard s.thread == t else { return }
+                if s.boostStart != nil { endBoost(&s, vcpu: i, now: now) }
+                dropGoneThread(&s, vcpu: i)
+                publishStats(&s, vcpu: i, now: now)
+            }
+            dropped.append(i)
+        }
+        return dropped
+    }
+
     /// Notes what an actuator error says about who manages `thread` (under its vCPU's lock).
     private func noteOwnership(_ error: ActuatorError, _ s: inout VCPUState, vcpu: Int) {
         if case .threadGone = error.kind { dropGoneThread(&s, vcpu: vcpu); return }
@@ -958,7 +978,7 @@ public final class VMBinding: VMEventSink {
     /// area went away): drops the area and undoes every boost.
     public func disable(_ error: SharedAreaError) {
         let first: Bool = changeSlot { s in
-            guard s.area != nil else { return false }
+            guard s.area != nil || (s.disabledReason == nil && !error.isReadError) else { return false }
             s.area = nil
             s.disabledReason = error
             return true

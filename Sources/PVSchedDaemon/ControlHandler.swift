@@ -314,9 +314,10 @@ public final class ControlHandler: Sendable {
         let b = s.binding
         let threads = b?.threads ?? Array(repeating: nil, count: s.handle.vcpuCount)
         let vcpus: [JSON] = threads.enumerated().map { i, t in
-            ["index": JSON(i), "thread": t.map { JSON($0.rawValue) } ?? .null,
-             "boosted": .bool(b?.publishedStats(vcpu: i).boosted ?? false),
-             "owner": .string((b?.publishedStats(vcpu: i).thread ?? .pvsched).rawValue)]
+            let st = b?.publishedStats(vcpu: i)
+            return ["index": JSON(i), "thread": t.map { JSON($0.rawValue) } ?? .null,
+                    "boosted": .bool(st?.boosted ?? false), "owner": .string((st?.thread ?? .pvsched).rawValue),
+                    "boostBlocked": JSON(st?.boostBlocked)]
         }
         var vm: [String: JSON] = [
             "id": JSON(s.handle.id), "name": .string(s.handle.name), "kind": .string(s.kind.rawValue),
@@ -343,6 +344,8 @@ public final class ControlHandler: Sendable {
                     "boosts": JSON(st.boostCount), "boostedNs": JSON(st.boostedNs), "throttles": JSON(st.throttleCount),
                     "repaying": .bool(st.repaying), "repayments": JSON(st.repayments), "repaymentNs": JSON(st.repaymentNs),
                     "vetoes": ["throttled": JSON(st.vetoesThrottled), "vm_share": JSON(st.vetoesVMShare)],
+                    "failedBoosts": .object(Dictionary(uniqueKeysWithValues: st.failedBoosts.byName.map { ($0.0, JSON($0.1)) })),
+                    "boostBlocked": JSON(st.boostBlocked), "owner": .string(st.thread.rawValue),
                     "decisionLatency": ["count": JSON(st.decisionLatency.total), "sumNs": JSON(st.decisionLatency.sumNs),
                                         "bucketsLeNs": .array(LatencyBuckets.upperBoundsNs.map { JSON($0) }),
                                         "counts": .array(st.decisionLatency.counts.map { JSON($0) })]]

@@ -253,6 +253,7 @@ final class VMAttacher: Sendable {
         // notices for ivshmem regions; this covers exported memory), then the refresh.
         let memoryRegion = memory != nil ? region : nil
         let tick: @Sendable () -> Void = { [weak session, refresh] in
+            session?.binding?.dropExitedThreads()
             if let memoryRegion, memoryRegion.faulted, let b = session?.binding, b.disabledReason == nil {
                 b.disable(.regionLost("the memory file \(memoryRegion.path) was truncated under the host"))
             }

@@ -67,6 +67,8 @@ public struct LinuxGuestOptions: Sendable {
     public var ivshmem = true
     /// Seconds the guest waits for the host's answer before its workload (0: none).
     public var waitForHostS = 20
+    /// unload-cycle: how many times the module is unloaded and loaded again.
+    public var unloadCycles = 50
     public init() {}
 }
 
@@ -96,6 +98,7 @@ public final class QEMULinuxGuest: @unchecked Sendable {
         if !options.loadModule { append.append("pvs_nomod=1") }
         if options.unloadModule { append.append("pvs_rmmod=1") }
         append.append("pvs_wait=\(options.waitForHostS)")
+        append.append("pvs_cycles=\(options.unloadCycles)")
         var args = ["-accel", "tcg,thread=multi", "-smp", "\(options.vcpus)", "-m", "\(options.memoryMB)",
                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:\(consolePath)",
                     "-kernel", image.kernel, "-initrd", image.initrd, "-append", append.joined(separator: " "),

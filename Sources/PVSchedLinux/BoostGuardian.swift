@@ -115,6 +115,8 @@ public final class BoostGuardian: Sendable {
         var unsent: Set<Int32> = []
         /// Since when records have been waiting (0: none wait).
         var waitingSinceNs: UInt64 = 0
+        /// The guardian process was last seen stopped.
+        var stopped = false
         var closed = false
     }
 
@@ -195,7 +197,7 @@ public final class BoostGuardian: Sendable {
     /// Writes what waits, in thread order, until the pipe is full. Under the table lock.
     private func flush(_ t: inout Table) {
         guard let p = t.process, t.state != .down, !t.unsent.isEmpty else {
-            if t.unsent.isEmpty { t.waitingSinceNs = 0; if t.state == .stalled { t.state = .up } }
+            if t.unsent.isEmpty, !t.stopped { t.waitingSinceNs = 0; if t.state == .stalled { t.state = .up } }
             return
         }
         for tid in t.unsent.sorted() {
@@ -212,8 +214,10 @@ public final class BoostGuardian: Sendable {
             }
             return
         }
-        t.waitingSinceNs = 0
-        t.state = .up
+        if !t.stopped {
+            t.waitingSinceNs = 0
+            t.state = .up
+        }
     }
 
     /// The supervisor: restarts a guardian that died or stalled and hands it every record.
@@ -223,9 +227,19 @@ public final class BoostGuardian: Sendable {
             let (process, closed) = table.withLock { ($0.process, $0.closed) }
             if closed { return }
             if let p = process, p.pidfd >= 0, pvs_poll2(p.pidfd, -1, 100) & 1 == 0 {
-                // Alive: retry waiting records; replace a guardian stuck for too long.
+                // Alive: retry waiting records; replace a guardian stuck for too long,
+                // whether its pipe filled up or it was stopped (SIGSTOP, a debugger):
+                // a stopped guardian restores nothing when the daemon dies.
+                let stopped = Self.isStopped(p.pid)
                 let stuck: Bool = table.withLock { t in
+                    if t.stopped && !stopped { t.stopped = false; t.waitingSinceNs = 0 }
+                    t.stopped = stopped
                     flush(&t)
+                    if stopped {
+                        if t.state == .up { logger.warning("the boost guardian is stopped", metadata: ["pid": "\(p.pid)"]) }
+                        t.state = .stalled
+                        if t.waitingSinceNs == 0 { t.waitingSinceNs = MonotonicClock.nowNs() }
+                    }
                     return t.waitingSinceNs != 0 && MonotonicClock.nowNs() &- t.waitingSinceNs > Self.stallLimitNs
                 }
                 if stuck {
@@ -255,6 +269,8 @@ public final class BoostGuardian: Sendable {
                 table.withLock { t in
                     t.process = p
                     t.restarts &+= 1
+                    t.stopped = false
+                    t.waitingSinceNs = 0
                     t.state = .stalled
                     t.unsent = Set(t.records.keys)
                     flush(&t)
@@ -265,6 +281,13 @@ public final class BoostGuardian: Sendable {
                 logger.error("cannot restart the boost guardian", metadata: ["error": "\(error)"])
             }
         }
+    }
+
+    /// Whether process `pid` is stopped or traced (state T or t in /proc/PID/stat).
+    static func isStopped(_ pid: Int32) -> Bool {
+        guard let text = LinuxScheduling.readSmallFile("/proc/\(pid)/stat"), let paren = text.lastIndex(of: ")") else { return false }
+        let rest = text[text.index(after: paren)...].drop { $0 == " " }
+        return rest.first == "T" || rest.first == "t"
     }
 
     /// Stops supervising and closes the pipe: the guardian restores what is still
@@ -280,7 +303,12 @@ public final class BoostGuardian: Sendable {
         supervisor.takeAndJoin()
         if let p {
             pvs_close(p.pipe)
-            if p.pidfd >= 0 { pvs_close(p.pidfd) }
+            // It restores and exits at the end of its pipe; one that does not (stopped,
+            // stuck) is not waited for forever.
+            if p.pidfd >= 0 {
+                if pvs_poll2(p.pidfd, -1, 5000) & 1 == 0 { kill(p.pid, SIGKILL) }
+                pvs_close(p.pidfd)
+            }
             _ = pvs_waitpid(p.pid, 0)
         }
     }

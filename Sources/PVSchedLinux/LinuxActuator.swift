@@ -49,6 +49,9 @@ public final class LinuxActuator: Actuator {
         var foreign: Bool { identity.process != getpid() }
     }
     private let threads = Mutex([ThreadID: Held]())
+    /// Threads forgotten because they exited, until whoever gave them lets go
+    /// (`release`) or names a new thread with the same id: `hasExited` says so.
+    private let exited = Mutex(Set<ThreadID>())
 
     public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
@@ -73,14 +76,16 @@ public final class LinuxActuator: Actuator {
     }
 
     /// Drops everything about `thread` (it exited, or pvsched let it go). Under `threads`.
-    private func forgetLocked(_ t: inout [ThreadID: Held], _ thread: ThreadID) {
+    private func forgetLocked(_ t: inout [ThreadID: Held], _ thread: ThreadID, becauseExited: Bool = true) {
         guard let h = t.removeValue(forKey: thread) else { return }
+        if becauseExited { _ = exited.withLock { $0.insert(thread) } }
         pvs_restore_table_forget(thread.rawValue)
         h.identity.close()
         if h.foreign { guardian?.forget(tid: thread.rawValue) }
     }
 
     public func adopt(_ thread: ThreadID, allowRealTime: Bool) throws(ActuatorError) {
+        _ = exited.withLock { $0.remove(thread) }  // a thread named anew
         try threads.withLock { t throws(ActuatorError) in
             var h = try held(&t, thread)
             var now = pvs_sched_attr()
@@ -102,11 +107,21 @@ public final class LinuxActuator: Actuator {
 
     public func release(_ thread: ThreadID) {
         try? restore(thread)
-        threads.withLock { forgetLocked(&$0, thread) }
+        threads.withLock { forgetLocked(&$0, thread, becauseExited: false) }
+        _ = exited.withLock { $0.remove(thread) }
         cpuClock.forget(thread)
     }
 
     public func owningProcess(of thread: ThreadID) -> Int32? { threads.withLock { $0[thread]?.identity.process } }
+
+    public func hasExited(_ thread: ThreadID) -> Bool {
+        if exited.withLock({ $0.contains(thread) }) { return true }
+        return threads.withLock { t in
+            guard let h = t[thread], !h.identity.isAlive else { return false }
+            forgetLocked(&t, thread)
+            return true
+        }
+    }
 
     /// Reads `thread`'s parameters and checks that they are still the setting
     /// `expected` (policy, priority, nice); a difference means someone else changed the thread.
@@ -265,7 +280,7 @@ public final class LinuxActuator: Actuator {
 
     deinit {
         restoreAll()
-        threads.withLock { t in for k in Array(t.keys) { forgetLocked(&t, k) } }
+        threads.withLock { t in for k in Array(t.keys) { forgetLocked(&t, k, becauseExited: false) } }
     }
 }
 

@@ -437,3 +437,44 @@ func validateRepaymentFactor(_ factor: Double) throws {
         throw ValidationError("--repayment-factor must be \(Int(range.lowerBound))...\(Int(range.upperBound)), got \(factor)")
     }
 }
+
+/// `pvsched thread boost|restore`: an operator's boost of one thread through the
+/// daemon (`thread.boost`, `thread.restore`): undone when its time is up, and by
+/// the guardian if the daemon dies.
+struct ThreadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "thread", abstract: "Boost one thread through the daemon for a while, or end that boost.",
+        subcommands: [ThreadBoost.self, ThreadRestore.self])
+}
+
+struct ThreadBoost: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "boost",
+        abstract: "Run a thread SCHED_FIFO for a while (root; a read-group member only its own threads, FIFO 1-49, at most 10 s).")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "Thread id (as in /proc/PID/task).") var tid: Int64
+    @Option(help: "SCHED_FIFO priority (1-99).") var priority: Int64 = 10
+    @Option(help: "How long, in milliseconds (1-3600000).") var durationMs: Int64 = 10_000
+    func validate() throws {
+        guard (1...Int64(Int32.max)).contains(tid) else { throw ValidationError("TID must be a thread id (> 0), got \(tid)") }
+        guard (1...99).contains(priority) else { throw ValidationError("--priority must be 1...99, got \(priority)") }
+        guard (1...3_600_000).contains(durationMs) else { throw ValidationError("--duration-ms must be 1...3600000, got \(durationMs)") }
+    }
+    func run() throws {
+        let r = try control.call("thread.boost", ["tid": .int(tid), "priority": .int(priority), "durationMs": .int(durationMs)])
+        if !control.json { print("boosted \(tid): \(r["boosted"]?.cell ?? "?") for \(durationMs) ms") }
+    }
+}
+
+struct ThreadRestore: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "restore", abstract: "End an operator boost of a thread now.")
+    @OptionGroup var control: ControlOptions
+    @Argument(help: "Thread id.") var tid: Int64
+    func validate() throws {
+        guard (1...Int64(Int32.max)).contains(tid) else { throw ValidationError("TID must be a thread id (> 0), got \(tid)") }
+    }
+    func run() throws {
+        _ = try control.call("thread.restore", ["tid": .int(tid)])
+        if !control.json { print("restored \(tid)") }
+    }
+}

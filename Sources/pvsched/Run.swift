@@ -1,3 +1,4 @@
+import CLinuxSched
 import ArgumentParser
 import Foundation
 import PVSchedBPF
@@ -78,6 +79,9 @@ struct Run: ParsableCommand {
         let vm: VirtualMachine
         if let export {
             config.memoryFile = "/dev/shm/pvsched-vm-\(getpid()).mem"
+            // Gone with the VM, whichever way this process ends (but SIGKILL).
+            pvs_install_restore_handlers()
+            pvs_remove_at_exit(config.memoryFile!)
             config.boot.pvschedEnabled = true
             let link = ExportedVMLink(name: config.name, vcpus: vcpus, memoryFile: config.memoryFile, path: export)
             exported = link

@@ -11,7 +11,7 @@ struct PVSched: ParsableCommand {
         abstract: "Cooperative (paravirtual) vCPU scheduling for KVM.",
         version: PVSchedBuild.description,
         subcommands: [Demo.self, Bench.self, Run.self, DaemonCommand.self, VMCommand.self, Drivers.self, StatsCommand.self,
-                      TopCommand.self, BPFCommand.self, BoostThread.self, GuardianCommand.self])
+                      TopCommand.self, BPFCommand.self, ThreadCommand.self, BoostThread.self, GuardianCommand.self])
 }
 
 /// Lists the drivers: the running daemon's registry (the seed's

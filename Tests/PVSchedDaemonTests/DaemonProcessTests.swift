@@ -13,7 +13,7 @@ final class DaemonProcess {
     let process = Process()
     let stderr = Pipe()
 
-    init(metrics: Bool = false) throws {
+    init(metrics: Bool = false, extraArguments: [String] = []) throws {
         guard let binary = PVSchedBinary.path else { throw DaemonTestError("the pvsched executable is not built (run `swift build`)") }
         self.binary = binary
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -21,7 +21,7 @@ final class DaemonProcess {
         lock = "/tmp/pvsched-it-\(tag).lock"
         process.executableURL = URL(fileURLWithPath: binary)
         process.arguments = ["daemon", "--socket", socket, "--lock", lock, "--log-level", "warning"]
-            + (metrics ? ["--metrics", "127.0.0.1:0"] : [])
+            + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
         try process.run()
@@ -41,6 +41,7 @@ final class DaemonProcess {
             process.waitUntilExit()
         }
         unlink(lock)
+        unlink(socket)  // a daemon killed by SIGKILL leaves it
     }
 
     /// Runs `pvsched ARGS --socket S`.

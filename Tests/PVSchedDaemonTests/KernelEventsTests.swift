@@ -44,7 +44,12 @@ struct KernelEventsTests {
                          "--timeout", "40"]
         vmm.standardOutput = FileHandle.nullDevice
         try vmm.run()
-        defer { if vmm.isRunning { kill(vmm.processIdentifier, SIGKILL) }; vmm.waitUntilExit(); unlink(export) }
+        defer {
+            if vmm.isRunning { kill(vmm.processIdentifier, SIGKILL) }
+            vmm.waitUntilExit()
+            unlink(export)
+            unlink("/dev/shm/pvsched-vm-\(vmm.processIdentifier).mem")  // SIGKILL left it
+        }
         #expect(eventually(20) { readExport(export) != nil })
         let attach = try d.cli(["vm", "attach", "--export", export, "--name", "ext"])
         #expect(attach.status == 0, "\(attach.stderr)")

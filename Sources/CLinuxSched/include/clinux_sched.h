@@ -87,6 +87,10 @@ int pvs_region_guard_faulted(void *base);
 /* Number of faults recovered since the process started (for tests and metrics). */
 long pvs_region_guard_fault_count(void);
 
+/* A file to remove when the process exits or dies of one of the signals below
+ * (a VM's shared guest memory under /dev/shm); at most 8, the path copied. */
+void pvs_remove_at_exit(const char *path);
+
 /* Install handlers for SIGINT, SIGTERM, SIGHUP, SIGQUIT and the fatal
  * synchronous signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) that restore
  * every boosted thread, then re-raise the signal with its default action; and
