@@ -83,7 +83,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         // The control protocol (newline-delimited JSON) and its client.
-        .target(name: "PVSchedControl", dependencies: ["CHostService"]),
+        .target(name: "PVSchedControl", dependencies: ["CHostService", "PVSchedCore"]),
         // The host service: control socket, request handling, metrics endpoint.
         .target(name: "PVSchedDaemon", dependencies: [
             "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",

@@ -12,19 +12,8 @@ public enum ControlProtocol {
     public static let maxRequestBytes = 1 << 20
     /// The default socket path.
     public static let defaultSocketPath = "/run/pvsched/control.sock"
-    /// Every method, for listings and the schema test.
-    public static let methods: [String] = [
-        "daemon.info", "drivers.list", "drivers.set_default", "bpf.load", "bpf.unload",
-        "vm.list", "vm.start", "vm.attach", "vm.stop", "vm.driver.get", "vm.driver.replace", "vm.driver.unassign",
-        "vm.stats", "vm.governor.get", "vm.governor.set", "vm.trace", "thread.boost", "thread.restore",
-    ]
-    /// The methods that change nothing: what members of the daemon's read group may call.
-    public static let readOnlyMethods: Set<String> = [
-        "daemon.info", "drivers.list", "vm.list", "vm.stats", "vm.driver.get", "vm.governor.get", "vm.trace",
-    ]
-    /// What a read-group member's `thread.boost` may ask (of a thread its own user runs):
-    /// at most this SCHED_FIFO priority (below the host's protected priorities) and time.
-    public static let readerBoostLimits = (maxPriority: Int64(49), maxDurationMs: Int64(10_000))
+    /// Every method, for listings and the schema test (`ControlMethods.all`).
+    public static var methods: [String] { ControlMethods.names }
 }
 
 /// A control error: a stable code, the request field it is about, and a message.
@@ -66,7 +55,7 @@ public struct ControlError: Error, Equatable, Sendable, CustomStringConvertible 
 public struct ControlRequest: Sendable {
     public let id: JSON
     public let method: String
-    public let params: Params
+    public let params: RequestParams
 
     /// Parses one request line: JSON, an object, `pvsched` == 1, a known method,
     /// `params` an object (or absent), `id` an integer or a short string (or absent).
@@ -99,7 +88,7 @@ public struct ControlRequest: Sendable {
             return fail(ControlError(.unsupportedVersion, field: "pvsched", "this daemon speaks protocol version \(ControlProtocol.version)"))
         }
         guard let method = o["method"]?.stringValue else { return fail(ControlError(.invalidRequest, field: "method", "missing or not a string")) }
-        guard ControlProtocol.methods.contains(method) else {
+        guard ControlMethods.access(of: method) != nil else {
             return fail(ControlError(.unknownMethod, field: "method", "unknown method '\(method.prefix(64))'"))
         }
         let params: [String: JSON]
@@ -108,10 +97,10 @@ public struct ControlRequest: Sendable {
         case .object(let p)?: params = p
         default: return fail(ControlError(.invalidParams, field: "params", "must be an object"))
         }
-        return .success(ControlRequest(id: id, method: method, params: Params(params)))
+        return .success(ControlRequest(id: id, method: method, params: RequestParams(params)))
     }
 
-    public init(id: JSON, method: String, params: Params) { self.id = id; self.method = method; self.params = params }
+    public init(id: JSON, method: String, params: RequestParams) { self.id = id; self.method = method; self.params = params }
 
     /// The request as one line (without the newline).
     public static func encode(id: Int64, method: String, params: [String: JSON]) -> [UInt8] {
@@ -138,7 +127,7 @@ public enum ControlResponse {
 
 /// A method's parameters with typed, range-checked accessors whose errors name
 /// the field (`params.NAME`). `finish()` rejects fields the method did not read.
-public struct Params: Sendable {
+public struct RequestParams: Sendable {
     private let values: [String: JSON]
     private var read: Set<String> = []
 

@@ -114,4 +114,14 @@ public struct EventMask: OptionSet, Hashable, Sendable {
     public static let guestUpdate = EventMask(rawValue: 1 << 4)
     public static let deadline = EventMask(rawValue: 1 << 5)
     public static let all: EventMask = [.vmEntry, .vmExit, .halt, .interruptInjection, .guestUpdate, .deadline]
+
+    /// Every event kind with its name: the one place names are spelled (listings,
+    /// the control API, metrics, traces).
+    public static let named: [(kind: EventMask, name: String)] = [
+        (.vmEntry, "vm_entry"), (.vmExit, "vm_exit"), (.halt, "halt"), (.interruptInjection, "interrupt_injection"),
+        (.guestUpdate, "guest_update"), (.deadline, "deadline"),
+    ]
+
+    /// The names of the kinds in this set, in `named` order.
+    public var names: [String] { Self.named.filter { contains($0.kind) }.map(\.name) }
 }

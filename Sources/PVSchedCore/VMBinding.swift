@@ -228,8 +228,8 @@ public struct EventCounts: Equatable, Sendable {
     }
     /// (kind name, count) pairs, for listings and metrics.
     public var byName: [(String, UInt64)] {
-        [("vm_entry", vmEntry), ("vm_exit", vmExit), ("halt", halt), ("interrupt_injection", interruptInjection),
-         ("guest_update", guestUpdate), ("deadline", deadline)]
+        let counts = [vmEntry, vmExit, halt, interruptInjection, guestUpdate, deadline]
+        return zip(EventMask.named, counts).map { ($0.0.name, $0.1) }
     }
 }
 

@@ -67,32 +67,31 @@ final class VMAttacher: Sendable {
     /// (an ivshmem region the guest's pvsched module writes; a watcher thread
     /// registers it and delivers `guestUpdate`/`deadline` events) or from `memory`
     /// with an offset and size (a VM of `pvsched run --export`).
-    func attach(_ p: inout Params) throws(ControlError) -> (AttachedVMSession, JSON) {
-        let name = try p.optionalString("name", maxBytes: 64)
-        let qmpPath = try p.optionalString("qmp", maxBytes: 255)
-        let pidParam = try p.optionalInt("pid", in: 1...Int64(Int32.max)).map { Int32($0) }
-        let threadList: [Int32]? = try p.optionalIntArray("threads", count: 1...256, in: 1...Int64(Int32.max))?.map { Int32($0) }
-        let namingParam = try p.optionalString("threadNames", maxBytes: 32)
-        let memory = try p.optionalString("memory", maxBytes: 255)
-        let areaOffset = try p.optionalInt("areaOffset", in: 0...(1 << 40))
-        let areaSize = try p.optionalInt("areaSize", in: 64...(1 << 24))
-        let shm = try p.optionalString("shm", maxBytes: 255)
-        let driver = try p.optionalString("driver")
-        let eventsParam = try p.optionalString("events", maxBytes: 16)
-        let boostMainLoop = try p.bool("boostMainLoop", default: qmpPath != nil)
-        let allowRealTimeThreads = try p.bool("allowRealTimeThreads", default: false)
-        var boost = BoostSettings(allowRealTimeThreads: allowRealTimeThreads)
-        if let text = try p.optionalString("boost") {
+    /// What an attach reports besides the VM.
+    struct AttachInfo {
+        /// The area's negotiation as the attach left it (the watcher's phase for an ivshmem region).
+        var negotiation: String
+        var events: String
+        var pid: Int32
+        var vcpuThreads: [Int32]
+        var mainLoopBoosted: Bool
+    }
+
+    func attach(_ p: VMAttach.Params) throws(ControlError) -> (AttachedVMSession, AttachInfo) {
+        let name = p.name, qmpPath = p.qmp, pidParam = p.pid, threadList = p.threads, namingParam = p.threadNames
+        let memory = p.memory, areaOffset = p.areaOffset, areaSize = p.areaSize, shm = p.shm, driver = p.driver
+        let eventsParam = p.events, pollUs = p.pollUs, leadUs = p.deadlineLeadUs
+        let boostMainLoop = p.boostMainLoop ?? (qmpPath != nil)
+        var boost = BoostSettings(allowRealTimeThreads: p.allowRealTimeThreads)
+        if let text = p.boost {
             guard let c = BoostSettings.parseClass(text) else {
                 throw ControlError(.invalidParams, field: "params.boost", "must be \(BoostSettings.classSyntax), got '\(text)'")
             }
             boost.boosted = c
         }
-        if let v = try p.optionalInt("protectHostPriority", in: 0...99) { boost.protectedHostPriority = v == 0 ? nil : UInt8(v) }
-        let range = Int64(GuestAreaWatcher.Settings.pollRange.lowerBound / 1000)...Int64(GuestAreaWatcher.Settings.pollRange.upperBound / 1000)
-        let pollUs = try p.optionalInt("pollUs", in: range)
-        let leadUs = try p.optionalInt("deadlineLeadUs", in: 0...100_000)
-        try p.finish()
+        if let v = p.protectHostPriority { boost.protectedHostPriority = v == 0 ? nil : UInt8(v) }
+        let governor = p.governor.applied(to: .default)
+        if p.libvirtDomain != nil { throw ControlError(.invalidParams, field: "params.libvirtDomain", "this daemon has no libvirt connection") }
 
         // Which sources of the VMM and its threads: exactly one.
         let sources = [qmpPath != nil, threadList != nil, namingParam != nil].filter { $0 }.count
@@ -175,7 +174,7 @@ final class VMAttacher: Sendable {
         let what = qmp.map { "QEMU \($0.version), process \(pid)" } ?? "process \(pid)"
         do {
             session = try host.attach(name: vmName, vcpus: found.vcpus.count, summary: what, driver: driver,
-                                      boost: boost,
+                                      governor: governor, boost: boost,
                                       onDetach: { detachHook.run() })
         } catch let e as HostError {
             throw ControlError(e.field == "name" ? .conflict : .invalidParams, field: "params.\(e.field)", e.message)
@@ -276,11 +275,7 @@ final class VMAttacher: Sendable {
         }
         if let watcher { watchers.withLock { $0[session.handle.id] = watcher } }
         logger.info("VM attached", metadata: ["vm": "\(vmName)", "pid": "\(pid)", "negotiation": "\(negotiation)"])
-        return (session, [
-            "negotiation": .string(negotiation), "events": .string(eventsText), "pid": .int(Int64(pid)),
-            "vcpuThreads": .array(found.vcpus.map { .int(Int64($0)) }),
-            "mainLoopBoosted": .bool(boostMainLoop && found.mainLoop != nil),
-        ])
+        return (session, AttachInfo(negotiation: negotiation, events: eventsText, pid: pid, vcpuThreads: found.vcpus, mainLoopBoosted: boostMainLoop && found.mainLoop != nil))
     }
 
     /// The guest-area watchers of attached VMs, by VM id (for `vm.list` and stats).

@@ -6,7 +6,7 @@ import PVSchedBPF
 /// BPF tools: run a program on a memory blob, verify an object.
 struct BPFCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "bpf", abstract: "Run and verify BPF programs; load and unload BPF drivers in the daemon.",
-                                                    subcommands: [BPFRun.self, BPFVerify.self, BPFDump.self, BPFLoad.self, BPFUnload.self])
+                                                    subcommands: [BPFRun.self, BPFVerify.self, BPFDump.self, BPFLoadCommand.self, BPFUnloadCommand.self])
 }
 
 /// Loads PROGRAM (an ELF object, or raw instructions as hex) for the tools.
