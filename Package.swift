@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "pvsched", targets: ["pvsched"]),
+        .executable(name: "pvsched-lab", targets: ["pvsched-lab"]),
         .library(name: "PVSchedCore", targets: ["PVSchedCore"]),
         .library(name: "PVSchedDrivers", targets: ["PVSchedDrivers"]),
         .library(name: "PVSchedLinux", targets: ["PVSchedLinux"]),
@@ -101,12 +102,18 @@ let package = Package(
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // The command-line tool.
+        // The command-line tool and the daemon (one binary). `demo` and `bench` run the lab,
+        // which it does not link.
         .executableTarget(name: "pvsched", dependencies: [
-            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage",
-            "PVSchedExperiments", "PVSchedBPF", "PVSchedHost", "PVSchedControl", "PVSchedDaemon", "PVSchedBuildInfo",
+            "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedGuestImage", "CLinuxSched",
+            "PVSchedBPF", "PVSchedHost", "PVSchedControl", "PVSchedDaemon", "PVSchedBuildInfo",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+        ]),
+        // The lab: `pvsched demo` and `pvsched bench` over the libraries, in its own executable.
+        .executableTarget(name: "pvsched-lab", dependencies: [
+            "PVSchedCore", "PVSchedExperiments", "PVSchedHost",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary,
         // the stand-in guest; `pvsched-standin` runs a stand-in VMM process for tests and the lab.

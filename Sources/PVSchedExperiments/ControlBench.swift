@@ -49,10 +49,10 @@ public enum ControlBench {
         var control: [Double] = []
         for i in 0..<samples + 200 {
             let t0 = MonotonicClock.nowNs()
-            _ = try client.call("daemon.info")
+            _ = try client.call(DaemonInfo.self)
             if i >= 200 { control.append(Double(MonotonicClock.nowNs() - t0)) }
         }
-        let line = ControlRequest.encode(id: 1, method: "daemon.info", params: [:]) + [10]
+        let line = ControlRequest.encode(id: 1, method: DaemonInfo.name, params: [:]) + [10]
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { return [] }
         let echoFD = fds[1]
@@ -125,7 +125,7 @@ public enum ControlBench {
             guard let method else { return try run() }
             let stop = Atomic(false)
             let path = setup.path
-            let params: [String: JSON] = method == "vm.stats" ? ["vm": "bench"] : [:]
+            let params: [String: JSON] = method == VMStats.name ? ["vm": "bench"] : [:]
             let clients = try (0..<4).map { _ in
                 try PVSchedCore.Thread {
                     guard let c = try? ControlClient(path: path) else { return }
@@ -141,8 +141,8 @@ public enum ControlBench {
         var idle: [Double] = [], unrelated: [Double] = [], loaded: [Double] = []
         for _ in 0..<rounds {
             idle.append(try round(nil))
-            unrelated.append(try round("daemon.info"))
-            loaded.append(try round("vm.stats"))
+            unrelated.append(try round(DaemonInfo.name))
+            loaded.append(try round(VMStats.name))
         }
         return [
             BenchResult(name: "decision path, 4 clients reading its VM", baseline: "decision path, socket idle",

@@ -94,11 +94,3 @@ func table(_ header: [String], _ rows: [[String]]) -> String {
 /// A value for a table cell or a line: `-` for none, escaped for display.
 func cell(_ s: String?) -> String { s.map(\.escapedForDisplay) ?? "-" }
 func cell<T: BinaryInteger>(_ n: T?) -> String { n.map { "\($0)" } ?? "-" }
-
-/// `--repayment-factor` as the governor accepts it (`GovernorConfig.repaymentFactorRange`).
-func validateRepaymentFactor(_ factor: Double) throws {
-    let range = GovernorConfig.repaymentFactorRange
-    guard factor.isFinite, range.contains(factor) else {
-        throw ValidationError("--repayment-factor must be \(Int(range.lowerBound))...\(Int(range.upperBound)), got \(factor)")
-    }
-}

@@ -121,16 +121,9 @@ struct Run: ParsableCommand {
     }
 }
 
-/// Checks that the process can do what the VMM needs, with a clear message otherwise.
+
+/// `HostPreflight` as command-line validation errors.
 enum Preflight {
-    static func requireKVM() throws {
-        guard KVMSystem.isAvailable else {
-            throw ValidationError("/dev/kvm is missing or not accessible: pvsched needs KVM (run as root on a host with /dev/kvm).")
-        }
-    }
-    static func requireRealTime() throws {
-        guard LinuxScheduling.canUseRealTime else {
-            throw ValidationError("this process may not use SCHED_FIFO: run as root (or with CAP_SYS_NICE).")
-        }
-    }
+    static func requireKVM() throws { if let why = HostPreflight.kvmProblem { throw ValidationError(why) } }
+    static func requireRealTime() throws { if let why = HostPreflight.realTimeProblem { throw ValidationError(why) } }
 }

@@ -10,7 +10,7 @@ struct PVSched: ParsableCommand {
         commandName: "pvsched",
         abstract: "Cooperative (paravirtual) vCPU scheduling for KVM.",
         version: PVSchedBuild.description,
-        subcommands: [Demo.self, Bench.self, Run.self, DaemonCommand.self, VMCommand.self, DriversCommand.self, StatsCommand.self,
+        subcommands: [DemoCommand.self, BenchCommand.self, Run.self, DaemonCommand.self, VMCommand.self, DriversCommand.self, StatsCommand.self,
                       TopCommand.self, BPFCommand.self, ThreadCommand.self, BoostThread.self, GuardianCommand.self])
 }
 

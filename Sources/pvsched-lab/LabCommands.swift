@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import PVSchedCore
 import PVSchedExperiments
+import PVSchedHost
 
 /// Options shared by `demo` and `bench` for the latency experiment.
 struct ScenarioOptions: ParsableArguments {
@@ -247,5 +248,19 @@ struct Bench: ParsableCommand {
                              1000 / alu.nsPerOp, 1000 / alu.baselineNsPerOp))
             }
         }
+    }
+}
+
+/// `HostPreflight` as command-line validation errors.
+enum Preflight {
+    static func requireKVM() throws { if let why = HostPreflight.kvmProblem { throw ValidationError(why) } }
+    static func requireRealTime() throws { if let why = HostPreflight.realTimeProblem { throw ValidationError(why) } }
+}
+
+/// `--repayment-factor` as the governor accepts it (`GovernorConfig.repaymentFactorRange`).
+func validateRepaymentFactor(_ factor: Double) throws {
+    let range = GovernorConfig.repaymentFactorRange
+    guard factor.isFinite, range.contains(factor) else {
+        throw ValidationError("--repayment-factor must be \(Int(range.lowerBound))...\(Int(range.upperBound)), got \(factor)")
     }
 }
