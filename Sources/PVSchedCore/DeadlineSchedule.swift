@@ -11,22 +11,38 @@ import Synchronization
 /// by host work takes nothing, so the deadline passes with no interrupt and no event
 /// (seen on rt+batch: 10 ms wake-ups, the vCPU starved the whole time).
 ///
-/// The binding records the deadline of each line it reads, mapped to the host clock;
-/// the VM's enforcer thread sleeps until the earliest one less `leadNs` and the
-/// binding sends `deadline` for each one due, once. Guest input bounds the work: a
+/// The binding records the deadline of each line it reads, mapped to the host clock,
+/// in the vCPU's lane (`DeadlineSlot`); the enforcer sleeps until the earliest one
+/// less the VM's lead (`DeadlineLead`) and the binding sends `deadline` for each one
+/// due, once. Guest input bounds the work: a
 /// deadline already past when it is read is not announced (its timer interrupt is
 /// due at once anyway), and announcements of one vCPU are at least `minSpacingNs`
 /// apart, so a guest rewriting its deadline at every exit cannot make the enforcer
 /// (a real-time thread) wake at the guest's pace.
-public final class DeadlineSchedule: Sendable {
+public enum DeadlineSchedule {
     /// The least time between two announcements for one vCPU.
     public static let minSpacingNs: UInt64 = 100_000
     /// The lead by default: about one guest timer interrupt's delivery on this host.
     public static let defaultLeadNs: UInt64 = 200_000
     /// The largest lead accepted (a larger one is clamped).
     public static let maxLeadNs: UInt64 = 100_000_000
+}
 
-    private struct Entry {
+/// A VM's deadline lead: how long before a published deadline it is announced
+/// (clamped to `DeadlineSchedule.maxLeadNs`); a change applies to deadlines
+/// recorded from then on.
+public final class DeadlineLead: Sendable {
+    private let ns: Atomic<UInt64>
+    public init(_ leadNs: UInt64 = DeadlineSchedule.defaultLeadNs) { ns = Atomic(min(leadNs, DeadlineSchedule.maxLeadNs)) }
+    public var leadNs: UInt64 {
+        get { ns.load(ordering: .relaxed) }
+        set { ns.store(min(newValue, DeadlineSchedule.maxLeadNs), ordering: .relaxed) }
+    }
+}
+
+/// One vCPU's published deadline, a value its lane keeps (see `DeadlineSchedule`).
+public struct DeadlineSlot: Equatable, Sendable {
+    private struct Entry: Equatable {
         /// The deadline as the guest published it (guest clock): what "the same
         /// deadline" means when it is read again.
         var guestNs: UInt64
@@ -35,67 +51,33 @@ public final class DeadlineSchedule: Sendable {
         var dueNs: UInt64
         var announced: Bool
     }
-    /// One vCPU's deadline. Each vCPU has its own lock: a vCPU thread preempted while
-    /// recording its deadline must not hold up another vCPU's (or the enforcer).
-    private final class Slot: Sendable {
-        let entry = Mutex<Entry?>(nil)
-        let lastAnnouncedNs = Atomic<UInt64>(0)
-    }
-    private let slots: [Slot]
-    private let lead: Atomic<UInt64>
+    private var entry: Entry?
+    private var lastAnnouncedNs: UInt64 = 0
+    public init() {}
 
-    public init(vcpus: Int, leadNs: UInt64 = DeadlineSchedule.defaultLeadNs) {
-        slots = (0..<max(0, vcpus)).map { _ in Slot() }
-        lead = Atomic(min(leadNs, Self.maxLeadNs))
-    }
-
-    /// How long before a deadline it is announced (clamped to `maxLeadNs`); a change
-    /// applies to deadlines recorded from then on.
-    public var leadNs: UInt64 {
-        get { lead.load(ordering: .relaxed) }
-        set { lead.store(min(newValue, Self.maxLeadNs), ordering: .relaxed) }
-    }
-
-    /// Records what `vcpu`'s line says now: a deadline (guest clock, and the host time
-    /// the binding maps it to, nil while the guest's clock is not known) or none.
-    /// Returns when the deadline falls due if it is new and will be announced (the
-    /// enforcer must be woken by then), nil otherwise.
-    func record(vcpu: Int, guestNs: UInt64?, hostNs: UInt64?, now: UInt64) -> UInt64? {
-        guard vcpu >= 0, vcpu < slots.count else { return nil }
-        let slot = slots[vcpu]
-        let leadNs = self.leadNs
-        let last = slot.lastAnnouncedNs.load(ordering: .relaxed)
-        return slot.entry.withLock { e in
-            guard let guestNs, let hostNs else { e = nil; return nil }
-            if let old = e, old.guestNs == guestNs { return nil }  // the same deadline, read again
-            guard hostNs > now else { e = nil; return nil }       // already due: the guest's timer is
-            let due = max(hostNs > leadNs ? hostNs - leadNs : 0, last &+ Self.minSpacingNs)
-            guard due <= hostNs else { e = nil; return nil }      // too soon after the last announcement
-            e = Entry(guestNs: guestNs, hostNs: hostNs, dueNs: due, announced: false)
-            return due
-        }
-    }
-
-    /// The deadlines due at `now`, each once: marks them announced and returns each
-    /// vCPU with the time left until its deadline.
-    func takeDue(now: UInt64) -> [(vcpu: Int, inNs: UInt64)] {
-        var due: [(vcpu: Int, inNs: UInt64)] = []
-        for (v, slot) in slots.enumerated() {
-            let left: UInt64? = slot.entry.withLock { e in
-                guard let entry = e, !entry.announced, entry.dueNs <= now else { return nil }
-                e!.announced = true
-                return entry.hostNs > now ? entry.hostNs - now : 0
-            }
-            if let left {
-                slot.lastAnnouncedNs.store(now, ordering: .relaxed)
-                due.append((v, left))
-            }
-        }
+    /// Records what the vCPU's line says now: a deadline (guest clock, and the host
+    /// time it maps to, nil while the guest's clock is not known) or none. Returns
+    /// when the deadline falls due if it is new and will be announced (the enforcer
+    /// must be woken by then), nil otherwise.
+    public mutating func record(guestNs: UInt64?, hostNs: UInt64?, now: UInt64, leadNs: UInt64) -> UInt64? {
+        guard let guestNs, let hostNs else { entry = nil; return nil }
+        if let old = entry, old.guestNs == guestNs { return nil }  // the same deadline, read again
+        guard hostNs > now else { entry = nil; return nil }        // already due: the guest's timer is
+        let due = max(hostNs > leadNs ? hostNs - leadNs : 0, lastAnnouncedNs &+ DeadlineSchedule.minSpacingNs)
+        guard due <= hostNs else { entry = nil; return nil }       // too soon after the last announcement
+        entry = Entry(guestNs: guestNs, hostNs: hostNs, dueNs: due, announced: false)
         return due
     }
 
-    /// The earliest time a recorded deadline falls due; nil when none waits.
-    public func nextDueNs() -> UInt64? {
-        slots.compactMap { slot in slot.entry.withLock { e in e.flatMap { $0.announced ? nil : $0.dueNs } } }.min()
+    /// If the deadline is due at `now`, marks it announced (once) and returns the time
+    /// left until it.
+    public mutating func takeDue(now: UInt64) -> UInt64? {
+        guard let e = entry, !e.announced, e.dueNs <= now else { return nil }
+        entry!.announced = true
+        lastAnnouncedNs = now
+        return e.hostNs > now ? e.hostNs - now : 0
     }
+
+    /// When the recorded deadline falls due; nil when none waits.
+    public var nextDueNs: UInt64? { entry.flatMap { $0.announced ? nil : $0.dueNs } }
 }

@@ -1,3 +1,4 @@
+import Atomics
 import Synchronization
 
 /// The host's budget for boosting one VM's vCPUs.
@@ -83,241 +84,203 @@ public enum GovernorVeto: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Enforces a VM's boost budgets (see `GovernorConfig`). It only answers; the
-/// binding acts on its answers and tells it, at every step, the wall time and the
-/// boosted thread's CPU time.
-///
-/// Each vCPU's budgets have a lock of their own and the VM's share is kept in atomics,
-/// so that no lock is shared between vCPUs: a vCPU thread preempted while it holds
-/// its budgets (one repaying a boost at nice 19 may wait tens of milliseconds for its
-/// CPU) holds up no other vCPU. Only the enforcer, a real-time thread, takes them all
-/// (`nextCheckNs`), and the locks lend it their holders' priority.
-public final class Governor: Sendable {
-    /// The limits in force (an operator may change them while the VM runs).
-    public var config: GovernorConfig { config(vcpu: 0) }
-    private struct VCPUBudget {
-        /// Budgets left (ns of CPU time) as of `lastWallNs`.
-        var critical: UInt64 = .max
-        var general: UInt64 = .max
-        subscript(_ b: BoostBudget) -> UInt64 {
-            get { b == .critical ? critical : general }
-            set { if b == .critical { critical = newValue } else { general = newValue } }
-        }
-        var boosted = false
-        var charging = BoostBudget.general
-        /// When the budgets were last brought up to date, and the thread's CPU time then (while boosted).
-        var lastWallNs: UInt64?
-        var lastCPUNs: UInt64 = 0
-        var throttledUntil: UInt64 = 0
-    }
-    /// One vCPU's budgets, and its copy of the limits (changed for all vCPUs at once).
-    private struct VCPUState {
-        var config: GovernorConfig
-        var budget = VCPUBudget()
-    }
-    private final class Slot: Sendable {
-        let state: Mutex<VCPUState>
-        init(_ s: VCPUState) { state = Mutex(s) }
-    }
-    private let slots: [Slot]
-    private let vcpuCount: Int
-    /// The VM's share window: where it began, and the boosted CPU time accounted in it.
+/// A VM's share of boosted time (`GovernorConfig.maxVMShare`): the window, the
+/// boosted CPU time accounted in it and how many vCPUs are boosted, in atomics, so
+/// that vCPUs account into it without sharing a lock (a vCPU thread preempted while
+/// holding a lock shared with its siblings, repaying a boost at nice 19, used to hold
+/// them up for milliseconds).
+public final class VMShare: Sendable {
+    public let vcpuCount: Int
     private let windowStart = Atomic<UInt64>(0)
-    private let windowUsedNs = Atomic<UInt64>(0)
-    /// How many vCPUs are boosted now (for the share's next check).
-    private let boostedCount = Atomic<Int>(0)
-    /// Woken when a change moves the next budget check earlier (see `nextCheckNs`).
-    private let alarm: BudgetAlarm?
-    /// Serialises `update`s (the control plane's), never taken by a vCPU.
-    private let updates = Mutex(())
+    private let usedNs = Atomic<UInt64>(0)
+    private let boosted = Atomic<Int>(0)
 
-    /// `alarm`, if given, is told whenever a boost begins, changes budget or has its
-    /// budget trimmed: the moments the next check can move earlier.
-    public init(config: GovernorConfig, vcpuCount: Int, alarm: BudgetAlarm? = nil) {
-        self.vcpuCount = vcpuCount
-        self.alarm = alarm
-        var s = VCPUState(config: config)
-        s.budget.critical = config.criticalBudgetNs
-        s.budget.general = config.generalBudgetNs
-        slots = (0..<max(1, vcpuCount)).map { _ in Slot(s) }
-    }
+    public init(vcpuCount: Int) { self.vcpuCount = max(1, vcpuCount) }
 
-    /// The limits as `vcpu` sees them (all vCPUs see the same, but each reads its own copy).
-    public func config(vcpu: Int) -> GovernorConfig { slots[vcpu].state.withLock { $0.config } }
-
-    /// Replaces the limits; budgets larger than the new sizes are trimmed.
-    public func update(_ config: GovernorConfig) {
-        updates.withLock { _ in
-            for (i, slot) in slots.enumerated() {
-                slot.state.withLock { s in
-                    s.config = config
-                    s.budget.critical = min(s.budget.critical, config.criticalBudgetNs)
-                    s.budget.general = min(s.budget.general, config.generalBudgetNs)
-                    announceNextCheck(s, vcpu: i)
-                }
-            }
-        }
-    }
-
-    /// Tells the alarm when `vcpu`'s boost, or the VM's share, could next run out (it
-    /// wakes the enforcer only if that is sooner than planned). Under the vCPU's lock,
-    /// after the change.
-    private func announceNextCheck(_ s: VCPUState, vcpu: Int) {
-        guard let alarm, s.budget.boosted else { return }
-        let since = s.budget.lastWallNs ?? 0
-        var next = Self.plus(since, s.budget[s.budget.charging])
-        if let share = shareCheck(s.config, since: since) { next = min(next, share) }
-        alarm.need(checkAtNs: next)
-    }
-
-    private static func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
-
-    /// When the boosted vCPUs together could spend the VM's share, accounted up to
-    /// `since` at the latest (each spends at most 1 ns per ns); nil without a limit.
-    private func shareCheck(_ config: GovernorConfig, since: UInt64) -> UInt64? {
-        let limit = shareLimitNs(config)
-        guard limit != .max else { return nil }
-        let used = windowUsedNs.load(ordering: .relaxed)
-        let boosted = UInt64(max(1, boostedCount.load(ordering: .relaxed)))
-        return Self.plus(since, (limit > used ? limit - used : 0) / boosted)
-    }
-
-    private func shareLimitNs(_ config: GovernorConfig) -> UInt64 {
+    /// The boosted CPU time the VM may spend per window; `.max` without a limit.
+    public func limitNs(_ config: GovernorConfig) -> UInt64 {
         if config.maxVMShare >= 1.0 || config.shareWindowNs == .max { return .max }
         let limit = Double(config.shareWindowNs) * Double(vcpuCount) * max(0, config.maxVMShare)
         return limit >= Double(UInt64.max) ? .max : UInt64(limit)
     }
 
-    /// Starts a new share window when the current one is over (whoever sees it first).
-    private func roll(_ config: GovernorConfig, now: UInt64) {
+    /// Starts a new window when the current one is over (whoever sees it first).
+    func roll(_ config: GovernorConfig, now: UInt64) {
         let window = config.shareWindowNs
         guard window != .max, window > 0 else { return }
         let start = windowStart.load(ordering: .acquiring)
         guard now >= start, now - start >= window else { return }
         let fresh = now - (now - start) % window
         if windowStart.compareExchange(expected: start, desired: fresh, ordering: .acquiringAndReleasing).exchanged {
-            windowUsedNs.store(0, ordering: .releasing)
+            usedNs.store(0, ordering: .releasing)
         }
     }
 
-    /// Brings a vCPU's budgets up to `now`: an unboosted vCPU refills both 1:1 with
-    /// wall time; a boosted one is charged the CPU time its thread ran since the last
-    /// step, to the budget it is charging.
-    private func account(_ s: inout VCPUState, now: UInt64, cpuNs: UInt64?) {
-        var v = s.budget
-        defer { s.budget = v }
-        let since = v.lastWallNs ?? now
+    /// The boosted CPU time spent in this window.
+    var used: UInt64 { usedNs.load(ordering: .relaxed) }
+    func charge(_ ns: UInt64) { usedNs.wrappingAdd(ns, ordering: .relaxed) }
+    func boostBegan() { boosted.wrappingAdd(1, ordering: .relaxed) }
+    func boostEnded() { boosted.wrappingSubtract(1, ordering: .relaxed) }
+
+    /// When the boosted vCPUs together could spend the share, accounted up to `since`
+    /// at the latest (each spends at most 1 ns per ns); nil without a limit.
+    func nextCheckNs(_ config: GovernorConfig, since: UInt64) -> UInt64? {
+        let limit = limitNs(config)
+        guard limit != .max else { return nil }
+        let used = self.used
+        let count = UInt64(max(1, boosted.load(ordering: .relaxed)))
+        return VCPUBudget.plus(since, (limit > used ? limit - used : 0) / count)
+    }
+}
+
+/// One vCPU's boost budgets (see `GovernorConfig`): a value its lane keeps under
+/// the vCPU's lock. It only answers; the lane acts on its answers and tells it, at
+/// every step, the wall time and the boosted thread's CPU time.
+public struct VCPUBudget: Equatable, Sendable {
+    /// Budgets left (ns of CPU time) as of `lastWallNs`.
+    public private(set) var critical: UInt64
+    public private(set) var general: UInt64
+    subscript(_ b: BoostBudget) -> UInt64 {
+        get { b == .critical ? critical : general }
+        set { if b == .critical { critical = newValue } else { general = newValue } }
+    }
+    /// A boost is running (and charging `charging`).
+    public private(set) var boosted = false
+    public private(set) var charging = BoostBudget.general
+    /// When the budgets were last brought up to date, and the thread's CPU time then (while boosted).
+    private var lastWallNs: UInt64?
+    private var lastCPUNs: UInt64 = 0
+    public private(set) var throttledUntil: UInt64 = 0
+
+    public init(_ config: GovernorConfig) {
+        critical = config.criticalBudgetNs
+        general = config.generalBudgetNs
+    }
+
+    static func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
+
+    /// Brings the budgets up to `now`: unboosted, both refill 1:1 with wall time;
+    /// boosted, the CPU time the thread ran since the last step is charged to the
+    /// budget it is charging (wall time without a CPU clock: it ran at most that long).
+    mutating func account(_ config: GovernorConfig, _ share: VMShare, now: UInt64, cpuNs: UInt64?) {
+        let since = lastWallNs ?? now
         let wall = now > since ? now - since : 0
-        if v.boosted {
-            // Without a CPU clock, wall time is charged (the thread ran at most that long).
-            let cpu = cpuNs.map { $0 > v.lastCPUNs ? $0 - v.lastCPUNs : 0 } ?? wall
-            v[v.charging] = v[v.charging] > cpu ? v[v.charging] - cpu : 0
-            windowUsedNs.wrappingAdd(cpu, ordering: .relaxed)
-            if let cpuNs { v.lastCPUNs = cpuNs }
+        if boosted {
+            let cpu = cpuNs.map { $0 > lastCPUNs ? $0 - lastCPUNs : 0 } ?? wall
+            self[charging] = self[charging] > cpu ? self[charging] - cpu : 0
+            share.charge(cpu)
+            if let cpuNs { lastCPUNs = cpuNs }
         } else {
-            let (c, oc) = v.critical.addingReportingOverflow(wall)
-            let (g, og) = v.general.addingReportingOverflow(wall)
-            v.critical = oc ? s.config.criticalBudgetNs : min(c, s.config.criticalBudgetNs)
-            v.general = og ? s.config.generalBudgetNs : min(g, s.config.generalBudgetNs)
+            let (c, oc) = critical.addingReportingOverflow(wall)
+            let (g, og) = general.addingReportingOverflow(wall)
+            critical = oc ? config.criticalBudgetNs : min(c, config.criticalBudgetNs)
+            general = og ? config.generalBudgetNs : min(g, config.generalBudgetNs)
         }
-        v.lastWallNs = now
+        lastWallNs = now
     }
 
-    /// May `vcpu` start a boost charged to `budget` now? `cpuNs` is its thread's CPU
-    /// time now (nil without a CPU clock). Records the start when allowed.
-    public func beginBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget = .general) -> GovernorVeto? {
-        slots[vcpu].state.withLock { s in
-            roll(s.config, now: now)
-            if s.budget.boosted { return nil }
-            if now < s.budget.throttledUntil { return .throttled(untilNs: s.budget.throttledUntil) }
-            let limit = shareLimitNs(s.config)
-            let used = windowUsedNs.load(ordering: .relaxed)
-            if used >= limit { return .vmShareExhausted(usedNs: used, limitNs: limit) }
-            account(&s, now: now, cpuNs: nil)
-            if s.budget[budget] == 0 { return .throttled(untilNs: now) }
-            s.budget.boosted = true
-            s.budget.charging = budget
-            s.budget.lastCPUNs = cpuNs ?? 0
-            boostedCount.wrappingAdd(1, ordering: .relaxed)
-            announceNextCheck(s, vcpu: vcpu)
-            return nil
-        }
+    /// May a boost charged to `budget` start now? `cpuNs` is the thread's CPU time now
+    /// (nil without a CPU clock). Records the start when allowed.
+    public mutating func begin(_ config: GovernorConfig, _ share: VMShare, now: UInt64, cpuNs: UInt64?,
+                               budget: BoostBudget) -> GovernorVeto? {
+        share.roll(config, now: now)
+        if boosted { return nil }
+        if now < throttledUntil { return .throttled(untilNs: throttledUntil) }
+        let limit = share.limitNs(config)
+        let used = share.used
+        if used >= limit { return .vmShareExhausted(usedNs: used, limitNs: limit) }
+        account(config, share, now: now, cpuNs: nil)
+        if self[budget] == 0 { return .throttled(untilNs: now) }
+        boosted = true
+        charging = budget
+        lastCPUNs = cpuNs ?? 0
+        share.boostBegan()
+        return nil
     }
 
-    /// Records the end of `vcpu`'s boost (`cpuNs`: its thread's CPU time now).
-    public func endBoost(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil) {
-        slots[vcpu].state.withLock { s in
-            roll(s.config, now: now)
-            guard s.budget.boosted else { return }
-            account(&s, now: now, cpuNs: cpuNs)
-            s.budget.boosted = false
-            boostedCount.wrappingSubtract(1, ordering: .relaxed)
-        }
+    /// Records the end of the boost (`cpuNs`: the thread's CPU time now).
+    public mutating func end(_ config: GovernorConfig, _ share: VMShare, now: UInt64, cpuNs: UInt64?) {
+        share.roll(config, now: now)
+        guard boosted else { return }
+        account(config, share, now: now, cpuNs: cpuNs)
+        boosted = false
+        share.boostEnded()
     }
 
-    /// Must `vcpu`'s running boost be cut now? Charges the CPU time since the last
-    /// step to the budget it was charging, then charges `budget` from here on. If a
-    /// budget is spent or the VM's share is used up, the boost is ended (and, for a
-    /// spent budget, the vCPU throttled) and the reason returned.
-    public func checkOverrun(vcpu: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget? = nil) -> GovernorVeto? {
-        slots[vcpu].state.withLock { s in
-            roll(s.config, now: now)
-            guard s.budget.boosted else { return nil }
-            account(&s, now: now, cpuNs: cpuNs)
-            let switched = budget.map { $0 != s.budget.charging } ?? false
-            if let budget { s.budget.charging = budget }
-            let charging = s.budget.charging
-            if s.budget[charging] == 0 {
-                s.budget.boosted = false
-                boostedCount.wrappingSubtract(1, ordering: .relaxed)
-                let (until, overflow) = now.addingReportingOverflow(s.config.throttleWindowNs)
-                s.budget.throttledUntil = overflow ? .max : until
-                return .budgetExhausted(charging, untilNs: s.budget.throttledUntil)
-            }
-            let limit = shareLimitNs(s.config)
-            let used = windowUsedNs.load(ordering: .relaxed)
-            if used > limit {
-                s.budget.boosted = false
-                boostedCount.wrappingSubtract(1, ordering: .relaxed)
-                return .vmShareExhausted(usedNs: used, limitNs: limit)
-            }
-            if switched { announceNextCheck(s, vcpu: vcpu) }
-            return nil
+    /// Must the running boost be cut now? Charges the CPU time since the last step to
+    /// the budget it was charging, then charges `budget` from here on. If a budget is
+    /// spent or the VM's share used up, the boost is ended (and, for a spent budget,
+    /// the vCPU throttled) and the reason returned.
+    public mutating func checkOverrun(_ config: GovernorConfig, _ share: VMShare, now: UInt64, cpuNs: UInt64?,
+                                      budget: BoostBudget? = nil) -> GovernorVeto? {
+        share.roll(config, now: now)
+        guard boosted else { return nil }
+        account(config, share, now: now, cpuNs: cpuNs)
+        if let budget { charging = budget }
+        if self[charging] == 0 {
+            boosted = false
+            share.boostEnded()
+            let (until, overflow) = now.addingReportingOverflow(config.throttleWindowNs)
+            throttledUntil = overflow ? .max : until
+            return .budgetExhausted(charging, untilNs: throttledUntil)
         }
+        let limit = share.limitNs(config)
+        let used = share.used
+        if used > limit {
+            boosted = false
+            share.boostEnded()
+            return .vmShareExhausted(usedNs: used, limitNs: limit)
+        }
+        return nil
     }
 
-    /// The earliest wall time at which a running boost could spend its budget, or the
-    /// boosts together the VM's share (a thread runs at most as fast as the wall clock):
-    /// when the enforcer must look next. Nil while no vCPU is boosted.
-    public func nextCheckNs() -> UInt64? {
-        var next: UInt64?
-        var since: UInt64?
-        var config: GovernorConfig?
-        for slot in slots {
-            slot.state.withLock { s in
-                config = config ?? s.config
-                guard s.budget.boosted else { return }
-                let wall = s.budget.lastWallNs ?? 0
-                since = min(since ?? wall, wall)
-                let at = Self.plus(wall, s.budget[s.budget.charging])
-                next = min(next ?? at, at)
-            }
-        }
-        guard var next, let since, let config else { return nil }
-        if let share = shareCheck(config, since: since) { next = min(next, share) }
-        return next
+    /// The earliest wall time at which the running boost could spend its budget, or
+    /// the running boosts together the VM's share: when the enforcer must look next.
+    /// Nil while not boosted.
+    public func nextCheckNs(_ config: GovernorConfig, _ share: VMShare) -> UInt64? {
+        guard boosted else { return nil }
+        let since = lastWallNs ?? 0
+        let at = Self.plus(since, self[charging])
+        return min(at, share.nextCheckNs(config, since: since) ?? .max)
     }
 
-    /// `vcpu`'s budgets left, brought up to `now` for an unboosted vCPU (for stats).
-    public func budgetsLeft(vcpu: Int, now: UInt64) -> (critical: UInt64, general: UInt64) {
-        slots[vcpu].state.withLock { s in
-            if !s.budget.boosted { account(&s, now: now, cpuNs: nil) }
-            return (s.budget.critical, s.budget.general)
-        }
+    /// New limits: budgets larger than the new sizes are trimmed.
+    public mutating func trim(to config: GovernorConfig) {
+        critical = min(critical, config.criticalBudgetNs)
+        general = min(general, config.generalBudgetNs)
     }
 
-    /// Whether `vcpu` is inside its throttle window at `now`.
-    public func isThrottled(vcpu: Int, now: UInt64) -> Bool {
-        slots[vcpu].state.withLock { now < $0.budget.throttledUntil }
+    /// The budgets left, brought up to `now` when not boosted (for stats and tests).
+    public mutating func left(_ config: GovernorConfig, _ share: VMShare, now: UInt64) -> (critical: UInt64, general: UInt64) {
+        if !boosted { account(config, share, now: now, cpuNs: nil) }
+        return (critical, general)
     }
+
+    public func isThrottled(now: UInt64) -> Bool { now < throttledUntil }
+}
+
+/// A VM's governor, the VM-wide part: the limits in force (an operator may change
+/// them while the VM runs), the VM's share and the alarm that wakes the enforcer.
+/// Each vCPU's budgets are a `VCPUBudget` in its lane.
+public final class Governor: Sendable {
+    private final class Limits: AtomicReference, Sendable {
+        let config: GovernorConfig
+        init(_ c: GovernorConfig) { config = c }
+    }
+    private let limits: ManagedAtomic<Limits>
+    public let share: VMShare
+    /// Woken when a change moves the next budget check earlier.
+    public let alarm: BudgetAlarm?
+
+    public init(config: GovernorConfig, vcpuCount: Int, alarm: BudgetAlarm? = nil) {
+        limits = ManagedAtomic(Limits(config))
+        share = VMShare(vcpuCount: vcpuCount)
+        self.alarm = alarm
+    }
+
+    /// The limits in force.
+    public var config: GovernorConfig { limits.load(ordering: .acquiring).config }
+
+    /// Replaces the limits (the binding then trims each vCPU's budgets).
+    func set(_ config: GovernorConfig) { limits.store(Limits(config), ordering: .releasing) }
 }

@@ -51,7 +51,7 @@ extension ControlHandler {
              let s = try session(p.vm)
              guard let b = s.binding else { throw ControlError(.conflict, field: "params.vm", "VM '\(s.handle.name)' runs without pvsched") }
              let config = p.change.applied(to: b.governor.config)
-             b.governor.update(config)
+             b.updateGovernor(config)
              logger.info("governor changed", metadata: ["vm": "\(s.handle.name)", "governor": "\(config)"])
              return GovernorSettings(config)
          },

@@ -151,30 +151,53 @@ import PVSchedTesting
     }
 }
 
+/// A VM's budgets as its lanes keep them: a `VCPUBudget` per vCPU over one `VMShare`.
+struct BudgetHarness {
+    var config: GovernorConfig
+    let share: VMShare
+    var budgets: [VCPUBudget]
+    init(_ config: GovernorConfig, vcpus: Int) {
+        self.config = config; share = VMShare(vcpuCount: vcpus); budgets = Array(repeating: VCPUBudget(config), count: vcpus)
+    }
+    mutating func begin(_ v: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget = .general) -> GovernorVeto? {
+        budgets[v].begin(config, share, now: now, cpuNs: cpuNs, budget: budget)
+    }
+    mutating func end(_ v: Int, now: UInt64, cpuNs: UInt64? = nil) { budgets[v].end(config, share, now: now, cpuNs: cpuNs) }
+    mutating func check(_ v: Int, now: UInt64, cpuNs: UInt64? = nil, budget: BoostBudget? = nil) -> GovernorVeto? {
+        budgets[v].checkOverrun(config, share, now: now, cpuNs: cpuNs, budget: budget)
+    }
+    var nextCheckNs: UInt64? { budgets.compactMap { $0.nextCheckNs(config, share) }.min() }
+    mutating func left(_ v: Int, now: UInt64) -> (critical: UInt64, general: UInt64) { budgets[v].left(config, share, now: now) }
+}
+
 @Suite struct GovernorTests {
     /// The enforcer's next look: the earliest budget or VM-share exhaustion of the
     /// running boosts (here the share: 25% of 2 vCPUs × 10 ms is 5 ms, spent twice as
     /// fast by two boosts).
     @Test func theNextCheckIsTheEarliestBudgetOrShareExhaustion() {
-        let g = Governor(config: .init(criticalBudgetNs: 4_000_000, generalBudgetNs: 8_000_000, throttleWindowNs: 0,
-                                       shareWindowNs: 10_000_000, maxVMShare: 0.25), vcpuCount: 2)
-        #expect(g.nextCheckNs() == nil)
-        #expect(g.beginBoost(vcpu: 0, now: 1000, budget: .critical) == nil)
-        #expect(g.nextCheckNs() == 1000 + 4_000_000)
-        #expect(g.checkOverrun(vcpu: 0, now: 1000, budget: .general) == nil)
-        #expect(g.nextCheckNs() == 1000 + 5_000_000)
-        #expect(g.beginBoost(vcpu: 1, now: 1000) == nil)
-        #expect(g.nextCheckNs() == 1000 + 2_500_000)
+        var g = BudgetHarness(.init(criticalBudgetNs: 4_000_000, generalBudgetNs: 8_000_000, throttleWindowNs: 0,
+                                    shareWindowNs: 10_000_000, maxVMShare: 0.25), vcpus: 2)
+        #expect(g.nextCheckNs == nil)
+        #expect(g.begin(0, now: 1000, budget: .critical) == nil)
+        #expect(g.nextCheckNs == 1000 + 4_000_000)
+        #expect(g.check(0, now: 1000, budget: .general) == nil)
+        #expect(g.nextCheckNs == 1000 + 5_000_000)
+        #expect(g.begin(1, now: 1000) == nil)
+        #expect(g.nextCheckNs == 1000 + 2_500_000)
     }
 
-    /// Trimming a running boost's budget can make its check due sooner: the governor
+    /// Trimming a running boost's budget can make its check due sooner: the binding
     /// tells the alarm, which wakes an enforcer that planned to sleep longer.
     @Test func trimmingARunningBoostsBudgetWakesTheEnforcer() throws {
-        let alarm = BudgetAlarm()
         let config = GovernorConfig(criticalBudgetNs: 5_000_000, generalBudgetNs: 5_000_000, throttleWindowNs: 0,
                                     shareWindowNs: .max, maxVMShare: 1)
-        let g = Governor(config: config, vcpuCount: 1, alarm: alarm)
-        #expect(g.beginBoost(vcpu: 0, now: 1000) == nil)  // no enforcer asleep yet: nothing to wake
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("boost") { _, v in v.boosted ? .none : .boost() })
+        let b = try r.bind(vm: testVM, actuator: RecordingActuator(), governor: config)
+        try r.assign("boost", to: testVM.id)
+        b.setThread(ThreadID(100), vcpu: 0)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)  // no enforcer asleep yet: nothing to wake
+        let alarm = try #require(b.budgetAlarm)
         let woke = WokeBox()
         let enforcer = try PVSchedCore.Thread { alarm.sleep { nil }; woke.mark() }
         usleep(10_000)
@@ -182,77 +205,72 @@ import PVSchedTesting
         let trimmed = MonotonicClock.nowNs()
         var smaller = config
         smaller.generalBudgetNs = 1_000_000
-        g.update(smaller)
+        b.updateGovernor(smaller)
         enforcer.join()
         #expect(woke.at - trimmed < BudgetAlarm.idleNs / 2)
     }
 
     @Test func aSpentBudgetCutsAndThrottlesAndThenAllowsAgain() {
-        let g = Governor(config: .init(criticalBudgetNs: 40, generalBudgetNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1),
-                         vcpuCount: 1)
-        #expect(g.beginBoost(vcpu: 0, now: 1000, cpuNs: 0) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 1050, cpuNs: 50) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 1100, cpuNs: 100) == .budgetExhausted(.general, untilNs: 1150))
-        #expect(g.beginBoost(vcpu: 0, now: 1120, cpuNs: 100) == .throttled(untilNs: 1150))
-        #expect(g.isThrottled(vcpu: 0, now: 1120))
+        var g = BudgetHarness(.init(criticalBudgetNs: 40, generalBudgetNs: 100, throttleWindowNs: 50, shareWindowNs: .max, maxVMShare: 1), vcpus: 1)
+        #expect(g.begin(0, now: 1000, cpuNs: 0) == nil)
+        #expect(g.check(0, now: 1050, cpuNs: 50) == nil)
+        #expect(g.check(0, now: 1100, cpuNs: 100) == .budgetExhausted(.general, untilNs: 1150))
+        #expect(g.begin(0, now: 1120, cpuNs: 100) == .throttled(untilNs: 1150))
+        #expect(g.budgets[0].isThrottled(now: 1120))
         // The budget refilled 1:1 with the 50 ns unboosted.
-        #expect(g.budgetsLeft(vcpu: 0, now: 1150).general == 50)
-        #expect(g.beginBoost(vcpu: 0, now: 1150, cpuNs: 100) == nil)
+        #expect(g.left(0, now: 1150).general == 50)
+        #expect(g.begin(0, now: 1150, cpuNs: 100) == nil)
     }
 
     @Test func onlyCPUTimeIsCharged() {
         // A boosted vCPU that halts (its thread does not run) spends nothing.
-        let g = Governor(config: .init(criticalBudgetNs: 100, generalBudgetNs: 100, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1),
-                         vcpuCount: 1)
-        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 5000) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 1_000_000, cpuNs: 5030) == nil)  // 1 ms of wall time, 30 ns run
-        #expect(g.budgetsLeft(vcpu: 0, now: 1_000_000).general == 70)
-        #expect(g.checkOverrun(vcpu: 0, now: 2_000_000, cpuNs: 5100) == .budgetExhausted(.general, untilNs: 2_000_000))
+        var g = BudgetHarness(.init(criticalBudgetNs: 100, generalBudgetNs: 100, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1), vcpus: 1)
+        #expect(g.begin(0, now: 0, cpuNs: 5000) == nil)
+        #expect(g.check(0, now: 1_000_000, cpuNs: 5030) == nil)  // 1 ms of wall time, 30 ns run
+        #expect(g.left(0, now: 1_000_000).general == 70)
+        #expect(g.check(0, now: 2_000_000, cpuNs: 5100) == .budgetExhausted(.general, untilNs: 2_000_000))
         // Without a CPU clock, wall time is charged.
-        #expect(g.beginBoost(vcpu: 0, now: 3_000_000) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 3_000_100) == .budgetExhausted(.general, untilNs: 3_000_100))
+        #expect(g.begin(0, now: 3_000_000) == nil)
+        #expect(g.check(0, now: 3_000_100) == .budgetExhausted(.general, untilNs: 3_000_100))
     }
 
     @Test func criticalSectionsHaveTheirOwnShorterBudget() {
-        let g = Governor(config: .init(criticalBudgetNs: 20, generalBudgetNs: 100, throttleWindowNs: 10, shareWindowNs: .max, maxVMShare: 1),
-                         vcpuCount: 1)
+        var g = BudgetHarness(.init(criticalBudgetNs: 20, generalBudgetNs: 100, throttleWindowNs: 10, shareWindowNs: .max, maxVMShare: 1), vcpus: 1)
         // An RT task runs 50 ns, then the guest enters an interrupt handler: charged to the critical budget.
-        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 0, budget: .general) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 50, cpuNs: 50, budget: .critical) == nil)
-        #expect(g.checkOverrun(vcpu: 0, now: 60, cpuNs: 60, budget: .critical) == nil)
-        #expect(g.budgetsLeft(vcpu: 0, now: 60) == (critical: 10, general: 50))
-        #expect(g.checkOverrun(vcpu: 0, now: 70, cpuNs: 70, budget: .critical) == .budgetExhausted(.critical, untilNs: 80))
+        #expect(g.begin(0, now: 0, cpuNs: 0, budget: .general) == nil)
+        #expect(g.check(0, now: 50, cpuNs: 50, budget: .critical) == nil)
+        #expect(g.check(0, now: 60, cpuNs: 60, budget: .critical) == nil)
+        #expect(g.left(0, now: 60) == (critical: 10, general: 50))
+        #expect(g.check(0, now: 70, cpuNs: 70, budget: .critical) == .budgetExhausted(.critical, untilNs: 80))
         // Both refill while unboosted, up to their size.
-        #expect(g.budgetsLeft(vcpu: 0, now: 1000) == (critical: 20, general: 100))
+        #expect(g.left(0, now: 1000) == (critical: 20, general: 100))
     }
 
     @Test func theEnforcerIsToldWhenABudgetCouldRunOut() {
-        let g = Governor(config: .init(criticalBudgetNs: 300, generalBudgetNs: 1000, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1),
-                         vcpuCount: 2)
-        #expect(g.nextCheckNs() == nil)
-        #expect(g.beginBoost(vcpu: 0, now: 100, cpuNs: 0, budget: .general) == nil)
-        #expect(g.nextCheckNs() == 1100)
-        #expect(g.beginBoost(vcpu: 1, now: 200, cpuNs: 0, budget: .critical) == nil)
-        #expect(g.nextCheckNs() == 500)
+        var g = BudgetHarness(.init(criticalBudgetNs: 300, generalBudgetNs: 1000, throttleWindowNs: 0, shareWindowNs: .max, maxVMShare: 1), vcpus: 2)
+        #expect(g.nextCheckNs == nil)
+        #expect(g.begin(0, now: 100, cpuNs: 0, budget: .general) == nil)
+        #expect(g.nextCheckNs == 1100)
+        #expect(g.begin(1, now: 200, cpuNs: 0, budget: .critical) == nil)
+        #expect(g.nextCheckNs == 500)
         // Half of the wall time run: the earliest exhaustion moves later.
-        #expect(g.checkOverrun(vcpu: 1, now: 400, cpuNs: 100) == nil)
-        #expect(g.nextCheckNs() == 600)
-        g.endBoost(vcpu: 1, now: 450, cpuNs: 120)
-        #expect(g.nextCheckNs() == 1100)
+        #expect(g.check(1, now: 400, cpuNs: 100) == nil)
+        #expect(g.nextCheckNs == 600)
+        g.end(1, now: 450, cpuNs: 120)
+        #expect(g.nextCheckNs == 1100)
     }
 
     @Test func vmShareIsEnforced() {
         // Window 1000 ns, 2 vCPUs, 25% share: 500 ns of boosted CPU time per window.
-        let g = Governor(config: .init(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25),
-                         vcpuCount: 2)
-        #expect(g.beginBoost(vcpu: 0, now: 0, cpuNs: 0) == nil)
-        g.endBoost(vcpu: 0, now: 300, cpuNs: 300)
-        #expect(g.beginBoost(vcpu: 1, now: 300, cpuNs: 0) == nil)
-        #expect(g.checkOverrun(vcpu: 1, now: 400, cpuNs: 100) == nil)
-        #expect(g.checkOverrun(vcpu: 1, now: 600, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
-        #expect(g.beginBoost(vcpu: 0, now: 700, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        var g = BudgetHarness(.init(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25), vcpus: 2)
+        #expect(g.begin(0, now: 0, cpuNs: 0) == nil)
+        g.end(0, now: 300, cpuNs: 300)
+        #expect(g.begin(1, now: 300, cpuNs: 0) == nil)
+        #expect(g.check(1, now: 400, cpuNs: 100) == nil)
+        #expect(g.check(1, now: 600, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
+        #expect(g.begin(0, now: 700, cpuNs: 300) == .vmShareExhausted(usedNs: 600, limitNs: 500))
         // A new window starts afresh.
-        #expect(g.beginBoost(vcpu: 0, now: 1000, cpuNs: 300) == nil)
+        #expect(g.begin(0, now: 1000, cpuNs: 300) == nil)
     }
 }
 

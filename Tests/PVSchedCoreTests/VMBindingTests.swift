@@ -329,7 +329,7 @@ import Testing
         let now = MonotonicClock.nowNs()
         buf.writer.update(vcpu: 0) { g in g.guest_clock_ns = now; g.next_deadline_ns = now + 50_000_000 }
         b.notify(.halt, vcpu: 0)
-        #expect(b.deadlines.nextDueNs() == nil)
+        #expect(b.nextEnforcerWakeNs() == nil)
         #expect(b.nextEnforcerWakeNs() == nil)
     }
 }
