@@ -70,6 +70,7 @@ let package = Package(
         // The composition root: registry + built-in drivers + actuator + VM sessions.
         .target(name: "PVSchedHost", dependencies: [
             "PVSchedCore", "PVSchedDrivers", "PVSchedLinux", "PVSchedKVM", "PVSchedBPF", "PVSchedControl", "PVSchedABI",
+            "PVSchedAttach", "PVSchedKernelEvents", "PVSchedGuestImage",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Atomics", package: "swift-atomics"),
         ]),

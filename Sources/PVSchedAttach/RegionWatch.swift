@@ -31,7 +31,7 @@ extension SharedMemoryFile: WatchedRegion {}
 /// - with an area: notices a withdrawn or rewritten header (module unloaded or
 ///   reloaded) and a VM that pvsched disabled (a bad line); otherwise reads each
 ///   vCPU's sequence counter and sends `guestUpdate` when a line changed (the
-///   binding, reading the line, learns the guest's deadline and announces it ahead);
+///   VM's host component, reading the line, learns the guest's deadline and announces it ahead);
 /// - returns when to look again: every `busyPollNs` while the guest reports work or
 ///   a vCPU is boosted, every `idlePollNs` otherwise, `headerPollNs` without a header.
 ///
@@ -80,7 +80,9 @@ public final class RegionWatch: Sendable {
 
     private let region: any WatchedRegion
     private let link: VMHostLink
-    private let binding: VMBinding
+    /// The VM's events go here; what it says of the VM comes from `status`.
+    private let sink: any VMEventSink
+    private let vm: any VMStatusView
     public let settings: Settings
     private let phaseBox = Mutex(Phase.waiting)
     private let counters = Mutex(Counters())
@@ -98,8 +100,8 @@ public final class RegionWatch: Sendable {
     }
     private let cursor = Mutex(Cursor())
 
-    public init(region: any WatchedRegion, link: VMHostLink, binding: VMBinding, settings: Settings = Settings(), logger: Logger) {
-        self.region = region; self.link = link; self.binding = binding
+    public init(region: any WatchedRegion, link: VMHostLink, status: any VMStatusView, settings: Settings = Settings(), logger: Logger) {
+        self.region = region; self.link = link; self.sink = link.events; self.vm = status
         self.settings = settings; self.logger = logger
     }
 
@@ -118,7 +120,7 @@ public final class RegionWatch: Sendable {
             // The file was truncated under us: what is mapped now is zeros.
             if case .disabled = phase {} else {
                 let why = "the region file \(region.path) was truncated under the host"
-                binding.disable(.regionLost(why))
+                vm.disable(.regionLost(why))
                 c.area = nil
                 phaseBox.withLock { $0 = .disabled(why) }
                 logger.error("pvsched disabled for VM: its region went away", metadata: ["vm": "\(link.handle)", "path": "\(region.path)"])
@@ -134,7 +136,7 @@ public final class RegionWatch: Sendable {
                 logger.info("guest withdrew its pvsched region", metadata: ["vm": "\(link.handle)"])
                 return now
             }
-            if let bad = binding.disabledReason {
+            if let bad = vm.disabledReason {
                 c.area = nil
                 publishAll(current, status: .disabled)
                 writeHeader(negotiation: PVSCHED_DEV_REFUSED, reason: PVSCHED_REASON_BAD_LINE)
@@ -150,8 +152,8 @@ public final class RegionWatch: Sendable {
             switch link.registrar.register(area: region.bytes, owner: region) {
             case .success(let accepted):
                 writeHeader(negotiation: PVSCHED_DEV_ACCEPTED, reason: PVSCHED_REASON_NONE)
-                c.area = binding.area
-                c.watches = Array(repeating: VCPUWatch(), count: c.area?.layout.vcpuCount ?? 0)
+                c.area = accepted.area
+                c.watches = Array(repeating: VCPUWatch(), count: accepted.area.layout.vcpuCount)
                 phaseBox.withLock { $0 = .accepted(accepted) }
                 logger.info("pvsched region accepted", metadata: ["vm": "\(link.handle)", "protocol": "\(accepted)"])
                 return now
@@ -172,23 +174,28 @@ public final class RegionWatch: Sendable {
         var busy = false
         var updates: UInt64 = 0
         for v in watches.indices {
-            guard let seq = area.sequence(vcpu: v) else { continue }
-            if seq != watches[v].sequence, seq & 1 == 0 {
-                watches[v].sequence = seq
-                if let st = try? area.read(vcpu: v) { watches[v].state = st }
-                binding.notify(.guestUpdate, vcpu: v)
-                updates += 1
-            } else if seq & 1 == 1 {
-                busy = true  // mid-write: look again soon
+            // A vCPU whose thread slept since the last look cannot have changed its line.
+            if v < link.handle.vcpuCount, vm.lineMayHaveChanged(vcpu: v), let seq = area.sequence(vcpu: v) {
+                if seq != watches[v].sequence, seq & 1 == 0 {
+                    watches[v].sequence = seq
+                    if let st = try? area.read(vcpu: v) { watches[v].state = st }
+                    sink.notify(.guestUpdate, vcpu: v)
+                    updates += 1
+                } else if seq & 1 == 1 {
+                    busy = true  // mid-write: look again soon
+                }
             }
             guard let st = watches[v].state else { continue }
             if !st.flags.subtracting(.idle).isEmpty { busy = true }
-            if binding.publishedStats(vcpu: v).boosted { busy = true }
+            if v < link.handle.vcpuCount, vm.publishedStats(vcpu: v).boosted { busy = true }
         }
         if busy { next = min(next, now + settings.busyPollNs) }
         counters.withLock { c in c.polls &+= 1; c.guestUpdates &+= updates }
         return next
     }
+
+    /// Waits for a step in progress (on the poller's thread) to finish.
+    public func settle() { cursor.withLock { _ in } }
 
     /// The watch ends (the VM is detached): an accepted guest sees the host gone idle.
     public func withdraw() {
@@ -216,9 +223,22 @@ public final class RegionWatch: Sendable {
 
     private func publishAll(_ area: SharedArea, status: HostVCPUStatus) {
         for v in 0..<area.layout.vcpuCount {
-            let st = binding.publishedStats(vcpu: min(v, link.handle.vcpuCount - 1))
+            let st = vm.publishedStats(vcpu: min(v, link.handle.vcpuCount - 1))
             try? area.publish(vcpu: v, status: status, boostCount: st.boostCount, boostedNs: st.boostedNs,
                               throttleCount: st.throttleCount)
         }
     }
+}
+
+/// Memory this process already maps, as a guest's region (the lab's in-process
+/// VMs, the tests): kept alive by `owner`; it never goes away under the host.
+// @unchecked Sendable: the pointer and owner are set once; the memory is shared with the guest by design.
+public final class MappedRegion: WatchedRegion, @unchecked Sendable {
+    public let bytes: UnsafeMutableRawBufferPointer
+    public let path: String
+    private let owner: AnyObject?
+    public init(bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?, path: String = "(in-process memory)") {
+        self.bytes = bytes; self.owner = owner; self.path = path
+    }
+    public var faulted: Bool { false }
 }

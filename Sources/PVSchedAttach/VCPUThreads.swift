@@ -57,13 +57,6 @@ public struct VCPUThreads: Equatable, Sendable {
 
     public init(vcpus: [Int32], mainLoop: Int32? = nil) { self.vcpus = vcpus; self.mainLoop = mainLoop }
 
-    /// Points `binding`'s vCPUs at these threads and, with `boostMainLoop`, makes
-    /// the main loop follow their boosts (see `VMBinding.setCompanionThreads`).
-    public func install(in binding: VMBinding, boostMainLoop: Bool) {
-        for (i, t) in vcpus.enumerated() { binding.setThread(ThreadID(t), vcpu: i) }
-        if boostMainLoop, let mainLoop { binding.setCompanionThreads([ThreadID(mainLoop)]) }
-    }
-
     /// From QMP `query-cpus-fast`. Checks every thread id belongs to `pid`.
     public static func fromQMP(_ qmp: QMPClient, pid: Int32) throws(QMPError) -> VCPUThreads {
         try decode(queryCpusFast: try qmp.execute("query-cpus-fast"), pid: pid) { isThread($0, of: pid) }

@@ -146,10 +146,10 @@ public final class DriverRegistry: Sendable {
     /// `clock` is where the binding reads the time (a manual clock in tests).
     public func bind(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig = .default,
                      boost: BoostSettings = BoostSettings(), trace: EventTrace? = nil,
-                     clock: any HostClock = SystemClock()) throws(RegistryError) -> VMBinding {
+                     clock: any HostClock = SystemClock(), alarm: BudgetAlarm? = nil) throws(RegistryError) -> VMBinding {
         try control.withLock { _ throws(RegistryError) in
             let binding = VMBinding(vm: vm, actuator: actuator, governor: governor, boost: boost, trace: trace,
-                                    logger: Logger(label: "pvsched.vm"), clock: clock,
+                                    logger: Logger(label: "pvsched.vm"), clock: clock, alarm: alarm,
                                     ejector: { [weak self] b, driver, reason in self?.eject(b, driver: driver, reason: reason) })
             let d: (any Driver)? = try state.withLock { s throws(RegistryError) in
                 guard s.bindings[vm.id] == nil else { throw .vmAlreadyBound(vm.id) }

@@ -260,7 +260,7 @@ public struct VCPUBudget: Equatable, Sendable {
 }
 
 /// A VM's governor, the VM-wide part: the limits in force (an operator may change
-/// them while the VM runs), the VM's share and the alarm that wakes the enforcer.
+/// them while the VM runs) and the VM's share.
 /// Each vCPU's budgets are a `VCPUBudget` in its lane.
 public final class Governor: Sendable {
     private final class Limits: AtomicReference, Sendable {
@@ -269,13 +269,10 @@ public final class Governor: Sendable {
     }
     private let limits: ManagedAtomic<Limits>
     public let share: VMShare
-    /// Woken when a change moves the next budget check earlier.
-    public let alarm: BudgetAlarm?
 
-    public init(config: GovernorConfig, vcpuCount: Int, alarm: BudgetAlarm? = nil) {
+    public init(config: GovernorConfig, vcpuCount: Int) {
         limits = ManagedAtomic(Limits(config))
         share = VMShare(vcpuCount: vcpuCount)
-        self.alarm = alarm
     }
 
     /// The limits in force.

@@ -199,7 +199,7 @@ extension VMBinding {
         for lane in lanes {
             lane.state.withLock { s in
                 s.budget.trim(to: config)
-                if let at = s.budget.nextCheckNs(config, governor.share) { budgetAlarm?.need(checkAtNs: at) }
+                if let at = s.budget.nextCheckNs(config, governor.share) { needCheck(at: at) }
             }
         }
     }

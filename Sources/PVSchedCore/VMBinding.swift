@@ -15,7 +15,7 @@ import Synchronization
 ///
 /// Created and driven by a `DriverRegistry`; the VMM calls `notify` from vCPU and
 /// device threads. Safe to call from any thread.
-public final class VMBinding: VMEventSink {
+public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     public let vm: VMHandle
     public let governor: Governor
     public let actuator: any Actuator
@@ -49,8 +49,22 @@ public final class VMBinding: VMEventSink {
         let state: Mutex<VCPULane>
         let published = Mutex(VCPUStats())
         let repaymentEnd = Atomic<UInt64>(0)
+        /// Whether its thread runs, as the VM's events say (`Running`).
+        let running = Atomic<UInt8>(Running.unknown)
         init(_ lane: VCPULane) { state = Mutex(lane) }
     }
+    /// What the events say of a vCPU thread's running (`shouldLook`).
+    enum Running {
+        /// No event says: its line may change any time.
+        static let unknown: UInt8 = 0
+        static let running: UInt8 = 1
+        /// Asleep, its line not read since it went to sleep.
+        static let asleep: UInt8 = 2
+        /// Asleep, and its line read since: it cannot change until the thread runs.
+        static let asleepLooked: UInt8 = 3
+    }
+    /// An earlier look the enforcer must take for this VM (`takeWakeHint`).
+    let wakeHint = Atomic<UInt64>(.max)
     let lanes: [Lane]
 
     struct Slot {
@@ -88,15 +102,15 @@ public final class VMBinding: VMEventSink {
     let companions = Mutex(Companions())
 
     init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, trace: EventTrace?,
-         logger: Logger, clock: any HostClock = SystemClock(),
+         logger: Logger, clock: any HostClock = SystemClock(), alarm: BudgetAlarm? = nil,
          ejector: @escaping @Sendable (VMBinding, String, String) -> Void = { _, _, _ in }) {
         self.ejector = ejector
         self.clock = clock
         self.vm = vm
         self.trace = trace
         self.actuator = actuator
-        self.budgetAlarm = BudgetAlarm()
-        self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount, alarm: budgetAlarm)
+        self.budgetAlarm = alarm ?? BudgetAlarm()
+        self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount)
         self.boost = boost
         self.logger = logger
         self.lanes = (0..<vm.vcpuCount).map { _ in Lane(VCPULane(config: governor)) }
@@ -116,6 +130,11 @@ public final class VMBinding: VMEventSink {
     /// delivered on this entry (the guest has interrupts off), so it stays pending.
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+        switch event {
+        case .vmEntry: lanes[vcpu].running.store(Running.running, ordering: .relaxed)
+        case .halt: lanes[vcpu].running.store(Running.asleep, ordering: .relaxed)
+        default: break
+        }
         let d = dispatch.load(ordering: .acquiring)
         guard !d.disabled, let driver = d.driver, driver.events.contains(event.kind) else { return .unchanged }
         let now = clock.nowNs()
@@ -170,7 +189,7 @@ public final class VMBinding: VMEventSink {
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area = d.area { publish(area, vcpu: vcpu) }
-        if let deadlineDue { budgetAlarm?.need(checkAtNs: deadlineDue) }
+        if let deadlineDue { needCheck(at: deadlineDue) }
         if failing {
             let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
             slot.withLock { s in
@@ -203,7 +222,7 @@ public final class VMBinding: VMEventSink {
             }
         }
         lanes[vcpu].repaymentEnd.store(s.repaymentEndNs ?? 0, ordering: .relaxed)
-        if let at = step.alarmAt { budgetAlarm?.need(checkAtNs: at) }
+        if let at = step.alarmAt { needCheck(at: at) }
         if step.boostsDelta != 0 { companionsFollow(boostedVCPUs: step.boostsDelta, parameters: step.boostParameters ?? boost.boosted) }
         for n in step.notes { say(n, vcpu: vcpu) }
         step = LaneStep()
@@ -297,6 +316,37 @@ public final class VMBinding: VMEventSink {
             if end != 0 { next = min(next, end) }
         }
         return next == .max ? nil : next
+    }
+
+    /// The enforcer must look at this VM by `at`: noted for it (`takeWakeHint`), and
+    /// the alarm rung if that is sooner than it planned.
+    func needCheck(at: UInt64) {
+        // Sequentially consistent, as the alarm's plan: the enforcer either takes this
+        // hint after opening its plan to rings, or this call sees the plan and rings.
+        var current = wakeHint.load(ordering: .sequentiallyConsistent)
+        while at < current {
+            let (done, seen) = wakeHint.compareExchange(expected: current, desired: at, ordering: .sequentiallyConsistent)
+            if done { break }
+            current = seen
+        }
+        budgetAlarm?.need(checkAtNs: at)
+    }
+
+    public func takeWakeHint() -> UInt64 { wakeHint.exchange(.max, ordering: .sequentiallyConsistent) }
+
+    /// Whether to read `vcpu`'s line now: not while its thread has been asleep since
+    /// the last look (a guest changes its line only while its vCPU runs), as far as
+    /// the VM's events tell (the host kernel's scheduler events; without them, always).
+    public func lineMayHaveChanged(vcpu: Int) -> Bool {
+        let lane = lanes[vcpu]
+        switch lane.running.load(ordering: .relaxed) {
+        case Running.asleepLooked: return false
+        case Running.asleep:
+            // Read once after it went to sleep (its last write came just before).
+            _ = lane.running.compareExchange(expected: Running.asleep, desired: Running.asleepLooked, ordering: .relaxed)
+            return true
+        default: return true
+        }
     }
 
     /// Undoes every boost and detaches the driver (VM exit).

@@ -4,13 +4,13 @@ import Glibc
 #endif
 
 /// Where the hypervisor side of a VM sends its vCPU events: the narrow interface
-/// a VMM calls out through (cloud-hypervisor's `VmOps` shape). The VMM knows
-/// nothing of registries, drivers, governors or actuators; the host component
-/// (a `VMBinding`) implements this.
+/// an event source calls out through (cloud-hypervisor's `VmOps` shape): the
+/// built-in VMM, the host kernel's KVM events, the region watcher. It knows
+/// nothing of registries, drivers, governors, actuators or enforcers; the host
+/// component (a `VMBinding`) implements it.
 ///
-/// Calling context: `notify`, `setThread` from the vCPU's own thread or a device
-/// thread; `enforceBudgets` and `announceDeadlines` from the VM's enforcer thread
-/// (its host-side timer). All are thread-safe.
+/// Calling context: from the vCPU's own thread, a device thread or an event source's
+/// thread. Thread-safe.
 public protocol VMEventSink: AnyObject, Sendable {
     /// Delivers `event` for `vcpu`. `interruptStillQueued` (for `.vmEntry`) says an
     /// injected interrupt could not be delivered on this entry, so it stays pending.
@@ -18,8 +18,35 @@ public protocol VMEventSink: AnyObject, Sendable {
     func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome
     /// The OS thread that runs `vcpu` now (nil when it stops).
     func setThread(_ thread: ThreadID?, vcpu: Int)
-    /// Installs (or drops) the guest's validated shared area.
-    func setArea(_ area: SharedArea?)
+}
+
+extension VMEventSink {
+    /// Delivers `event` for `vcpu` (no interrupt left queued).
+    @discardableResult
+    public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
+        notify(event, vcpu: vcpu, interruptStillQueued: false)
+    }
+}
+
+/// What code that serves a VM from outside (a region watcher, an attacher) may read
+/// of it: a read-only view, never the binding itself.
+public protocol VMStatusView: AnyObject, Sendable {
+    /// Why pvsched was disabled for the VM, if it was.
+    var disabledReason: SharedAreaError? { get }
+    /// `vcpu`'s counters as last published (`boosted` among them).
+    func publishedStats(vcpu: Int) -> VCPUStats
+    /// Whether `vcpu`'s guest may have changed its line since the last look: its thread
+    /// ran (or went to sleep) since, as the VM's events say; always true when they say
+    /// nothing about its running.
+    func lineMayHaveChanged(vcpu: Int) -> Bool
+    /// Stops pvsched for the VM, for a reason outside the guest's lines (its memory went away).
+    func disable(_ error: SharedAreaError)
+}
+
+/// What the host's enforcer does for a VM, on its own thread: cut boosts past their
+/// budget, end repayments that are due, announce deadlines that are near, and say
+/// when it must look next (see `BudgetAlarm`). A `VMBinding` implements it.
+public protocol VMEnforcement: AnyObject, Sendable {
     /// Cuts boosts that ran past their budget even when no event comes, and ends the
     /// repayments that are due; returns how many boosts it cut.
     @discardableResult
@@ -28,49 +55,16 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// or not any other event comes; returns how many.
     @discardableResult
     func announceDeadlines() -> Int
-    /// The earliest time (host monotonic ns) the enforcer has work: a running boost
-    /// that could spend its budget, a repayment to end, or a deadline to announce;
-    /// nil when there is none. The enforcer calls `enforceBudgets` and `announceDeadlines` again no later.
+    /// The earliest time (host monotonic ns) the enforcer has work for this VM: a
+    /// running boost that could spend its budget, a repayment to end, or a deadline
+    /// to announce; nil when there is none.
     func nextEnforcerWakeNs() -> UInt64?
-    /// What the enforcer sleeps on, if the sink wakes it when it has work sooner
-    /// (nil: the enforcer looks every `enforcerSleepNs`).
-    var budgetAlarm: BudgetAlarm? { get }
-    /// The real-time priority the enforcer needs to preempt every thread the sink's
-    /// boosts raise, and no more (nil: the sink has no say; the VMM's own choice).
+    /// The real-time priority the enforcer needs to preempt every thread this VM's
+    /// boosts raise, and no more.
     var enforcerPriority: UInt8? { get }
-}
-
-extension VMEventSink {
-    public func announceDeadlines() -> Int { 0 }
-    public func nextEnforcerWakeNs() -> UInt64? { nil }
-    public var budgetAlarm: BudgetAlarm? { nil }
-    public var enforcerPriority: UInt8? { nil }
-
-    /// The enforcer's loop, on its own thread, while `running()`: cuts overrunning
-    /// boosts and ends due repayments (`enforceBudgets`), announces due deadlines, then
-    /// sleeps on the sink's alarm when it has one (until its next work, or sooner work
-    /// it is rung for), else `enforcerSleepNs`.
-    public func runEnforcer(while running: () -> Bool) {
-        while running() {
-            enforceBudgets()
-            announceDeadlines()
-            if let budgetAlarm { budgetAlarm.sleep { nextEnforcerWakeNs() } }
-            else { usleep(UInt32(enforcerSleepNs(now: MonotonicClock.nowNs()) / 1000)) }
-        }
-    }
-
-    /// How long an enforcer may sleep before its next round: until its next work, at
-    /// most `maxNs` (the pacing of the publication of counters), at least 20 µs.
-    public func enforcerSleepNs(now: UInt64, maxNs: UInt64 = 1_000_000) -> UInt64 {
-        guard let next = nextEnforcerWakeNs() else { return maxNs }
-        return min(maxNs, max(20_000, next > now ? next - now : 0))
-    }
-
-    /// Delivers `event` for `vcpu` (no interrupt left queued).
-    @discardableResult
-    public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
-        notify(event, vcpu: vcpu, interruptStillQueued: false)
-    }
+    /// An earlier look this VM asked for since the enforcer last took it (`.max`:
+    /// none); taking it resets it.
+    func takeWakeHint() -> UInt64
 }
 
 /// Why a guest's shared-area registration was refused, with the device's reason code.
@@ -94,15 +88,23 @@ public struct AreaRefusal: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// A guest's area accepted: the protocol it speaks and the driver now serving it.
-public struct AreaAcceptance: Equatable, Sendable, CustomStringConvertible {
+/// A guest's area accepted: the protocol it speaks, the driver now serving it, and
+/// the validated view of the area itself (what a watcher then reads).
+public struct AreaAcceptance: Sendable, CustomStringConvertible {
     public let protocolName: String
     public let protocolVersion: ProtocolVersion
     public let driver: String
-    public init(protocolName: String, protocolVersion: ProtocolVersion, driver: String) {
-        self.protocolName = protocolName; self.protocolVersion = protocolVersion; self.driver = driver
+    public let area: SharedArea
+    public init(protocolName: String, protocolVersion: ProtocolVersion, driver: String, area: SharedArea) {
+        self.protocolName = protocolName; self.protocolVersion = protocolVersion; self.driver = driver; self.area = area
     }
     public var description: String { "\(protocolName) \(protocolVersion), driver \(driver)" }
+}
+
+extension AreaAcceptance: Equatable {
+    public static func == (a: AreaAcceptance, b: AreaAcceptance) -> Bool {
+        a.protocolName == b.protocolName && a.protocolVersion == b.protocolVersion && a.driver == b.driver && a.area.base == b.area.base
+    }
 }
 
 /// Validates and negotiates the shared area a guest registers (through a VMM's
@@ -207,7 +209,7 @@ public struct BindingRegistrar: SharedAreaRegistrar {
         }
         binding.setArea(area)
         return .success(AreaAcceptance(protocolName: area.layout.protocolName,
-                                       protocolVersion: area.layout.protocolVersion, driver: driver.name))
+                                       protocolVersion: area.layout.protocolVersion, driver: driver.name, area: area))
     }
 
     public func unregister() {

@@ -15,7 +15,6 @@ import Synchronization
 public final class ControlHandler: Sendable {
     public let host: PVSchedHost
     let operatorBoosts: OperatorBoosts
-    let attacher: VMAttacher
     let metricsAddress: String?
     let logger: Logger
 
@@ -23,13 +22,12 @@ public final class ControlHandler: Sendable {
     typealias Entry = @Sendable (inout RequestParams, ControlCaller) throws(ControlError) -> JSON
     private let table = Mutex<[String: Entry]>([:])
 
-    public init(host: PVSchedHost, metricsAddress: String? = nil, eventsPriority: UInt8? = 90,
+    public init(host: PVSchedHost, metricsAddress: String? = nil,
                 logger: Logger = Logger(label: "pvsched.control")) throws(ThreadError) {
         self.host = host
         self.metricsAddress = metricsAddress
         self.logger = logger
         operatorBoosts = try OperatorBoosts(actuator: host.actuator)
-        attacher = VMAttacher(host: host, eventsPriority: eventsPriority, logger: logger)
         var t: [String: Entry] = [:]
         for (name, entry) in daemonEntries() + driverEntries() + vmEntries() + threadEntries() { t[name] = entry }
         precondition(Set(t.keys) == Set(ControlMethods.names), "every control method has exactly one handler")
@@ -47,12 +45,11 @@ public final class ControlHandler: Sendable {
     }
 
     /// Records the kernel event source dropped (nil: it was never opened).
-    public var kernelEventsDropped: UInt64? { attacher.kernelEventsDropped }
+    public var kernelEventsDropped: UInt64? { host.kernelEventsDropped }
 
-    /// Stops the operator-boost timer and undoes its boosts; detaches the kernel events.
+    /// Stops the operator-boost timer and undoes its boosts.
     public func shutdown() {
         operatorBoosts.shutdown()
-        attacher.shutdown()
     }
 
     /// Parses and carries out one request line for `caller`; returns the response line.
@@ -98,9 +95,16 @@ public final class ControlHandler: Sendable {
     }
 
     func hostCall<T>(_ body: () throws(HostError) -> T) throws(ControlError) -> T {
-        do { return try body() } catch {
-            let field = error.field.hasPrefix("params.") ? error.field : "params.\(error.field)"
-            throw ControlError(error.field == "vm" ? .notFound : .invalidParams, field: field, error.message)
+        do { return try body() } catch { throw Self.controlError(error) }
+    }
+
+    static func controlError(_ error: HostError) -> ControlError {
+        let field = error.field.hasPrefix("params.") ? error.field : "params.\(error.field)"
+        switch error.kind {
+        case .invalid: return ControlError(.invalidParams, field: field, error.message)
+        case .notFound: return ControlError(.notFound, field: field, error.message)
+        case .conflict: return ControlError(.conflict, field: field, error.message)
+        case .failed: return ControlError(.failed, field: field, error.message)
         }
     }
 

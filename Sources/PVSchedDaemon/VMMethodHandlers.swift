@@ -10,16 +10,16 @@ extension ControlHandler {
         [Self.entry(VMList.self) { [self] _, _ in host.sessions.map(summary) },
          Self.entry(VMStart.self) { [self] p, _ throws(ControlError) in try startVM(p) },
          Self.entry(VMAttach.self) { [self] p, _ throws(ControlError) in
-             let (session, info) = try attacher.attach(p)
+             let spec = try p.spec()
+             let session = try hostCall { () throws(HostError) in try host.attach(spec) }
+             let info = session.report
              var vm = summary(session)
              vm.negotiation = info.negotiation
-             return .init(vm: vm, events: info.events, pid: info.pid, vcpuThreads: info.vcpuThreads,
+             return .init(vm: vm, events: info.events, pid: info.process ?? 0, vcpuThreads: info.vcpuThreads,
                           mainLoopBoosted: info.mainLoopBoosted)
          },
          Self.entry(VMStop.self) { [self] p, _ throws(ControlError) in
-             let s = try hostCall { () throws(HostError) in try host.stopVM(p.vm) }
-             defer { attacher.forget(vm: s.handle.id) }
-             return summary(s)
+             summary(try hostCall { () throws(HostError) in try host.stopVM(p.vm) })
          },
          Self.entry(VMDriverGet.self) { [self] p, _ throws(ControlError) in
              let s = try session(p.vm)
@@ -67,9 +67,6 @@ extension ControlHandler {
             throw ControlError(.invalidParams, field: "params.workload",
                                "unknown workload '\(p.workload.prefix(32))' (one of \(Workload.allCases.map(\.description).joined(separator: ", ")))")
         }
-        if let driver = p.driver, host.registry.driver(named: driver) == nil {
-            throw ControlError(.notFound, field: "params.driver", "no driver named '\(driver)'")
-        }
         var config = VMConfiguration(image: GuestImage.kernel)
         config.name = p.name ?? nextVMName()
         config.vcpus = p.vcpus
@@ -78,10 +75,13 @@ extension ControlHandler {
         config.boot.intervalNs = p.intervalUs * 1000
         config.boot.pvschedEnabled = p.pvsched
         config.interrupts = p.irqchip ? .inKernelIRQChip : .userspace
+        var spec = VMSpec(source: .builtIn(config))
+        spec.driver = p.driver
+        spec.governor = p.governor.applied(to: .default)
         do {
-            return summary(try host.startVM(config: config, driver: p.driver, governor: p.governor.applied(to: .default)))
+            return summary(try host.startVM(spec))
         } catch let e as HostError {
-            throw ControlError(e.field == "name" ? .conflict : .invalidParams, field: "params.\(e.field)", e.message)
+            throw Self.controlError(e)
         } catch {
             throw ControlError(.failed, "could not start the VM: \(error)")
         }
@@ -104,7 +104,7 @@ extension ControlHandler {
             return VMSummary.VCPU(index: i, thread: t?.rawValue, boosted: st?.boosted ?? false,
                                   owner: (st?.thread ?? .pvsched).rawValue, boostBlocked: st?.boostBlocked)
         }
-        let watcher = attacher.watcher(vm: s.handle.id).map { w in
+        let watcher = (s as? AttachedVMSession)?.watch.map { w in
             let c = w.stats
             return VMSummary.Watcher(phase: "\(w.phase)", polls: c.polls, guestUpdates: c.guestUpdates, registrations: c.registrations)
         }

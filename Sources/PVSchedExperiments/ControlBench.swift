@@ -32,8 +32,8 @@ public enum ControlBench {
             handler = try ControlHandler(host: host)
             server = try ControlServer(path: path, access: ControlAccess(), handler: handler)
             try server.start()
-            session = try host.attach(name: "bench", vcpus: 1, summary: "benchmark", driver: "latency-boost",
-                                      governor: .unlimited)
+            session = try host.attach(VMSpec(name: "bench", source: .inProcess(vcpus: 1, summary: "benchmark"),
+                                             driver: "latency-boost", governor: .unlimited))
             session.events.setThread(ThreadID(1_000_000), vcpu: 0)
             _ = session.link.registrar.register(area: buffer.bytes, owner: buffer)
         }

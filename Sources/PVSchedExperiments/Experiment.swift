@@ -231,15 +231,14 @@ public struct ExperimentRunner {
         var kernelDriven: KernelDrivenVM?
         let vm: VirtualMachine
         if case .kernel = mode {
-            let source = try KernelEventSource(object: GuestImage.kvmEventsBPF, consumerPriority: 90, threads: host.threads)
-            kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host, source: source)
+            kernelDriven = try KernelDrivenVM(config: vmConfig(pvsched: true), host: host)
             vm = kernelDriven!.vm
         } else {
             vm = try host.makeVM(config: vmConfig(pvsched: pvsched), pvsched: pvsched, driver: managed?.driver,
                                  governor: managed?.governor ?? scenario.governor,
                                  boost: managed?.boost ?? BoostSettings(), trace: trace)
         }
-        defer { kernelDriven?.stop(); kernelDriven?.source.close() }
+        defer { kernelDriven?.stop() }
 
         var noisy: VirtualMachine?
         if contended && scenario.noisyVM {
@@ -260,7 +259,7 @@ public struct ExperimentRunner {
         if let kernelDriven, let managed {
             try kernelDriven.start(driver: managed.driver, governor: managed.governor, boost: managed.boost)
         } else { try vm.start() }
-        let binding = kernelDriven?.binding ?? vm.binding
+        let binding = kernelDriven?.binding ?? host.binding(of: vm)
         let limit = scenario.durationNs + 20_000_000_000
         var outcome: VMOutcome? = nil
         while outcome == nil {

@@ -1,3 +1,4 @@
+import PVSchedAttach
 import PVSchedCore
 import PVSchedHost
 import PVSchedKVM
@@ -15,23 +16,21 @@ final class KernelDrivenVM {
     let vm: VirtualMachine
     let exported: ExportedVMLink
     let host: PVSchedHost
-    let source: KernelEventSource
     private(set) var session: AttachedVMSession?
-    private let slot: UInt32
 
-    init(config: VMConfiguration, host: PVSchedHost, source: KernelEventSource) throws {
+    init(config: VMConfiguration, host: PVSchedHost) throws {
         var config = config
         config.boot.pvschedEnabled = true
         exported = ExportedVMLink(name: config.name, vcpus: config.vcpus, memoryFile: nil, path: nil)
         vm = try VirtualMachine(config: config, host: exported.link, threads: host.threads)
         self.host = host
-        self.source = source
-        slot = UInt32(truncatingIfNeeded: UInt64(getpid()) &* 31 &+ UInt64(UInt32.random(in: 0...UInt32.max)))
     }
 
     /// Starts the VM, then attaches it once its vCPU threads run and its guest has
-    /// registered the area (events before that — the boot — are not seen).
+    /// registered the area (events before that — the boot — are not seen): this
+    /// process is the VMM, found by its thread ids, its area mapped here already.
     func start(driver: String, governor: GovernorConfig, boost: BoostSettings = BoostSettings(), timeoutNs: UInt64 = 10_000_000_000) throws {
+        _ = try host.kernelEvents.get()  // this mode needs them: say why they are missing
         try vm.start()
         let deadline = MonotonicClock.nowNs() + timeoutNs
         while MonotonicClock.nowNs() < deadline {
@@ -45,24 +44,22 @@ final class KernelDrivenVM {
               let bytes = vm.memory.bytes(at: UInt64(offset), length: size) else {
             throw ResultsError(field: "area", detail: "the guest did not register its area in time")
         }
-        let s = try host.attach(name: "\(vm.config.name)-kernel", vcpus: vm.config.vcpus, summary: "kernel events",
-                                driver: driver, governor: governor, boost: boost, traceCapacity: 1)
-        let threads = e.threads.map { Optional(ThreadID($0)) }
-        for (i, t) in threads.enumerated() { s.events.setThread(t, vcpu: i) }
-        _ = s.link.registrar.register(area: bytes, owner: vm.memory)
-        source.watch(slot: slot, process: getpid(), threads: threads, sink: s.events)
-        session = s
+        var spec = VMSpec(name: "\(vm.config.name)-kernel", source: .endpoint(try ProcessEndpoint(process: getpid(), threads: .ids(e.threads))),
+                          area: .region(MappedRegion(bytes: bytes, owner: vm.memory)), events: .kernel,
+                          driver: driver, governor: governor, boost: boost)
+        spec.traceCapacity = 1
+        session = try host.attach(spec)
     }
 
     /// Detaches (undoing boosts) and stops the VM.
     func stop() {
-        if let s = session {
-            source.unwatch(slot: slot, process: getpid(), threads: exported.export.threads.map { Optional(ThreadID($0)) })
-            _ = try? host.stopVM(s.handle.name)
-        }
+        if let s = session { _ = try? host.stopVM(s.handle.name) }
         vm.stop()
     }
 
     var binding: VMBinding? { session?.binding }
-    var counts: KernelEventCounts? { source.counts(slot: slot) }
+    var counts: KernelEventCounts? {
+        guard let s = session, case .success(let k) = host.kernelEvents else { return nil }
+        return k.counts(slot: UInt32(truncatingIfNeeded: s.handle.id))
+    }
 }

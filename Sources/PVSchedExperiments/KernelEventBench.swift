@@ -34,11 +34,6 @@ public enum KernelEventBench {
             return outcome
         }
         func setThread(_ thread: ThreadID?, vcpu: Int) { inner.setThread(thread, vcpu: vcpu) }
-        func setArea(_ area: SharedArea?) { inner.setArea(area) }
-        func enforceBudgets() -> Int { inner.enforceBudgets() }
-        func announceDeadlines() -> Int { inner.announceDeadlines() }
-        func nextEnforcerWakeNs() -> UInt64? { inner.nextEnforcerWakeNs() }
-        var budgetAlarm: BudgetAlarm? { inner.budgetAlarm }
     }
 
     static func config() -> VMConfiguration {
@@ -66,9 +61,8 @@ public enum KernelEventBench {
         let inProcessCPU = Double(timing.cpuNs.load(ordering: .relaxed)) / Double(max(1, timing.events.load(ordering: .relaxed)))
 
         // Kernel path: the same guest, attached, its events from BPF.
-        let source = try KernelEventSource(object: GuestImage.kvmEventsBPF, consumerPriority: 90, threads: host.threads)
-        defer { source.close() }
-        let kvm = try KernelDrivenVM(config: c, host: host, source: source)
+        let source = try host.kernelEvents.get()
+        let kvm = try KernelDrivenVM(config: c, host: host)
         try kvm.start(driver: "latency-boost", governor: .default)
         let cpu0 = source.consumerCPUNs, rec0 = source.recordsHandled
         _ = kvm.vm.wait(timeoutNs: 30_000_000_000)

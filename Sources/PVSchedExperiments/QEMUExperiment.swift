@@ -36,24 +36,18 @@ extension ExperimentRunner {
         options.waitForHostS = managed == nil ? 0 : 20
         let guest = try QEMULinuxGuest(image: image, options: options)
         let host = try PVSchedHost(actuator: LinuxActuator())
-        let qmp = try QMPClient(path: guest.qmpPath)
-        let threads = try VCPUThreads.fromQMP(qmp, pid: guest.pid)
+        let endpoint = try QMPEndpoint(socket: guest.qmpPath)
+        let threads = try endpoint.vcpuThreads()
         for (i, t) in threads.vcpus.enumerated() { try? host.threads.setAffinity(ThreadID(t), mask: scenario.cpuMask(vcpu: i)) }
 
+        // Attached as the daemon attaches it: QMP threads, the ivshmem region watched,
+        // QEMU's main loop boosted with the vCPUs (TCG: it delivers the guest's timers).
         var session: AttachedVMSession?
-        var watcher: GuestAreaWatcher?
         if let managed {
-            let s = try host.attach(name: "qemu", vcpus: threads.vcpus.count, summary: "QEMU", driver: managed.driver, governor: managed.governor,
-                                    boost: managed.boost)
-            let region = try SharedMemoryFile(path: guest.shmPath)
-            if let b = s.binding {
-                threads.install(in: b, boostMainLoop: true)
-                watcher = try GuestAreaWatcher(region: region, link: s.link, binding: b, priority: 90, threads: host.threads, logger: logger)
-            }
-            session = s
+            session = try host.attach(VMSpec(name: "qemu", source: .endpoint(endpoint), area: .ivshmem(path: guest.shmPath), events: .watcher,
+                                             driver: managed.driver, governor: managed.governor, boost: managed.boost))
         }
         defer {
-            watcher?.stop()
             session?.stop()
             host.shutdown()
         }
@@ -98,6 +92,6 @@ extension ExperimentRunner {
             repayments: totals.repayments,
             throttleCount: totals.throttleCount,
             exits: 0,
-            outcome: watcher.map { "\($0.phase)" } ?? "QEMU, no pvsched")
+            outcome: session?.watch.map { "\($0.phase)" } ?? "QEMU, no pvsched")
     }
 }

@@ -57,7 +57,8 @@ public enum WatcherBench {
         }
         defer { stop.store(true, ordering: .relaxed); vcpu.join() }
         while tid.load(ordering: .acquiring) == 0 { usleep(100) }
-        let session = try host.attach(name: "bench-watch", vcpus: 1, summary: "bench", driver: "latency-boost", governor: .unlimited)
+        let session = try host.attach(VMSpec(name: "bench-watch", source: .inProcess(vcpus: 1, summary: "bench"),
+                                             driver: "latency-boost", governor: .unlimited))
         defer { session.stop() }
         session.events.setThread(ThreadID(tid.load(ordering: .relaxed)), vcpu: 0)
         writer.writeHeader(vcpus: 1, generation: 1)
@@ -91,12 +92,13 @@ public enum WatcherBench {
         }
         let direct = run(before: [.idle], direct: true)
         session.link.registrar.unregister()
-        let settings = GuestAreaWatcher.Settings()
-        let watcher = try GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
-                                       priority: host.canUseRealTime ? 90 : nil, threads: host.threads,
-                                       logger: .init(label: "bench"))
-        defer { watcher.stop() }
-        writer.header.pointee.guest_generation = 2
+        session.stop()
+        let settings = RegionWatch.Settings()
+        let watched = try host.attach(VMSpec(name: "bench-watched", source: .inProcess(vcpus: 1, summary: "bench"), area: .region(region),
+                                             driver: "latency-boost", governor: .unlimited))
+        defer { watched.stop() }
+        watched.events.setThread(ThreadID(tid.load(ordering: .relaxed)), vcpu: 0)
+        let watcher = watched.watch!
         let ready = MonotonicClock.nowNs() + 2_000_000_000
         while watcher.phase == .waiting && MonotonicClock.nowNs() < ready { usleep(1000) }
         let fromIdle = run(before: [.idle], direct: false)

@@ -49,9 +49,29 @@ public final class ExportedVMLink: VMEventSink, SharedAreaRegistrar {
 
     /// The link to give the VMM.
     public var link: VMHostLink {
-        VMHostLink(handle: handle, events: self, registrar: self, onRelease: { [path] in
+        VMHostLink(handle: handle, events: self, registrar: self, onRelease: { [self] in
+            refreshing.store(false, ordering: .relaxed)
+            refresher.takeAndJoin()
             if let path { unlink(path) }
         })
+    }
+
+    /// Rewrites the counts in the file every 100 ms, on a thread of its own: never
+    /// on a vCPU thread, whose sleeping on file I/O the host kernel would report as
+    /// halts and wake-ups it did not make.
+    private let refresher = Mutex<PVSchedCore.Thread?>(nil)
+    private let refreshing = ManagedAtomic(false)
+
+    private func startRefresher() {
+        guard path != nil, refreshing.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged else { return }
+        let t = try? PVSchedCore.Thread(name: "pvs-export") { [weak self] in
+            while let self, self.refreshing.load(ordering: .relaxed) {
+                usleep(100_000)
+                let inj = self.injectionCounts, ex = self.exitCounts
+                self.update { $0.injections = inj; $0.exits = ex }
+            }
+        }
+        refresher.withLock { $0 = t }
     }
 
     public var export: Export { state.withLock { $0 } }
@@ -71,37 +91,21 @@ public final class ExportedVMLink: VMEventSink, SharedAreaRegistrar {
 
     public func setThread(_ thread: ThreadID?, vcpu: Int) {
         guard vcpu >= 0 && vcpu < handle.vcpuCount else { return }
+        if thread != nil { startRefresher() }
         update { $0.threads[vcpu] = thread?.rawValue ?? 0 }
     }
 
-    public func setArea(_ area: SharedArea?) {}
-    private let lastWrite = ManagedAtomic<UInt64>(0)
-
-    /// No boosts here: the enforcer sleeps `BudgetAlarm.idleNs` between two refreshes.
-    public let budgetAlarm: BudgetAlarm? = BudgetAlarm()
-
-    /// No budgets here (no driver); the VMM's periodic call refreshes the counts in the file.
-    public func enforceBudgets() -> Int {
-        let now = MonotonicClock.nowNs()
-        let last = lastWrite.load(ordering: .relaxed)
-        if now &- last >= 100_000_000, lastWrite.compareExchange(expected: last, desired: now, ordering: .relaxed).exchanged {
-            let inj = injectionCounts, ex = exitCounts
-            update { $0.injections = inj; $0.exits = ex }
-        }
-        return 0
-    }
-
     public func register(area bytes: UnsafeMutableRawBufferPointer, owner: AnyObject?) -> Result<AreaAcceptance, AreaRefusal> {
-        let layout: SharedAreaLayout
+        let area: SharedArea
         switch SharedArea.validated(bytes, owner: owner, vcpuCount: handle.vcpuCount) {
-        case .success(let area): layout = area.layout
+        case .success(let a): area = a
         case .failure(let refusal): return .failure(refusal)
         }
         if let memory = owner as? GuestMemory, let p = bytes.baseAddress {
             update { $0.areaOffset = p - memory.base; $0.areaSize = bytes.count }
         }
-        return .success(AreaAcceptance(protocolName: layout.protocolName, protocolVersion: layout.protocolVersion,
-                                       driver: "(exported: the attaching daemon's)"))
+        return .success(AreaAcceptance(protocolName: area.layout.protocolName, protocolVersion: area.layout.protocolVersion,
+                                       driver: "(exported: the attaching daemon's)", area: area))
     }
 
     public func unregister() { update { $0.areaOffset = nil; $0.areaSize = nil } }

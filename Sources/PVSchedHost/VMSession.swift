@@ -1,5 +1,5 @@
-import Atomics
 import Logging
+import PVSchedAttach
 import PVSchedCore
 import PVSchedKVM
 import Synchronization
@@ -52,13 +52,14 @@ public final class OwnedVMSession: VMSession {
     public let vm: VirtualMachine
     public var handle: VMHandle { vm.handle }
     public var kind: VMSessionKind { .owned }
-    public var binding: VMBinding? { vm.binding }
+    public let binding: VMBinding?
     private let stateBox = Mutex(VMSessionState.running)
     private let monitor = Mutex<PVSchedCore.Thread?>(nil)
     private let logger: Logger
 
-    init(vm: VirtualMachine, logger: Logger) {
+    init(vm: VirtualMachine, binding: VMBinding?, logger: Logger) {
         self.vm = vm
+        self.binding = binding
         self.logger = logger
     }
 
@@ -74,8 +75,8 @@ public final class OwnedVMSession: VMSession {
         let t: PVSchedCore.Thread
         do throws(ThreadError) {
             t = try PVSchedCore.Thread(name: "pvs-vm-monitor") { [self] in
-            let outcome = vm.wait(timeoutNs: .max)
-            stateBox.withLock { s in if s == .running { s = .ended("\(outcome)") } }
+                let outcome = vm.wait(timeoutNs: .max)
+                stateBox.withLock { s in if s == .running { s = .ended("\(outcome)") } }
                 logger.info("VM ended", metadata: ["vm": "\(vm.handle)", "outcome": "\(outcome)"])
             }
         } catch {
@@ -92,38 +93,49 @@ public final class OwnedVMSession: VMSession {
     }
 }
 
-/// A VM another VMM runs (QEMU, crosvm, ... or another process of ours), which
-/// the host serves without running it: whoever attached it feeds its events
-/// into `events` and its guest's area into `registrar`, and tells it the vCPU
-/// threads. Stopping it detaches: every boost is undone and `onDetach` runs.
-/// An enforcer thread cuts boosts that outlive their budget even when no event
-/// comes (the built-in VMM runs the same enforcer for its own VMs).
+/// A VM another VMM runs (QEMU, crosvm, ... or code of this process), which the
+/// host serves without running it. Its events arrive through `events` (from the
+/// host kernel, the watcher of its area, or its caller), its guest's area through
+/// `link.registrar`; the host's enforcer cuts its boosts on time whether or not
+/// events come. Stopping it detaches: what the attach started stops (in reverse
+/// order), then every boost is undone.
 public final class AttachedVMSession: VMSession {
     public let link: VMHostLink
     public var handle: VMHandle { link.handle }
     public var kind: VMSessionKind { .attached }
-    public var binding: VMBinding? { link.events as? VMBinding }
-    /// Where the attacher sends vCPU events.
+    /// The host component serving the VM (the control plane reads and steers it).
+    let vmBinding: VMBinding
+    public var binding: VMBinding? { vmBinding }
+    /// Where the VM's events go.
     public var events: any VMEventSink { link.events }
     public let summary: String
     private let stateBox = Mutex(VMSessionState.running)
-    private let onDetach: @Sendable () -> Void
-    private let enforcing = ManagedAtomic(true)
-    private let enforcer = Mutex<PVSchedCore.Thread?>(nil)
+    private let detachActions = Mutex<[@Sendable () -> Void]>([])
+    private let watchBox = Mutex<RegionWatch?>(nil)
+    private let reportBox = Mutex(AttachReport())
 
-    init(link: VMHostLink, summary: String, threads: any ThreadControl, enforcerPriority: UInt8?,
-         onDetach: @escaping @Sendable () -> Void) throws(ThreadError) {
+    init(link: VMHostLink, binding: VMBinding, summary: String) {
         self.link = link
+        self.vmBinding = binding
         self.summary = summary
-        self.onDetach = onDetach
-        let t = try PVSchedCore.Thread(name: "pvs-enforcer") { [enforcing, events = link.events] in
-            if let enforcerPriority { try? threads.setCurrentThread(.fifo(priority: enforcerPriority)) }
-            events.runEnforcer { enforcing.load(ordering: .relaxed) }
-        }
-        enforcer.withLock { $0 = t }
     }
 
     public var state: VMSessionState { stateBox.withLock { $0 } }
+
+    /// The watch of the guest's area, when the attach watches it.
+    public internal(set) var watch: RegionWatch? {
+        get { watchBox.withLock { $0 } }
+        set { watchBox.withLock { $0 = newValue } }
+    }
+
+    /// What the attach found and set up.
+    public internal(set) var report: AttachReport {
+        get { reportBox.withLock { $0 } }
+        set { reportBox.withLock { $0 = newValue } }
+    }
+
+    /// Runs `action` when the VM is detached (before its boosts are undone).
+    func onDetach(_ action: @escaping @Sendable () -> Void) { detachActions.withLock { $0.append(action) } }
 
     /// The VM went away by itself (its VMM exited): detach and record why.
     public func ended(_ reason: String) {
@@ -145,10 +157,12 @@ public final class AttachedVMSession: VMSession {
     }
 
     private func detach() {
-        enforcing.store(false, ordering: .relaxed)
-        link.events.budgetAlarm?.ring()
-        enforcer.takeAndJoin()
-        onDetach()
+        let actions = detachActions.withLock { a in
+            let all = a
+            a.removeAll()
+            return all
+        }
+        for action in actions.reversed() { action() }
         for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }
         link.release()
     }

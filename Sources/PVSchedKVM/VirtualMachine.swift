@@ -95,7 +95,6 @@ public final class VirtualMachine: @unchecked Sendable {
     private let outcomeLock = Mutex<VMOutcome?>(nil)
     private let finished = FutexWord()
     private var threads: [PVSchedCore.Thread] = []
-    private var enforcer: PVSchedCore.Thread?
     private static let nextID = ManagedAtomic<UInt64>(1)
 
     /// The largest vCPU count the VMM supports.
@@ -192,8 +191,9 @@ public final class VirtualMachine: @unchecked Sendable {
 
     // MARK: lifecycle
 
-    /// Starts every vCPU thread, the timer device and the budget enforcer. When a
-    /// thread cannot be started, what did start is stopped again and the VM ends.
+    /// Starts every vCPU thread and the devices' threads (the host enforces the VM's
+    /// budgets; the VMM knows nothing of them). When a thread cannot be started, what
+    /// did start is stopped again and the VM ends.
     public func start() throws(ThreadError) {
         do throws(ThreadError) { try startThreads() } catch {
             stop()
@@ -207,19 +207,6 @@ public final class VirtualMachine: @unchecked Sendable {
         try irqDevice.start(raise: raise, threads: threadControl, priority: config.deviceThreadPriority)
         for ctx in vcpus {
             threads.append(try PVSchedCore.Thread(name: "vcpu\(ctx.index)") { [self] in runLoop(ctx) })
-        }
-        if let events {
-            // The enforcer runs real-time when the device threads do: starved by the
-            // host load it protects against, it would cut boosts late (and, holding a
-            // vCPU's lock, hold up a boosted vCPU thread). It runs just above the VM's
-            // boosts (the sink says), not at the devices' priority: higher, it would
-            // preempt host real-time work for nothing; what preempts it now is host
-            // real-time work the boosts yield to as well.
-            let priority = config.deviceThreadPriority.map { events.enforcerPriority ?? $0 }
-            enforcer = try PVSchedCore.Thread(name: "pvs-enforcer") { [self] in
-                if let priority { try? threadControl.setCurrentThread(.fifo(priority: priority)) }
-                events.runEnforcer { !stopping.load(ordering: .relaxed) }
-            }
         }
     }
 
@@ -253,9 +240,6 @@ public final class VirtualMachine: @unchecked Sendable {
         irqDevice.stop()
         for t in threads { t.join() }
         threads.removeAll()
-        events?.budgetAlarm?.ring()
-        enforcer?.join()
-        enforcer = nil
         host?.release()
     }
 

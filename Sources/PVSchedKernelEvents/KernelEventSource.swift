@@ -9,6 +9,7 @@ import Glibc
 /// Why kernel events are not available (the message says which and why).
 public struct KernelEventsUnavailable: Error, CustomStringConvertible {
     public let reason: String
+    public init(reason: String) { self.reason = reason }
     public var description: String {
         "KVM events from the host kernel are unavailable: \(reason). Attached VMs get no interrupt, halt, wake-up or exit events."
     }

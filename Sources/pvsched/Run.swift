@@ -91,7 +91,7 @@ struct Run: ParsableCommand {
             vm = try host.makeVM(config: config, pvsched: driver != "none", driver: driver == "none" ? nil : driver,
                                  trace: eventTrace)
         }
-        let stats = vm.binding
+        let stats = host.binding(of: vm)
         try vm.start()
         let outcome = vm.wait(timeoutNs: UInt64(timeout * 1e9))
         print("outcome: \(outcome)")

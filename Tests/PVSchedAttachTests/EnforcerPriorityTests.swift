@@ -23,8 +23,8 @@ final class RecordingThreadControl: ThreadControl {
         let threads = RecordingThreadControl()
         let host = try PVSchedHost(actuator: RecordingActuator(), threads: threads)
         let boosted = try #require(BoostSettings.parseClass(boost))
-        let session = try host.attach(name: "enforced", vcpus: 1, summary: "test", driver: "deadline-boost",
-                                      boost: BoostSettings(boosted: boosted))
+        let session = try host.attach(VMSpec(name: "enforced", source: .inProcess(vcpus: 1, summary: "test"), driver: "deadline-boost",
+                                             boost: BoostSettings(boosted: boosted)))
         defer { session.stop() }
         #expect(eventually { !threads.requests.withLock { $0.isEmpty } })
         #expect(threads.requests.withLock { $0 } == [expected])

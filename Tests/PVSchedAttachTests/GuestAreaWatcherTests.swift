@@ -17,10 +17,10 @@ final class WatchedVM {
     let actuator = RecordingActuator()
     let host: PVSchedHost
     let session: AttachedVMSession
-    let watcher: GuestAreaWatcher
+    let watcher: RegionWatch
     let vcpus: Int
 
-    init(vcpus: Int = 2, settings: GuestAreaWatcher.Settings = .init(headerPollNs: 1_000_000)) throws {
+    init(vcpus: Int = 2, settings: RegionWatch.Settings = .init(headerPollNs: 1_000_000)) throws {
         self.vcpus = vcpus
         let fd = open(path, O_RDWR | O_CREAT | O_TRUNC, 0o600)
         guard fd >= 0, ftruncate(fd, 1 << 20) == 0 else { throw CocoaError(.fileWriteUnknown) }
@@ -28,14 +28,14 @@ final class WatchedVM {
         region = try SharedMemoryFile(path: path)
         writer = SharedAreaWriter(base: region.bytes.baseAddress!, size: SharedAreaWriter.size(vcpus: vcpus))
         host = try PVSchedHost(actuator: actuator)
-        session = try host.attach(name: "watched", vcpus: vcpus, summary: "test", driver: "latency-boost")
+        var spec = VMSpec(name: "watched", source: .inProcess(vcpus: vcpus, summary: "test"), area: .region(region), driver: "latency-boost")
+        spec.watch = settings
+        session = try host.attach(spec)
         for i in 0..<vcpus { session.events.setThread(ThreadID(Int32(1000 + i)), vcpu: i) }
-        watcher = try GuestAreaWatcher(region: region, link: session.link, binding: session.binding!, settings: settings,
-                                   priority: nil, threads: host.threads, logger: .init(label: "test"))
+        watcher = try #require(session.watch)
     }
 
     deinit {
-        watcher.stop()
         session.stop()
         unlink(path)
     }

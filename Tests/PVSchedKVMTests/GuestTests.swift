@@ -22,7 +22,7 @@ func runGuest(_ perVCPU: [Workload], durationMs: UInt64 = 400, intervalUs: UInt6
     let vm = try host.makeVM(config: config, governor: .unlimited)
     let samples = Mutex<[[GuestVCPUState]]>(Array(repeating: [], count: perVCPU.count))
     let stop = Atomic(false)
-    let binding = vm.binding!
+    let binding = host.binding(of: vm)!
     try vm.start()
     let sampler = try PVSchedCore.Thread {
         while !stop.load(ordering: .relaxed) {
@@ -99,18 +99,19 @@ struct GuestWorkloadTests {
         let act = RecordingActuator()
         let host = try PVSchedHost(actuator: act)
         let vm = try host.makeVM(config: config, driver: "latency-boost", governor: .default)
+        let binding = try #require(host.binding(of: vm))
         try vm.start()
         let started = MonotonicClock.nowNs()
         #expect(vm.wait(timeoutNs: 30_000_000_000) == .exited(code: 0))
         let ran = MonotonicClock.nowNs() - started
-        let stats = vm.binding!.stats(vcpu: 0)
+        let stats = binding.stats(vcpu: 0)
         #expect(stats.boostCount > 0)
         // The budget refills 1:1 while unboosted: at most half the time, plus one budget, is boosted.
         let cfg = GovernorConfig.default
         #expect(stats.boostedNs <= ran / 2 + cfg.generalBudgetNs + 20_000_000, "boosted \(stats.boostedNs) ns of \(ran)")
         if hostile == .hostileStuck { #expect(stats.vetoesThrottled > 0) }
         #expect(try vm.readResults()?.vcpus[0].workUnits ?? 0 > 0)
-        #expect(act.applied(to: vm.binding!.threads[0] ?? ThreadID(0)) == nil)
+        #expect(act.applied(to: binding.threads[0] ?? ThreadID(0)) == nil)
     }
 
     @Test func irqResponseAnswersEveryInterrupt() throws {

@@ -171,8 +171,8 @@ struct VMBootTests {
     @Test func garbageFlagsDisablePvschedForTheVMOnly() throws {
         let act = RecordingActuator()
         var binding: VMBinding?
-        let (vm, outcome, _) = try bootGuest(vcpus: 1, arg: PVSCHED_SELFTEST_BAD_FLAGS, actuator: act) { vm, _ in
-            binding = vm.binding
+        let (vm, outcome, _) = try bootGuest(vcpus: 1, arg: PVSCHED_SELFTEST_BAD_FLAGS, actuator: act) { vm, registry in
+            binding = registry.binding(vm: vm.handle.id)
         }
         #expect(outcome == .exited(code: 0))
         #expect(vm.consoleOutput.contains("wrote unknown flag bits"))

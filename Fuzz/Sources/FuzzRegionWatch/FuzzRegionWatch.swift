@@ -44,11 +44,11 @@ public func fuzzRegionWatch(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     let vcpus = Int(byte() % 4) + 1
     guard let link = try? host.link(name: "fuzz", vcpus: vcpus, driver: "latency-boost") else { return 0 }
     defer { link.release() }
-    guard let binding = link.events as? VMBinding else { return 0 }
+    guard let binding = host.registry.binding(vm: link.handle.id) else { return 0 }
     for v in 0..<vcpus { binding.setThread(ThreadID(Int32(1000 + v)), vcpu: v) }
     let region = FuzzRegion(size: regionSize)
     let settings = RegionWatch.Settings(busyPollNs: 50_000, idlePollNs: 100_000, headerPollNs: 100_000)
-    let watch = RegionWatch(region: region, link: link, binding: binding, settings: settings, logger: .init(label: "fuzz"))
+    let watch = RegionWatch(region: region, link: link, status: binding, settings: settings, logger: .init(label: "fuzz"))
     // Writes the second thread replays while the watch steps.
     var replay: [(offset: Int, value: UInt8)] = []
     let running = Atomic(true)
