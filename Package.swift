@@ -80,7 +80,7 @@ let package = Package(
         // Attaching to VMs another VMM runs: QMP, vCPU threads by name, the ivshmem
         // transport and the watcher that delivers events when no exits are seen.
         .target(name: "PVSchedAttach", dependencies: [
-            "PVSchedCore", "PVSchedABI", "PVSchedControl", "CHostService", "CLinuxSched",
+            "PVSchedCore", "PVSchedABI", "PVSchedControl", "PVSchedLinux", "CHostService", "CLinuxSched",
             .product(name: "Atomics", package: "swift-atomics"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -118,7 +118,7 @@ let package = Package(
         ]),
         // Test support: requirement checks (PVSCHED_REQUIRE_*), running the built binary,
         // the stand-in guest; `pvsched-standin` runs a stand-in VMM process for tests and the lab.
-        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI", "CLinuxSched", .product(name: "Atomics", package: "swift-atomics")]),
+        .target(name: "PVSchedTesting", dependencies: ["PVSchedCore", "PVSchedABI", "CLinuxSched", "PVSchedControl", .product(name: "Atomics", package: "swift-atomics")]),
         .executableTarget(name: "pvsched-standin", dependencies: [
             "PVSchedTesting", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),

@@ -27,10 +27,11 @@ typedef unsigned long long u64;
 struct task_struct {
     int pid;
     int tgid;
+    unsigned int policy;
 } __attribute__((preserve_access_index));
 
 enum { BPF_MAP_TYPE_HASH = 1, BPF_MAP_TYPE_PERCPU_ARRAY = 6, BPF_MAP_TYPE_RINGBUF = 27 };
-enum { BPF_RB_FORCE_WAKEUP = 2 };
+enum { BPF_RB_NO_WAKEUP = 1, BPF_RB_FORCE_WAKEUP = 2 };
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static u64 (*bpf_ktime_get_ns)(void) = (void *)5;
@@ -79,7 +80,7 @@ struct {
     __type(value, u64);
 } dropped SEC(".maps");
 
-static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu) {
+static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
     struct pvsched_kvm_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
     if (!e) {
         u32 k = kind & 15;
@@ -97,10 +98,21 @@ static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32
     e->vm = vm;
     e->vcpu = vcpu;
     e->pad = 0;
-    /* Injections wake the consumer at once (a boost must land before the vCPU
-     * runs); other records let the ring buffer decide (fewer wake-ups). */
-    bpf_ringbuf_submit(e, kind == PVSCHED_KEV_WAKING || kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ
-                              ? BPF_RB_FORCE_WAKEUP : 0);
+    bpf_ringbuf_submit(e, flags);
+}
+
+/* Injections wake the consumer at once (a boost must land before the vCPU runs),
+ * and so does a vCPU thread going to sleep (its boost ends there). A switch to a
+ * vCPU thread never does: the consumer reads it with the next records (one
+ * wake-up fewer per wake-up of a vCPU thread). Other records let the ring buffer
+ * decide (which, once a record was left unread, wakes no one: they come with the
+ * next of the records above). */
+static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu) {
+    u64 flags = 0;
+    if (kind == PVSCHED_KEV_WAKING || kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ || kind == PVSCHED_KEV_BLOCK)
+        flags = BPF_RB_FORCE_WAKEUP;
+    else if (kind == PVSCHED_KEV_RUN) flags = BPF_RB_NO_WAKEUP;
+    emit_flags(kind, tid, tgid, vector, arg, vm, vcpu, flags);
 }
 
 /* Reports `kind` if the current thread is a watched vCPU thread (the events KVM
@@ -143,7 +155,11 @@ int on_waking(u64 *ctx) {
         last->time_ns = 0;
     }
     v->woken = 1;
-    emit(PVSCHED_KEV_WAKING, tid, (u32)p->tgid, vector, 0, v->vm, v->vcpu);
+    /* A thread already real-time (boosted ahead of a deadline it published) runs at
+     * once without the consumer: its waking need not wake it. */
+    u32 policy = p->policy;
+    u64 flags = (policy == 1 || policy == 2) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
+    emit_flags(PVSCHED_KEV_WAKING, tid, (u32)p->tgid, vector, 0, v->vm, v->vcpu, flags);
     return 0;
 }
 

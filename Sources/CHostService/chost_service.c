@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <limits.h>
@@ -322,3 +323,26 @@ int pvs_process_uid(int32_t pid, uint32_t *uid) {
 }
 
 void pvs_set_process_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+
+int pvs_timerfd_create(void) {
+    int fd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int pvs_timerfd_arm(int fd, uint64_t ns) {
+    struct itimerspec spec = {0};
+    if (ns == 0) ns = 1;  /* zero would disarm: the earliest time instead */
+    spec.it_value.tv_sec = (time_t)(ns / 1000000000ull);
+    spec.it_value.tv_nsec = (long)(ns % 1000000000ull);
+    return timerfd_settime(fd, TFD_TIMER_ABSTIME, &spec, NULL) == 0 ? 0 : -errno;
+}
+
+int pvs_timerfd_wait(int fd) {
+    uint64_t expirations;
+    for (;;) {
+        ssize_t n = read(fd, &expirations, sizeof expirations);
+        if (n == (ssize_t)sizeof expirations) return 0;
+        if (n < 0 && errno == EINTR) continue;
+        return n < 0 ? -errno : -EIO;
+    }
+}

@@ -1,5 +1,6 @@
 import Logging
 import PVSchedCore
+import PVSchedLinux
 import Synchronization
 
 #if canImport(Glibc)
@@ -26,12 +27,14 @@ public final class RegionPoller: Sendable {
         var stopping = false
     }
     private let table = Mutex(Table())
-    private let wake = FutexBell()
+    private let timer: WakeTimer
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
     private let steps = Atomic<UInt64>(0)
-    private let wakeUps = Atomic<UInt64>(0)
+    /// Looks due within this of the earliest are taken in the same wake-up.
+    static let slackNs: UInt64 = 50_000
 
     public init(priority: UInt8?, threads: any ThreadControl) throws(ThreadError) {
+        timer = try WakeTimer()
         let t = try PVSchedCore.Thread(name: "pvs-poller") { [weak self] in
             if let priority { try? threads.setCurrentThread(.fifo(priority: priority)) }
             self?.run()
@@ -42,7 +45,19 @@ public final class RegionPoller: Sendable {
     /// Starts watching VM `id`'s region: its first look is now.
     public func add(_ watch: RegionWatch, id: UInt64) {
         table.withLock { $0.entries[id] = Entry(watch: watch, nextNs: 0) }
-        wake.ring()
+        timer.wakeNow()
+    }
+
+    /// VM `id`'s guest may write its lines again (a vCPU thread that slept runs):
+    /// looks at them within the watch's busy poll period.
+    public func lookSoon(id: UInt64) {
+        let at: UInt64? = table.withLock { t in
+            guard let e = t.entries[id] else { return nil }
+            let at = MonotonicClock.nowNs() &+ e.watch.settings.busyPollNs
+            if at < e.nextNs { t.entries[id]!.nextNs = at }
+            return at
+        }
+        if let at { timer.wake(by: at) }
     }
 
     /// Stops watching VM `id`: no step of it runs after this returns.
@@ -57,74 +72,30 @@ public final class RegionPoller: Sendable {
     public func watch(id: UInt64) -> RegionWatch? { table.withLock { $0.entries[id]?.watch } }
 
     /// Steps taken and wake-ups, for the scale benchmark.
-    public var counters: (steps: UInt64, wakeUps: UInt64) { (steps.load(ordering: .relaxed), wakeUps.load(ordering: .relaxed)) }
+    public var counters: (steps: UInt64, wakeUps: UInt64) { (steps.load(ordering: .relaxed), timer.wakeUps) }
 
     private func run() {
         while true {
             let now = MonotonicClock.nowNs()
-            let due: [(UInt64, RegionWatch)] = table.withLock { t in
-                t.stopping ? [] : t.entries.filter { $0.value.nextNs <= now }.map { ($0.key, $0.value.watch) }
+            let due: [(UInt64, RegionWatch)]? = table.withLock { t in
+                t.stopping ? nil : t.entries.filter { $0.value.nextNs <= now &+ Self.slackNs }.map { ($0.key, $0.value.watch) }
             }
-            if table.withLock({ $0.stopping }) { return }
-            var stepped = 0
+            guard let due else { return }
             for (id, watch) in due {
                 let next = watch.step(now: now)
-                stepped += 1
                 table.withLock { t in if t.entries[id] != nil { t.entries[id]!.nextNs = next } }
             }
-            steps.add(UInt64(stepped), ordering: .relaxed)
-            let seen = wake.value
-            let next = table.withLock { t in t.entries.values.map(\.nextNs).min() ?? .max }
-            let after = MonotonicClock.nowNs()
-            if next > after {
-                wake.wait(while: seen, timeoutNs: next == .max ? 1_000_000_000 : Int64(min(next - after, 1_000_000_000)))
-                wakeUps.add(1, ordering: .relaxed)
+            steps.add(UInt64(due.count), ordering: .relaxed)
+            timer.sleep(maxNs: 1_000_000_000) {
+                let next = table.withLock { t in t.entries.values.map(\.nextNs).min() ?? .max }
+                return next == .max ? nil : next
             }
         }
     }
 
     public func stop() {
         table.withLock { $0.stopping = true }
-        wake.ring()
+        timer.wakeNow()
         thread.takeAndJoin()
-    }
-}
-
-/// A bell: `wait(while:timeoutNs:)` sleeps until the bell rings (its count moves
-/// past `seen`) or the time is up; `ring` wakes the sleeper. A pthread mutex and
-/// condition variable on the monotonic clock.
-// @unchecked Sendable: `count` and the pthread objects are used only under `mutex`.
-final class FutexBell: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-    private var count: UInt64 = 0
-    init() {
-        pthread_mutex_init(mutex, nil)
-        var attr = pthread_condattr_t()
-        pthread_condattr_init(&attr)
-        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
-        pthread_cond_init(cond, &attr)
-        pthread_condattr_destroy(&attr)
-    }
-    deinit {
-        pthread_cond_destroy(cond); pthread_mutex_destroy(mutex)
-        cond.deallocate(); mutex.deallocate()
-    }
-    var value: UInt64 {
-        pthread_mutex_lock(mutex); defer { pthread_mutex_unlock(mutex) }
-        return count
-    }
-    func ring() {
-        pthread_mutex_lock(mutex)
-        count &+= 1
-        pthread_mutex_unlock(mutex)
-        pthread_cond_signal(cond)
-    }
-    func wait(while seen: UInt64, timeoutNs: Int64) {
-        let deadline = MonotonicClock.nowNs() &+ UInt64(max(0, timeoutNs))
-        var ts = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
-        pthread_mutex_lock(mutex)
-        while count == seen && MonotonicClock.nowNs() < deadline { _ = pthread_cond_timedwait(cond, mutex, &ts) }
-        pthread_mutex_unlock(mutex)
     }
 }

@@ -168,14 +168,19 @@ public final class RegionWatch: Sendable {
         return now + settings.headerPollNs
     }
 
-    /// One look at every vCPU; returns when to look again.
+    /// One look at every vCPU whose line may have changed; returns when to look again.
+    /// A vCPU whose thread slept since the last look (the VM's events say so) is
+    /// skipped; when every vCPU is such, the watch rests until the VM's bell
+    /// (`RegionPoller.lookSoon`) or `restNs`.
     private func poll(_ area: SharedArea, _ watches: inout [VCPUWatch], now: UInt64) -> UInt64 {
-        var next = now + settings.idlePollNs
-        var busy = false
+        var busy = false, anyAwake = false
         var updates: UInt64 = 0
         for v in watches.indices {
-            // A vCPU whose thread slept since the last look cannot have changed its line.
-            if v < link.handle.vcpuCount, vm.lineMayHaveChanged(vcpu: v), let seq = area.sequence(vcpu: v) {
+            if v < link.handle.vcpuCount {
+                guard vm.lineMayHaveChanged(vcpu: v) else { continue }
+            }
+            anyAwake = true
+            if let seq = area.sequence(vcpu: v) {
                 if seq != watches[v].sequence, seq & 1 == 0 {
                     watches[v].sequence = seq
                     if let st = try? area.read(vcpu: v) { watches[v].state = st }
@@ -189,10 +194,13 @@ public final class RegionWatch: Sendable {
             if !st.flags.subtracting(.idle).isEmpty { busy = true }
             if v < link.handle.vcpuCount, vm.publishedStats(vcpu: v).boosted { busy = true }
         }
-        if busy { next = min(next, now + settings.busyPollNs) }
         counters.withLock { c in c.polls &+= 1; c.guestUpdates &+= updates }
-        return next
+        guard anyAwake else { return now + Self.restNs }
+        return now + (busy ? settings.busyPollNs : settings.idlePollNs)
     }
+
+    /// How long a watch rests while every vCPU thread sleeps (its bell wakes it sooner).
+    public static let restNs: UInt64 = 1_000_000_000
 
     /// Waits for a step in progress (on the poller's thread) to finish.
     public func settle() { cursor.withLock { _ in } }

@@ -5,6 +5,16 @@ import Glibc
 import Musl
 #endif
 
+/// Where a VM asks its budget enforcer for a look (see `VMEnforcement`): the host's
+/// enforcer (one for every VM), or a `BudgetAlarm` of its own.
+public protocol EnforcerAlarm: AnyObject, Sendable {
+    /// A check is due at `checkAtNs`: the enforcer must be awake by then. Call it after
+    /// the change that makes the check due is recorded.
+    func need(checkAtNs: UInt64)
+    /// `vm`'s boosts ended: the enforcer may look later than it planned.
+    func relax(_ vm: any VMEnforcement)
+}
+
 /// When a VM's budget enforcer wakes: exactly when a running boost could spend its
 /// budget, and otherwise rarely.
 ///
@@ -16,7 +26,7 @@ import Musl
 /// begins, changes budget or has its budget trimmed, which wakes the enforcer only when
 /// that check is due before its planned wake-up.
 // @unchecked Sendable: the condition variable's state is guarded by its mutex; the plan is an atomic.
-public final class BudgetAlarm: @unchecked Sendable {
+public final class BudgetAlarm: EnforcerAlarm, @unchecked Sendable {
     /// How long the enforcer sleeps while no boost runs.
     public static let idleNs: UInt64 = 100_000_000
     /// The planned wake-up (host monotonic ns); `.max` while the enforcer is choosing
@@ -63,6 +73,9 @@ public final class BudgetAlarm: @unchecked Sendable {
         guard checkAtNs < planned.load(ordering: .sequentiallyConsistent) else { return }
         ring()
     }
+
+    /// Nothing to do: this alarm's enforcer looks at the next planned time anyway.
+    public func relax(_ vm: any VMEnforcement) {}
 
     /// Wakes the enforcer now (a boost to look at, or the VM stopping).
     public func ring() {

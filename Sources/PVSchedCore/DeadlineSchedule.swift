@@ -71,8 +71,8 @@ public struct DeadlineSlot: Equatable, Sendable {
 
     /// If the deadline is due at `now`, marks it announced (once) and returns the time
     /// left until it.
-    public mutating func takeDue(now: UInt64) -> UInt64? {
-        guard let e = entry, !e.announced, e.dueNs <= now else { return nil }
+    public mutating func takeDue(now: UInt64, aheadNs: UInt64 = 0) -> UInt64? {
+        guard let e = entry, !e.announced, e.dueNs <= now &+ aheadNs else { return nil }
         entry!.announced = true
         lastAnnouncedNs = now
         return e.hostNs > now ? e.hostNs - now : 0

@@ -146,7 +146,7 @@ public final class DriverRegistry: Sendable {
     /// `clock` is where the binding reads the time (a manual clock in tests).
     public func bind(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig = .default,
                      boost: BoostSettings = BoostSettings(), trace: EventTrace? = nil,
-                     clock: any HostClock = SystemClock(), alarm: BudgetAlarm? = nil) throws(RegistryError) -> VMBinding {
+                     clock: any HostClock = SystemClock(), alarm: (any EnforcerAlarm)? = nil) throws(RegistryError) -> VMBinding {
         try control.withLock { _ throws(RegistryError) in
             let binding = VMBinding(vm: vm, actuator: actuator, governor: governor, boost: boost, trace: trace,
                                     logger: Logger(label: "pvsched.vm"), clock: clock, alarm: alarm,

@@ -10,6 +10,7 @@ import Musl
 public struct ThreadError: Error, Equatable, Sendable, CustomStringConvertible {
     /// pthread_create's error number (EAGAIN: a thread limit; ENOMEM).
     public let errno: Int32
+    public init(errno: Int32) { self.errno = errno }
     public var description: String { "cannot start a thread: \(String(cString: strerror(errno)))" }
 }
 

@@ -27,9 +27,21 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     public let clock: any HostClock
     /// How long before a published deadline the driver is told (see `DeadlineSchedule`).
     public let deadlines = DeadlineLead()
-    /// The enforcer sleeps on it; a step rings it when a boost could run out before
-    /// the enforcer planned to look.
+    /// Where the binding asks the enforcer for a look (when a boost could run out,
+    /// or a deadline comes, before it planned to look).
+    let alarm: any EnforcerAlarm
+    /// The binding's own alarm, when no enforcer's was given (tests sleep on it).
     public let budgetAlarm: BudgetAlarm?
+    /// Rung when a vCPU thread that slept runs again (its guest may change its line):
+    /// the watcher of the VM's region looks soon.
+    private let lineBell = Mutex<Bell?>(nil)
+    /// A closure in a box: a closure kept in a `Mutex` directly is re-wrapped in
+    /// reabstraction thunks at every `withLock` (its value is generic there), one
+    /// layer more each time.
+    private final class Bell: Sendable {
+        let ring: @Sendable () -> Void
+        init(_ ring: @escaping @Sendable () -> Void) { self.ring = ring }
+    }
     /// Just above this VM's boosts (`BoostSettings.preemptingPriority`).
     public var enforcerPriority: UInt8? { boost.preemptingPriority }
     /// Consecutive unsettled reads of a vCPU's line after which the area is
@@ -102,14 +114,16 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     let companions = Mutex(Companions())
 
     init(vm: VMHandle, actuator: any Actuator, governor: GovernorConfig, boost: BoostSettings, trace: EventTrace?,
-         logger: Logger, clock: any HostClock = SystemClock(), alarm: BudgetAlarm? = nil,
+         logger: Logger, clock: any HostClock = SystemClock(), alarm: (any EnforcerAlarm)? = nil,
          ejector: @escaping @Sendable (VMBinding, String, String) -> Void = { _, _, _ in }) {
         self.ejector = ejector
         self.clock = clock
         self.vm = vm
         self.trace = trace
         self.actuator = actuator
-        self.budgetAlarm = alarm ?? BudgetAlarm()
+        let own = alarm == nil ? BudgetAlarm() : nil
+        self.budgetAlarm = own
+        self.alarm = alarm ?? own!
         self.governor = Governor(config: governor, vcpuCount: vm.vcpuCount)
         self.boost = boost
         self.logger = logger
@@ -131,7 +145,10 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
         switch event {
-        case .vmEntry: lanes[vcpu].running.store(Running.running, ordering: .relaxed)
+        case .vmEntry, .interruptInjection:
+            // Woken (or about to be): its guest may write its line again.
+            let was = lanes[vcpu].running.exchange(Running.running, ordering: .relaxed)
+            if was == Running.asleep || was == Running.asleepLooked { lineBell.withLock { $0 }?.ring() }
         case .halt: lanes[vcpu].running.store(Running.asleep, ordering: .relaxed)
         default: break
         }
@@ -189,7 +206,12 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         }
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area = d.area { publish(area, vcpu: vcpu) }
+        // The line read at the halt is the last one its guest wrote: no watcher need look again.
+        if case .halt = event, d.area != nil, readError == nil {
+            _ = lanes[vcpu].running.compareExchange(expected: Running.asleep, desired: Running.asleepLooked, ordering: .relaxed)
+        }
         if let deadlineDue { needCheck(at: deadlineDue) }
+        if outcome == .unboosted { alarm.relax(self) }
         if failing {
             let reason = "\(Self.failureLimit) decisions in a row failed on vCPU \(vcpu)"
             slot.withLock { s in
@@ -289,14 +311,14 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         return cutCount
     }
 
-    /// Sends `deadline` for each vCPU whose published deadline is due (see
-    /// `DeadlineSchedule`); the enforcer calls this. Returns how many.
+    /// Sends `deadline` for each vCPU whose published deadline is due, or due within
+    /// `aheadNs` (see `DeadlineSchedule`); the enforcer calls this. Returns how many.
     @discardableResult
-    public func announceDeadlines() -> Int {
+    public func announceDeadlines(aheadNs: UInt64) -> Int {
         let now = clock.nowNs()
         var count = 0
         for (i, lane) in lanes.enumerated() {
-            guard let left = lane.state.withLock({ $0.deadline.takeDue(now: now) }) else { continue }
+            guard let left = lane.state.withLock({ $0.deadline.takeDue(now: now, aheadNs: aheadNs) }) else { continue }
             notify(.deadline(inNs: left), vcpu: i)
             count += 1
         }
@@ -329,7 +351,13 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             if done { break }
             current = seen
         }
-        budgetAlarm?.need(checkAtNs: at)
+        alarm.need(checkAtNs: at)
+    }
+
+    /// Rings `bell` whenever a vCPU thread that slept runs again (see `lineMayHaveChanged`).
+    public func setLineBell(_ bell: (@Sendable () -> Void)?) {
+        let box = bell.map(Bell.init)
+        lineBell.withLock { $0 = box }
     }
 
     public func takeWakeHint() -> UInt64 { wakeHint.exchange(.max, ordering: .sequentiallyConsistent) }

@@ -51,10 +51,10 @@ public protocol VMEnforcement: AnyObject, Sendable {
     /// repayments that are due; returns how many boosts it cut.
     @discardableResult
     func enforceBudgets() -> Int
-    /// Sends `deadline` for the vCPUs whose published deadline is now near, whether
-    /// or not any other event comes; returns how many.
+    /// Sends `deadline` for the vCPUs whose published deadline is now near (or will
+    /// be within `aheadNs`), whether or not any other event comes; returns how many.
     @discardableResult
-    func announceDeadlines() -> Int
+    func announceDeadlines(aheadNs: UInt64) -> Int
     /// The earliest time (host monotonic ns) the enforcer has work for this VM: a
     /// running boost that could spend its budget, a repayment to end, or a deadline
     /// to announce; nil when there is none.
@@ -65,6 +65,12 @@ public protocol VMEnforcement: AnyObject, Sendable {
     /// An earlier look this VM asked for since the enforcer last took it (`.max`:
     /// none); taking it resets it.
     func takeWakeHint() -> UInt64
+}
+
+extension VMEnforcement {
+    /// Sends `deadline` for the vCPUs whose published deadline is now near.
+    @discardableResult
+    public func announceDeadlines() -> Int { announceDeadlines(aheadNs: 0) }
 }
 
 /// Why a guest's shared-area registration was refused, with the device's reason code.

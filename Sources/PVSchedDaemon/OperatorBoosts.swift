@@ -1,5 +1,6 @@
 import PVSchedControl
 import PVSchedCore
+import PVSchedLinux
 import Synchronization
 
 #if canImport(Glibc)
@@ -15,13 +16,16 @@ final class OperatorBoosts: Sendable {
     private let deadlines = Mutex<[ThreadID: UInt64]>([:])
     private let running = Atomic(true)
     private let expiry = Mutex<PVSchedCore.Thread?>(nil)
+    /// The expiry thread sleeps until the earliest end (no wake-ups while none runs).
+    private let timer: WakeTimer
 
     init(actuator: any Actuator) throws(ThreadError) {
         self.actuator = actuator
+        timer = try WakeTimer()
         let t = try PVSchedCore.Thread(name: "pvs-op-boosts") { [self] in
             while running.load(ordering: .relaxed) {
                 expire(now: MonotonicClock.nowNs())
-                usleep(5_000)
+                timer.sleep(maxNs: 60_000_000_000) { deadlines.withLock { $0.values.min() } }
             }
         }
         expiry.withLock { $0 = t }
@@ -32,7 +36,9 @@ final class OperatorBoosts: Sendable {
         do { try actuator.apply(.fifo(priority: priority), to: thread) } catch {
             throw ControlError(.failed, field: "params.tid", "\(error)")
         }
-        deadlines.withLock { $0[thread] = MonotonicClock.nowNs() &+ durationNs }
+        let end = MonotonicClock.nowNs() &+ durationNs
+        deadlines.withLock { $0[thread] = end }
+        timer.wake(by: end)
     }
 
     /// Ends `thread`'s operator boost now; false if it had none.
@@ -53,6 +59,7 @@ final class OperatorBoosts: Sendable {
 
     func shutdown() {
         running.store(false, ordering: .relaxed)
+        timer.wakeNow()
         expiry.takeAndJoin()
         expire(now: .max)
     }

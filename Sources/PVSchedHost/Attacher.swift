@@ -107,8 +107,12 @@ struct Attacher {
                 let watch = RegionWatch(region: region, link: session.link, status: binding, settings: spec.watch, logger: logger)
                 let poller = try host.regionPoller()
                 poller.add(watch, id: id)
+                binding.setLineBell { [weak poller] in poller?.lookSoon(id: id) }
                 session.watch = watch
-                session.onDetach { _ = poller.remove(id: id)?.withdraw() }
+                session.onDetach {
+                    binding.setLineBell(nil)
+                    _ = poller.remove(id: id)?.withdraw()
+                }
                 // The guest may already have written its header: give the poller a moment to say.
                 for _ in 0..<50 where watch.phase == .waiting { usleep(2000) }
                 report.negotiation = "\(watch.phase)"

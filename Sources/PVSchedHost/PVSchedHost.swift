@@ -71,7 +71,7 @@ public final class PVSchedHost: Sendable {
         self.threads = threads
         self.logger = logger
         self.serviceThreadPriority = LinuxScheduling.canUseRealTime ? serviceThreadPriority : nil
-        enforcer = HostEnforcer(threads: threads, realTime: LinuxScheduling.canUseRealTime)
+        enforcer = try HostEnforcer(threads: threads, realTime: LinuxScheduling.canUseRealTime)
         if builtins { try BuiltinDrivers.registerAll(in: registry) }
     }
 
@@ -89,7 +89,7 @@ public final class PVSchedHost: Sendable {
               trace: EventTrace?) throws -> (link: VMHostLink, binding: VMBinding) {
         let handle = VMHandle(id: nextID.add(1, ordering: .relaxed).oldValue, name: name, vcpuCount: vcpus)
         let binding = try registry.bind(vm: handle, actuator: actuator, governor: governor, boost: boost, trace: trace,
-                                        alarm: enforcer.alarm)
+                                        alarm: enforcer)
         do {
             if let driver { try registry.assign(driver, to: handle.id) }
             try enforcer.add(binding, id: handle.id)
@@ -321,7 +321,7 @@ public final class PVSchedHost: Sendable {
     public var serviceCounters: (enforcerPasses: UInt64, enforcerWakeUps: UInt64, pollerSteps: UInt64, pollerWakeUps: UInt64) {
         let poller = services.withLock { $0.poller }
         let c = poller?.counters ?? (steps: 0, wakeUps: 0)
-        return (enforcer.passCount, enforcer.alarm.wakeUps, c.steps, c.wakeUps)
+        return (enforcer.passCount, enforcer.wakeUps, c.steps, c.wakeUps)
     }
 
     /// Names being created, so that two concurrent starts cannot take the same name.

@@ -110,7 +110,12 @@ public final class AttachedVMSession: VMSession {
     public var events: any VMEventSink { link.events }
     public let summary: String
     private let stateBox = Mutex(VMSessionState.running)
-    private let detachActions = Mutex<[@Sendable () -> Void]>([])
+    /// Boxed: a closure kept in a `Mutex` directly is re-wrapped in reabstraction thunks at each `withLock`.
+    private final class Action: Sendable {
+        let run: @Sendable () -> Void
+        init(_ run: @escaping @Sendable () -> Void) { self.run = run }
+    }
+    private let detachActions = Mutex<[Action]>([])
     private let watchBox = Mutex<RegionWatch?>(nil)
     private let reportBox = Mutex(AttachReport())
 
@@ -135,7 +140,10 @@ public final class AttachedVMSession: VMSession {
     }
 
     /// Runs `action` when the VM is detached (before its boosts are undone).
-    func onDetach(_ action: @escaping @Sendable () -> Void) { detachActions.withLock { $0.append(action) } }
+    func onDetach(_ action: @escaping @Sendable () -> Void) {
+        let a = Action(action)
+        detachActions.withLock { $0.append(a) }
+    }
 
     /// The VM went away by itself (its VMM exited): detach and record why.
     public func ended(_ reason: String) {
@@ -162,7 +170,7 @@ public final class AttachedVMSession: VMSession {
             a.removeAll()
             return all
         }
-        for action in actions.reversed() { action() }
+        for action in actions.reversed() { action.run() }
         for i in 0..<handle.vcpuCount { link.events.setThread(nil, vcpu: i) }
         link.release()
     }

@@ -37,6 +37,9 @@ public final class StandInGuest: @unchecked Sendable {
         public var busyVCPUs: [Int] = []
         public var intervalUs: UInt64 = 1000
         public var workUs: UInt64 = 50
+        /// How often an idle vCPU's thread wakes (a guest's idle vCPU halts and wakes
+        /// now and then for its timers).
+        public var idleWakeupUs: UInt64 = 1000
         public init() {}
     }
 
@@ -46,6 +49,7 @@ public final class StandInGuest: @unchecked Sendable {
     private var threads: [PVSchedCore.Thread?] = []
     private let tids: [ManagedAtomic<Int32>]
     private let stopFlags: [ManagedAtomic<Bool>]
+    private let busyFlags: [ManagedAtomic<Bool>]
     private let stopAll = ManagedAtomic(false)
     private let lock = Mutex<[UInt64]>([])
     private final class LineLock: Sendable { let mutex = Mutex(()) }
@@ -55,6 +59,7 @@ public final class StandInGuest: @unchecked Sendable {
         self.options = options
         tids = (0..<options.vcpus).map { _ in ManagedAtomic(0) }
         stopFlags = (0..<options.vcpus).map { _ in ManagedAtomic(false) }
+        busyFlags = (0..<options.vcpus).map { ManagedAtomic(options.busyVCPUs.contains($0)) }
         lineLocks = (0..<options.vcpus).map { _ in LineLock() }
         if let path = options.region {
             let size = max(1 << 20, SharedAreaWriter.size(vcpus: options.vcpus))
@@ -77,8 +82,7 @@ public final class StandInGuest: @unchecked Sendable {
             writer = nil
         }
         for i in 0..<options.vcpus {
-            let busy = options.busyVCPUs.contains(i)
-            threads.append(try PVSchedCore.Thread(name: "vcpu\(i)") { [self] in vcpuLoop(i, busy: busy) })
+            threads.append(try PVSchedCore.Thread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
         }
         for t in tids { while t.load(ordering: .acquiring) == 0 { usleep(100) } }
     }
@@ -138,6 +142,16 @@ public final class StandInGuest: @unchecked Sendable {
     private let unboosted = ManagedAtomic<UInt64>(0)
     public var wakeupsWithoutBoost: UInt64 { unboosted.load(ordering: .relaxed) }
 
+    /// The latencies and wake-ups without a boost since the last call, which forgets them.
+    public func takeSamples() -> (latencies: [UInt64], missed: UInt64) {
+        let l = lock.withLock { l in
+            let all = l
+            l.removeAll()
+            return all
+        }
+        return (l, unboosted.exchange(0, ordering: .relaxed))
+    }
+
     public func stop() {
         stopAll.store(true, ordering: .relaxed)
         for i in threads.indices { threads[i]?.join(); threads[i] = nil }
@@ -148,7 +162,13 @@ public final class StandInGuest: @unchecked Sendable {
         if let (p, size) = mapping { munmap(p, size) }
     }
 
-    private func vcpuLoop(_ v: Int, busy: Bool) {
+    /// Starts or stops vCPU `v`'s cyclictest-like workload.
+    public func setBusy(_ v: Int, _ busy: Bool) {
+        guard v >= 0, v < options.vcpus else { return }
+        busyFlags[v].store(busy, ordering: .relaxed)
+    }
+
+    private func vcpuLoop(_ v: Int) {
         tids[v].store(pvs_gettid(), ordering: .releasing)
         let intervalNs = options.intervalUs * 1000
         var next = MonotonicClock.nowNs() + intervalNs
@@ -162,7 +182,11 @@ public final class StandInGuest: @unchecked Sendable {
                 forkResult.store(child, ordering: .releasing)
                 forkRequest.store(0, ordering: .releasing)
             }
-            guard busy else { usleep(1000); continue }
+            guard busyFlags[v].load(ordering: .relaxed) else {
+                usleep(UInt32(clamping: options.idleWakeupUs))
+                next = MonotonicClock.nowNs() + intervalNs
+                continue
+            }
             // Sleep to the deadline, then publish: the RT task runs, the next deadline ahead.
             var ts = timespec(tv_sec: Int(next / 1_000_000_000), tv_nsec: Int(next % 1_000_000_000))
             while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
@@ -196,7 +220,9 @@ public final class StandInGuest: @unchecked Sendable {
     /// - `line V FLAGS_HEX [fifo P]` → sets vCPU V's flags (and task)
     /// - `exit V` → vCPU V's thread exits
     /// - `fork V` → vCPU V's thread forks a sleeping child → `child PID`
+    /// - `busy V on|off` → starts or stops vCPU V's cyclictest-like workload
     /// - `latencies` → `latencies N P50 P99 MAX MISSED` (ns)
+    /// - `samples` → `samples MISSED L1 L2 ...` (ns), every latency since the last `samples`, then forgets them
     /// - `quit`
     public func run() {
         answer("ready pid \(getpid()) tids \(threadIDs.map(String.init).joined(separator: " "))")
@@ -224,10 +250,16 @@ public final class StandInGuest: @unchecked Sendable {
                 answer("ok")
             case "exit" where words.count == 2: exitThread(Int(words[1]) ?? -1); answer("ok")
             case "fork" where words.count == 2: answer("child \(fork(from: Int(words[1]) ?? -1))")
+            case "busy" where words.count == 3 && ["on", "off"].contains(words[2]):
+                setBusy(Int(words[1]) ?? -1, words[2] == "on")
+                answer("ok")
             case "latencies":
                 let l = boostLatencies.sorted()
                 func q(_ f: Double) -> UInt64 { l.isEmpty ? 0 : l[min(l.count - 1, Int(Double(l.count) * f))] }
                 answer("latencies \(l.count) \(q(0.5)) \(q(0.99)) \(l.last ?? 0) \(wakeupsWithoutBoost)")
+            case "samples":
+                let (l, missed) = takeSamples()
+                answer("samples \(missed) " + l.map(String.init).joined(separator: " "))
             case "quit": answer("bye"); return
             default: answer("error unknown command '\(cmd)'")
             }

@@ -83,19 +83,5 @@ public final class StandInProcess: @unchecked Sendable {
 
     /// The binary beside the test bundle (swift build puts every product together)
     /// or beside the running executable.
-    public static var binaryPath: String? {
-        var dirs = [URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()]
-        if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
-            dirs.append(URL(fileURLWithPath: exe).deletingLastPathComponent())
-        }
-        for start in dirs {
-            var dir = start
-            for _ in 0..<4 {
-                let candidate = dir.appendingPathComponent("pvsched-standin").path
-                if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-                dir = dir.deletingLastPathComponent()
-            }
-        }
-        return nil
-    }
+    public static var binaryPath: String? { PVSchedBinary.path(named: "pvsched-standin") }
 }

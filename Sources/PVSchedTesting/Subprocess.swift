@@ -14,13 +14,22 @@ public struct CommandResult: Sendable {
 public enum PVSchedBinary {
     /// The `pvsched` executable beside the test bundle (`swift build` puts both in
     /// the same products directory), or nil if it was not built.
-    public static var path: String? {
-        let bundle = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
-        var dir = bundle.deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = dir.appendingPathComponent("pvsched").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            dir = dir.deletingLastPathComponent()
+    public static var path: String? { path(named: "pvsched") }
+
+    /// The executable `name` beside the test bundle or the running executable (or up
+    /// to three directories above either), or nil if it was not built.
+    public static func path(named name: String) -> String? {
+        var dirs = [URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()]
+        if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+            dirs.append(URL(fileURLWithPath: exe).deletingLastPathComponent())
+        }
+        for start in dirs {
+            var dir = start
+            for _ in 0..<4 {
+                let candidate = dir.appendingPathComponent(name).path
+                if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+                dir = dir.deletingLastPathComponent()
+            }
         }
         return nil
     }

@@ -182,14 +182,34 @@ struct Bench: ParsableCommand {
         abstract: "Benchmark the mechanism: driver decision, shared-area read, actuator, per-exit overhead, control socket (ratios to baselines).")
     @Flag(help: "Print JSON.") var json = false
     @Option(help: "Repetitions of the per-exit measurement.") var exitRuns = 5
-    @Option(help: "Only these parts (comma-separated): \(BenchPart.allCases.map(\.rawValue).joined(separator: ", ")).")
+    @Option(help: "Only these parts (comma-separated): \(BenchPart.allCases.map(\.rawValue).joined(separator: ", ")); scale runs only when named.")
     var only: String?
+    @Option(help: "scale: the VM counts (comma-separated, each 1-128).") var scaleVms = "1,4,16,64"
+    @Option(help: "scale: seconds of each measured window (1-60).") var scaleSeconds = 5.0
+    @Option(help: "scale: how often an idle stand-in vCPU wakes, µs (100-1000000).") var scaleIdleWakeupUs: UInt64 = 50_000
+    @Option(help: "scale: the daemon's event sources for the VMs: both or watch.") var scaleEvents = "both"
 
     /// The parts of the benchmark, in the order they run.
-    enum BenchPart: String, CaseIterable { case decision, area, bpf, actuator, control, watcher, kernel, exits }
+    enum BenchPart: String, CaseIterable { case decision, area, bpf, actuator, control, watcher, kernel, exits, scale }
+
+    func scaleSettings() throws -> ScaleBench.Settings {
+        var s = ScaleBench.Settings()
+        let counts = scaleVms.split(separator: ",").map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard !counts.isEmpty, counts.allSatisfy({ $0.map { (1...128).contains($0) } ?? false }) else {
+            throw ValidationError("--scale-vms must be comma-separated counts of 1-128, got '\(scaleVms)'")
+        }
+        guard (1...60).contains(scaleSeconds) else { throw ValidationError("--scale-seconds must be 1...60, got \(scaleSeconds)") }
+        guard (100...1_000_000).contains(scaleIdleWakeupUs) else { throw ValidationError("--scale-idle-wakeup-us must be 100...1000000") }
+        guard ["both", "watch"].contains(scaleEvents) else { throw ValidationError("--scale-events must be both or watch") }
+        s.vmCounts = counts.map { $0! }
+        s.windowSeconds = scaleSeconds
+        s.idleWakeupUs = scaleIdleWakeupUs
+        s.events = scaleEvents
+        return s
+    }
 
     func parts() throws -> Set<BenchPart> {
-        guard let only else { return Set(BenchPart.allCases) }
+        guard let only else { return Set(BenchPart.allCases).subtracting([.scale]) }
         var parts = Set<BenchPart>()
         for name in only.split(separator: ",", omittingEmptySubsequences: false) {
             guard let p = BenchPart(rawValue: name.trimmingCharacters(in: .whitespaces)) else {
@@ -203,6 +223,7 @@ struct Bench: ParsableCommand {
     func validate() throws {
         guard (1...100).contains(exitRuns) else { throw ValidationError("--exit-runs must be 1...100, got \(exitRuns)") }
         _ = try parts()
+        _ = try scaleSettings()
     }
 
     func run() throws {
@@ -237,11 +258,25 @@ struct Bench: ParsableCommand {
                 FileHandle.standardError.write("kernel-event and per-exit benchmarks skipped: /dev/kvm not accessible\n".data(using: .utf8)!)
             }
         }
+        var rows: [ScaleBench.Row]?
+        if parts.contains(.scale) {
+            try Preflight.requireRealTime()
+            let settings = try scaleSettings()
+            rows = try ScaleBench.run(settings) { what in
+                if !json { FileHandle.standardError.write("scale: \(what)\n".data(using: .utf8)!) }
+            }
+            if !json { print(ScaleBench.table(rows!, settings: settings)) }
+        }
         if json {
             let e = JSONEncoder()
             e.outputFormatting = [.prettyPrinted, .sortedKeys]
-            print(String(decoding: try e.encode(results), as: UTF8.self))
-        } else {
+            struct Both: Encodable { let results: [BenchResult]; let rows: [ScaleBench.Row] }
+            struct Rows: Encodable { let rows: [ScaleBench.Row] }
+            let data: Data
+            if let rows { data = parts == [.scale] ? try e.encode(Rows(rows: rows)) : try e.encode(Both(results: results, rows: rows)) }
+            else { data = try e.encode(results) }
+            print(String(decoding: data, as: UTF8.self))
+        } else if !results.isEmpty {
             print(MechanismBench.table(results))
             if let alu = results.first(where: { $0.name.hasPrefix("BPF compiled, straight-line ALU") }) {
                 print(String(format: "BPF: %.0f million instructions per second on straight-line ALU code compiled, %.0f interpreted",

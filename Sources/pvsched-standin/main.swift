@@ -8,7 +8,7 @@ struct StandIn: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "pvsched-standin",
         abstract: "A stand-in VMM process: vCPU threads named vcpuN and a pvsched region written like the Linux guest module.",
-        discussion: "Commands on standard input: tids, header, line V FLAGS_HEX [fifo P], exit V, fork V, latencies, quit.")
+        discussion: "Commands on standard input: tids, header, line V FLAGS_HEX [fifo P], exit V, fork V, busy V on|off, latencies, quit.")
     @Option(help: "Number of vCPU threads (1-64).") var vcpus = 2
     @Option(help: "The region file (under /dev/shm) to create and write.") var region: String?
     @Flag(help: "Open an existing region file instead of creating it.") var existing = false
@@ -18,11 +18,13 @@ struct StandIn: ParsableCommand {
     @Option(help: "vCPUs running a cyclictest-like real-time wake-up (comma-separated).") var busy = ""
     @Option(help: "The busy vCPUs' wake-up interval, µs.") var intervalUs: UInt64 = 1000
     @Option(help: "The busy vCPUs' work per wake-up, µs.") var workUs: UInt64 = 50
+    @Option(help: "How often an idle vCPU's thread wakes, µs.") var idleWakeupUs: UInt64 = 1000
 
     func validate() throws {
         guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1-64") }
         guard UInt32(mode, radix: 8).map({ $0 <= 0o777 }) == true else { throw ValidationError("--mode must be octal, at most 777") }
         guard (100...1_000_000).contains(intervalUs), workUs < intervalUs else { throw ValidationError("--interval-us 100-1000000, --work-us below it") }
+        guard (100...1_000_000).contains(idleWakeupUs) else { throw ValidationError("--idle-wakeup-us must be 100-1000000") }
     }
 
     func run() throws {
@@ -36,6 +38,7 @@ struct StandIn: ParsableCommand {
         o.busyVCPUs = busy.split(separator: ",").compactMap { Int($0) }.filter { $0 >= 0 && $0 < vcpus }
         o.intervalUs = intervalUs
         o.workUs = workUs
+        o.idleWakeupUs = idleWakeupUs
         let guest = try StandInGuest(o)
         guest.run()
         guest.stop()

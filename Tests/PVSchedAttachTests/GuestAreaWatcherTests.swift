@@ -104,6 +104,29 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         #expect((vm.watcher.stats.guestUpdates) >= 2)
     }
 
+    /// While the VM's events say every vCPU thread sleeps, its watch rests (no
+    /// looks, however long); a thread that runs again brings a look within the busy
+    /// poll period, and the change it wrote is seen.
+    @Test func aWatchRestsWhileEveryVCPUThreadSleepsAndWakesWithThem() throws {
+        let vm = try WatchedVM(settings: .init(busyPollNs: 200_000, idlePollNs: 1_000_000, headerPollNs: 1_000_000))
+        vm.register()
+        #expect(eventually { vm.hostNegotiation == PVSCHED_DEV_ACCEPTED })
+        for v in 0..<vm.vcpus { vm.session.events.notify(.halt, vcpu: v) }
+        usleep(20_000)  // the last look after they went to sleep
+        let resting = vm.watcher.stats.polls
+        usleep(200_000)
+        #expect(vm.watcher.stats.polls == resting, "looks while every vCPU slept")
+        // vCPU 1 runs and writes its line: the entry rings the watch's bell.
+        vm.session.events.notify(.vmEntry, vcpu: 1)
+        vm.writer.update(vcpu: 1) { g in
+            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
+            g.task_policy = PVSCHED_TASK_FIFO
+            g.task_priority = 80
+        }
+        #expect(eventually(1) { vm.boosted.contains(ThreadID(1001)) }, "\(vm.actuator.calls)")
+        #expect(vm.watcher.stats.polls > resting)
+    }
+
     @Test func aPublishedDeadlineBoostsShortlyBeforeItAndNotAtOnce() throws {
         let lead: UInt64 = 2_000_000
         let vm = try WatchedVM(settings: .init(headerPollNs: 1_000_000))

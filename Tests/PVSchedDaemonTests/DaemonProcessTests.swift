@@ -5,60 +5,6 @@ import PVSchedLinux
 import PVSchedTesting
 import Testing
 
-/// `pvsched daemon` run as a separate process on a temporary socket and lock.
-final class DaemonProcess {
-    let binary: String
-    let socket: String
-    let lock: String
-    let process = Process()
-    let stderr = Pipe()
-
-    init(metrics: Bool = false, extraArguments: [String] = []) throws {
-        guard let binary = PVSchedBinary.path else { throw DaemonTestError("the pvsched executable is not built (run `swift build`)") }
-        self.binary = binary
-        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        socket = "/tmp/pvsched-it-\(tag).sock"
-        lock = "/tmp/pvsched-it-\(tag).lock"
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["daemon", "--socket", socket, "--lock", lock, "--log-level", "warning"]
-            + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
-        process.standardError = stderr
-        process.standardOutput = FileHandle.nullDevice
-        try process.run()
-        let deadline = Date().addingTimeInterval(20)
-        while Date() < deadline {
-            if let c = try? ControlClient(path: socket), (try? c.call("daemon.info")) != nil { return }
-            guard process.isRunning else { break }
-            usleep(20_000)
-        }
-        throw DaemonTestError("the daemon did not come up: \(String(decoding: stderr.fileHandleForReading.availableData, as: UTF8.self))")
-    }
-
-    deinit {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGTERM)
-            if !eventually(10, { !process.isRunning }) { kill(process.processIdentifier, SIGKILL) }
-            process.waitUntilExit()
-        }
-        unlink(lock)
-        unlink(socket)  // a daemon killed by SIGKILL leaves it
-    }
-
-    /// Runs `pvsched ARGS --socket S`.
-    func cli(_ args: [String], socketFlag: Bool = true) throws -> CommandResult {
-        try PVSchedBinary.run(binary, args + (socketFlag ? ["--socket", socket] : []))
-    }
-
-    func client() throws -> ControlClient { try ControlClient(path: socket) }
-
-    /// The vCPU threads of `vm` and whether each is boosted.
-    func vcpus(_ vm: String) throws -> [(tid: Int32, boosted: Bool)] {
-        let list = try client().call("vm.list")
-        let v = list.arrayValue?.first { $0["name"]?.stringValue == vm }
-        return (v?["vcpus"]?.arrayValue ?? []).map { (Int32($0["thread"]?.intValue ?? 0), $0["boosted"] == true) }
-    }
-}
-
 struct DaemonTestError: Error, CustomStringConvertible {
     let description: String
     init(_ d: String) { description = d }

@@ -79,4 +79,12 @@ int pvs_process_uid(int32_t pid, uint32_t *uid);
 void pvs_close(int fd);
 /* Set the calling process's name (prctl PR_SET_NAME). */
 void pvs_set_process_name(const char *name);
+/* A CLOCK_MONOTONIC timerfd (TFD_CLOEXEC); fd or -errno. */
+int pvs_timerfd_create(void);
+/* Arm the timerfd to expire once at absolute monotonic time ns (a time already
+ * past expires at once); 0 or -errno. */
+int pvs_timerfd_arm(int fd, uint64_t ns);
+/* Wait for the timerfd to expire (read, EINTR retried); 0 or -errno. */
+int pvs_timerfd_wait(int fd);
+
 #endif
