@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "PVSchedABI", targets: ["PVSchedABI"]),
         .library(name: "PVSchedAttach", targets: ["PVSchedAttach"]),
         .library(name: "PVSchedHost", targets: ["PVSchedHost"]),
+        .library(name: "PVSchedDaemon", targets: ["PVSchedDaemon"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -27,6 +27,8 @@ let package = Package(
             .product(name: "PVSchedAttach", package: "pvsched"), .product(name: "PVSchedHost", package: "pvsched"),
             .product(name: "PVSchedCore", package: "pvsched"), .product(name: "PVSchedABI", package: "pvsched"),
         ], swiftSettings: fuzzFlags),
+        .executableTarget(name: "FuzzDaemonConfig", dependencies: [.product(name: "PVSchedDaemon", package: "pvsched")],
+                          swiftSettings: fuzzFlags),
         .executableTarget(name: "FuzzControlRequest", dependencies: [
             .product(name: "PVSchedControl", package: "pvsched"), .product(name: "PVSchedCore", package: "pvsched"),
         ], swiftSettings: fuzzFlags),

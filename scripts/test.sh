@@ -31,8 +31,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
+# kubernetes-validate (PyPI) in a virtual environment of its own under .build.
+if ! command -v kubernetes-validate >/dev/null; then
+    if [ ! -x .build/tools-venv/bin/kubernetes-validate ]; then
+        python3 -m venv .build/tools-venv && .build/tools-venv/bin/pip install -q kubernetes-validate \
+            || echo "kubernetes-validate not installed: the manifest test will skip (or fail under PVSCHED_REQUIRE_MANIFESTS=1)" >&2
+    fi
+    export PATH="$PATH:$PWD/.build/tools-venv/bin"
+fi
+
 swift --version
 swift build
+# The Debian packages, built once from this checkout for the packaging test (as root, with dkms).
+if [ "$(id -u)" = 0 ] && command -v dpkg-deb >/dev/null && command -v dkms >/dev/null; then
+    rm -rf .build/debs
+    bash scripts/package.sh .build/debs
+    export PVSCHED_PACKAGE_DIR="$PWD/.build/debs"
+fi
 # The Linux guest for the QEMU tests (a no-op when its packages are missing: those tests then skip).
 bash scripts/build-linux-guest.sh || echo "Linux test guest not built: the QEMU tests will skip (or fail under PVSCHED_REQUIRE_QEMU=1)" >&2
 # Serially: many tests run real VMs, real-time threads and a daemon on a 2-core machine, and

@@ -6,6 +6,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -344,5 +345,48 @@ int pvs_timerfd_wait(int fd) {
         if (n == (ssize_t)sizeof expirations) return 0;
         if (n < 0 && errno == EINTR) continue;
         return n < 0 ? -errno : -EIO;
+    }
+}
+
+int pvs_sd_notify(const char *state) {
+    const char *path = getenv("NOTIFY_SOCKET");
+    if (!path || !path[0]) return 0;
+    struct sockaddr_un addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sun_family = AF_UNIX;
+    size_t len = strlen(path);
+    if (len >= sizeof addr.sun_path) return -EINVAL;
+    memcpy(addr.sun_path, path, len);
+    if (addr.sun_path[0] == '@') addr.sun_path[0] = 0;
+    int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -errno;
+    ssize_t n = sendto(fd, state, strlen(state), MSG_NOSIGNAL, (struct sockaddr *)&addr,
+                       (socklen_t)(offsetof(struct sockaddr_un, sun_path) + len));
+    int err = n < 0 ? -errno : 1;
+    close(fd);
+    return err;
+}
+
+int pvs_is_unix_listener(int fd) {
+    int type = 0, listening = 0;
+    socklen_t l = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &l) < 0) return -errno;
+    l = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &l) < 0) return -errno;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) return -errno;
+    return type == SOCK_STREAM && listening && ss.ss_family == AF_UNIX;
+}
+
+int pvs_wait_stop_signal_timeout(int timeout_ms) {
+    sigset_t s;
+    stop_set(&s);
+    struct timespec ts = { timeout_ms / 1000, (long)(timeout_ms % 1000) * 1000000L };
+    for (;;) {
+        int sig = sigtimedwait(&s, NULL, &ts);
+        if (sig > 0) return sig;
+        if (errno == EAGAIN) return 0;
+        if (errno != EINTR) return 0;
     }
 }

@@ -33,7 +33,9 @@ public final class SharedMemoryFile: @unchecked Sendable {
     public let path: String
 
     /// Maps `length` bytes at `offset` of `path` (the whole file when `length` is nil).
-    /// The path must lie under /dev/shm/; `vmm`, when given, is the process that
+    /// The path must lie under /dev/shm/, or, with `vmm` given, under the VMM's own
+    /// /dev/shm as /proc shows it (`/proc/VMM/root/dev/shm/`: a VMM in a container,
+    /// such as KubeVirt's virt-launcher); `vmm`, when given, is the process that
     /// must map the same file (and whose user may own it).
     public init(path: String, offset: Int = 0, length: Int? = nil, vmm: Int32? = nil) throws(SharedMemoryError) {
         self.path = path
@@ -44,7 +46,9 @@ public final class SharedMemoryFile: @unchecked Sendable {
         }
         let opened: (fd: Int32, stat: stat)
         do throws(SafeOpenError) {
-            opened = try SafeOpen.regularFile(path, under: "/dev/shm", flags: O_RDWR, owner: owner, field: "memory")
+            let containerShm = vmm.map { "/proc/\($0)/root/dev/shm" }
+            let under = containerShm.map { path.hasPrefix($0 + "/") ? $0 : "/dev/shm" } ?? "/dev/shm"
+            opened = try SafeOpen.regularFile(path, under: under, flags: O_RDWR, owner: owner, field: "memory")
         } catch {
             throw SharedMemoryError(field: "memory", error.message)
         }

@@ -11,8 +11,20 @@ import PVSchedHost
 /// `threads`. The guest's area comes from `shm` (an ivshmem region the guest's
 /// pvsched module writes, watched) or from `memory` with an offset and size (a VM
 /// of `pvsched run --export`, registered once).
+/// What a VM gets when its request says nothing: the configuration's boost class,
+/// protected host priority and governor (`/etc/pvsched/pvsched.conf`).
+public struct AttachPolicy: Equatable, Sendable {
+    public var boost: SchedulingParameters?
+    public var protectHostPriority: UInt8? = 50
+    public var governor = GovernorChange()
+    public init() {}
+    public init(_ config: DaemonConfig) {
+        boost = config.boost; protectHostPriority = config.protectHostPriority; governor = config.governor
+    }
+}
+
 extension VMAttach.Params {
-    func spec() throws(ControlError) -> VMSpec {
+    func spec(policy: AttachPolicy = AttachPolicy()) throws(ControlError) -> VMSpec {
         let endpoint = try self.endpoint()
         var spec = VMSpec(name: name, source: .endpoint(endpoint))
         guard memory == nil || shm == nil else { throw ControlError(.invalidParams, field: "params.shm", "give memory or shm, not both") }
@@ -32,6 +44,8 @@ extension VMAttach.Params {
         }
         spec.driver = driver
         spec.boost = BoostSettings(allowRealTimeThreads: allowRealTimeThreads)
+        if let b = policy.boost { spec.boost.boosted = b }
+        spec.boost.protectedHostPriority = policy.protectHostPriority
         if let text = boost {
             guard let c = BoostSettings.parseClass(text) else {
                 throw ControlError(.invalidParams, field: "params.boost", "must be \(BoostSettings.classSyntax), got '\(text)'")
@@ -39,7 +53,7 @@ extension VMAttach.Params {
             spec.boost.boosted = c
         }
         if let v = protectHostPriority { spec.boost.protectedHostPriority = v == 0 ? nil : UInt8(v) }
-        spec.governor = governor.applied(to: .default)
+        spec.governor = governor.applied(to: policy.governor.applied(to: .default))
         spec.boostMainLoop = boostMainLoop
         if let pollUs {
             spec.watch.busyPollNs = UInt64(pollUs) * 1000

@@ -17,16 +17,22 @@ public final class ControlHandler: Sendable {
     let operatorBoosts: OperatorBoosts
     let metricsAddress: String?
     let logger: Logger
+    /// What VMs get when their request says nothing (from the configuration; a reload changes it).
+    let policy: Mutex<AttachPolicy>
+    /// Where attached VMs are recorded for a restart (nil: nowhere).
+    let state: AttachState?
 
     /// A method's handler: its decoded parameters and the caller in, its result out.
     typealias Entry = @Sendable (inout RequestParams, ControlCaller) throws(ControlError) -> JSON
     private let table = Mutex<[String: Entry]>([:])
 
-    public init(host: PVSchedHost, metricsAddress: String? = nil,
+    public init(host: PVSchedHost, metricsAddress: String? = nil, policy: AttachPolicy = AttachPolicy(), stateFile: String? = nil,
                 logger: Logger = Logger(label: "pvsched.control")) throws(ThreadError) {
         self.host = host
         self.metricsAddress = metricsAddress
         self.logger = logger
+        self.policy = Mutex(policy)
+        state = stateFile.map { AttachState(path: $0, logger: logger) }
         operatorBoosts = try OperatorBoosts(actuator: host.actuator)
         var t: [String: Entry] = [:]
         for (name, entry) in daemonEntries() + driverEntries() + vmEntries() + threadEntries() { t[name] = entry }
@@ -46,6 +52,28 @@ public final class ControlHandler: Sendable {
 
     /// Records the kernel event source dropped (nil: it was never opened).
     public var kernelEventsDropped: UInt64? { host.kernelEventsDropped }
+
+    /// Replaces the defaults of VMs attached from now on (a configuration reload).
+    public func setPolicy(_ p: AttachPolicy) { policy.withLock { $0 = p } }
+
+    /// Attaches again the VMs the state file records (a restart); returns how many.
+    @discardableResult
+    public func restoreAttachedVMs() -> Int {
+        guard let state else { return 0 }
+        var restored = 0
+        for r in state.load() {
+            let name = r.params.name ?? "pid\(r.process)"
+            switch handle(ControlRequest(id: .null, method: VMAttach.name, params: RequestParams(r.params.encoded))) {
+            case .success:
+                restored += 1
+                logger.info("VM attached again after a restart", metadata: ["vm": "\(name.escapedForDisplay)", "pid": "\(r.process)"])
+            case .failure(let e):
+                logger.warning("a VM of the state file could not be attached again",
+                               metadata: ["vm": "\(name.escapedForDisplay)", "error": "\(e)"])
+            }
+        }
+        return restored
+    }
 
     /// Stops the operator-boost timer and undoes its boosts.
     public func shutdown() {

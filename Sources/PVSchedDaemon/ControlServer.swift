@@ -67,6 +67,8 @@ public final class ControlServer: Sendable {
     private let workers = Mutex<[Int32: PVSchedCore.Thread]>([:])
     private let acceptThread = Mutex<PVSchedCore.Thread?>(nil)
     private let stopping = Atomic(false)
+    /// The socket came from the service manager (socket activation): it is not ours to remove.
+    private let inherited: Bool
 
     /// Creates the socket at `path` (mode 0600, or 0660 owned by the read group).
     public init(path: String, access: ControlAccess, handler: ControlHandler,
@@ -87,6 +89,22 @@ public final class ControlServer: Sendable {
             guard r == 0 else { pvs_close(fd); throw ControlServerError(operation: "chown \(path)", errno: -r) }
         }
         listenFD = fd
+        inherited = false
+    }
+
+    /// Serves a listening socket the service manager made and passed on (socket
+    /// activation, `LISTEN_FDS`): its mode and owner are the unit's (`SocketMode=`,
+    /// `SocketGroup=`); peer credentials are checked as for a socket of our own.
+    public init(inheritedFD fd: Int32, path: String, access: ControlAccess, handler: ControlHandler,
+                logger: Logger = Logger(label: "pvsched.control")) throws(ControlServerError) {
+        let r = pvs_is_unix_listener(fd)
+        guard r == 1 else { throw ControlServerError(operation: "use the socket passed by the service manager (fd \(fd))", errno: r < 0 ? -r : EINVAL) }
+        self.path = path
+        self.handler = handler
+        self.access = access
+        self.logger = logger
+        listenFD = fd
+        inherited = true
     }
 
     /// Starts accepting connections on a dedicated thread.
@@ -98,7 +116,7 @@ public final class ControlServer: Sendable {
     /// Stops accepting, closes every connection, waits for the threads, removes the socket.
     public func stop() {
         guard !stopping.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        pvs_shutdown(listenFD)
+        if !inherited { pvs_shutdown(listenFD) }
         acceptThread.takeAndJoin()
         pvs_close(listenFD)
         for fd in connections.withLock({ Array($0) }) { pvs_shutdown(fd) }
@@ -108,11 +126,14 @@ public final class ControlServer: Sendable {
             return all
         }
         for w in all { w.join() }
-        unlink(path)
+        if !inherited { unlink(path) }
     }
 
     private func acceptLoop() {
         while !stopping.load(ordering: .relaxed) {
+            // An inherited socket is not shut down at stop (the service manager keeps
+            // it for the next start): the loop looks at `stopping` every 200 ms instead.
+            if inherited, pvs_poll2(listenFD, -1, 200) & 1 == 0 { continue }
             let fd = pvs_accept(listenFD)
             if fd < 0 {
                 if stopping.load(ordering: .relaxed) { return }

@@ -1,5 +1,6 @@
 import Logging
 import PVSchedCore
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -13,14 +14,31 @@ import Glibc
 /// spaces or quotes are quoted, so that each line is one record and `key=value`
 /// fields parse.
 public struct DaemonLogHandler: LogHandler {
-    public var logLevel: Logger.Level
+    /// The daemon's level, one for every logger (a configuration reload changes it).
+    private static let level = Atomic<UInt8>(2)
+    private static let levels = Logger.Level.allCases
+
+    /// Sets the level of every logger of the daemon.
+    public static func setLevel(_ l: Logger.Level) {
+        levelSet.store(true, ordering: .relaxed)
+        level.store(UInt8(levels.firstIndex(of: l) ?? 2), ordering: .relaxed)
+    }
+
+    public var logLevel: Logger.Level {
+        get { Self.levels[Int(Self.level.load(ordering: .relaxed))] }
+        set { Self.setLevel(newValue) }
+    }
     public var metadata: Logger.Metadata = [:]
     private let label: String
     private let journal: Bool
 
+    /// A handler for `label`; the daemon's level is set once with `setLevel` (`level`
+    /// here sets it only if nothing did before).
     public init(label: String, level: Logger.Level, journal: Bool = getenv("JOURNAL_STREAM") != nil) {
-        self.label = label; self.logLevel = level; self.journal = journal
+        self.label = label; self.journal = journal
+        if !Self.levelSet.exchange(true, ordering: .relaxed) { Self.setLevel(level) }
     }
+    private static let levelSet = Atomic(false)
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { metadata[key] }

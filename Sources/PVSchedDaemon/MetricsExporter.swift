@@ -70,7 +70,8 @@ public final class MetricsExporter: Sendable {
             if g.restarts > st.guardianRestartsSeen { c.increment(by: Int64(clamping: g.restarts - st.guardianRestartsSeen)) }
             st.guardianRestartsSeen = g.restarts
         }
-        if let dropped = facts.kernelEventsDropped() {
+        do {  // served from the start (0 while no VM uses kernel events), so that an alert has a series
+            let dropped = facts.kernelEventsDropped() ?? 0
             let c = registry.makeCounter(descriptor: d("pvsched_kernel_events_dropped_total",
                                                        "Kernel KVM event records dropped because the ring buffer was full"))
             if dropped > st.droppedSeen { c.increment(by: Int64(clamping: dropped - st.droppedSeen)) }

@@ -10,16 +10,26 @@ extension ControlHandler {
         [Self.entry(VMList.self) { [self] _, _ in host.sessions.map(summary) },
          Self.entry(VMStart.self) { [self] p, _ throws(ControlError) in try startVM(p) },
          Self.entry(VMAttach.self) { [self] p, _ throws(ControlError) in
-             let spec = try p.spec()
+             let spec = try p.spec(policy: policy.withLock { $0 })
              let session = try hostCall { () throws(HostError) in try host.attach(spec) }
              let info = session.report
+             if let process = info.process {
+                 // Recorded as it took effect: a restart under a changed configuration keeps the VM's class.
+                 var recorded = p
+                 recorded.boost = BoostSettings.classText(spec.boost.boosted)
+                 recorded.protectHostPriority = Int64(spec.boost.protectedHostPriority ?? 0)
+                 recorded.governor = GovernorChange(full: spec.governor)
+                 state?.attached(session.handle.name, params: recorded, process: process)
+             }
              var vm = summary(session)
              vm.negotiation = info.negotiation
              return .init(vm: vm, events: info.events, pid: info.process ?? 0, vcpuThreads: info.vcpuThreads,
                           mainLoopBoosted: info.mainLoopBoosted)
          },
          Self.entry(VMStop.self) { [self] p, _ throws(ControlError) in
-             summary(try hostCall { () throws(HostError) in try host.stopVM(p.vm) })
+             let s = try hostCall { () throws(HostError) in try host.stopVM(p.vm) }
+             state?.removed(s.handle.name)
+             return summary(s)
          },
          Self.entry(VMDriverGet.self) { [self] p, _ throws(ControlError) in
              let s = try session(p.vm)
@@ -30,12 +40,14 @@ extension ControlHandler {
              guard s.binding != nil else { throw ControlError(.conflict, field: "params.vm", "VM '\(s.handle.name)' runs without pvsched") }
              let previous = try registry { () throws(RegistryError) in try host.registry.assign(p.driver, to: s.handle.id) }
              logger.info("driver replaced", metadata: ["vm": "\(s.handle.name)", "previous": "\(previous?.name ?? "none")", "driver": "\(p.driver)"])
+             state?.changed(s.handle.name, driver: .some(p.driver))
              return .init(vm: s.handle.name, previous: previous?.name, driver: p.driver)
          },
          Self.entry(VMDriverUnassign.self) { [self] p, _ throws(ControlError) in
              let s = try session(p.vm)
              guard s.binding != nil else { throw ControlError(.conflict, field: "params.vm", "VM '\(s.handle.name)' runs without pvsched") }
              let previous = try registry { () throws(RegistryError) in try host.registry.unassign(vm: s.handle.id) }
+             state?.changed(s.handle.name, driver: .some(nil))
              return .init(vm: s.handle.name, previous: previous?.name, driver: s.binding?.driver?.name)
          },
          Self.entry(VMStats.self) { [self] p, _ throws(ControlError) in
@@ -52,6 +64,7 @@ extension ControlHandler {
              guard let b = s.binding else { throw ControlError(.conflict, field: "params.vm", "VM '\(s.handle.name)' runs without pvsched") }
              let config = p.change.applied(to: b.governor.config)
              b.updateGovernor(config)
+             state?.changed(s.handle.name, governor: config)
              logger.info("governor changed", metadata: ["vm": "\(s.handle.name)", "governor": "\(config)"])
              return GovernorSettings(config)
          },
@@ -77,7 +90,10 @@ extension ControlHandler {
         config.interrupts = p.irqchip ? .inKernelIRQChip : .userspace
         var spec = VMSpec(source: .builtIn(config))
         spec.driver = p.driver
-        spec.governor = p.governor.applied(to: .default)
+        let policy = policy.withLock { $0 }
+        if let b = policy.boost { spec.boost.boosted = b }
+        spec.boost.protectedHostPriority = policy.protectHostPriority
+        spec.governor = p.governor.applied(to: policy.governor.applied(to: .default))
         do {
             return summary(try host.startVM(spec))
         } catch let e as HostError {

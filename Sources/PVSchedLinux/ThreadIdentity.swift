@@ -49,3 +49,13 @@ struct ThreadIdentity {
 
     func close() { if pidfd >= 0 { pvs_close(pidfd) } }
 }
+
+/// A process's identity across a restart of the daemon: its pid and its start time
+/// (clock ticks since boot), which a recycled pid does not share.
+public enum ProcessIdentity {
+    /// The start time of process (or thread) `pid`; nil when there is none.
+    public static func startTime(of pid: Int32) -> UInt64? {
+        var start: UInt64 = 0
+        return pvs_thread_start_time(pid, &start) == 0 ? start : nil
+    }
+}

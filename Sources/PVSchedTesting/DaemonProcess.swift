@@ -9,42 +9,77 @@ public final class DaemonProcess: @unchecked Sendable {
     public let binary: String
     public let socket: String
     public let lock: String
-    public let process = Process()
-    public let stderr = Pipe()
+    /// Its own configuration file (never the host's /etc/pvsched) and state file.
+    public let configFile: String
+    public let stateFile: String
+    public let arguments: [String]
+    public private(set) var process = Process()
+    public private(set) var stderr = Pipe()
 
     public var pid: Int32 { process.processIdentifier }
 
-    public init(metrics: Bool = false, logLevel: String = "warning", extraArguments: [String] = []) throws {
+    /// Starts a daemon; `config` is the text of its configuration file.
+    public init(metrics: Bool = false, logLevel: String = "warning", config: String = "", extraArguments: [String] = []) throws {
         guard let binary = PVSchedBinary.path else { throw StandInError("the pvsched executable is not built (run `swift build`)") }
         self.binary = binary
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         socket = "/tmp/pvsched-it-\(tag).sock"
         lock = "/tmp/pvsched-it-\(tag).lock"
+        configFile = "/tmp/pvsched-it-\(tag).conf"
+        stateFile = "/tmp/pvsched-it-\(tag).state.json"
+        try config.write(toFile: configFile, atomically: true, encoding: .utf8)
+        arguments = ["daemon", "--config", configFile, "--socket", socket, "--lock", lock, "--log-level", logLevel,
+                     "--state-file", stateFile] + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
+        try start()
+    }
+
+    /// Starts the daemon (again, once stopped) and waits until it answers.
+    public func start(environment: [String: String]? = nil) throws {
+        process = Process()
+        stderr = Pipe()
         process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["daemon", "--socket", socket, "--lock", lock, "--log-level", logLevel]
-            + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
+        process.arguments = arguments
+        if let environment { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         process.standardError = stderr
         process.standardOutput = FileHandle.nullDevice
         try process.run()
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {
-            if let c = try? ControlClient(path: socket), (try? c.call("daemon.info")) != nil { return }
+            if let c = try? ControlClient(path: socket), (try? c.call(DaemonInfo.self)) != nil { return }
             guard process.isRunning else { break }
             usleep(20_000)
         }
         throw StandInError("the daemon did not come up: \(String(decoding: stderr.fileHandleForReading.availableData, as: UTF8.self))")
     }
 
+    /// Stops the daemon with `signal` (SIGKILL too after 10 s) and returns its exit status.
+    @discardableResult
+    public func stop(signal: Int32 = SIGTERM) -> Int32 {
+        guard process.isRunning else { return process.terminationStatus }
+        kill(process.processIdentifier, signal)
+        let deadline = Date().addingTimeInterval(10)
+        while process.isRunning && Date() < deadline { usleep(10_000) }
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        return process.terminationStatus
+    }
+
+    /// Stops the daemon with `signal` and starts it again with the same arguments
+    /// (socket, configuration, state file), as a service manager restarts it.
+    public func restart(signal: Int32 = SIGTERM, environment: [String: String]? = nil) throws {
+        stop(signal: signal)
+        try start(environment: environment)
+    }
+
+    /// What the daemon wrote to stderr so far (call once it stopped).
+    public func stopAndReadLog() -> String {
+        stop()
+        return String(decoding: stderr.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    }
+
     deinit {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGTERM)
-            let deadline = Date().addingTimeInterval(10)
-            while process.isRunning && Date() < deadline { usleep(10_000) }
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-            process.waitUntilExit()
-        }
-        unlink(lock)
-        unlink(socket)  // a daemon killed by SIGKILL leaves it
+        stop()
+        for f in [lock, socket, configFile, stateFile] { unlink(f) }  // a daemon killed by SIGKILL leaves the socket
     }
 
     /// Runs `pvsched ARGS --socket S`.
@@ -56,8 +91,7 @@ public final class DaemonProcess: @unchecked Sendable {
 
     /// The vCPU threads of `vm` and whether each is boosted.
     public func vcpus(_ vm: String) throws -> [(tid: Int32, boosted: Bool)] {
-        let list = try client().call("vm.list")
-        let v = list.arrayValue?.first { $0["name"]?.stringValue == vm }
-        return (v?["vcpus"]?.arrayValue ?? []).map { (Int32($0["thread"]?.intValue ?? 0), $0["boosted"] == true) }
+        let v = try client().call(VMList.self).first { $0.name == vm }
+        return (v?.vcpus ?? []).map { ($0.thread ?? 0, $0.boosted) }
     }
 }

@@ -11,6 +11,12 @@ public enum Requirement: String, CaseIterable, Sendable {
     case realTime = "RT"
     case qemu = "QEMU"
     case bpf = "BPF"
+    /// Building and installing the Debian packages: root, dpkg-deb, dkms, systemd-analyze.
+    case packaging = "PACKAGING"
+    /// systemd's tools for a service without systemd as PID 1: systemd-socket-activate, systemd-analyze.
+    case systemdTools = "SYSTEMD"
+    /// Validating the Kubernetes manifests offline: kubernetes-validate (PyPI) and python3.
+    case manifests = "MANIFESTS"
 
     /// Whether this machine has it.
     public var isMet: Bool {
@@ -35,7 +41,24 @@ public enum Requirement: String, CaseIterable, Sendable {
                 if name.hasSuffix("-cloud-amd64"), access("/lib/modules/\(name)/build", F_OK) == 0 { return true }
             }
             return false
+        case .packaging:
+            return geteuid() == 0 && ["dpkg-deb", "dpkg", "dkms", "systemd-analyze"].allSatisfy { Self.executable($0) != nil }
+        case .systemdTools:
+            return ["systemd-socket-activate", "systemd-analyze"].allSatisfy { Self.executable($0) != nil }
+        case .manifests:
+            return ["kubernetes-validate", "python3"].allSatisfy { Self.executable($0) != nil }
         }
+    }
+
+    /// Where `name` is on PATH (and in the sbin directories), if anywhere.
+    public static func executable(_ name: String) -> String? {
+        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        let dirs: [String] = path.split(separator: ":").map(String.init) + ["/usr/sbin", "/sbin", "/usr/bin"]
+        for dir in dirs {
+            let candidate = "\(dir)/\(name)"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
     }
 
     /// Whether CI demands it (`PVSCHED_REQUIRE_<NAME>=1`).
@@ -55,6 +78,9 @@ public enum Requirement: String, CaseIterable, Sendable {
         case .realTime: return "needs real-time scheduling (root or CAP_SYS_NICE)"
         case .qemu: return "needs qemu-system-x86_64 and the Linux guest's packages (linux-image-cloud-amd64, linux-headers-cloud-amd64, busybox-static, rt-tests, cpio)"
         case .bpf: return "needs the bpf syscall (root)"
+        case .packaging: return "needs root, dpkg-deb and dkms (apt-get install dkms) and systemd-analyze (systemd)"
+        case .systemdTools: return "needs systemd-socket-activate and systemd-analyze (apt-get install systemd)"
+        case .manifests: return "needs python3 and kubernetes-validate (pip install kubernetes-validate)"
         }
     }
 

@@ -40,6 +40,8 @@ public final class StandInGuest: @unchecked Sendable {
         /// How often an idle vCPU's thread wakes (a guest's idle vCPU halts and wakes
         /// now and then for its timers).
         public var idleWakeupUs: UInt64 = 1000
+        /// Name the vCPU threads as QEMU does (`CPU N/KVM`) instead of `vcpuN`.
+        public var qemuThreadNames = false
         public init() {}
     }
 
@@ -82,7 +84,7 @@ public final class StandInGuest: @unchecked Sendable {
             writer = nil
         }
         for i in 0..<options.vcpus {
-            threads.append(try PVSchedCore.Thread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
+            threads.append(try PVSchedCore.Thread(name: options.qemuThreadNames ? "CPU \(i)/KVM" : "vcpu\(i)") { [self] in vcpuLoop(i) })
         }
         for t in tids { while t.load(ordering: .acquiring) == 0 { usleep(100) } }
     }

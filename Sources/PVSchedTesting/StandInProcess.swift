@@ -14,13 +14,27 @@ public final class StandInProcess: @unchecked Sendable {
     public private(set) var threads: [Int32] = []
 
     public var pid: Int32 { process.processIdentifier }
+    /// The directory of the link it runs through when it passes for another program.
+    private let linkDirectory: String?
 
     /// Starts `pvsched-standin ARGUMENTS` (found beside the test bundle or the
     /// running executable), as `user` (a uid, through setpriv) when given, and waits
-    /// for it to be ready.
-    public init(vcpus: Int = 2, region: String? = nil, arguments: [String] = [], asUser uid: UInt32? = nil) throws {
-        guard let binary = Self.binaryPath else { throw StandInError("pvsched-standin is not built (run `swift build`)") }
+    /// for it to be ready. With `runAs`, it runs through a link of that name (its
+    /// process name then is that name: `qemu-system-x86_64` passes for QEMU).
+    public init(vcpus: Int = 2, region: String? = nil, arguments: [String] = [], asUser uid: UInt32? = nil,
+                runAs name: String? = nil) throws {
+        guard var binary = Self.binaryPath else { throw StandInError("pvsched-standin is not built (run `swift build`)") }
         self.region = region
+        if let name {
+            let dir = "/tmp/pvsched-standin-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            guard mkdir(dir, 0o755) == 0, symlink(binary, "\(dir)/\(name)") == 0 else {
+                throw StandInError("cannot make the link \(dir)/\(name)")
+            }
+            linkDirectory = dir
+            binary = "\(dir)/\(name)"
+        } else {
+            linkDirectory = nil
+        }
         var args = ["--vcpus", "\(vcpus)"] + (region.map { ["--region", $0] } ?? []) + arguments
         if let uid {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
@@ -79,6 +93,7 @@ public final class StandInProcess: @unchecked Sendable {
     deinit {
         stop()
         if let region { unlink(region) }
+        if let linkDirectory { try? FileManager.default.removeItem(atPath: linkDirectory) }
     }
 
     /// The binary beside the test bundle (swift build puts every product together)

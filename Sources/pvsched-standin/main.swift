@@ -19,6 +19,10 @@ struct StandIn: ParsableCommand {
     @Option(help: "The busy vCPUs' wake-up interval, µs.") var intervalUs: UInt64 = 1000
     @Option(help: "The busy vCPUs' work per wake-up, µs.") var workUs: UInt64 = 50
     @Option(help: "How often an idle vCPU's thread wakes, µs.") var idleWakeupUs: UInt64 = 1000
+    @Flag(help: "Name the vCPU threads as QEMU does (CPU N/KVM); run it as a file named qemu-* to pass for QEMU.")
+    var qemuThreadNames = false
+    @Option(name: .customLong("name", withSingleDash: true), help: "QEMU's -name (guest=NAME), read by the daemon's discovery.")
+    var qemuName: String?
 
     func validate() throws {
         guard (1...64).contains(vcpus) else { throw ValidationError("--vcpus must be 1-64") }
@@ -39,6 +43,7 @@ struct StandIn: ParsableCommand {
         o.intervalUs = intervalUs
         o.workUs = workUs
         o.idleWakeupUs = idleWakeupUs
+        o.qemuThreadNames = qemuThreadNames
         let guest = try StandInGuest(o)
         guest.run()
         guest.stop()

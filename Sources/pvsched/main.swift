@@ -11,7 +11,7 @@ struct PVSched: ParsableCommand {
         abstract: "Cooperative (paravirtual) vCPU scheduling for KVM.",
         version: PVSchedBuild.description,
         subcommands: [DemoCommand.self, BenchCommand.self, Run.self, DaemonCommand.self, VMCommand.self, DriversCommand.self, StatsCommand.self,
-                      TopCommand.self, BPFCommand.self, ThreadCommand.self, BoostThread.self, GuardianCommand.self])
+                      TopCommand.self, BPFCommand.self, ThreadCommand.self, BoostThread.self, ConfigCommand.self, GuardianCommand.self])
 }
 
 PVSched.main()

@@ -5,20 +5,20 @@ import PVSchedLinux
 import PVSchedTesting
 import Testing
 
+/// Reads a `pvsched run --export` file once it names every vCPU thread and the area.
+func readExport(_ path: String) -> JSON? {
+    guard let data = FileManager.default.contents(atPath: path), let doc = try? JSON.parse(Array(data)),
+          let threads = doc["threads"]?.arrayValue, !threads.isEmpty, !threads.contains(.int(0)),
+          doc["areaOffset"]?.intValue != nil else { return nil }
+    return doc
+}
+
 /// The built-in VMM run as a separate process with no driver of its own
 /// (`pvsched run --export`), driven by the daemon from KVM events the host
 /// kernel reports through BPF.
 @Suite(.serialized, .enabled(if: Requirement.root.shouldRun && Requirement.kvm.shouldRun && Requirement.bpf.shouldRun,
                              "needs root, /dev/kvm and the bpf syscall"))
 struct KernelEventsTests {
-    /// Reads the export file once it names every vCPU thread and the area.
-    func readExport(_ path: String) -> JSON? {
-        guard let data = FileManager.default.contents(atPath: path), let doc = try? JSON.parse(Array(data)),
-              let threads = doc["threads"]?.arrayValue, !threads.isEmpty, !threads.contains(.int(0)),
-              doc["areaOffset"]?.intValue != nil else { return nil }
-        return doc
-    }
-
     /// The VMM's counts, then the daemon's 300 ms later (so that records still in the
     /// ring buffer are counted; the same lag at both ends of a window cancels out).
     func counts(_ d: DaemonProcess, _ export: String) throws -> (vmmInjections: Int64, vmmExits: Int64, injections: Int64, exits: Int64) {

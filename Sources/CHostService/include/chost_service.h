@@ -87,4 +87,13 @@ int pvs_timerfd_arm(int fd, uint64_t ns);
 /* Wait for the timerfd to expire (read, EINTR retried); 0 or -errno. */
 int pvs_timerfd_wait(int fd);
 
+/* Send `state` (e.g. "READY=1") to the service manager at $NOTIFY_SOCKET (a Unix
+ * datagram socket; '@' is the abstract namespace); 1 sent, 0 no NOTIFY_SOCKET, -errno. */
+int pvs_sd_notify(const char *state);
+/* Whether fd is a listening Unix stream socket; 1, 0, or -errno. */
+int pvs_is_unix_listener(int fd);
+/* Wait for SIGINT, SIGTERM, SIGHUP or SIGQUIT (blocked by pvs_block_stop_signals)
+ * for at most timeout_ms; the signal, or 0 on timeout. */
+int pvs_wait_stop_signal_timeout(int timeout_ms);
+
 #endif
