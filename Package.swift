@@ -78,6 +78,10 @@ let package = Package(
         // KVM events from the host kernel (BPF/kvm_events.bpf.c through libbpf) for attached VMs.
         .target(name: "CKernelEvents", linkerSettings: [.linkedLibrary("dl")]),
         .target(name: "PVSchedKernelEvents", dependencies: ["PVSchedCore", "CKernelEvents"]),
+        // libvirt's domains (libvirt.so.0 opened at run time): running domains, their XML
+        // (the pvsched region and metadata), lifecycle events.
+        .target(name: "CLibvirt", linkerSettings: [.linkedLibrary("dl"), .linkedLibrary("pthread")]),
+        .target(name: "PVSchedLibvirt", dependencies: ["CLibvirt", "PVSchedAttach"]),
         // Attaching to VMs another VMM runs: QMP, vCPU threads by name, the ivshmem
         // transport and the watcher that delivers events when no exits are seen.
         .target(name: "PVSchedAttach", dependencies: [
@@ -90,7 +94,7 @@ let package = Package(
         // The host service: control socket, request handling, metrics endpoint.
         .target(name: "PVSchedDaemon", dependencies: [
             "PVSchedCore", "PVSchedHost", "PVSchedControl", "PVSchedKVM", "PVSchedBPF", "PVSchedGuestImage", "CHostService",
-            "PVSchedLinux", "PVSchedKernelEvents", "PVSchedAttach", "PVSchedBuildInfo",
+            "PVSchedLinux", "PVSchedKernelEvents", "PVSchedAttach", "PVSchedBuildInfo", "PVSchedLibvirt",
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "NIOCore", package: "swift-nio"),
@@ -125,7 +129,7 @@ let package = Package(
         ]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
-            "PVSchedExperiments", "PVSchedAttach", "PVSchedABI",
+            "PVSchedExperiments", "PVSchedAttach", "PVSchedABI", "PVSchedLibvirt",
         ]),
         .testTarget(name: "PVSchedAttachTests", dependencies: [
             "PVSchedAttach", "PVSchedCore", "PVSchedHost", "PVSchedTesting", "PVSchedABI", "PVSchedLinux",

@@ -67,6 +67,7 @@ public final class Daemon {
     private let overrides: @Sendable (inout DaemonConfig) -> Void
     private let loadedConfig: Mutex<DaemonConfig>
     private let discovery = Mutex<QEMUDiscovery?>(nil)
+    private let libvirt = Mutex<LibvirtFollower?>(nil)
 
     /// Sets everything up; the caller must have blocked the stop signals
     /// (`Daemon.blockStopSignals()`) before any thread was created.
@@ -182,6 +183,12 @@ public final class Daemon {
                 discovery.withLock { $0 = d }
             } catch { logger.error("QEMU discovery not started", metadata: ["error": "\(error)"]) }
         }
+        if let uri = loadedConfig.withLock({ $0.libvirt }) {
+            do {
+                let f = try LibvirtFollower(handler: handler, uri: uri, logger: logger)
+                libvirt.withLock { $0 = f }
+            } catch { logger.error("libvirt follower not started", metadata: ["error": "\(error)"]) }
+        }
         logger.info("pvsched daemon ready", metadata: [
             "socket": "\(server.path)", "metrics": "\(metrics?.boundAddress ?? "off")",
             "guardian": "\(guardian.map { "pid \($0.pid)" } ?? "off")", "pid": "\(getpid())",
@@ -234,7 +241,8 @@ public final class Daemon {
         if let level = Logger.Level(rawValue: config.logLevel) { DaemonLogHandler.setLevel(level) }
         for (key, changed) in [("socket", old.socket != config.socket), ("metrics", old.metrics != config.metrics),
                                ("read-group", old.readGroup != config.readGroup), ("state-file", old.stateFile != config.stateFile),
-                               ("guardian", old.guardian != config.guardian)] where changed {
+                               ("guardian", old.guardian != config.guardian), ("libvirt", old.libvirt != config.libvirt),
+                               ("discover", old.discover != config.discover)] where changed {
             logger.warning("configuration key changed; it takes effect at the next start", metadata: ["key": "\(key)"])
         }
         loadedConfig.withLock { $0 = config }
@@ -263,6 +271,7 @@ public final class Daemon {
     /// Stops serving, stops every VM, undoes every boost, releases the lock.
     public func shutdown() {
         discovery.withLock { $0 }?.stop()
+        libvirt.withLock { $0 }?.stop()
         server.stop()
         metrics?.stop()
         host.shutdown()       // stops owned VMs, detaches attached ones (their kernel events first)

@@ -39,6 +39,8 @@ public struct DaemonConfig: Equatable, Sendable {
     public var bpfDrivers: [BPFDriverEntry] = []
     /// Attach, on their own, QEMU processes that map a pvsched region (`/dev/shm/pvsched-*`).
     public var discover = false
+    /// libvirt's URI whose domains are followed (nil: off).
+    public var libvirt: String? = "qemu:///system"
     /// Where attached VMs are recorded, to serve them again after a restart.
     public var stateFile = "/run/pvsched/state.json"
 
@@ -71,6 +73,7 @@ public struct DaemonConfig: Equatable, Sendable {
         "max-repayment-us": "\(GovernorConfig.maxRepaymentUsRange.lowerBound)-\(GovernorConfig.maxRepaymentUsRange.upperBound)",
         "unlimited": "yes or no",
         "bpf-driver": "NAME:/path/to/object.o (repeatable)",
+        "libvirt": "off, on (qemu:///system) or a connection URI",
         "discover": "yes or no",
         "state-file": "a path",
     ]
@@ -173,6 +176,16 @@ public struct DaemonConfig: Equatable, Sendable {
                 guard path.hasPrefix("/") else { throw fail("the object file must be an absolute path") }
                 bpfDrivers.removeAll { $0.name == name }
                 bpfDrivers.append(BPFDriverEntry(name: name, path: path))
+            case "libvirt":
+                switch value.lowercased() {
+                case "off", "no": libvirt = nil
+                case "on", "yes": libvirt = "qemu:///system"
+                default:
+                    guard value.contains(":///") || value.contains("://"), value.utf8.count <= 256 else {
+                        throw fail("expects off, on or a connection URI such as qemu:///system")
+                    }
+                    libvirt = value
+                }
             case "discover": discover = try yesNo()
             case "state-file":
                 guard value.hasPrefix("/") else { throw fail("expects an absolute path") }
@@ -196,6 +209,7 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = governor.encoded[field] { out.append("\(key) = \(String(decoding: v.encoded, as: UTF8.self))") }
         }
         for b in bpfDrivers { out.append("bpf-driver = \(b.name):\(b.path)") }
+        out.append("libvirt = \(libvirt ?? "off")")
         out.append("discover = \(discover ? "yes" : "no")")
         out.append("state-file = \(stateFile)")
         return out.joined(separator: "\n")

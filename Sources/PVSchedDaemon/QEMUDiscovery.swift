@@ -138,11 +138,17 @@ final class QEMUDiscovery: Sendable {
                 if part.hasPrefix("guest=") { raw = String(part.dropFirst(6)) } else if raw == nil, !part.contains("=") { raw = String(part) }
             }
         }
-        guard let raw else { return "qemu\(pid)" }
+        return raw.flatMap(vmName(from:)) ?? "qemu\(pid)"
+    }
+
+    /// A name another program gave a VM (QEMU's `-name`, a libvirt domain) made a VM
+    /// name: letters, digits, '.', '_' and '-' kept, anything else '_', at most 64
+    /// bytes; nil when nothing is left or it is all digits (VMs are also named by number).
+    static func vmName(from raw: String) -> String? {
         let cleaned = String(raw.unicodeScalars.map { s -> Character in
             (s.isASCII && (s.properties.isAlphabetic || ("0"..."9").contains(s) || s == "." || s == "_" || s == "-")) ? Character(s) : "_"
         }.prefix(64))
-        return cleaned.isEmpty || UInt64(cleaned) != nil ? "qemu\(pid)" : cleaned
+        return cleaned.isEmpty || UInt64(cleaned) != nil ? nil : cleaned
     }
 
     static func startTime(stat: String) -> UInt64? {

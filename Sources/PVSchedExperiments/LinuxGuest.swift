@@ -70,6 +70,18 @@ public struct LinuxGuestOptions: Sendable {
     /// unload-cycle: how many times the module is unloaded and loaded again.
     public var unloadCycles = 50
     public init() {}
+
+    /// The kernel command line that tells the guest's init all of this.
+    public var kernelCommandLine: String {
+        var append = ["console=ttyS0", "quiet", "panic=-1", "pvs_run=\(run)", "pvs_interval=\(intervalUs)",
+                      "pvs_duration=\(durationS)", "pvs_prio=\(priority)"]
+        if !moduleArgs.isEmpty { append.append("pvs_mod=" + moduleArgs.joined(separator: ",")) }
+        if !loadModule { append.append("pvs_nomod=1") }
+        if unloadModule { append.append("pvs_rmmod=1") }
+        append.append("pvs_wait=\(waitForHostS)")
+        append.append("pvs_cycles=\(unloadCycles)")
+        return append.joined(separator: " ")
+    }
 }
 
 /// Unmodified QEMU (TCG, one thread per vCPU) running the Linux test guest with
@@ -92,16 +104,10 @@ public final class QEMULinuxGuest: @unchecked Sendable {
         let fd = open(shmPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard fd >= 0, ftruncate(fd, 1 << 20) == 0 else { throw LinuxGuestError("cannot create \(shmPath)") }
         close(fd)
-        var append = ["console=ttyS0", "quiet", "panic=-1", "pvs_run=\(options.run)", "pvs_interval=\(options.intervalUs)",
-                      "pvs_duration=\(options.durationS)", "pvs_prio=\(options.priority)"]
-        if !options.moduleArgs.isEmpty { append.append("pvs_mod=" + options.moduleArgs.joined(separator: ",")) }
-        if !options.loadModule { append.append("pvs_nomod=1") }
-        if options.unloadModule { append.append("pvs_rmmod=1") }
-        append.append("pvs_wait=\(options.waitForHostS)")
-        append.append("pvs_cycles=\(options.unloadCycles)")
+        let append = options.kernelCommandLine
         var args = ["-accel", "tcg,thread=multi", "-smp", "\(options.vcpus)", "-m", "\(options.memoryMB)",
                     "-nographic", "-no-reboot", "-nodefaults", "-serial", "file:\(consolePath)",
-                    "-kernel", image.kernel, "-initrd", image.initrd, "-append", append.joined(separator: " "),
+                    "-kernel", image.kernel, "-initrd", image.initrd, "-append", append,
                     "-qmp", "unix:\(qmpPath),server=on,wait=off"]
         if options.ivshmem {
             args += ["-object", "memory-backend-file,id=pvsched,size=1M,mem-path=\(shmPath),share=on",

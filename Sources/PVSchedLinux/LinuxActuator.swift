@@ -211,6 +211,11 @@ public final class LinuxActuator: Actuator {
                 change.original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
                 _ = pvs_sched_setattr(thread.rawValue, &change.original)
             }
+            if r == -EPERM, parameters.isRealTime, let cgroup = CgroupRealTime.cgroupWithoutRuntime(thread) {
+                throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters)): its cgroup \(cgroup) has no "
+                    + "real-time runtime (cpu.rt_runtime_us 0), so real-time boosts cannot apply there; a fair class "
+                    + "(nice:-20, slice:US) can", errno: EPERM)
+            }
             throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
         }
     }

@@ -27,7 +27,9 @@ public final class DaemonProcess: @unchecked Sendable {
         lock = "/tmp/pvsched-it-\(tag).lock"
         configFile = "/tmp/pvsched-it-\(tag).conf"
         stateFile = "/tmp/pvsched-it-\(tag).state.json"
-        try config.write(toFile: configFile, atomically: true, encoding: .utf8)
+        // libvirt's domains are the libvirt tests' daemons' business alone (a test's own
+        // configuration may say `libvirt = on`: a later line wins).
+        try ("libvirt = off\n" + config).write(toFile: configFile, atomically: true, encoding: .utf8)
         arguments = ["daemon", "--config", configFile, "--socket", socket, "--lock", lock, "--log-level", logLevel,
                      "--state-file", stateFile] + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
         try start()

@@ -17,6 +17,8 @@ public enum Requirement: String, CaseIterable, Sendable {
     case systemdTools = "SYSTEMD"
     /// Validating the Kubernetes manifests offline: kubernetes-validate (PyPI) and python3.
     case manifests = "MANIFESTS"
+    /// libvirt's daemon and client (libvirt-daemon-system, libvirt-clients).
+    case libvirt = "LIBVIRT"
 
     /// Whether this machine has it.
     public var isMet: Bool {
@@ -47,6 +49,8 @@ public enum Requirement: String, CaseIterable, Sendable {
             return ["systemd-socket-activate", "systemd-analyze"].allSatisfy { Self.executable($0) != nil }
         case .manifests:
             return ["kubernetes-validate", "python3"].allSatisfy { Self.executable($0) != nil }
+        case .libvirt:
+            return access("/usr/sbin/libvirtd", X_OK) == 0 && access("/usr/sbin/virtlogd", X_OK) == 0 && access("/usr/bin/virsh", X_OK) == 0
         }
     }
 
@@ -81,6 +85,7 @@ public enum Requirement: String, CaseIterable, Sendable {
         case .packaging: return "needs root, dpkg-deb and dkms (apt-get install dkms) and systemd-analyze (systemd)"
         case .systemdTools: return "needs systemd-socket-activate and systemd-analyze (apt-get install systemd)"
         case .manifests: return "needs python3 and kubernetes-validate (pip install kubernetes-validate)"
+        case .libvirt: return "needs libvirt (apt-get install libvirt-daemon-system libvirt-clients)"
         }
     }
 

@@ -33,6 +33,8 @@ struct DaemonCommand: ParsableCommand {
     var noGuardian = false
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.") var logLevel: String?
     @Option(help: "Where attached VMs are recorded for the next start (default: the file's `state-file`).") var stateFile: String?
+    @Option(help: "Follow this libvirt's domains (default: the file's `libvirt`, else qemu:///system).") var libvirt: String?
+    @Flag(help: "Do not follow libvirt's domains.") var noLibvirt = false
 
     func validate() throws {
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
@@ -42,6 +44,8 @@ struct DaemonCommand: ParsableCommand {
             throw ValidationError("--metrics must be HOST:PORT with a port in 0...65535, got '\(metrics)'")
         }
         if let socket { guard !socket.isEmpty, socket.utf8.count < 108 else { throw ValidationError("--socket must be a path of 1-107 bytes") } }
+        if let libvirt { guard libvirt.contains("://"), libvirt.utf8.count <= 256, !noLibvirt else {
+            throw ValidationError("--libvirt must be a connection URI such as qemu:///system (and not with --no-libvirt)") } }
     }
 
     func run() throws {
@@ -53,6 +57,7 @@ struct DaemonCommand: ParsableCommand {
             throw ExitCode(1)
         }
         let (socket, readGroup, metrics, logLevel, noGuardian, stateFile) = (socket, readGroup ?? adminGroup, metrics, logLevel, noGuardian, stateFile)
+        let (libvirt, noLibvirt) = (libvirt, noLibvirt)
         let overrides: @Sendable (inout DaemonConfig) -> Void = { file in
             if let socket { file.socket = socket }
             if let readGroup { file.readGroup = readGroup }
@@ -60,6 +65,8 @@ struct DaemonCommand: ParsableCommand {
             if let logLevel { file.logLevel = logLevel }
             if noGuardian { file.guardian = false }
             if let stateFile { file.stateFile = stateFile }
+            if let libvirt { file.libvirt = libvirt }
+            if noLibvirt { file.libvirt = nil }
         }
         overrides(&file)
         let level = Logger.Level(rawValue: file.logLevel) ?? .info

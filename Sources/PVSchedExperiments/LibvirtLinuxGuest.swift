@@ -1,0 +1,122 @@
+import Foundation
+import PVSchedCore
+import PVSchedTesting
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Linux test guest as a transient libvirt domain (`virsh create`), the way an
+/// operator's domain runs: libvirt starts QEMU (TCG here: `type='qemu'`), puts its
+/// threads in its cgroups, and makes the pvsched region from the domain's
+/// `<shmem name='pvsched-NAME'>`. ACPI is on (without it the guest sees one CPU).
+/// `virsh destroy` when this object goes.
+public final class LibvirtLinuxGuest: @unchecked Sendable {
+    // @unchecked Sendable: driven by one caller.
+    public let name: String
+    public let consolePath: String
+    public let xml: String
+    /// The region libvirt makes for the domain (nil: the domain has none).
+    public let regionPath: String?
+
+    /// Where the images are copied so that libvirt's QEMU user can read them.
+    static let imageDirectory = "/var/lib/libvirt/images/pvsched-lab"
+
+    /// `pin`: vCPU i on host CPU i (`<vcpupin>`). `cputune`: more of `<cputune>`
+    /// (libvirt's own real-time setting). `metadata`: the pvsched element's attributes.
+    public init(image: LinuxGuestImage, options: LinuxGuestOptions, name: String? = nil, pin: Bool = true,
+                cputune: String = "", metadata: [String: String]? = nil) throws {
+        self.name = name ?? "pvs-lab-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
+        try FileManager.default.createDirectory(atPath: Self.imageDirectory, withIntermediateDirectories: true,
+                                                attributes: [.posixPermissions: 0o755])
+        let kernel = Self.imageDirectory + "/vmlinuz", initrd = Self.imageDirectory + "/initrd.gz"
+        for (from, to) in [(image.kernel, kernel), (image.initrd, initrd)] where !Self.same(from, to) {
+            unlink(to + ".new")
+            try FileManager.default.copyItem(atPath: from, toPath: to + ".new")
+            chmod(to + ".new", 0o644)
+            rename(to + ".new", to)
+        }
+        consolePath = Self.imageDirectory + "/\(self.name).console"
+        unlink(consolePath)
+        regionPath = options.ivshmem ? "/dev/shm/pvsched-\(self.name)" : nil
+        var tune = pin ? (0..<options.vcpus).map { "<vcpupin vcpu='\($0)' cpuset='\($0 % 2)'/>" }.joined() : ""
+        tune += cputune
+        let meta = metadata.map { m in
+            "<metadata><pvsched:pvsched xmlns:pvsched='https://pvsched.dev/xmlns/libvirt/1' "
+                + m.sorted { $0.key < $1.key }.map { "\($0.key)='\($0.value)'" }.joined(separator: " ") + "/></metadata>"
+        } ?? ""
+        xml = """
+        <domain type='qemu'>
+          <name>\(self.name)</name>
+          \(meta)
+          <memory unit='MiB'>\(options.memoryMB)</memory>
+          <vcpu placement='static'>\(options.vcpus)</vcpu>
+          \(tune.isEmpty ? "" : "<cputune>\(tune)</cputune>")
+          <os><type arch='x86_64' machine='pc'>hvm</type><kernel>\(kernel)</kernel><initrd>\(initrd)</initrd>
+            <cmdline>\(options.kernelCommandLine)</cmdline></os>
+          <features><acpi/><apic/></features>
+          <on_poweroff>destroy</on_poweroff><on_reboot>destroy</on_reboot><on_crash>destroy</on_crash>
+          <devices>
+            <emulator>/usr/bin/qemu-system-x86_64</emulator>
+            <serial type='file'><source path='\(consolePath)'/><target port='0'/></serial>
+            \(options.ivshmem ? "<shmem name='pvsched-\(self.name)'><model type='ivshmem-plain'/><size unit='M'>1</size></shmem>" : "")
+            <memballoon model='none'/>
+          </devices>
+        </domain>
+        """
+        let file = "/tmp/pvsched-lab-\(self.name).xml"
+        try xml.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { unlink(file) }
+        let r = try LibvirtService.virsh(["create", file])
+        guard r.status == 0 else { throw LinuxGuestError("virsh create: \(r.stderr)") }
+    }
+
+    static func same(_ a: String, _ b: String) -> Bool {
+        guard let x = try? FileManager.default.attributesOfItem(atPath: a), let y = try? FileManager.default.attributesOfItem(atPath: b) else { return false }
+        return x[.size] as? Int == y[.size] as? Int && x[.modificationDate] as? Date ?? .distantPast <= y[.modificationDate] as? Date ?? .distantPast
+    }
+
+    /// QEMU's pid (libvirt's pid file), 0 when the domain does not run.
+    public var pid: Int32 {
+        guard let s = try? String(contentsOfFile: "/run/libvirt/qemu/\(name).pid", encoding: .utf8) else { return 0 }
+        return Int32(s.trimmingCharacters(in: .whitespacesAndNewlines)) ?? 0
+    }
+
+    /// Whether libvirt lists the domain as running.
+    public var isRunning: Bool {
+        (try? LibvirtService.virsh(["domstate", name]))?.stdout.contains("running") == true
+    }
+
+    public var console: String {
+        guard let data = FileManager.default.contents(atPath: consolePath) else { return "" }
+        return String(decoding: data.filter { $0 != 0x0D }, as: UTF8.self)
+    }
+
+    @discardableResult
+    public func waitFor(_ marker: String, timeout: Double) -> Bool {
+        let deadline = MonotonicClock.nowNs() + UInt64(timeout * 1e9)
+        while MonotonicClock.nowNs() < deadline {
+            if console.contains(marker) { return true }
+            usleep(100_000)
+        }
+        return console.contains(marker)
+    }
+
+    /// The text between "PVS-BEGIN name" and "PVS-END name" on the console.
+    public func section(_ section: String) -> String? {
+        let c = console
+        guard let a = c.range(of: "PVS-BEGIN \(section)\n"), let b = c.range(of: "PVS-END \(section)", range: a.upperBound..<c.endIndex) else { return nil }
+        return String(c[a.upperBound..<b.lowerBound])
+    }
+
+    /// `virsh destroy` (QEMU is killed; libvirt removes the region).
+    public func destroy() {
+        _ = try? LibvirtService.virsh(["destroy", name])
+    }
+
+    deinit {
+        destroy()
+        unlink(consolePath)
+        if let regionPath { unlink(regionPath) }  // libvirt leaves the region file behind
+    }
+}
