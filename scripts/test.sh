@@ -15,8 +15,13 @@ command -v swift >/dev/null || { echo "swift toolchain not found (expected at /o
 #   the Linux test guest (scripts/build-linux-guest.sh) and unmodified QEMU to run it:
 #   qemu-system-x86, linux-image-cloud-amd64, linux-headers-cloud-amd64 (and make, to
 #   build the pvsched_guest module), busybox-static, rt-tests (cyclictest), cpio
+#   the packaging tests: dkms (builds the guest package's module), systemd (systemd-analyze
+#   verifies the units, systemd-socket-activate stands in for pvsched.socket), python3 and
+#   python3-venv (the KubeVirt hook; kubernetes-validate from PyPI checks the manifests)
+#   libvirt-daemon-system, libvirt-clients: the libvirt tests run a real libvirtd (started by
+#   the tests where no service manager runs it) and define domains with virsh
 PACKAGES=(curl util-linux libbpf1 qemu-system-x86 linux-image-cloud-amd64 linux-headers-cloud-amd64 make
-          busybox-static rt-tests cpio)
+          busybox-static rt-tests cpio dkms systemd python3 python3-venv libvirt-daemon-system libvirt-clients)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

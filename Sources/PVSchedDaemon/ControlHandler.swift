@@ -21,6 +21,8 @@ public final class ControlHandler: Sendable {
     let policy: Mutex<AttachPolicy>
     /// Where attached VMs are recorded for a restart (nil: nowhere).
     let state: AttachState?
+    /// Other names of VMs, such as a libvirt domain's UUID: alias → VM name.
+    let aliases = Mutex<[String: String]>([:])
 
     /// A method's handler: its decoded parameters and the caller in, its result out.
     typealias Entry = @Sendable (inout RequestParams, ControlCaller) throws(ControlError) -> JSON
@@ -137,6 +139,12 @@ public final class ControlHandler: Sendable {
     }
 
     func session(_ reference: String) throws(ControlError) -> any VMSession {
-        try hostCall { () throws(HostError) in try host.session(reference) }
+        let name = resolve(reference)
+        return try hostCall { () throws(HostError) in try host.session(name) }
+    }
+
+    /// A VM reference as given (a name, a number, or an alias such as a libvirt domain's UUID) made a name or number.
+    func resolve(_ reference: String) -> String {
+        aliases.withLock { $0[reference] } ?? reference
     }
 }

@@ -19,7 +19,7 @@ import Glibc
 /// running domains, their XML and lifecycle events; the QEMU process from libvirt's
 /// pid file; the vCPU threads by QEMU's thread names (libvirt starts QEMU with
 /// `debug-threads=on`); the region libvirt made, `/dev/shm/NAME`. The VM is named
-/// after the domain; its driver, boost class and governor come from the domain's
+/// after the domain (every verb also takes the domain's UUID); its driver, boost class and governor come from the domain's
 /// pvsched metadata (`DomainXML`), else from the configuration.
 ///
 /// One thread: it connects (again every 2 s while libvirtd cannot be reached), then
@@ -115,6 +115,7 @@ final class LibvirtFollower: Sendable {
             if wanted[name]?.0.uuid == uuid && live { continue }
             if session != nil { _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)]))) }
             served.withLock { _ = $0.removeValue(forKey: name) }
+            handler.aliases.withLock { _ = $0.removeValue(forKey: uuid) }
             logger.info("libvirt domain detached", metadata: ["vm": "\(name)", "why": "\(live ? "domain stopped" : "QEMU exited")"])
         }
         for (name, (domain, region)) in wanted.sorted(by: { $0.key < $1.key }) where served.withLock({ $0[name] == nil }) {
@@ -122,6 +123,7 @@ final class LibvirtFollower: Sendable {
             if let s = handler.host.sessions.first(where: { $0.handle.name == name }) {
                 if s.state == .running {
                     served.withLock { $0[name] = domain.uuid }
+                    handler.aliases.withLock { $0[domain.uuid] = name }
                     continue
                 }
                 _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)])))
@@ -145,6 +147,7 @@ final class LibvirtFollower: Sendable {
         switch handler.handle(ControlRequest(id: .null, method: VMAttach.name, params: RequestParams(p.encoded))) {
         case .success:
             served.withLock { $0[name] = d.uuid }
+            handler.aliases.withLock { $0[d.uuid] = name }
             logger.info("libvirt domain attached", metadata: ["vm": "\(name)", "domain": "\(d.name.escapedForDisplay)", "uuid": "\(d.uuid)",
                                                               "region": "\(region)"])
         case .failure(let error):

@@ -27,7 +27,7 @@ extension ControlHandler {
                           mainLoopBoosted: info.mainLoopBoosted)
          },
          Self.entry(VMStop.self) { [self] p, _ throws(ControlError) in
-             let s = try hostCall { () throws(HostError) in try host.stopVM(p.vm) }
+             let s = try hostCall { [name = resolve(p.vm)] () throws(HostError) in try host.stopVM(name) }
              state?.removed(s.handle.name)
              return summary(s)
          },

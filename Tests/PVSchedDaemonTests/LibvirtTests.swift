@@ -55,6 +55,9 @@ final class LibvirtTests {
         #expect(vm.driver == "deadline-boost")
         #expect(vm.vcpus.count == 2 && vm.vcpus.allSatisfy { ($0.thread ?? 0) > 0 })
         #expect(try d.client().call("vm.governor.get", ["vm": .string(g.name)])["maxVMShare"]?.doubleValue == 0.3)
+        // Every verb takes the domain's UUID too.
+        let uuid = try LibvirtService.virsh(["domuuid", g.name]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try d.client().call("vm.driver.get", ["vm": .string(uuid)])["driver"]?.stringValue == "deadline-boost")
         #expect(try eventually(60) { try Self.boosts(d, g.name) > 0 }, "no boost of a libvirt domain's vCPU")
         // The domain without the region is left alone.
         #expect(try Self.vm(d, plain.name) == nil)
