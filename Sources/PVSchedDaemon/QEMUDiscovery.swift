@@ -3,6 +3,7 @@ import Logging
 import PVSchedAttach
 import PVSchedControl
 import PVSchedCore
+import PVSchedHost
 import Synchronization
 
 #if canImport(Glibc)
@@ -75,6 +76,11 @@ final class QEMUDiscovery: Sendable {
             guard let pid = Int32(e), pid > 1, let found = Self.candidate(pid: pid, allowedUsers: allowedUsers) else { continue }
             let key = "\(pid):\(found.startTime)"
             guard seen.withLock({ $0.insert(key).inserted }) else { continue }
+            // Served already (by libvirt's follower, the state file, or by hand): left as it is.
+            let served = handler.host.sessions.contains { s in
+                s.state == .running && (s as? AttachedVMSession)?.report.process == pid
+            }
+            if served { continue }
             var p = VMAttach.Params()
             p.name = found.name
             p.pid = pid

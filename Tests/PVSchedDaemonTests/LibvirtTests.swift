@@ -45,7 +45,8 @@ final class LibvirtTests {
     }
 
     @Test func aDomainStartedWithVirshIsServedFromStartToDestroyWithItsOwnSettings() throws {
-        let d = try DaemonProcess(config: "libvirt = on\n")
+        // Discovery on as well: it finds the same QEMU process, and the VM is served once.
+        let d = try DaemonProcess(config: "libvirt = on\ndiscover = yes\n")
         let plain = try Self.guest { $0.run = "idle"; $0.durationS = 60; $0.ivshmem = false }
         let g = try Self.guest(metadata: ["driver": "deadline-boost", "boost": "nice:-20", "governor": "vm-share=0.3"]) {
             $0.run = "rt-burst"; $0.durationS = 60
@@ -59,13 +60,17 @@ final class LibvirtTests {
         let uuid = try LibvirtService.virsh(["domuuid", g.name]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try d.client().call("vm.driver.get", ["vm": .string(uuid)])["driver"]?.stringValue == "deadline-boost")
         #expect(try eventually(60) { try Self.boosts(d, g.name) > 0 }, "no boost of a libvirt domain's vCPU")
-        // The domain without the region is left alone.
+        // The domain without the region is left alone; the other is served once.
         #expect(try Self.vm(d, plain.name) == nil)
+        usleep(2_500_000)  // a discovery scan
+        #expect(try d.client().call(VMList.self).map(\.name) == [g.name])
         // Destroyed: detached, gone from the list, nothing boosted.
         let threads = vm.vcpus.compactMap(\.thread)
         g.destroy()
         #expect(try eventually(15) { try Self.vm(d, g.name) == nil }, "\(names(d))")
         #expect(!threads.contains(where: isRealTime))
+        let log = d.stopAndReadLog()
+        #expect(!log.contains("QEMU process found, not attached"), "discovery tried the domain libvirt's follower serves: \(log)")
     }
 
     @Test func aDaemonRestartAndALibvirtdRestartServeTheRunningDomainAgain() throws {
