@@ -32,6 +32,8 @@ final class LibvirtFollower: Sendable {
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
     /// Domains served: VM name → domain UUID.
     private let served = Mutex<[String: String]>([:])
+    /// Running domains (UUID:id) the operator detached: not attached again until they restart.
+    private let declined = Mutex<Set<String>>([])
     /// Causes already logged (one line per domain and cause, not per attempt).
     private let logged = Mutex<Set<String>>([])
     /// Where libvirt's QEMU driver keeps each running domain's pid file.
@@ -113,12 +115,22 @@ final class LibvirtFollower: Sendable {
             let session = sessions.first { $0.handle.name == name }
             let live = session.map { $0.state == .running } ?? false
             if wanted[name]?.0.uuid == uuid && live { continue }
-            if session != nil { _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)]))) }
             served.withLock { _ = $0.removeValue(forKey: name) }
             handler.aliases.withLock { _ = $0.removeValue(forKey: uuid) }
+            if session == nil, let (d, _) = wanted[name], d.uuid == uuid {
+                // Detached by the operator (`vm stop`) while the domain runs: left alone
+                // until the domain starts again.
+                declined.withLock { _ = $0.insert("\(d.uuid):\(d.id)") }
+                logger.info("libvirt domain left alone until it starts again (detached by the operator)", metadata: ["vm": "\(name)"])
+                continue
+            }
+            if session != nil { _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)]))) }
             logger.info("libvirt domain detached", metadata: ["vm": "\(name)", "why": "\(live ? "domain stopped" : "QEMU exited")"])
         }
-        for (name, (domain, region)) in wanted.sorted(by: { $0.key < $1.key }) where served.withLock({ $0[name] == nil }) {
+        let runningKeys = Set(domains.map { "\($0.uuid):\($0.id)" })
+        declined.withLock { $0.formIntersection(runningKeys) }
+        for (name, (domain, region)) in wanted.sorted(by: { $0.key < $1.key })
+        where served.withLock({ $0[name] == nil }) && !declined.withLock({ $0.contains("\(domain.uuid):\(domain.id)") }) {
             // Attached already (from the state file after a restart, or by hand): adopted.
             if let s = handler.host.sessions.first(where: { $0.handle.name == name }) {
                 if s.state == .running {

@@ -64,6 +64,10 @@ final class LibvirtTests {
         #expect(try Self.vm(d, plain.name) == nil)
         usleep(2_500_000)  // a discovery scan
         #expect(try d.client().call(VMList.self).map(\.name) == [g.name])
+        // Detached by the operator: left alone while the domain runs.
+        #expect(try d.cli(["vm", "stop", uuid]).status == 0)
+        usleep(6_000_000)  // a reconcile
+        #expect(try Self.vm(d, g.name) == nil, "attached again after the operator detached it")
         // Destroyed: detached, gone from the list, nothing boosted.
         let threads = vm.vcpus.compactMap(\.thread)
         g.destroy()
