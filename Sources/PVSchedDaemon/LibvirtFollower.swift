@@ -189,7 +189,10 @@ final class LibvirtFollower: Sendable {
     }
 
     private func logOnce(_ cause: String, _ message: Logger.Message, _ metadata: Logger.Metadata) {
-        guard logged.withLock({ $0.insert(cause).inserted }) else { return }
+        guard logged.withLock({ l in
+            if l.count >= 10_000 { l.removeAll() }  // bounded: a long-lived daemon sees many domain starts
+            return l.insert(cause).inserted
+        }) else { return }
         logger.warning(message, metadata: metadata)
     }
 }
