@@ -17,6 +17,7 @@ let package = Package(
         .library(name: "PVSchedAttach", targets: ["PVSchedAttach"]),
         .library(name: "PVSchedHost", targets: ["PVSchedHost"]),
         .library(name: "PVSchedDaemon", targets: ["PVSchedDaemon"]),
+        .library(name: "PVSchedLibvirt", targets: ["PVSchedLibvirt"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -29,6 +29,10 @@ let package = Package(
         ], swiftSettings: fuzzFlags),
         .executableTarget(name: "FuzzDaemonConfig", dependencies: [.product(name: "PVSchedDaemon", package: "pvsched")],
                           swiftSettings: fuzzFlags),
+        .executableTarget(name: "FuzzDomainXML", dependencies: [
+            .product(name: "PVSchedDaemon", package: "pvsched"), .product(name: "PVSchedLibvirt", package: "pvsched"),
+            .product(name: "PVSchedControl", package: "pvsched"),
+        ], swiftSettings: fuzzFlags),
         .executableTarget(name: "FuzzControlRequest", dependencies: [
             .product(name: "PVSchedControl", package: "pvsched"), .product(name: "PVSchedCore", package: "pvsched"),
         ], swiftSettings: fuzzFlags),

@@ -14,7 +14,7 @@ bin=$(swift build -c release --sanitize=fuzzer --show-bin-path)
 export SWIFT_BACKTRACE=enable=no
 mkdir -p .build/crashes
 status=0
-for pair in FuzzELFLoader:elf-loader FuzzBPFProgram:bpf-program FuzzSharedArea:shared-area FuzzControlRequest:control-request FuzzGuestOutput:guest-output FuzzRegionWatch:region-watch FuzzDaemonConfig:daemon-config; do
+for pair in FuzzELFLoader:elf-loader FuzzBPFProgram:bpf-program FuzzSharedArea:shared-area FuzzControlRequest:control-request FuzzGuestOutput:guest-output FuzzRegionWatch:region-watch FuzzDaemonConfig:daemon-config FuzzDomainXML:domain-xml; do
     target=${pair%%:*}; corpus=${pair##*:}
     scratch=$(mktemp -d)
     cp -r "Corpus/$corpus/." "$scratch/"

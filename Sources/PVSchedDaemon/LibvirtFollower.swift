@@ -124,7 +124,7 @@ final class LibvirtFollower: Sendable {
                 logger.info("libvirt domain left alone until it starts again (detached by the operator)", metadata: ["vm": "\(name)"])
                 continue
             }
-            if session != nil { _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)]))) }
+            if session != nil { detach(name) }
             logger.info("libvirt domain detached", metadata: ["vm": "\(name)", "why": "\(live ? "domain stopped" : "QEMU exited")"])
         }
         let runningKeys = Set(domains.map { "\($0.uuid):\($0.id)" })
@@ -138,10 +138,15 @@ final class LibvirtFollower: Sendable {
                     handler.aliases.withLock { $0[domain.uuid] = name }
                     continue
                 }
-                _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)])))
+                detach(name)
             }
             attach(domain, name: name, region: region)
         }
+    }
+
+    /// Detaches VM `name` as `vm stop` does (its boosts undone, its record dropped).
+    private func detach(_ name: String) {
+        _ = handler.handle(ControlRequest(id: .null, method: VMStop.name, params: RequestParams(["vm": .string(name)])))
     }
 
     private func attach(_ d: LibvirtDomain, name: String, region: String) {
@@ -204,7 +209,13 @@ public enum LibvirtSettings {
     /// The domain's metadata settings (`driver`, `boost`, `governor`) as attach parameters.
     public static func apply(_ settings: [String: String], to p: inout VMAttach.Params) throws(ControlError) {
         for key in settings.keys where !["driver", "boost", "governor"].contains(key) {
-            throw ControlError(.invalidParams, field: "metadata.\(String(key.prefix(32)).escapedForDisplay)", "unknown pvsched metadata attribute (driver, boost, governor)")
+            // The attribute is named in the field only when it is a plain XML name (a
+            // field is an identifier; a mark or control character would join or hide it).
+            let plain = key.utf8.count <= 32 && key.utf8.allSatisfy {
+                ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x7A) || $0 == 0x2D || $0 == 0x5F || $0 == 0x3A || $0 == 0x2E
+            }
+            throw ControlError(.invalidParams, field: plain ? "metadata.\(key)" : "metadata",
+                               "unknown pvsched metadata attribute '\(String(key.prefix(32)).escapedForDisplay)' (driver, boost, governor)")
         }
         p.driver = settings["driver"]
         p.boost = settings["boost"]

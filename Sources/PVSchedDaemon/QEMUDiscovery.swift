@@ -4,6 +4,7 @@ import PVSchedAttach
 import PVSchedControl
 import PVSchedCore
 import PVSchedHost
+import PVSchedLinux
 import Synchronization
 
 #if canImport(Glibc)
@@ -115,7 +116,7 @@ final class QEMUDiscovery: Sendable {
         guard let owner = SafeOpen.Owner.process(pid), trusted(pid: pid, uid: owner.uid, allowedUsers: allowedUsers) else { return nil }
         guard let maps = read("/proc/\(pid)/maps", limit: 16 << 20) else { return nil }
         guard let region = regionPath(maps: maps) else { return nil }
-        guard let stat = read("/proc/\(pid)/stat"), let start = startTime(stat: stat) else { return nil }
+        guard let start = ProcessIdentity.startTime(of: pid) else { return nil }
         let cmdline = (read("/proc/\(pid)/cmdline") ?? "").split(separator: "\0").map(String.init)
         return Candidate(name: vmName(cmdline: cmdline, pid: pid), region: "/proc/\(pid)/root\(region)", startTime: start)
     }
@@ -155,12 +156,6 @@ final class QEMUDiscovery: Sendable {
             (s.isASCII && (s.properties.isAlphabetic || ("0"..."9").contains(s) || s == "." || s == "_" || s == "-")) ? Character(s) : "_"
         }.prefix(64))
         return cleaned.isEmpty || UInt64(cleaned) != nil ? nil : cleaned
-    }
-
-    static func startTime(stat: String) -> UInt64? {
-        guard let close = stat.lastIndex(of: ")") else { return nil }
-        let fields = stat[stat.index(after: close)...].split(separator: " ")
-        return fields.count > 19 ? UInt64(fields[19]) : nil  // field 22
     }
 
     private static func read(_ path: String, limit: Int = 1 << 16) -> String? {

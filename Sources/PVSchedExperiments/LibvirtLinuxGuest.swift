@@ -87,29 +87,19 @@ public final class LibvirtLinuxGuest: @unchecked Sendable {
         (try? LibvirtService.virsh(["domstate", name]))?.stdout.contains("running") == true
     }
 
-    public var console: String {
-        guard let data = FileManager.default.contents(atPath: consolePath) else { return "" }
-        return String(decoding: data.filter { $0 != 0x0D }, as: UTF8.self)
-    }
+    /// What the guest printed so far.
+    public var console: String { GuestConsole(path: consolePath).text }
 
+    /// Waits until the console shows `marker` (true) or `timeout` seconds pass.
     @discardableResult
     public func waitFor(_ marker: String, timeout: Double) -> Bool {
-        let deadline = MonotonicClock.nowNs() + UInt64(timeout * 1e9)
-        while MonotonicClock.nowNs() < deadline {
-            if console.contains(marker) { return true }
-            usleep(100_000)
-        }
-        return console.contains(marker)
+        GuestConsole(path: consolePath).waitFor(marker, timeout: timeout) { true }
     }
 
     /// The text between "PVS-BEGIN name" and "PVS-END name" on the console.
-    public func section(_ section: String) -> String? {
-        let c = console
-        guard let a = c.range(of: "PVS-BEGIN \(section)\n"), let b = c.range(of: "PVS-END \(section)", range: a.upperBound..<c.endIndex) else { return nil }
-        return String(c[a.upperBound..<b.lowerBound])
-    }
+    public func section(_ name: String) -> String? { GuestConsole(path: consolePath).section(name) }
 
-    /// `virsh destroy` (QEMU is killed; libvirt removes the region).
+    /// `virsh destroy` (QEMU is killed; libvirt leaves the region file, which `deinit` removes).
     public func destroy() {
         _ = try? LibvirtService.virsh(["destroy", name])
     }

@@ -131,21 +131,12 @@ public final class QEMULinuxGuest: @unchecked Sendable {
     public var pid: Int32 { process.processIdentifier }
 
     /// What the guest printed so far (serial line endings made plain newlines).
-    public var console: String {
-        guard let data = FileManager.default.contents(atPath: consolePath) else { return "" }
-        return String(decoding: data.filter { $0 != 0x0D }, as: UTF8.self)
-    }
+    public var console: String { GuestConsole(path: consolePath).text }
 
     /// Waits until the console shows `marker` (true) or `timeout` seconds pass.
     @discardableResult
     public func waitFor(_ marker: String, timeout: Double) -> Bool {
-        let deadline = MonotonicClock.nowNs() + UInt64(timeout * 1e9)
-        while MonotonicClock.nowNs() < deadline {
-            if console.contains(marker) { return true }
-            if !process.isRunning { return console.contains(marker) }
-            usleep(50_000)
-        }
-        return false
+        GuestConsole(path: consolePath).waitFor(marker, timeout: timeout) { [process] in process.isRunning }
     }
 
     /// Waits for QEMU to exit by itself (true) within `timeout` seconds.
@@ -157,11 +148,7 @@ public final class QEMULinuxGuest: @unchecked Sendable {
     }
 
     /// The text between "PVS-BEGIN name" and "PVS-END name" on the console.
-    public func section(_ name: String) -> String? {
-        let c = console
-        guard let a = c.range(of: "PVS-BEGIN \(name)\n"), let b = c.range(of: "PVS-END \(name)", range: a.upperBound..<c.endIndex) else { return nil }
-        return String(c[a.upperBound..<b.lowerBound])
-    }
+    public func section(_ name: String) -> String? { GuestConsole(path: consolePath).section(name) }
 
     public func kill(signal: Int32 = SIGKILL) {
         if process.isRunning { Glibc.kill(process.processIdentifier, signal) }
@@ -171,5 +158,36 @@ public final class QEMULinuxGuest: @unchecked Sendable {
     deinit {
         kill()
         unlink(shmPath); unlink(qmpPath); unlink(consolePath)
+    }
+}
+
+/// The Linux test guest's serial console as a file (QEMU's `-serial file:`, libvirt's
+/// `<serial type='file'>`), read by both guest harnesses.
+struct GuestConsole {
+    let path: String
+
+    /// What the guest printed so far (serial line endings made plain newlines).
+    var text: String {
+        guard let data = FileManager.default.contents(atPath: path) else { return "" }
+        return String(decoding: data.filter { $0 != 0x0D }, as: UTF8.self)
+    }
+
+    /// Waits until the console shows `marker` (true), `timeout` seconds pass, or the
+    /// guest is gone (`running` false: one last look).
+    func waitFor(_ marker: String, timeout: Double, running: () -> Bool) -> Bool {
+        let deadline = MonotonicClock.nowNs() + UInt64(timeout * 1e9)
+        while MonotonicClock.nowNs() < deadline {
+            if text.contains(marker) { return true }
+            if !running() { return text.contains(marker) }
+            usleep(50_000)
+        }
+        return text.contains(marker)
+    }
+
+    /// The text between "PVS-BEGIN name" and "PVS-END name".
+    func section(_ name: String) -> String? {
+        let c = text
+        guard let a = c.range(of: "PVS-BEGIN \(name)\n"), let b = c.range(of: "PVS-END \(name)", range: a.upperBound..<c.endIndex) else { return nil }
+        return String(c[a.upperBound..<b.lowerBound])
     }
 }

@@ -91,6 +91,20 @@ public final class DaemonProcess: @unchecked Sendable {
 
     public func client() throws -> ControlClient { try ControlClient(path: socket) }
 
+    /// VM `name` as `vm.list` shows it (nil: not served).
+    public func vm(_ name: String) throws -> VMSummary? {
+        try client().call(VMList.self).first { $0.name == name }
+    }
+
+    /// The names of the VMs served (for failure messages; empty when the daemon does not answer).
+    public var vmNames: [String] { (try? client().call(VMList.self).map(\.name)) ?? [] }
+
+    /// Boosts applied so far to VM `name`'s vCPUs (`vm.stats`).
+    public func boosts(_ name: String) throws -> Int64 {
+        let s = try client().call(VMStats.self, VMStats.Params(vm: name))
+        return s.vms.first.map { $0.vcpus.reduce(0) { $0 + Int64(clamping: $1.boosts) } } ?? 0
+    }
+
     /// The vCPU threads of `vm` and whether each is boosted.
     public func vcpus(_ vm: String) throws -> [(tid: Int32, boosted: Bool)] {
         let v = try client().call(VMList.self).first { $0.name == vm }

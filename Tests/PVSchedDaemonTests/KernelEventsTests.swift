@@ -13,6 +13,27 @@ func readExport(_ path: String) -> JSON? {
     return doc
 }
 
+/// A VM of the built-in VMM run by another process (`pvsched run --export`, a cyclic
+/// workload every 5 ms), killed and its files removed when this object goes.
+final class ExportedVM {
+    let process = Process()
+    let export: String
+    init(binary: String, durationMs: Int) throws {
+        export = "/tmp/pvsched-export-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).json"
+        process.executableURL = URL(fileURLWithPath: binary)
+        process.arguments = ["run", "--export", export, "--workload", "cyclic", "--duration-ms", "\(durationMs)", "--interval-us", "5000",
+                             "--timeout", "\(durationMs / 1000 + 20)"]
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+    }
+    deinit {
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+        unlink(export)
+        unlink("/dev/shm/pvsched-vm-\(process.processIdentifier).mem")  // SIGKILL left it
+    }
+}
+
 /// The built-in VMM run as a separate process with no driver of its own
 /// (`pvsched run --export`), driven by the daemon from KVM events the host
 /// kernel reports through BPF.
@@ -33,23 +54,11 @@ struct KernelEventsTests {
     @Test func anotherProcessesVMIsDrivenByKernelEvents() throws {
         try Requirement.root.check(); try Requirement.kvm.check(); try Requirement.bpf.check()
         let d = try DaemonProcess()
-        let export = "/tmp/pvsched-export-\(getpid()).json"
-        unlink(export)
-        let vmm = Process()
-        vmm.executableURL = URL(fileURLWithPath: d.binary)
         // A 5 ms interval leaves the guest idle between its wake-ups (one costs 1-1.5 ms under
         // PVM): the kernel sees an injection as the halted vCPU thread's wake-up, so one raised
         // while the vCPU still runs is not seen, and at 2 ms a loaded machine lost 10-30% of them.
-        vmm.arguments = ["run", "--export", export, "--workload", "cyclic", "--duration-ms", "20000", "--interval-us", "5000",
-                         "--timeout", "40"]
-        vmm.standardOutput = FileHandle.nullDevice
-        try vmm.run()
-        defer {
-            if vmm.isRunning { kill(vmm.processIdentifier, SIGKILL) }
-            vmm.waitUntilExit()
-            unlink(export)
-            unlink("/dev/shm/pvsched-vm-\(vmm.processIdentifier).mem")  // SIGKILL left it
-        }
+        let vmm = try ExportedVM(binary: d.binary, durationMs: 20_000)
+        let export = vmm.export
         #expect(eventually(20) { readExport(export) != nil })
         let attach = try d.cli(["vm", "attach", "--export", export, "--name", "ext"])
         #expect(attach.status == 0, "\(attach.stderr)")

@@ -26,22 +26,13 @@ final class LibvirtTests {
         return try LibvirtLinuxGuest(image: try LinuxGuestImage.build(), options: o, name: name, metadata: metadata)
     }
 
-    static func vm(_ d: DaemonProcess, _ name: String) throws -> VMSummary? {
-        try d.client().call(VMList.self).first { $0.name == name }
-    }
-
     /// Waits until `name` is served with its area accepted; on failure, records the daemon's log.
     static func expectServed(_ d: DaemonProcess, _ name: String, seconds: Double = 60, _ context: String = "",
                              sourceLocation: SourceLocation = #_sourceLocation) {
-        let ok = eventually(seconds) { ((try? vm(d, name)) ?? nil)?.negotiation.hasPrefix("accepted") == true }
+        let ok = eventually(seconds) { ((try? d.vm(name)) ?? nil)?.negotiation.hasPrefix("accepted") == true }
         if !ok {
-            Issue.record("\(name) not served \(context): \(names(d))\n\(d.stopAndReadLog().suffix(3000))", sourceLocation: sourceLocation)
+            Issue.record("\(name) not served \(context): \(d.vmNames)\n\(d.stopAndReadLog().suffix(3000))", sourceLocation: sourceLocation)
         }
-    }
-
-    static func boosts(_ d: DaemonProcess, _ vm: String) throws -> Int64 {
-        let s = try d.client().call("vm.stats", ["vm": .string(vm)])
-        return (s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue ?? []).reduce(0) { $0 + ($1["boosts"]?.intValue ?? 0) }
     }
 
     @Test func aDomainStartedWithVirshIsServedFromStartToDestroyWithItsOwnSettings() throws {
@@ -52,26 +43,26 @@ final class LibvirtTests {
             $0.run = "rt-burst"; $0.durationS = 60
         }
         Self.expectServed(d, g.name, "console: \(g.console.suffix(600))")
-        let vm = try #require(try Self.vm(d, g.name))
+        let vm = try #require(try d.vm(g.name))
         #expect(vm.driver == "deadline-boost")
         #expect(vm.vcpus.count == 2 && vm.vcpus.allSatisfy { ($0.thread ?? 0) > 0 })
         #expect(try d.client().call("vm.governor.get", ["vm": .string(g.name)])["maxVMShare"]?.doubleValue == 0.3)
         // Every verb takes the domain's UUID too.
         let uuid = try LibvirtService.virsh(["domuuid", g.name]).stdout.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try d.client().call("vm.driver.get", ["vm": .string(uuid)])["driver"]?.stringValue == "deadline-boost")
-        #expect(try eventually(60) { try Self.boosts(d, g.name) > 0 }, "no boost of a libvirt domain's vCPU")
+        #expect(try eventually(60) { try d.boosts(g.name) > 0 }, "no boost of a libvirt domain's vCPU")
         // The domain without the region is left alone; the other is served once.
-        #expect(try Self.vm(d, plain.name) == nil)
+        #expect(try d.vm(plain.name) == nil)
         usleep(2_500_000)  // a discovery scan
         #expect(try d.client().call(VMList.self).map(\.name) == [g.name])
         // Detached by the operator: left alone while the domain runs.
         #expect(try d.cli(["vm", "stop", uuid]).status == 0)
         usleep(6_000_000)  // a reconcile
-        #expect(try Self.vm(d, g.name) == nil, "attached again after the operator detached it")
+        #expect(try d.vm(g.name) == nil, "attached again after the operator detached it")
         // Destroyed: detached, gone from the list, nothing boosted.
         let threads = vm.vcpus.compactMap(\.thread)
         g.destroy()
-        #expect(try eventually(15) { try Self.vm(d, g.name) == nil }, "\(names(d))")
+        #expect(try eventually(15) { try d.vm(g.name) == nil }, "\(d.vmNames)")
         #expect(!threads.contains(where: isRealTime))
         let log = d.stopAndReadLog()
         #expect(!log.contains("QEMU process found, not attached"), "discovery tried the domain libvirt's follower serves: \(log)")
@@ -86,17 +77,17 @@ final class LibvirtTests {
         // The default class is real-time, which libvirt's vCPU cgroups (no real-time
         // runtime on this cgroup v1 host) refuse: one state with the reason, not a failure per attempt.
         if CgroupRealTimeProbe.libvirtCgroupsLackRuntime {
-            #expect(try eventually(60) { try Self.vm(d, g.name)?.vcpus.contains { $0.boostBlocked?.contains("cpu.rt_runtime_us 0") == true } == true },
-                    "\(String(describing: try? Self.vm(d, g.name)))")
+            #expect(try eventually(60) { try d.vm(g.name)?.vcpus.contains { $0.boostBlocked?.contains("cpu.rt_runtime_us 0") == true } == true },
+                    "\(String(describing: try? d.vm(g.name)))")
         }
         try service.restartLibvirtd()
         // libvirtd's restart does not touch QEMU: the VM stays served, and a domain started
         // after it is found through the new connection.
-        #expect(try Self.vm(d, g.name)?.state == "running")
+        #expect(try d.vm(g.name)?.state == "running")
         let late = try Self.guest { $0.run = "idle"; $0.durationS = 60 }
         Self.expectServed(d, late.name, "after libvirtd's restart")
         late.destroy()
-        #expect(try eventually(15) { try Self.vm(d, late.name) == nil })
+        #expect(try eventually(15) { try d.vm(late.name) == nil })
         let log = d.stopAndReadLog()
         let blockedLines = log.split(separator: "\n").filter { $0.contains("cpu.rt_runtime_us 0") }.count
         #expect(blockedLines <= 4, "one line per vCPU and cause, got \(blockedLines)")
@@ -105,8 +96,8 @@ final class LibvirtTests {
     @Test func aGuestWritingGarbageGetsPvschedDisabledAndTheDomainRunsOn() throws {
         let d = try DaemonProcess(config: "libvirt = on\n")
         let g = try Self.guest { $0.run = "garbage"; $0.durationS = 30 }
-        #expect(try eventually(60) { try Self.vm(d, g.name)?.disabled != nil }, "\(String(describing: try? Self.vm(d, g.name)))")
-        let disabled = try Self.vm(d, g.name)?.disabled ?? ""
+        #expect(try eventually(60) { try d.vm(g.name)?.disabled != nil }, "\(String(describing: try? d.vm(g.name)))")
+        let disabled = try d.vm(g.name)?.disabled ?? ""
         #expect(disabled.contains("vcpu") || disabled.contains("field") || disabled.contains("."), "\(disabled)")
         #expect(g.isRunning)
     }
@@ -143,7 +134,7 @@ struct DomainXMLTests {
         var p = VMAttach.Params()
         try LibvirtSettings.apply(["driver": "nop", "boost": "nice:-5", "governor": "vm-share=0.3,critical-budget-us=3000"], to: &p)
         #expect(p.driver == "nop" && p.boost == "nice:-5" && p.governor.maxVMShare == 0.3 && p.governor.criticalBudgetUs == 3000)
-        for (settings, field) in [(["speed": "x"], "metadata.speed"), (["governor": "socket=/x"], "metadata.governor"),
+        for (settings, field) in [(["speed": "x"], "metadata.speed"), (["go\u{0658}\u{7}rnor": "x"], "metadata"), (["governor": "socket=/x"], "metadata.governor"),
                                   (["governor": "vm-share=7"], "metadata.governor")] {
             #expect(Self.refusal(settings)?.field == field, "\(settings): \(String(describing: Self.refusal(settings)))")
         }

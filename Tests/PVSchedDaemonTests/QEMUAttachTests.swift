@@ -89,17 +89,13 @@ struct QEMUAttachTests {
         let d = try DaemonProcess()
         #expect(try Self.attach(d, g, name: "lin").status == 0)
         #expect(try eventually(60) { try Self.vm(d, "lin")?["negotiation"]?.stringValue?.hasPrefix("accepted") == true })
-        func boosts() throws -> Int64 {
-            let s = try d.client().call("vm.stats", ["vm": "lin"])
-            return (s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue ?? []).reduce(0) { $0 + ($1["boosts"]?.intValue ?? 0) }
-        }
-        #expect(try eventually(60) { try boosts() > 0 })
+        #expect(try eventually(60) { try d.boosts("lin") > 0 })
         try d.restart()
         #expect(try eventually(30) { try Self.vm(d, "lin")?["negotiation"]?.stringValue?.hasPrefix("accepted") == true },
                 "\((try? Self.vm(d, "lin"))??.pretty ?? "not attached again")")
         #expect(try Self.vm(d, "lin")?["driver"]?.stringValue == "latency-boost")
         #expect(try d.vcpus("lin").count == 2)
-        #expect(try eventually(60) { try boosts() > 0 }, "no boost after the restart")
+        #expect(try eventually(60) { try d.boosts("lin") > 0 }, "no boost after the restart")
     }
 
     @Test func aWrongProtocolVersionIsRefusedWithTheReasonOnBothSides() throws {

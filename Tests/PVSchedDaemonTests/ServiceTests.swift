@@ -16,10 +16,6 @@ import Glibc
 struct ServiceTests {
     static func tag() -> String { "\(getpid())-\(UInt32.random(in: 0...UInt32.max))" }
 
-    static func vm(_ d: DaemonProcess, _ name: String) throws -> VMSummary? {
-        try d.client().call(VMList.self).first { $0.name == name }
-    }
-
     static func parameters(_ tid: Int32) -> SchedulingParameters? {
         (try? LinuxScheduling.parameters(of: ThreadID(tid))) ?? nil
     }
@@ -34,7 +30,7 @@ struct ServiceTests {
         let a = try d.cli(["vm", "attach", "--pid", "\(vmm.pid)", "--thread-names", "cloud-hypervisor", "--shm", vmm.region!,
                            "--name", name, "--events", "watch", "--driver", driver])
         #expect(a.status == 0, "\(a.stderr)")
-        #expect(try eventually(10) { try vm(d, name)?.negotiation.hasPrefix("accepted") == true })
+        #expect(try eventually(10) { try d.vm(name)?.negotiation.hasPrefix("accepted") == true })
         return vmm
     }
 
@@ -58,10 +54,10 @@ struct ServiceTests {
             #expect(eventually(5) { !isRealTime(tid) })
             if signal == SIGTERM { gone.stop() }  // its VMM exits while no daemon runs
             try d.start()
-            #expect(try eventually(10) { try Self.vm(d, "keep")?.negotiation.hasPrefix("accepted") == true },
-                    "after \(signal): \(names(d))")
-            #expect(try Self.vm(d, "gone") == nil, "a VM whose process exited was attached again")
-            #expect(try Self.vm(d, "keep")?.driver == "deadline-boost")
+            #expect(try eventually(10) { try d.vm("keep")?.negotiation.hasPrefix("accepted") == true },
+                    "after \(signal): \(d.vmNames)")
+            #expect(try d.vm("gone") == nil, "a VM whose process exited was attached again")
+            #expect(try d.vm("keep")?.driver == "deadline-boost")
             #expect(try Self.governor(d, "keep")["maxVMShare"]?.doubleValue == 0.3)
             // Its line still says an RT task runs: boosted again, with the class it had.
             #expect(eventually(5) { Self.parameters(tid) == .fifo(priority: 7) }, "\(String(describing: Self.parameters(tid)))")
@@ -76,31 +72,16 @@ struct ServiceTests {
     @Test func aBuiltInVMMsVMIsServedAgainAfterARestart() throws {
         try Requirement.root.check(); try Requirement.kvm.check(); try Requirement.bpf.check()
         let d = try DaemonProcess()
-        let export = "/tmp/pvsched-export-\(Self.tag()).json"
-        let vmm = Process()
-        vmm.executableURL = URL(fileURLWithPath: d.binary)
-        vmm.arguments = ["run", "--export", export, "--workload", "cyclic", "--duration-ms", "12000", "--interval-us", "5000",
-                         "--timeout", "30"]
-        vmm.standardOutput = FileHandle.nullDevice
-        try vmm.run()
-        defer {
-            if vmm.isRunning { kill(vmm.processIdentifier, SIGTERM) }
-            vmm.waitUntilExit()
-            unlink(export)
-            unlink("/dev/shm/pvsched-vm-\(vmm.processIdentifier).mem")
-        }
+        let vmm = try ExportedVM(binary: d.binary, durationMs: 12_000)
+        let export = vmm.export
         #expect(eventually(20) { readExport(export) != nil })
         let a = try d.cli(["vm", "attach", "--export", export, "--name", "own", "--driver", "latency-boost"])
         #expect(a.status == 0, "\(a.stderr)")
-        func boosts() throws -> Int64 {
-            let s = try d.client().call("vm.stats", ["vm": "own"])
-            return (s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue ?? []).reduce(0) { $0 + ($1["boosts"]?.intValue ?? 0) }
-        }
-        #expect(try eventually(10) { try boosts() > 0 })
+        #expect(try eventually(10) { try d.boosts("own") > 0 })
         try d.restart()
-        #expect(try eventually(10) { try Self.vm(d, "own")?.negotiation.hasPrefix("accepted") == true })
-        #expect(try Self.vm(d, "own")?.driver == "latency-boost")
-        #expect(try eventually(10) { try boosts() > 0 }, "no boost after the restart")
+        #expect(try eventually(10) { try d.vm("own")?.negotiation.hasPrefix("accepted") == true })
+        #expect(try d.vm("own")?.driver == "latency-boost")
+        #expect(try eventually(10) { try d.boosts("own") > 0 }, "no boost after the restart")
     }
 
     @Test func sighupReloadsTheConfigurationWithoutDroppingAVMAndABadFileChangesNothing() throws {
@@ -118,7 +99,7 @@ struct ServiceTests {
         kill(d.pid, SIGHUP)
         #expect(try eventually(5) { try defaultDriver() == "lab" })
         #expect(try d.client().call(DriversList.self).first { $0.name == "lab" }?.kind == "bpf")
-        #expect(try Self.vm(d, "stay")?.negotiation.hasPrefix("accepted") == true)
+        #expect(try d.vm("stay")?.negotiation.hasPrefix("accepted") == true)
         #expect(d.process.isRunning)
         // VMs attached from now on take the new boost class.
         let next = try Self.attachedStandIn(d, name: "next")
@@ -203,8 +184,8 @@ struct ServiceTests {
         let stranger = try StandInProcess(vcpus: 1, region: "/dev/shm/pvsched-disc-\(Self.tag())", asUser: 65534,
                                           runAs: "qemu-system-x86_64")
         defer { stranger.stop() }
-        #expect(try eventually(10) { try Self.vm(d, "ns_vm1")?.negotiation.hasPrefix("accepted") == true },
-                "\(names(d))")
+        #expect(try eventually(10) { try d.vm("ns_vm1")?.negotiation.hasPrefix("accepted") == true },
+                "\(d.vmNames)")
         #expect(try d.client().call(VMList.self).count == 1)
         #expect(try d.vcpus("ns_vm1").map(\.tid) == qemu.threads)
         try qemu.command("line 1 10 fifo 80")
@@ -212,12 +193,9 @@ struct ServiceTests {
         try qemu.command("line 1 40")
         #expect(eventually(5) { !isRealTime(qemu.threads[1]) })
         qemu.stop()
-        #expect(try eventually(10) { try Self.vm(d, "ns_vm1")?.state.hasPrefix("ended") == true })
+        #expect(try eventually(10) { try d.vm("ns_vm1")?.state.hasPrefix("ended") == true })
     }
 }
-
-/// The names of the VMs `d` serves (for failure messages).
-func names(_ d: DaemonProcess) -> [String] { (try? d.client().call(VMList.self).map(\.name)) ?? [] }
 
 /// Compiles BPF/NAME.bpf.c (the toolchain's clang) into `object`.
 func compileBPF(_ name: String, to object: String) throws {
