@@ -143,6 +143,9 @@ public protocol Actuator: AnyObject, Sendable {
     /// Whether the thread the actuator took hold of as `thread` has exited (its id
     /// may name another thread now); false when it holds no such thread.
     func hasExited(_ thread: ThreadID) -> Bool
+    /// Why boosts of `thread` are applied in another class than asked (a real-time
+    /// class its cgroup refuses), or nil.
+    func classFallback(of thread: ThreadID) -> String?
 }
 
 extension Actuator {
@@ -154,4 +157,5 @@ extension Actuator {
     public func release(_ thread: ThreadID) { try? restore(thread) }
     public func owningProcess(of thread: ThreadID) -> Int32? { nil }
     public func hasExited(_ thread: ThreadID) -> Bool { false }
+    public func classFallback(of thread: ThreadID) -> String? { nil }
 }

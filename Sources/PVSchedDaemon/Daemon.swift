@@ -109,7 +109,10 @@ public final class Daemon {
             }
         }
         self.guardian = guardian
-        host = try PVSchedHost(actuator: LinuxActuator(guardian: guardian), logger: logger)
+        // Cgroup weights only with a guardian: it puts them back if the daemon dies.
+        let weights = guardian != nil && options.config.cgroupWeights
+            ? CgroupWeights.Hierarchy.detect().map { CgroupWeights(hierarchy: $0, guardian: guardian) } : nil
+        host = try PVSchedHost(actuator: LinuxActuator(guardian: guardian, cgroupWeights: weights), logger: logger)
         do { try Self.applyDrivers(options.config, to: host, logger: logger) } catch {
             guardian?.close()
             pvs_close(lock)
@@ -242,7 +245,8 @@ public final class Daemon {
         for (key, changed) in [("socket", old.socket != config.socket), ("metrics", old.metrics != config.metrics),
                                ("read-group", old.readGroup != config.readGroup), ("state-file", old.stateFile != config.stateFile),
                                ("guardian", old.guardian != config.guardian), ("libvirt", old.libvirt != config.libvirt),
-                               ("discover", old.discover != config.discover)] where changed {
+                               ("discover", old.discover != config.discover),
+                               ("cgroup-weights", old.cgroupWeights != config.cgroupWeights)] where changed {
             logger.warning("configuration key changed; it takes effect at the next start", metadata: ["key": "\(key)"])
         }
         loadedConfig.withLock { $0 = config }

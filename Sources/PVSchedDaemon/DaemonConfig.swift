@@ -39,6 +39,9 @@ public struct DaemonConfig: Equatable, Sendable {
     public var bpfDrivers: [BPFDriverEntry] = []
     /// Attach, on their own, QEMU processes that map a pvsched region (`/dev/shm/pvsched-*`).
     public var discover = false
+    /// Raise the cgroup weight of a vCPU thread alone in its cgroup (libvirt's) while
+    /// it is boosted in a fair class (`CgroupWeights`).
+    public var cgroupWeights = true
     /// libvirt's URI whose domains are followed (nil: off).
     public var libvirt: String? = "qemu:///system"
     /// Where attached VMs are recorded, to serve them again after a restart.
@@ -75,6 +78,7 @@ public struct DaemonConfig: Equatable, Sendable {
         "bpf-driver": "NAME:/path/to/object.o (repeatable)",
         "libvirt": "off, on (qemu:///system) or a connection URI",
         "discover": "yes or no",
+        "cgroup-weights": "yes or no",
         "state-file": "a path",
     ]
 
@@ -187,6 +191,7 @@ public struct DaemonConfig: Equatable, Sendable {
                     libvirt = value
                 }
             case "discover": discover = try yesNo()
+            case "cgroup-weights": cgroupWeights = try yesNo()
             case "state-file":
                 guard value.hasPrefix("/") else { throw fail("expects an absolute path") }
                 stateFile = value
@@ -211,6 +216,7 @@ public struct DaemonConfig: Equatable, Sendable {
         for b in bpfDrivers { out.append("bpf-driver = \(b.name):\(b.path)") }
         out.append("libvirt = \(libvirt ?? "off")")
         out.append("discover = \(discover ? "yes" : "no")")
+        out.append("cgroup-weights = \(cgroupWeights ? "yes" : "no")")
         out.append("state-file = \(stateFile)")
         return out.joined(separator: "\n")
     }

@@ -117,8 +117,10 @@ extension ControlHandler {
         let threads = b?.threads ?? Array(repeating: nil, count: s.handle.vcpuCount)
         let vcpus = threads.enumerated().map { i, t in
             let st = b?.publishedStats(vcpu: i)
-            return VMSummary.VCPU(index: i, thread: t?.rawValue, boosted: st?.boosted ?? false,
-                                  owner: (st?.thread ?? .pvsched).rawValue, boostBlocked: st?.boostBlocked)
+            var vcpu = VMSummary.VCPU(index: i, thread: t?.rawValue, boosted: st?.boosted ?? false,
+                                      owner: (st?.thread ?? .pvsched).rawValue, boostBlocked: st?.boostBlocked)
+            vcpu.boostClassFallback = t.flatMap(host.actuator.classFallback(of:))
+            return vcpu
         }
         let watcher = (s as? AttachedVMSession)?.watch.map { w in
             let c = w.stats
@@ -135,7 +137,7 @@ extension ControlHandler {
         let vcpus = (0..<s.handle.vcpuCount).map { i in
             let st = b?.publishedStats(vcpu: i) ?? VCPUStats()
             func dict(_ pairs: [(String, UInt64)]) -> [String: UInt64] { Dictionary(uniqueKeysWithValues: pairs) }
-            return VCPUStatistics(
+            var out = VCPUStatistics(
                 index: i, thread: i < threads.count ? threads[i]?.rawValue : nil, boosted: st.boosted, events: st.events,
                 eventsByKind: dict(st.eventsByKind.byName), outcomes: dict(st.outcomes.byName), boosts: st.boostCount,
                 boostedNs: st.boostedNs, throttles: st.throttleCount, repaying: st.repaying, repayments: st.repayments,
@@ -143,6 +145,8 @@ extension ControlHandler {
                 failedBoosts: dict(st.failedBoosts.byName), boostBlocked: st.boostBlocked, owner: st.thread.rawValue,
                 latencyBoundsNs: LatencyBuckets.upperBoundsNs, latencyCounts: st.decisionLatency.counts,
                 latencyCount: st.decisionLatency.total, latencySumNs: st.decisionLatency.sumNs)
+            out.boostClassFallback = (i < threads.count ? threads[i] : nil).flatMap(host.actuator.classFallback(of:))
+            return out
         }
         return VMStatistics(id: s.handle.id, name: s.handle.name, driver: b?.driver?.name, state: "\(s.state)", vcpus: vcpus)
     }

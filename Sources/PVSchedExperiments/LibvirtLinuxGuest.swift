@@ -22,10 +22,11 @@ public final class LibvirtLinuxGuest: @unchecked Sendable {
     /// Where the images are copied so that libvirt's QEMU user can read them.
     static let imageDirectory = "/var/lib/libvirt/images/pvsched-lab"
 
-    /// `pin`: vCPU i on host CPU i (`<vcpupin>`). `cputune`: more of `<cputune>`
-    /// (libvirt's own real-time setting). `metadata`: the pvsched element's attributes.
-    public init(image: LinuxGuestImage, options: LinuxGuestOptions, name: String? = nil, pin: Bool = true,
-                cputune: String = "", metadata: [String: String]? = nil) throws {
+    /// `pin`: vCPU i on host CPU `cpus[i % cpus.count]` (`<vcpupin>`). `cputune`: more
+    /// of `<cputune>` (libvirt's own real-time setting). `metadata`: the pvsched
+    /// element's attributes. `paused`: started with its vCPUs stopped (`resume()`).
+    public init(image: LinuxGuestImage, options: LinuxGuestOptions, name: String? = nil, pin: Bool = true, cpus: [Int] = [0, 1],
+                cputune: String = "", metadata: [String: String]? = nil, paused: Bool = false) throws {
         self.name = name ?? "pvs-lab-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
         try FileManager.default.createDirectory(atPath: Self.imageDirectory, withIntermediateDirectories: true,
                                                 attributes: [.posixPermissions: 0o755])
@@ -39,7 +40,7 @@ public final class LibvirtLinuxGuest: @unchecked Sendable {
         consolePath = Self.imageDirectory + "/\(self.name).console"
         unlink(consolePath)
         regionPath = options.ivshmem ? "/dev/shm/pvsched-\(self.name)" : nil
-        var tune = pin ? (0..<options.vcpus).map { "<vcpupin vcpu='\($0)' cpuset='\($0 % 2)'/>" }.joined() : ""
+        var tune = pin && !cpus.isEmpty ? (0..<options.vcpus).map { "<vcpupin vcpu='\($0)' cpuset='\(cpus[$0 % cpus.count])'/>" }.joined() : ""
         tune += cputune
         let meta = metadata.map { m in
             "<metadata><pvsched:pvsched xmlns:pvsched='https://pvsched.dev/xmlns/libvirt/1' "
@@ -67,8 +68,25 @@ public final class LibvirtLinuxGuest: @unchecked Sendable {
         let file = "/tmp/pvsched-lab-\(self.name).xml"
         try xml.write(toFile: file, atomically: true, encoding: .utf8)
         defer { unlink(file) }
-        let r = try LibvirtService.virsh(["create", file])
+        let r = try LibvirtService.virsh(["create", file] + (paused ? ["--paused"] : []))
         guard r.status == 0 else { throw LinuxGuestError("virsh create: \(r.stderr)") }
+    }
+
+    /// Lets the vCPUs of a domain created paused run.
+    public func resume() throws {
+        let r = try LibvirtService.virsh(["resume", name])
+        guard r.status == 0 else { throw LinuxGuestError("virsh resume: \(r.stderr)") }
+    }
+
+    /// QEMU's threads: the vCPU threads (named `CPU N/…` by QEMU, in vCPU order) and the rest.
+    public var threads: (vcpus: [Int32], others: [Int32]) {
+        let pid = self.pid
+        var vcpus: [(Int, Int32)] = [], others: [Int32] = []
+        for t in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task"))?.compactMap(Int32.init) ?? [] {
+            let comm = (try? String(contentsOfFile: "/proc/\(pid)/task/\(t)/comm", encoding: .utf8)) ?? ""
+            if comm.hasPrefix("CPU "), let n = Int(comm.dropFirst(4).prefix { $0.isNumber }) { vcpus.append((n, t)) } else { others.append(t) }
+        }
+        return (vcpus.sorted { $0.0 < $1.0 }.map(\.1), others)
     }
 
     static func same(_ a: String, _ b: String) -> Bool {

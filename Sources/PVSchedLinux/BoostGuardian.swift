@@ -51,7 +51,7 @@ public final class BoostGuardian: Sendable {
     struct Record: Equatable {
         static let size = 512
         static let maxChanged = 6
-        enum Kind: UInt32 { case thread = 1, forget = 2 }
+        enum Kind: UInt32 { case thread = 1, forget = 2, cgroup = 3, forgetCgroup = 4 }
         var kind: Kind
         var tid: Int32
         var tgid: Int32
@@ -100,6 +100,43 @@ public final class BoostGuardian: Sendable {
         }
     }
 
+    /// A cgroup weight raised for boosts (`CgroupWeights`), on the pipe as a `Record`
+    /// of its own kind: the file, its own value and the value pvsched wrote.
+    struct CgroupRecord: Equatable {
+        static let maxPath = Record.size - 32
+        var forget = false
+        var file: String
+        var original: UInt64
+        var raised: UInt64
+
+        var bytes: [UInt8] {
+            var out = [UInt8](repeating: 0, count: Record.size)
+            let path = Array(file.utf8.prefix(Self.maxPath))
+            out.withUnsafeMutableBytes { b in
+                b.storeBytes(of: (forget ? Record.Kind.forgetCgroup : .cgroup).rawValue, toByteOffset: 0, as: UInt32.self)
+                b.storeBytes(of: UInt32(path.count), toByteOffset: 4, as: UInt32.self)
+                b.storeBytes(of: original, toByteOffset: 16, as: UInt64.self)
+                b.storeBytes(of: raised, toByteOffset: 24, as: UInt64.self)
+                for (i, c) in path.enumerated() { b[32 + i] = c }
+            }
+            return out
+        }
+
+        init(forget: Bool = false, file: String, original: UInt64, raised: UInt64) {
+            self.forget = forget; self.file = file; self.original = original; self.raised = raised
+        }
+
+        init?(_ b: UnsafeRawBufferPointer) {
+            guard b.count >= Record.size, let kind = Record.Kind(rawValue: b.loadUnaligned(fromByteOffset: 0, as: UInt32.self)),
+                  kind == .cgroup || kind == .forgetCgroup else { return nil }
+            forget = kind == .forgetCgroup
+            let n = min(Int(b.loadUnaligned(fromByteOffset: 4, as: UInt32.self)), Self.maxPath)
+            original = b.loadUnaligned(fromByteOffset: 16, as: UInt64.self)
+            raised = b.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
+            file = String(decoding: UnsafeRawBufferPointer(rebasing: b[32..<(32 + n)]), as: UTF8.self)
+        }
+    }
+
     private struct Process {
         var pid: Int32
         var pipe: Int32
@@ -113,6 +150,9 @@ public final class BoostGuardian: Sendable {
         var records: [Int32: Record] = [:]
         /// Records not yet written (the pipe was full, or no guardian ran).
         var unsent: Set<Int32> = []
+        /// Every raised cgroup weight, by file, and those not yet written.
+        var cgroups: [String: CgroupRecord] = [:]
+        var unsentCgroups: Set<String> = []
         /// Since when records have been waiting (0: none wait).
         var waitingSinceNs: UInt64 = 0
         /// The guardian process was last seen stopped.
@@ -154,7 +194,7 @@ public final class BoostGuardian: Sendable {
 
     /// The guardian now.
     public var status: Status {
-        table.withLock { t in Status(state: t.state, pid: t.process?.pid ?? 0, restarts: t.restarts, records: t.records.count) }
+        table.withLock { t in Status(state: t.state, pid: t.process?.pid ?? 0, restarts: t.restarts, records: t.records.count + t.cgroups.count) }
     }
 
     /// The guardian process's id (0 while none runs).
@@ -194,16 +234,57 @@ public final class BoostGuardian: Sendable {
         }
     }
 
-    /// Writes what waits, in thread order, until the pipe is full. Under the table lock.
+    /// Tells the guardian, before the value is written, that pvsched raises cgroup
+    /// weight `file` from `original` to `raised`. Returns false when no guardian took
+    /// the record (the value must then not be written). Never blocks.
+    func announceCgroup(file: String, original: UInt64, raised: UInt64) -> Bool {
+        guard file.utf8.count <= CgroupRecord.maxPath else { return false }
+        return table.withLock { t in
+            guard !t.closed else { return false }
+            let rec = CgroupRecord(file: file, original: original, raised: raised)
+            if t.cgroups[file] != rec {
+                t.cgroups[file] = rec
+                t.unsentCgroups.insert(file)
+            }
+            flush(&t)
+            return t.state == .up && !t.unsentCgroups.contains(file)
+        }
+    }
+
+    /// Forgets cgroup weight `file` (its own value is back).
+    func forgetCgroup(file: String) {
+        table.withLock { t in
+            guard t.cgroups.removeValue(forKey: file) != nil else { return }
+            t.unsentCgroups.remove(file)
+            guard let p = t.process, t.state == .up else { return }
+            let bytes = CgroupRecord(forget: true, file: file, original: 0, raised: 0).bytes
+            _ = bytes.withUnsafeBytes { pvs_write_record(p.pipe, $0.baseAddress, $0.count) }
+        }
+    }
+
+    /// Writes what waits, threads in thread order then cgroups, until the pipe is
+    /// full. Under the table lock.
     private func flush(_ t: inout Table) {
-        guard let p = t.process, t.state != .down, !t.unsent.isEmpty else {
-            if t.unsent.isEmpty, !t.stopped { t.waitingSinceNs = 0; if t.state == .stalled { t.state = .up } }
+        guard let p = t.process, t.state != .down, !t.unsent.isEmpty || !t.unsentCgroups.isEmpty else {
+            if t.unsent.isEmpty, t.unsentCgroups.isEmpty, !t.stopped { t.waitingSinceNs = 0; if t.state == .stalled { t.state = .up } }
             return
         }
-        for tid in t.unsent.sorted() {
-            guard let rec = t.records[tid] else { t.unsent.remove(tid); continue }
-            let r = rec.bytes.withUnsafeBytes { pvs_write_record(p.pipe, $0.baseAddress, $0.count) }
-            if r == 0 { t.unsent.remove(tid); continue }
+        let waiting = t.unsent.sorted().map { (tid: Optional($0), file: String?.none) }
+            + t.unsentCgroups.sorted().map { (tid: Int32?.none, file: Optional($0)) }
+        for item in waiting {
+            let bytes: [UInt8]
+            if let tid = item.tid {
+                guard let rec = t.records[tid] else { t.unsent.remove(tid); continue }
+                bytes = rec.bytes
+            } else {
+                guard let file = item.file, let rec = t.cgroups[file] else { t.unsentCgroups.remove(item.file!); continue }
+                bytes = rec.bytes
+            }
+            let r = bytes.withUnsafeBytes { pvs_write_record(p.pipe, $0.baseAddress, $0.count) }
+            if r == 0 {
+                if let tid = item.tid { t.unsent.remove(tid) } else { t.unsentCgroups.remove(item.file!) }
+                continue
+            }
             if r == -EAGAIN {
                 if t.state == .up { logger.warning("the boost guardian is not reading its pipe: other processes' threads are not boosted until it does") }
                 t.state = .stalled
@@ -273,8 +354,9 @@ public final class BoostGuardian: Sendable {
                     t.waitingSinceNs = 0
                     t.state = .stalled
                     t.unsent = Set(t.records.keys)
+                    t.unsentCgroups = Set(t.cgroups.keys)
                     flush(&t)
-                    if t.unsent.isEmpty { t.state = .up }
+                    if t.unsent.isEmpty && t.unsentCgroups.isEmpty { t.state = .up }
                 }
                 logger.notice("boost guardian restarted", metadata: ["pid": "\(p.pid)", "records": "\(status.records)"])
             } catch {
@@ -328,6 +410,7 @@ public final class BoostGuardian: Sendable {
         _ = pvs_sched_setattr(0, &rt)
         let pidfd = pvs_pidfd_open(parent)
         var guarded: [Int32: (record: Record, since: UInt64)] = [:]
+        var cgroups: [String: CgroupRecord] = [:]
         var buffer = [UInt8](repeating: 0, count: Record.size)
         while true {
             // stdin readable: a record or end of file (the daemon closed it or died).
@@ -343,17 +426,28 @@ public final class BoostGuardian: Sendable {
                 if ready & 2 == 0 && r == -EAGAIN { continue }
                 break
             }
-            if let rec = buffer.withUnsafeBytes({ Record($0) }) {
+            if let rec = buffer.withUnsafeBytes({ CgroupRecord($0) }) {
+                cgroups[rec.file] = rec.forget ? nil : rec
+            } else if let rec = buffer.withUnsafeBytes({ Record($0) }) {
                 switch rec.kind {
                 case .thread: guarded[rec.tid] = (rec, guarded[rec.tid]?.since ?? LinuxScheduling.bootTicks())
                 case .forget: guarded[rec.tid] = nil
+                case .cgroup, .forgetCgroup: break
                 }
             }
             if ready & 2 != 0 { _ = fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK) }
         }
         var restored = 0
         for (rec, since) in guarded.values where restoreIfStillChanged(rec, since: since) { restored += 1 }
+        for rec in cgroups.values where restoreIfStillRaised(rec) { restored += 1 }
         return restored
+    }
+
+    /// Puts a cgroup weight back to its own value if it still holds the value pvsched
+    /// wrote (a value someone else set since stays).
+    static func restoreIfStillRaised(_ rec: CgroupRecord) -> Bool {
+        guard CgroupWeights.read(rec.file) == rec.raised else { return false }
+        return CgroupWeights.write(rec.file, rec.original)
     }
 
     /// Puts `rec`'s thread back if it is still the same thread (its start time) of

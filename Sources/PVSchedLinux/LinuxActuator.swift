@@ -26,10 +26,18 @@ import Glibc
 /// other processes are also announced to a `BoostGuardian` (when given) before
 /// their first change, so that they are restored even if this process is killed;
 /// while that guardian takes no records, they are not changed (`.unguarded`).
+///
+/// With `cgroupWeights`, a fair-class boost (negative nice) of another process's
+/// thread alone in its cgroup also raises that cgroup's weight and its ancestors'
+/// for as long as the boost lasts (`CgroupWeights`).
 public final class LinuxActuator: Actuator {
     private let logger: Logger
     /// Restores other processes' threads if this process dies.
     public let guardian: BoostGuardian?
+    /// Raises the cgroups of threads boosted in a fair class (nil: threads only).
+    public let cgroupWeights: CgroupWeights?
+    /// Causes already logged of cgroups that could not be raised (one line per cause).
+    private let cgroupRefusals = Mutex(Set<String>())
     private let cpuClock = ThreadCPUClock()
     private let ownProcess = getpid()
 
@@ -46,6 +54,13 @@ public final class LinuxActuator: Actuator {
         /// meanwhile inherited: put right at the restore when that is not the original.
         var changedSince: UInt64 = 0
         var inherited: Set<SchedulingParameters> = []
+        /// The cgroups raised for the boost in force.
+        var lease: CgroupWeights.Lease?
+        /// Until when the thread is known not to be alone in its cgroup (not looked at again before).
+        var cgroupSharedUntilNs: UInt64 = 0
+        /// The cgroup that refused the thread a real-time class (no real-time runtime):
+        /// its boosts are applied in `realTimeFallback` instead.
+        var realTimeRefusedBy: String?
         var foreign: Bool { identity.process != getpid() }
     }
     private let threads = Mutex([ThreadID: Held]())
@@ -53,9 +68,10 @@ public final class LinuxActuator: Actuator {
     /// (`release`) or names a new thread with the same id: `hasExited` says so.
     private let exited = Mutex(Set<ThreadID>())
 
-    public init(guardian: BoostGuardian? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
+    public init(guardian: BoostGuardian? = nil, cgroupWeights: CgroupWeights? = nil, logger: Logger = Logger(label: "pvsched.actuator")) {
         self.logger = logger
         self.guardian = guardian
+        self.cgroupWeights = cgroupWeights
         pvs_install_restore_handlers()
     }
 
@@ -78,6 +94,7 @@ public final class LinuxActuator: Actuator {
     /// Drops everything about `thread` (it exited, or pvsched let it go). Under `threads`.
     private func forgetLocked(_ t: inout [ThreadID: Held], _ thread: ThreadID, becauseExited: Bool = true) {
         guard let h = t.removeValue(forKey: thread) else { return }
+        if let lease = h.lease { cgroupWeights?.lower(lease) }
         if becauseExited { _ = exited.withLock { $0.insert(thread) } }
         pvs_restore_table_forget(thread.rawValue)
         h.identity.close()
@@ -154,10 +171,50 @@ public final class LinuxActuator: Actuator {
     // help a fair-class waiter (another vCPU's thread). Changes of one thread never
     // overlap: the binding makes them all under that vCPU's lock. The guardian is
     // told outside the lock too, and never blocks.
+    /// The class a real-time boost is applied in where the thread's cgroup has no
+    /// real-time runtime (libvirt's vCPU cgroups on a cgroup v1 host with real-time
+    /// group scheduling): an EEVDF slice of 100 µs at nice -20, with the cgroup's
+    /// weight raised (`cgroupWeights`). Granting such cgroups runtime instead is not
+    /// done: the runtime is a per-period allowance that a vCPU boosted often runs out
+    /// of, and it is then throttled for the rest of the period (measured under
+    /// libvirt: worse maxima than no boost at all).
+    public static let realTimeFallback = SchedulingParameters.slice(nice: -20, sliceUs: 100)
+
+    public func classFallback(of thread: ThreadID) -> String? {
+        threads.withLock { $0[thread]?.realTimeRefusedBy }.map {
+            "its cgroup \($0) has no real-time runtime (cpu.rt_runtime_us 0): real-time boosts are applied as "
+                + "\(BoostSettings.classText(Self.realTimeFallback))\(cgroupWeights != nil ? " with the cgroup's weight raised" : "")"
+        }
+    }
+
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
+        do throws(ActuatorError) {
+            try applyAsked(parameters, to: thread)
+        } catch {
+            // A real-time class the thread's cgroup refuses: said once, and this boost and
+            // the next are applied in the fallback class.
+            guard error.kind == .system, error.errno == EPERM, parameters.isRealTime,
+                  let cgroup = CgroupRealTime.cgroupWithoutRuntime(thread) else { throw error }
+            let first = threads.withLock { t -> Bool in
+                guard t[thread] != nil, t[thread]?.realTimeRefusedBy == nil else { return false }
+                t[thread]?.realTimeRefusedBy = cgroup
+                return true
+            }
+            if first {
+                logger.warning("a real-time boost is refused by the thread's cgroup; boosts of this thread use a fair class",
+                               metadata: ["thread": "\(thread.rawValue)", "cgroup": "\(cgroup)",
+                                          "class": "\(BoostSettings.classText(Self.realTimeFallback))"])
+            }
+            try applyAsked(Self.realTimeFallback, to: thread)
+        }
+    }
+
+    private func applyAsked(_ asked: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
+        var parameters = asked
         let planned: Change? = try threads.withLock { t throws(ActuatorError) -> Change? in
             var h = try held(&t, thread)
             defer { t[thread] = h }
+            if h.realTimeRefusedBy != nil && parameters.isRealTime { parameters = Self.realTimeFallback }
             if h.applied == parameters { return nil }
             // The thread must still be where pvsched left it: at its boost, or at its baseline.
             if let mine = h.applied { try checkUnchanged(thread, expected: mine) }
@@ -211,12 +268,48 @@ public final class LinuxActuator: Actuator {
                 change.original.size = UInt32(MemoryLayout<pvs_sched_attr>.size)
                 _ = pvs_sched_setattr(thread.rawValue, &change.original)
             }
-            if r == -EPERM, parameters.isRealTime, let cgroup = CgroupRealTime.cgroupWithoutRuntime(thread) {
-                throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters)): its cgroup \(cgroup) has no "
-                    + "real-time runtime (cpu.rt_runtime_us 0), so real-time boosts cannot apply there; a fair class "
-                    + "(nice:-20, slice:US) can", errno: EPERM)
-            }
             throw ActuatorError(thread: thread, operation: "sched_setattr(\(parameters))", errno: -r)
+        }
+        if let foreign = change.foreign { weighCgroups(thread, process: foreign.process, parameters) }
+    }
+
+    /// Raises the thread's cgroups for a fair-class boost, gives them back otherwise.
+    private func weighCgroups(_ thread: ThreadID, process: Int32, _ parameters: SchedulingParameters) {
+        guard let cgroupWeights else { return }
+        let nice: Int8? = switch parameters {
+        case .other(let n) where n < 0, .slice(let n, _) where n < 0: n
+        default: nil
+        }
+        let (held, sharedUntil) = threads.withLock { ($0[thread]?.lease, $0[thread]?.cgroupSharedUntilNs ?? 0) }
+        if nice != nil, held == nil, MonotonicClock.nowNs() < sharedUntil { return }
+        if nice == nil || held != nil {
+            // Not a raise (a repayment, a real-time class), or raised already.
+            guard nice == nil, let held else { return }
+            threads.withLock { $0[thread]?.lease = nil }
+            cgroupWeights.lower(held)
+            return
+        }
+        do throws(CgroupWeights.Refusal) {
+            let lease = try cgroupWeights.raise(thread: thread.rawValue, process: process, nice: nice!)
+            let kept = threads.withLock { t -> Bool in
+                guard t[thread]?.applied == parameters else { return false }
+                t[thread]?.lease = lease
+                return true
+            }
+            if !kept { cgroupWeights.lower(lease) }  // restored meanwhile
+        } catch {
+            let cause: String
+            switch error {
+            case .shared:
+                // Threads rarely move (libvirt moves each vCPU thread once, at its start).
+                threads.withLock { $0[thread]?.cgroupSharedUntilNs = MonotonicClock.nowNs() + 5_000_000_000 }
+                return
+            case .unguarded: cause = "the boost guardian takes no records"
+            case .unusable(let why): cause = why
+            }
+            guard cgroupRefusals.withLock({ $0.count < 1000 && $0.insert(cause).inserted }) else { return }
+            logger.warning("a boosted thread's cgroup weight is not raised: the boost counts only inside its cgroup",
+                           metadata: ["thread": "\(thread.rawValue)", "reason": "\(cause)"])
         }
     }
 
@@ -240,6 +333,7 @@ public final class LinuxActuator: Actuator {
             // A thread that exited needs no restoring, and its id may name another thread now.
             guard h.identity.isAlive else { forgetLocked(&t, thread); return nil }
             h.applied = nil
+            if let lease = h.lease { cgroupWeights?.lower(lease); h.lease = nil }
             let undo = h.original.map { Undo(original: $0, since: h.changedSince, inherited: h.inherited, process: h.identity.process) }
             h.original = nil
             t[thread] = h
@@ -523,6 +617,14 @@ extension LinuxScheduling {
         let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         guard n >= 0 else { return nil }
         return String(decoding: buffer[..<n], as: UTF8.self)
+    }
+
+    /// Sets `thread`'s parameters directly, with nothing to restore (the lab's static
+    /// real-time of a VM that is destroyed afterwards).
+    public static func setThread(_ thread: Int32, _ parameters: SchedulingParameters) throws(Errno) {
+        var a = attr(for: parameters)
+        let r = pvs_sched_setattr(thread, &a)
+        guard r == 0 else { throw Errno(rawValue: -r) }
     }
 
     /// Sets the calling thread's parameters directly (for the VMM's own device

@@ -19,6 +19,8 @@ public enum Requirement: String, CaseIterable, Sendable {
     case manifests = "MANIFESTS"
     /// libvirt's daemon and client (libvirt-daemon-system, libvirt-clients).
     case libvirt = "LIBVIRT"
+    /// Root and a cpu cgroup hierarchy (v1's cpu controller, or v2 with cpu enabled at its root).
+    case cgroups = "CGROUPS"
 
     /// Whether this machine has it.
     public var isMet: Bool {
@@ -49,6 +51,17 @@ public enum Requirement: String, CaseIterable, Sendable {
             return ["systemd-socket-activate", "systemd-analyze"].allSatisfy { Self.executable($0) != nil }
         case .manifests:
             return ["kubernetes-validate", "python3"].allSatisfy { Self.executable($0) != nil }
+        case .cgroups:
+            var v2 = false
+            if let f = fopen("/sys/fs/cgroup/cgroup.controllers", "r") {
+                var line = [CChar](repeating: 0, count: 512)
+                if fgets(&line, 512, f) != nil {
+                    v2 = String(cString: line).split(whereSeparator: { $0 == " " || $0 == "\n" }).contains("cpu")
+                }
+                fclose(f)
+            }
+            return geteuid() == 0 && (access("/sys/fs/cgroup/cpu/cpu.shares", W_OK) == 0
+                || access("/sys/fs/cgroup/cpu,cpuacct/cpu.shares", W_OK) == 0 || v2)
         case .libvirt:
             return access("/usr/sbin/libvirtd", X_OK) == 0 && access("/usr/sbin/virtlogd", X_OK) == 0 && access("/usr/bin/virsh", X_OK) == 0
         }
@@ -86,6 +99,7 @@ public enum Requirement: String, CaseIterable, Sendable {
         case .systemdTools: return "needs systemd-socket-activate and systemd-analyze (apt-get install systemd)"
         case .manifests: return "needs python3 and kubernetes-validate (pip install kubernetes-validate)"
         case .libvirt: return "needs libvirt (apt-get install libvirt-daemon-system libvirt-clients)"
+        case .cgroups: return "needs root and a cpu cgroup hierarchy (cgroup v1's cpu controller, or v2 with cpu enabled)"
         }
     }
 

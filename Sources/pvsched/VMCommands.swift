@@ -25,6 +25,7 @@ struct VMListCommand: ParsableCommand {
         for v in vms {
             for c in v.vcpus {
                 if let why = c.boostBlocked { print("\(cell(v.name)) vCPU \(c.index): boosts cannot be applied: \(cell(why))") }
+                if let why = c.boostClassFallback { print("\(cell(v.name)) vCPU \(c.index): \(cell(why))") }
             }
         }
     }

@@ -2,7 +2,9 @@ import Foundation
 import PVSchedControl
 import PVSchedDaemon
 import PVSchedExperiments
+import PVSchedCore
 import PVSchedLibvirt
+import PVSchedLinux
 import PVSchedTesting
 import Testing
 
@@ -75,10 +77,13 @@ final class LibvirtTests {
         try d.restart()
         Self.expectServed(d, g.name, seconds: 30, "after the daemon's restart")
         // The default class is real-time, which libvirt's vCPU cgroups (no real-time
-        // runtime on this cgroup v1 host) refuse: one state with the reason, not a failure per attempt.
+        // runtime on this cgroup v1 host) refuse: boosts fall back to a fair class, said
+        // once with the reason, and are applied.
         if CgroupRealTimeProbe.libvirtCgroupsLackRuntime {
-            #expect(try eventually(60) { try d.vm(g.name)?.vcpus.contains { $0.boostBlocked?.contains("cpu.rt_runtime_us 0") == true } == true },
+            #expect(try eventually(60) { try d.vm(g.name)?.vcpus.contains { $0.boostClassFallback?.contains("cpu.rt_runtime_us 0") == true } == true },
                     "\(String(describing: try? d.vm(g.name)))")
+            #expect(try eventually(60) { try d.boosts(g.name) > 0 }, "no boost applied in the fallback class")
+            #expect(try d.vm(g.name)?.vcpus.allSatisfy { $0.boostBlocked == nil } == true)
         }
         try service.restartLibvirtd()
         // libvirtd's restart does not touch QEMU: the VM stays served, and a domain started
@@ -89,8 +94,60 @@ final class LibvirtTests {
         late.destroy()
         #expect(try eventually(15) { try d.vm(late.name) == nil })
         let log = d.stopAndReadLog()
-        let blockedLines = log.split(separator: "\n").filter { $0.contains("cpu.rt_runtime_us 0") }.count
-        #expect(blockedLines <= 4, "one line per vCPU and cause, got \(blockedLines)")
+        let blockedLines = log.split(separator: "\n").filter { $0.contains("refused by the thread's cgroup") }.count
+        #expect(blockedLines <= 4, "one line per vCPU thread, got \(blockedLines)")
+    }
+
+    /// The cpu cgroup directory (under the hierarchy's mount) of `thread` of `process`.
+    static func cgroupDirectory(_ h: CgroupWeights.Hierarchy, process: Int32, thread: Int32) -> String? {
+        h.cgroupPath(thread: thread, process: process).map { h.mount + $0 }
+    }
+
+    /// A vCPU thread alone in its cgroup (libvirt's layout), boosted for as long as the
+    /// guest's real-time task spins: its cgroup and those above it weigh as a nice -20
+    /// thread while it is boosted; SIGKILL of the daemon puts every value back (the guardian).
+    @Test(.enabled(if: Requirement.cgroups.shouldRun, "\(Requirement.cgroups.reason)"))
+    func aBoostRaisesTheDomainsCgroupWeightsAndTheGuardianPutsThemBackWhenTheDaemonIsKilled() throws {
+        let h = try #require(CgroupWeights.Hierarchy.detect())
+        let file = h.version == .v1 ? "cpu.shares" : "cpu.weight"
+        let g = try Self.guest(metadata: ["driver": "latency-boost", "boost": "slice:100", "governor": "unlimited=yes"]) {
+            $0.run = "rt-spin"; $0.durationS = 120
+        }
+        // The vCPU threads' cgroups and those above them, with their values before any boost.
+        let pid = g.pid
+        #expect(pid > 0)
+        let vcpuThreads = g.threads.vcpus
+        #expect(vcpuThreads.count == 2)
+        var before: [String: UInt64] = [:]
+        for t in vcpuThreads {
+            guard var dir = Self.cgroupDirectory(h, process: pid, thread: t) else { continue }
+            while dir.count > h.mount.count {
+                before[dir] = CgroupWeights.read(dir + "/" + file)
+                dir = String(dir[..<dir.lastIndex(of: "/")!])
+            }
+        }
+        #expect(before.count >= 3, "\(before)")  // vcpuN, the domain's, machine's
+        let d = try DaemonProcess(config: "libvirt = on\n")
+        Self.expectServed(d, g.name, "console: \(g.console.suffix(600))")
+        let raised = CgroupWeights.weight(nice: -20, version: h.version)
+        // The spinning vCPU is boosted: its cgroup and every one above it weigh as a nice -20 thread.
+        var chain: [String] = []
+        let seen = eventually(60) {
+            for t in vcpuThreads {
+                guard var dir = Self.cgroupDirectory(h, process: pid, thread: t), CgroupWeights.read(dir + "/" + file) == raised else { continue }
+                chain = []
+                while dir.count > h.mount.count { chain.append(dir); dir = String(dir[..<dir.lastIndex(of: "/")!]) }
+                if chain.allSatisfy({ CgroupWeights.read($0 + "/" + file) == raised }) { return true }
+            }
+            return false
+        }
+        #expect(seen, "no vCPU cgroup chain raised: \(before.keys.map { ($0, CgroupWeights.read($0 + "/" + file) ?? 0) })")
+        // The daemon killed outright: the guardian puts back every value and thread.
+        _ = d.stop(signal: SIGKILL)
+        #expect(eventually(10) { before.allSatisfy { CgroupWeights.read($0.key + "/" + file) == $0.value } },
+                "\(before.map { ($0.key, $0.value, CgroupWeights.read($0.key + "/" + file) ?? 0) })")
+        #expect(eventually(10) { vcpuThreads.allSatisfy { ((try? LinuxScheduling.parameters(of: ThreadID($0))) ?? nil) == .other(nice: 0) } })
+        #expect(g.isRunning)
     }
 
     @Test func aGuestWritingGarbageGetsPvschedDisabledAndTheDomainRunsOn() throws {

@@ -9,6 +9,8 @@ public struct VMSummary: ControlResult, Equatable {
         public var owner: String
         /// Why its boosts cannot be applied now.
         public var boostBlocked: String?
+        /// Why its boosts are applied in another class than the VM's (its cgroup refuses real-time).
+        public var boostClassFallback: String?
         public init(index: Int, thread: Int32?, boosted: Bool, owner: String, boostBlocked: String?) {
             self.index = index; self.thread = thread; self.boosted = boosted; self.owner = owner; self.boostBlocked = boostBlocked
         }
@@ -53,7 +55,7 @@ public struct VMSummary: ControlResult, Equatable {
             "ejected": JSON(ejected),
             "vcpus": .array(vcpus.map { c in
                 ["index": JSON(c.index), "thread": c.thread.map { JSON($0) } ?? .null, "boosted": .bool(c.boosted),
-                 "owner": .string(c.owner), "boostBlocked": JSON(c.boostBlocked)]
+                 "owner": .string(c.owner), "boostBlocked": JSON(c.boostBlocked), "boostClassFallback": JSON(c.boostClassFallback)]
             })]
         if let w = watcher {
             o["watcher"] = ["phase": .string(w.phase), "polls": JSON(w.polls), "guestUpdates": JSON(w.guestUpdates),
@@ -72,9 +74,11 @@ public struct VMSummary: ControlResult, Equatable {
         var vcpus: [VCPU] = []
         for c in try r.array("vcpus") {
             let v = try JSONReader(c, "vCPU")
-            vcpus.append(VCPU(index: Int(try v.int("index")), thread: v.optionalInt("thread").map { Int32(clamping: $0) },
-                              boosted: try v.bool("boosted"), owner: v.optionalString("owner") ?? "pvsched",
-                              boostBlocked: v.optionalString("boostBlocked")))
+            var vcpu = VCPU(index: Int(try v.int("index")), thread: v.optionalInt("thread").map { Int32(clamping: $0) },
+                            boosted: try v.bool("boosted"), owner: v.optionalString("owner") ?? "pvsched",
+                            boostBlocked: v.optionalString("boostBlocked"))
+            vcpu.boostClassFallback = v.optionalString("boostClassFallback")
+            vcpus.append(vcpu)
         }
         self.vcpus = vcpus
         if let w = json["watcher"], case .object = w {
@@ -104,6 +108,8 @@ public struct VCPUStatistics: Equatable, Sendable {
     public var vetoesVMShare: UInt64
     public var failedBoosts: [String: UInt64]
     public var boostBlocked: String?
+    /// Why boosts are applied in another class than the VM's (its cgroup refuses real-time).
+    public var boostClassFallback: String?
     public var owner: String
     /// Decision latency: bucket upper bounds (ns), counts (the last one unbounded), count and exact sum.
     public var latencyBoundsNs: [UInt64]
@@ -131,7 +137,8 @@ public struct VCPUStatistics: Equatable, Sendable {
          "eventsByKind": Self.counts(eventsByKind), "outcomes": Self.counts(outcomes), "boosts": JSON(boosts),
          "boostedNs": JSON(boostedNs), "throttles": JSON(throttles), "repaying": .bool(repaying), "repayments": JSON(repayments),
          "repaymentNs": JSON(repaymentNs), "vetoes": ["throttled": JSON(vetoesThrottled), "vm_share": JSON(vetoesVMShare)],
-         "failedBoosts": Self.counts(failedBoosts), "boostBlocked": JSON(boostBlocked), "owner": .string(owner),
+         "failedBoosts": Self.counts(failedBoosts), "boostBlocked": JSON(boostBlocked),
+         "boostClassFallback": JSON(boostClassFallback), "owner": .string(owner),
          "decisionLatency": ["count": JSON(latencyCount), "sumNs": JSON(latencySumNs),
                              "bucketsLeNs": .array(latencyBoundsNs.map { JSON($0) }), "counts": .array(latencyCounts.map { JSON($0) })]]
     }
@@ -146,6 +153,7 @@ public struct VCPUStatistics: Equatable, Sendable {
         vetoesThrottled = UInt64(clamping: json["vetoes"]?["throttled"]?.intValue ?? 0)
         vetoesVMShare = UInt64(clamping: json["vetoes"]?["vm_share"]?.intValue ?? 0)
         failedBoosts = Self.counts(json["failedBoosts"]); boostBlocked = r.optionalString("boostBlocked")
+        boostClassFallback = r.optionalString("boostClassFallback")
         owner = r.optionalString("owner") ?? "pvsched"
         let l = json["decisionLatency"]
         latencyBoundsNs = (l?["bucketsLeNs"]?.arrayValue ?? []).compactMap { $0.intValue.map { UInt64($0) } }
