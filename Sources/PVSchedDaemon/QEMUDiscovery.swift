@@ -78,10 +78,10 @@ final class QEMUDiscovery: Sendable {
             let key = "\(pid):\(found.startTime)"
             guard seen.withLock({ $0.insert(key).inserted }) else { continue }
             // Served already (by libvirt's follower, the state file, or by hand): left as it is.
-            let served = handler.host.sessions.contains { s in
-                s.state == .running && (s as? AttachedVMSession)?.report.process == pid
+            func served() -> Bool {
+                handler.host.sessions.contains { s in s.state == .running && (s as? AttachedVMSession)?.report.process == pid }
             }
-            if served { continue }
+            if served() { continue }
             var p = VMAttach.Params()
             p.name = found.name
             p.pid = pid
@@ -91,6 +91,8 @@ final class QEMUDiscovery: Sendable {
             case .success:
                 logger.info("QEMU process found and attached", metadata: ["vm": "\(found.name)", "pid": "\(pid)", "region": "\(found.region)"])
             case .failure(let error):
+                // Attached meanwhile by another path (libvirt's follower, at the domain's start): one VM, no warning.
+                if served() { continue }
                 logger.warning("QEMU process found, not attached", metadata: ["pid": "\(pid)", "error": "\(error)"])
             }
         }

@@ -100,14 +100,14 @@ public final class BoostGuardian: Sendable {
         }
     }
 
-    /// A cgroup weight raised for boosts (`CgroupWeights`), on the pipe as a `Record`
+    /// A cgroup weight pvsched changed (`CgroupWeights`), on the pipe as a `Record`
     /// of its own kind: the file, its own value and the value pvsched wrote.
     struct CgroupRecord: Equatable {
         static let maxPath = Record.size - 32
         var forget = false
         var file: String
         var original: UInt64
-        var raised: UInt64
+        var written: UInt64
 
         var bytes: [UInt8] {
             var out = [UInt8](repeating: 0, count: Record.size)
@@ -116,14 +116,14 @@ public final class BoostGuardian: Sendable {
                 b.storeBytes(of: (forget ? Record.Kind.forgetCgroup : .cgroup).rawValue, toByteOffset: 0, as: UInt32.self)
                 b.storeBytes(of: UInt32(path.count), toByteOffset: 4, as: UInt32.self)
                 b.storeBytes(of: original, toByteOffset: 16, as: UInt64.self)
-                b.storeBytes(of: raised, toByteOffset: 24, as: UInt64.self)
+                b.storeBytes(of: written, toByteOffset: 24, as: UInt64.self)
                 for (i, c) in path.enumerated() { b[32 + i] = c }
             }
             return out
         }
 
-        init(forget: Bool = false, file: String, original: UInt64, raised: UInt64) {
-            self.forget = forget; self.file = file; self.original = original; self.raised = raised
+        init(forget: Bool = false, file: String, original: UInt64, written: UInt64) {
+            self.forget = forget; self.file = file; self.original = original; self.written = written
         }
 
         init?(_ b: UnsafeRawBufferPointer) {
@@ -132,7 +132,7 @@ public final class BoostGuardian: Sendable {
             forget = kind == .forgetCgroup
             let n = min(Int(b.loadUnaligned(fromByteOffset: 4, as: UInt32.self)), Self.maxPath)
             original = b.loadUnaligned(fromByteOffset: 16, as: UInt64.self)
-            raised = b.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
+            written = b.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
             file = String(decoding: UnsafeRawBufferPointer(rebasing: b[32..<(32 + n)]), as: UTF8.self)
         }
     }
@@ -150,7 +150,7 @@ public final class BoostGuardian: Sendable {
         var records: [Int32: Record] = [:]
         /// Records not yet written (the pipe was full, or no guardian ran).
         var unsent: Set<Int32> = []
-        /// Every raised cgroup weight, by file, and those not yet written.
+        /// Every cgroup weight pvsched changed, by file, and the records not yet written.
         var cgroups: [String: CgroupRecord] = [:]
         var unsentCgroups: Set<String> = []
         /// Since when records have been waiting (0: none wait).
@@ -234,14 +234,14 @@ public final class BoostGuardian: Sendable {
         }
     }
 
-    /// Tells the guardian, before the value is written, that pvsched raises cgroup
-    /// weight `file` from `original` to `raised`. Returns false when no guardian took
+    /// Tells the guardian, before the value is written, that pvsched sets cgroup
+    /// weight `file` (its own value `original`) to `written`. Returns false when no guardian took
     /// the record (the value must then not be written). Never blocks.
-    func announceCgroup(file: String, original: UInt64, raised: UInt64) -> Bool {
+    func announceCgroup(file: String, original: UInt64, written: UInt64) -> Bool {
         guard file.utf8.count <= CgroupRecord.maxPath else { return false }
         return table.withLock { t in
             guard !t.closed else { return false }
-            let rec = CgroupRecord(file: file, original: original, raised: raised)
+            let rec = CgroupRecord(file: file, original: original, written: written)
             if t.cgroups[file] != rec {
                 t.cgroups[file] = rec
                 t.unsentCgroups.insert(file)
@@ -257,7 +257,7 @@ public final class BoostGuardian: Sendable {
             guard t.cgroups.removeValue(forKey: file) != nil else { return }
             t.unsentCgroups.remove(file)
             guard let p = t.process, t.state == .up else { return }
-            let bytes = CgroupRecord(forget: true, file: file, original: 0, raised: 0).bytes
+            let bytes = CgroupRecord(forget: true, file: file, original: 0, written: 0).bytes
             _ = bytes.withUnsafeBytes { pvs_write_record(p.pipe, $0.baseAddress, $0.count) }
         }
     }
@@ -439,14 +439,14 @@ public final class BoostGuardian: Sendable {
         }
         var restored = 0
         for (rec, since) in guarded.values where restoreIfStillChanged(rec, since: since) { restored += 1 }
-        for rec in cgroups.values where restoreIfStillRaised(rec) { restored += 1 }
+        for rec in cgroups.values where restoreIfStillWritten(rec) { restored += 1 }
         return restored
     }
 
     /// Puts a cgroup weight back to its own value if it still holds the value pvsched
     /// wrote (a value someone else set since stays).
-    static func restoreIfStillRaised(_ rec: CgroupRecord) -> Bool {
-        guard CgroupWeights.read(rec.file) == rec.raised else { return false }
+    static func restoreIfStillWritten(_ rec: CgroupRecord) -> Bool {
+        guard CgroupWeights.read(rec.file) == rec.written else { return false }
         return CgroupWeights.write(rec.file, rec.original)
     }
 

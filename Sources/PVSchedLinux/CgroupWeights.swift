@@ -6,23 +6,29 @@ import Synchronization
 import Glibc
 #endif
 
-/// The cgroup side of a fair-class boost. The scheduler compares a thread with the
-/// threads of its own cgroup only; against everything outside, its cgroup competes,
-/// with the cgroup's weight (`cpu.shares` on cgroup v1, `cpu.weight` on v2), and so
-/// does each ancestor at its own level. libvirt puts every vCPU thread alone in its
-/// own cgroup (`machine/qemu-N-NAME.libvirt-qemu/vcpuN`): there a nice -20 boost
-/// changes nothing the scheduler compares. While such a thread is boosted, its cgroup
-/// and every ancestor below the hierarchy's root get the weight of a thread at the
-/// boost's nice (nice -20: shares 88761, weight 8668), and get their own back when
-/// the last boost under them ends (counted per cgroup: a VM's cgroup stays raised
-/// while any of its vCPUs is boosted).
+/// The cgroup side of a fair-class boost and of its repayment. The scheduler
+/// compares a thread with the threads of its own cgroup only; against everything
+/// outside, its cgroup competes, with the cgroup's weight (`cpu.shares` on cgroup v1,
+/// `cpu.weight` on v2), and so does each ancestor at its own level. libvirt puts every
+/// vCPU thread alone in its own cgroup (`machine/qemu-N-NAME.libvirt-qemu/vcpuN`):
+/// there neither a nice -20 boost nor a nice 19 repayment changes anything the
+/// scheduler compares. So while such a thread is boosted, its cgroup and every
+/// ancestor below the hierarchy's root weigh as a thread at the boost's nice (nice
+/// -20: shares 88761, weight 8668); while it repays, as a thread at the repayment's
+/// (nice 19: 15, 1). Leases are counted per cgroup: a raise wins over a repayment (a
+/// VM's cgroup stays raised while any of its vCPUs is boosted), and a cgroup gets its
+/// own value back when the last lease under it ends. Group scheduling splits a
+/// cgroup's weight over the CPUs by its children's load, so a raise reaches the
+/// boosted vCPU's CPU and little else; a repayment also lowers, for its length
+/// (at most `max-repayment-us`), the siblings under the same ancestors.
 ///
-/// Only a thread alone in its cgroup is served (raising a shared cgroup would boost
+/// Only a thread alone in its cgroup is served (changing a shared cgroup would change
 /// every thread in it), and only through directories owned by root (a cgroup
 /// delegated to a user is that user's to weigh). A value someone else changed while
-/// raised is left as they set it. Each raise is told to the `BoostGuardian` first,
-/// which puts the value back if the daemon dies; without a guardian taking the
-/// record, nothing is raised.
+/// pvsched held it is left as they set it, and not written again until every lease
+/// on it ended. Each value is told to the `BoostGuardian` before it is written, which
+/// puts the cgroup's own value back if the daemon dies; without a guardian taking the
+/// record, nothing is written.
 public final class CgroupWeights: Sendable {
     /// Which cgroup hierarchy holds the cpu controller.
     public enum Version: Sendable, Equatable {
@@ -66,14 +72,17 @@ public final class CgroupWeights: Sendable {
         }
     }
 
-    /// The cgroups raised for one boost, leaf first: what `lower` gives back.
+    /// The cgroups weighed for one boost or repayment, leaf first: what `release` gives back.
     public struct Lease: Sendable, Equatable {
         public var directories: [String]
+        /// The weight asked for, and whether it is a raise (a boost) or a lowering (a repayment).
+        public var weight: UInt64
+        public var raise: Bool
     }
 
-    /// Why a thread's cgroups were not raised (said once per cause by the caller).
+    /// Why a thread's cgroups were not weighed (said once per cause by the caller).
     public enum Refusal: Error, Equatable, Sendable {
-        /// Not alone in its cgroup, or in the hierarchy's root: nothing to raise.
+        /// Not alone in its cgroup, or in the hierarchy's root: nothing to weigh.
         case shared
         /// A directory on the way is not root's, or a value cannot be read or written.
         case unusable(String)
@@ -81,19 +90,33 @@ public final class CgroupWeights: Sendable {
         case unguarded
     }
 
-    private struct Raised {
+    /// What pvsched holds of one cgroup's value.
+    private struct Held {
         var original: UInt64
-        var raised: UInt64
-        var count: Int
+        /// What pvsched wrote last (the original while it wrote nothing).
+        var written: UInt64
+        /// The weights the leases on it ask for: above the original (boosts) or below (repayments).
+        var raises: [UInt64] = []
+        var lowers: [UInt64] = []
+        /// Someone else changed the value meanwhile: pvsched writes it no more.
+        var overridden = false
+        var count: Int { raises.count + lowers.count }
+        /// The value the leases call for: the highest raise (never below the cgroup's
+        /// own value), else the lowest repayment's.
+        var wanted: UInt64 {
+            if let r = raises.max() { return max(r, original) }
+            if let l = lowers.min() { return min(l, original) }
+            return original
+        }
     }
 
     public let hierarchy: Hierarchy
     private let guardian: BoostGuardian?
-    private let raised = Mutex([String: Raised]())
+    private let held = Mutex([String: Held]())
     /// The owner every directory on the way must have (root; tests run on a tree of their own).
     private let owner: uid_t
 
-    /// `guardian`: told before each raise (nil only where no other process's thread is
+    /// `guardian`: told before each value is written (nil only where no other process's thread is
     /// changed, as in tests). `owner`: whose directories are trusted (root).
     public init(hierarchy: Hierarchy, guardian: BoostGuardian?, owner: uid_t = 0) {
         self.hierarchy = hierarchy
@@ -115,7 +138,7 @@ public final class CgroupWeights: Sendable {
     /// The cgroup path (relative to the mount, starting with "/") of `thread` of `process`.
     func cgroupPath(thread: Int32, process: Int32) -> String? { hierarchy.cgroupPath(thread: thread, process: process) }
 
-    /// The directories to raise for a thread in cgroup `path`: its own and every
+    /// The directories to weigh for a thread in cgroup `path`: its own and every
     /// ancestor below the root, leaf first; checked to be root's directories.
     func chain(for path: String, thread: Int32) throws(Refusal) -> [String] {
         let parts = path.split(separator: "/", omittingEmptySubsequences: false).dropFirst()
@@ -139,67 +162,90 @@ public final class CgroupWeights: Sendable {
         return out.reversed()
     }
 
-    /// Raises the cgroups of `thread` (of `process`, started at `startTime`) to the
-    /// weight of `nice`. Returns what to give back with `lower`.
-    public func raise(thread: Int32, process: Int32, nice: Int8) throws(Refusal) -> Lease {
+    /// Weighs the cgroups of `thread` (of `process`) as a thread at `nice` (negative:
+    /// a boost, raised; positive: a repayment, lowered). Returns what to give back
+    /// with `release`.
+    public func weigh(thread: Int32, process: Int32, nice: Int8) throws(Refusal) -> Lease {
         guard let path = cgroupPath(thread: thread, process: process) else { throw .shared }
-        return try raise(path: path, thread: thread, nice: nice)
+        return try weigh(path: path, thread: thread, nice: nice)
     }
 
-    /// Raises the cgroup at `path` (relative to the mount) of `thread`, and its ancestors.
-    func raise(path: String, thread: Int32, nice: Int8) throws(Refusal) -> Lease {
+    /// Weighs the cgroup at `path` (relative to the mount) of `thread`, and its ancestors.
+    func weigh(path: String, thread: Int32, nice: Int8) throws(Refusal) -> Lease {
         let dirs = try chain(for: path, thread: thread)
-        let target = Self.weight(nice: nice, version: hierarchy.version)
+        let lease = Lease(directories: dirs, weight: Self.weight(nice: nice, version: hierarchy.version), raise: nice < 0)
         var done: [String] = []
         for dir in dirs {
-            do throws(Refusal) { try raise(dir, to: target) } catch {
-                lower(Lease(directories: done))
+            do throws(Refusal) { try take(dir, lease) } catch {
+                release(Lease(directories: done, weight: lease.weight, raise: lease.raise))
                 throw error
             }
             done.append(dir)
         }
-        return Lease(directories: done)
+        return lease
     }
 
-    private func raise(_ dir: String, to target: UInt64) throws(Refusal) {
-        try raised.withLock { r throws(Refusal) in
-            if var e = r[dir] {
-                e.count += 1
-                r[dir] = e
-                return
+    private func take(_ dir: String, _ lease: Lease) throws(Refusal) {
+        let file = dir + "/" + hierarchy.version.file
+        try held.withLock { h throws(Refusal) in
+            var e: Held
+            if let old = h[dir] { e = old } else {
+                guard let original = Self.read(file) else { throw .unusable("cannot read \(file)") }
+                e = Held(original: original, written: original)
             }
-            let file = dir + "/" + hierarchy.version.file
-            guard let original = Self.read(file) else { throw .unusable("cannot read \(file)") }
-            // Never lowered by a boost: a cgroup weighed above the boost's stays as it is.
-            guard original < target else { r[dir] = Raised(original: original, raised: original, count: 1); return }
-            if let guardian, !guardian.announceCgroup(file: file, original: original, raised: target) { throw .unguarded }
-            guard Self.write(file, target) else {
-                guardian?.forgetCgroup(file: file)
-                throw .unusable("cannot write \(file)")
+            if lease.raise { e.raises.append(lease.weight) } else { e.lowers.append(lease.weight) }
+            if !e.overridden, e.wanted != e.written {
+                if let guardian, !guardian.announceCgroup(file: file, original: e.original, written: e.wanted) {
+                    // Not written: the guardian keeps (or drops) what is in force.
+                    if h[dir] == nil { guardian.forgetCgroup(file: file) } else {
+                        _ = guardian.announceCgroup(file: file, original: e.original, written: e.written)
+                    }
+                    throw .unguarded
+                }
+                if Self.read(file) != e.written {
+                    e.overridden = true  // an administrator's value: theirs from now on
+                    guardian?.forgetCgroup(file: file)
+                } else if Self.write(file, e.wanted) {
+                    e.written = e.wanted
+                } else if h[dir] == nil {
+                    guardian?.forgetCgroup(file: file)
+                    throw .unusable("cannot write \(file)")
+                }
             }
-            r[dir] = Raised(original: original, raised: target, count: 1)
+            h[dir] = e
         }
     }
 
-    /// Gives back what `raise` took: a cgroup no boost needs any more gets its own
-    /// weight again, unless someone else changed it meanwhile.
-    public func lower(_ lease: Lease) {
+    /// Gives back what `weigh` took: each cgroup gets the value its remaining leases
+    /// call for, its own once none is left, unless someone else changed it meanwhile.
+    public func release(_ lease: Lease) {
         for dir in lease.directories {
-            raised.withLock { r in
-                guard var e = r[dir] else { return }
-                e.count -= 1
-                if e.count > 0 { r[dir] = e; return }
-                r[dir] = nil
-                guard e.raised != e.original else { return }
-                let file = dir + "/" + hierarchy.version.file
-                if Self.read(file) == e.raised { _ = Self.write(file, e.original) }
-                guardian?.forgetCgroup(file: file)
+            let file = dir + "/" + hierarchy.version.file
+            held.withLock { h in
+                guard var e = h[dir] else { return }
+                if lease.raise, let i = e.raises.firstIndex(of: lease.weight) { e.raises.remove(at: i) }
+                else if !lease.raise, let i = e.lowers.firstIndex(of: lease.weight) { e.lowers.remove(at: i) }
+                else { return }
+                let done = e.count == 0
+                if !e.overridden, e.wanted != e.written {
+                    if Self.read(file) != e.written {
+                        e.overridden = true
+                    } else if done || guardian?.announceCgroup(file: file, original: e.original, written: e.wanted) ?? true {
+                        if Self.write(file, e.wanted) { e.written = e.wanted }
+                    }
+                }
+                if done {
+                    h[dir] = nil
+                    guardian?.forgetCgroup(file: file)
+                } else {
+                    h[dir] = e
+                }
             }
         }
     }
 
-    /// The cgroups raised now and their counts (for tests and stats).
-    public var raisedNow: [String: Int] { raised.withLock { $0.mapValues(\.count) } }
+    /// The cgroups held now and their lease counts (for tests and stats).
+    public var heldNow: [String: Int] { held.withLock { $0.mapValues(\.count) } }
 
     /// The number a cgroup value file holds (nil: unreadable, or not a number).
     public static func read(_ file: String) -> UInt64? {

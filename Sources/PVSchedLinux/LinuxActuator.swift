@@ -94,7 +94,7 @@ public final class LinuxActuator: Actuator {
     /// Drops everything about `thread` (it exited, or pvsched let it go). Under `threads`.
     private func forgetLocked(_ t: inout [ThreadID: Held], _ thread: ThreadID, becauseExited: Bool = true) {
         guard let h = t.removeValue(forKey: thread) else { return }
-        if let lease = h.lease { cgroupWeights?.lower(lease) }
+        if let lease = h.lease { cgroupWeights?.release(lease) }
         if becauseExited { _ = exited.withLock { $0.insert(thread) } }
         pvs_restore_table_forget(thread.rawValue)
         h.identity.close()
@@ -273,30 +273,30 @@ public final class LinuxActuator: Actuator {
         if let foreign = change.foreign { weighCgroups(thread, process: foreign.process, parameters) }
     }
 
-    /// Raises the thread's cgroups for a fair-class boost, gives them back otherwise.
+    /// Weighs the thread's cgroups as its fair-class parameters (a boost's negative
+    /// nice, a repayment's positive one); gives them back otherwise.
     private func weighCgroups(_ thread: ThreadID, process: Int32, _ parameters: SchedulingParameters) {
         guard let cgroupWeights else { return }
         let nice: Int8? = switch parameters {
-        case .other(let n) where n < 0, .slice(let n, _) where n < 0: n
+        case .other(let n) where n != 0, .slice(let n, _) where n != 0, .batch(let n) where n != 0: n
         default: nil
         }
         let (held, sharedUntil) = threads.withLock { ($0[thread]?.lease, $0[thread]?.cgroupSharedUntilNs ?? 0) }
-        if nice != nil, held == nil, MonotonicClock.nowNs() < sharedUntil { return }
-        if nice == nil || held != nil {
-            // Not a raise (a repayment, a real-time class), or raised already.
-            guard nice == nil, let held else { return }
+        let weight = nice.map { CgroupWeights.weight(nice: $0, version: cgroupWeights.hierarchy.version) }
+        if let held {
+            if held.weight == weight && held.raise == (nice ?? 0 < 0) { return }  // weighed so already
             threads.withLock { $0[thread]?.lease = nil }
-            cgroupWeights.lower(held)
-            return
+            cgroupWeights.release(held)
         }
+        guard let nice, MonotonicClock.nowNs() >= sharedUntil else { return }
         do throws(CgroupWeights.Refusal) {
-            let lease = try cgroupWeights.raise(thread: thread.rawValue, process: process, nice: nice!)
+            let lease = try cgroupWeights.weigh(thread: thread.rawValue, process: process, nice: nice)
             let kept = threads.withLock { t -> Bool in
                 guard t[thread]?.applied == parameters else { return false }
                 t[thread]?.lease = lease
                 return true
             }
-            if !kept { cgroupWeights.lower(lease) }  // restored meanwhile
+            if !kept { cgroupWeights.release(lease) }  // restored meanwhile
         } catch {
             let cause: String
             switch error {
@@ -308,7 +308,7 @@ public final class LinuxActuator: Actuator {
             case .unusable(let why): cause = why
             }
             guard cgroupRefusals.withLock({ $0.count < 1000 && $0.insert(cause).inserted }) else { return }
-            logger.warning("a boosted thread's cgroup weight is not raised: the boost counts only inside its cgroup",
+            logger.warning("a boosted or repaying thread's cgroup weight is not changed: its boosts and repayments count only inside its cgroup",
                            metadata: ["thread": "\(thread.rawValue)", "reason": "\(cause)"])
         }
     }
@@ -333,7 +333,7 @@ public final class LinuxActuator: Actuator {
             // A thread that exited needs no restoring, and its id may name another thread now.
             guard h.identity.isAlive else { forgetLocked(&t, thread); return nil }
             h.applied = nil
-            if let lease = h.lease { cgroupWeights?.lower(lease); h.lease = nil }
+            if let lease = h.lease { cgroupWeights?.release(lease); h.lease = nil }
             let undo = h.original.map { Undo(original: $0, since: h.changedSince, inherited: h.inherited, process: h.identity.process) }
             h.original = nil
             t[thread] = h
