@@ -10,11 +10,22 @@
  * the CPU meanwhile), the vCPU's share of the CPU against its fair share without
  * boosts, and the probe's lateness.
  *
- * usage: boost-classes CLASS REPAY BUSY SECONDS CPU
+ * With LAYOUT "libvirt" (cgroup v1's cpu controller), the vCPU thread runs alone in a
+ * cgroup two levels down (LAB/dom/vcpu0, as libvirt's machine/DOMAIN/vcpuN), the busy
+ * threads and the probe where the program started: the scheduler then compares the
+ * cgroups, not the threads. New cgroups have no real-time runtime (cpu.rt_runtime_us 0).
+ *
+ * usage: boost-classes CLASS REPAY BUSY SECONDS CPU [LAYOUT]
  *   CLASS: none, fifo (SCHED_FIFO 10), slice (SCHED_OTHER nice -20, a 100 us slice),
- *          placed (slice, through SCHED_FIFO 1 first: pvsched's step for a waiting thread)
+ *          placed (slice, through SCHED_FIFO 1 first: pvsched's step for a waiting thread),
+ *          weighted (placed, and the vCPU's cgroup and those above it at cpu.shares 88761
+ *          while boosted: pvsched's cgroup weights), fifo-granted (fifo, the cgroups given
+ *          real-time runtime first: 95% of each second above, 40% of every 10 ms for the vCPU)
+ *   LAYOUT: flat (default: every thread in one cgroup) or libvirt
  * Needs root (or CAP_SYS_NICE). Build: cc -O2 -pthread -o boost-classes boost-classes.c */
 #include "sched-lab.h"
+#include <errno.h>
+#include <sys/stat.h>
 
 static int cpu, busy_count;
 static const char *klass;
@@ -26,6 +37,27 @@ enum { MAX = 100000 };
 static uint64_t done[MAX], late[MAX];
 static int ndone, nlate;
 static uint64_t busy_cpu[16], vcpu_cpu;
+static int libvirt_layout, refused;
+static char cg_top[256], cg_dom[300], cg_vcpu[320];
+static const char *cpu_mount = "/sys/fs/cgroup/cpu";
+
+static int put(const char *dir, const char *file, unsigned long long v) {
+    char path[400]; snprintf(path, sizeof path, "%s/%s", dir, file);
+    FILE *f = fopen(path, "w"); if (!f) return -1;
+    int ok = fprintf(f, "%llu\n", v) > 0; return fclose(f) == 0 && ok ? 0 : -1;
+}
+/* The vCPU's cgroups weigh as a nice -20 thread (88761) while boosted, else their own 1024. */
+static void weigh(unsigned long long shares) {
+    put(cg_vcpu, "cpu.shares", shares); put(cg_dom, "cpu.shares", shares); put(cg_top, "cpu.shares", shares);
+}
+static void unboost_self(void) {
+    if (!strcmp(klass, "weighted")) weigh(1024);
+}
+/* A repayment at nice 19 counts inside the vCPU's cgroup only: its cgroups weigh as a
+ * nice 19 thread (15) meanwhile. */
+static void repay_weight(int repaying) {
+    if (!strcmp(klass, "weighted")) weigh(repaying ? 15 : 1024);
+}
 
 static void *busy(void *arg) {
     pin();
@@ -45,7 +77,8 @@ static void *vcpu(void *unused) {
             while (cputime() < end) {}   /* the real-time work: 1 ms of CPU time */
             if (ndone < MAX) done[ndone++] = now() - boosted_at;
             if (strcmp(klass, "none") != 0) {
-                if (repay > 0) { set(0, SCHED_OTHER, 19, 0, 0); repay_until = now() + (uint64_t)(repay * 1000000); }
+                unboost_self();
+                if (repay > 0) { set(0, SCHED_OTHER, 19, 0, 0); repay_weight(1); repay_until = now() + (uint64_t)(repay * 1000000); }
                 else set(0, SCHED_OTHER, 0, 0, 0);
             }
         }
@@ -63,8 +96,9 @@ static void *timer(void *unused) {
         pid_t t = vcpu_tid;
         boosted_at = now();
         /* As pvsched does: a boost ends a repayment first (back to nice 0). */
-        if (repay_until) { repay_until = 0; set(t, SCHED_OTHER, 0, 0, 0); }
-        if (!strcmp(klass, "fifo")) set(t, SCHED_FIFO, 0, 10, 0);
+        if (repay_until) { repay_until = 0; set(t, SCHED_OTHER, 0, 0, 0); repay_weight(0); }
+        if (!strcmp(klass, "fifo") || !strcmp(klass, "fifo-granted")) { if (set(t, SCHED_FIFO, 0, 10, 0) && errno == EPERM) refused++; }
+        else if (!strcmp(klass, "weighted")) { set(t, SCHED_FIFO, 0, 1, 0); set(t, SCHED_OTHER, -20, 0, 100000); weigh(88761); }
         else if (!strcmp(klass, "slice")) set(t, SCHED_OTHER, -20, 0, 100000);
         else if (!strcmp(klass, "placed")) { set(t, SCHED_FIFO, 0, 1, 0); set(t, SCHED_OTHER, -20, 0, 100000); }
         atomic_fetch_add(&generation, 1);
@@ -77,7 +111,7 @@ static void *enforcer(void *unused) {
     set(0, SCHED_FIFO, 0, 20, 0);
     while (!stop) {
         uint64_t u = repay_until;
-        if (u && now() >= u) { repay_until = 0; set(vcpu_tid, SCHED_OTHER, 0, 0, 0); continue; }
+        if (u && now() >= u) { repay_until = 0; set(vcpu_tid, SCHED_OTHER, 0, 0, 0); repay_weight(0); continue; }
         sleep_until(u ? u : now() + 1000000);
     }
     return unused;
@@ -96,14 +130,28 @@ static void *probe(void *unused) {
 static int cmp(const void *a, const void *b) { uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b; return x < y ? -1 : x > y; }
 
 int main(int argc, char **argv) {
-    if (argc < 6) { fprintf(stderr, "usage: %s none|fifo|slice|placed REPAY BUSY SECONDS CPU\n", argv[0]); return 2; }
+    if (argc < 6) { fprintf(stderr, "usage: %s none|fifo|slice|placed|weighted|fifo-granted REPAY BUSY SECONDS CPU [flat|libvirt]\n", argv[0]); return 2; }
     klass = argv[1]; repay = atof(argv[2]); busy_count = atoi(argv[3]);
     int seconds = atoi(argv[4]); cpu = atoi(argv[5]);
+    libvirt_layout = argc > 6 && !strcmp(argv[6], "libvirt");
     if (busy_count < 0 || busy_count > 16) { fprintf(stderr, "BUSY must be 0-16\n"); return 2; }
     pthread_t b[16], t[4];
     for (long i = 0; i < busy_count; i++) pthread_create(&b[i], 0, busy, (void *)i);
     pthread_create(&t[0], 0, vcpu, 0);
     while (!vcpu_tid) usleep(1000);
+    if (libvirt_layout) {
+        snprintf(cg_top, sizeof cg_top, "%s/pvsched-lab-%d", cpu_mount, (int)getpid());
+        snprintf(cg_dom, sizeof cg_dom, "%s/dom", cg_top);
+        snprintf(cg_vcpu, sizeof cg_vcpu, "%s/vcpu0", cg_dom);
+        if (mkdir(cg_top, 0755) || mkdir(cg_dom, 0755) || mkdir(cg_vcpu, 0755) || put(cg_vcpu, "tasks", (unsigned long long)vcpu_tid)) {
+            perror("the libvirt-like cgroups (cgroup v1 cpu controller at /sys/fs/cgroup/cpu)"); return 1;
+        }
+        if (!strcmp(klass, "fifo-granted")
+            && (put(cg_top, "cpu.rt_runtime_us", 950000) || put(cg_dom, "cpu.rt_runtime_us", 950000)
+                || put(cg_vcpu, "cpu.rt_period_us", 10000) || put(cg_vcpu, "cpu.rt_runtime_us", 4000))) {
+            perror("granting real-time runtime"); return 1;
+        }
+    }
     pthread_create(&t[1], 0, timer, 0);
     pthread_create(&t[2], 0, enforcer, 0);
     pthread_create(&t[3], 0, probe, 0);
@@ -111,13 +159,19 @@ int main(int argc, char **argv) {
     stop = 1;
     for (int i = 0; i < 4; i++) pthread_join(t[i], 0);
     for (int i = 0; i < busy_count; i++) pthread_join(b[i], 0);
+    if (libvirt_layout) {
+        /* Back where it started (the vCPU thread has ended: its cgroup is empty), then gone. */
+        put(cg_vcpu, "cpu.rt_runtime_us", 0); put(cg_dom, "cpu.rt_runtime_us", 0); put(cg_top, "cpu.rt_runtime_us", 0);
+        rmdir(cg_vcpu); rmdir(cg_dom); rmdir(cg_top);
+    }
+    if (refused) printf("(%s: %d of the boosts refused: the cgroup has no real-time runtime)\n", klass, refused);
     if (!ndone || !nlate) { printf("no samples\n"); return 1; }
     qsort(done, ndone, sizeof done[0], cmp);
     qsort(late, nlate, sizeof late[0], cmp);
     double all = vcpu_cpu;
     for (int i = 0; i < busy_count; i++) all += busy_cpu[i];
-    printf("%-6s repay %.1f, %d busy: 1 ms of work done in p50 %5.0f p99 %5.0f max %5.0f us | vCPU %4.1f%% of the CPU (fair %4.1f%%) | probe p99 %5.0f max %5.0f us\n",
-           klass, repay, busy_count, done[ndone / 2] / 1e3, done[ndone * 99 / 100] / 1e3, done[ndone - 1] / 1e3,
+    printf("%-12s %s repay %.1f, %d busy: 1 ms of work done in p50 %5.0f p99 %5.0f max %5.0f us | vCPU %4.1f%% of the CPU (fair %4.1f%%) | probe p99 %5.0f max %5.0f us\n",
+           klass, libvirt_layout ? "libvirt" : "flat   ", repay, busy_count, done[ndone / 2] / 1e3, done[ndone * 99 / 100] / 1e3, done[ndone - 1] / 1e3,
            100 * vcpu_cpu / all, 100.0 / (busy_count + 1), late[nlate * 99 / 100] / 1e3, late[nlate - 1] / 1e3);
     return 0;
 }

@@ -121,10 +121,13 @@ public struct Scenario: Sendable {
     /// The Linux guest under unmodified QEMU instead of the built-in VMM (nil):
     /// cyclictest on vCPU 0 (see `runQEMU`).
     public var qemuGuest: LinuxGuestImage?
+    /// With `qemuGuest`: QEMU started by libvirtd as a domain (`runLibvirt`), not directly.
+    public var libvirt = false
 
     /// What the guest runs, for report headers.
     public var guestTitle: String {
-        qemuGuest == nil ? guest.rawValue : "Linux under QEMU (TCG), cyclictest on vCPU 0"
+        qemuGuest == nil ? guest.rawValue
+            : libvirt ? "Linux as a libvirt domain (QEMU TCG), cyclictest on vCPU 0" : "Linux under QEMU (TCG), cyclictest on vCPU 0"
     }
 
     public init() {}
@@ -222,7 +225,9 @@ public struct ExperimentRunner {
     }
 
     func run(_ mode: Mode, index: Int) throws -> ModeResult {
-        if let image = scenario.qemuGuest { return try runQEMU(mode, index: index, image: image) }
+        if let image = scenario.qemuGuest {
+            return scenario.libvirt ? try runLibvirt(mode, index: index, image: image) : try runQEMU(mode, index: index, image: image)
+        }
         let contended = mode != .idle
         let managed = mode.pvsched(in: scenario)
         let pvsched = managed != nil

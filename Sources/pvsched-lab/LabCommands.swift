@@ -35,7 +35,7 @@ struct ScenarioOptions: ParsableArguments {
     @Option(help: "Where to write the SVG plot.") var plot = "pvsched-demo.svg"
     @Option(help: "Write each pvsched run's driver trace (every vCPU's notifications: event, guest flags, decision, outcome; and the budget enforcer's cuts) to DIR/SCENARIO-MODE-RUN.trace.")
     var traceDir: String?
-    @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm) or qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs).")
+    @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm), qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs) or libvirt (the same guest as a libvirt domain: static-rt is libvirt's <vcpusched>, the pvsched modes are served by a daemon following libvirt).")
     var vmm = "builtin"
 
     func scenario() throws -> Scenario {
@@ -48,20 +48,20 @@ struct ScenarioOptions: ParsableArguments {
         guard (1...20).contains(runs) else { throw ValidationError("--runs must be 1...20, got \(runs)") }
         guard (0...64).contains(busyThreads) else { throw ValidationError("--busy-threads must be 0...64, got \(busyThreads)") }
         guard seconds > 0 && seconds <= 3600 else { throw ValidationError("--seconds must be in (0, 3600], got \(seconds)") }
-        let intervalUs = self.intervalUs ?? (vmm == "qemu" ? 1000 : 5000)
+        let intervalUs = self.intervalUs ?? (vmm == "builtin" ? 5000 : 1000)
         guard (100...1_000_000).contains(intervalUs) else {
             throw ValidationError("--interval-us must be 100...1000000, got \(intervalUs)")
         }
         for (name, v) in [("--critical-budget-ms", criticalBudgetMs), ("--general-budget-ms", generalBudgetMs), ("--throttle-ms", throttleMs)] {
             guard v.isFinite, v >= 0, v <= 60_000 else { throw ValidationError("\(name) must be in 0...60000, got \(v)") }
         }
-        guard ["builtin", "qemu"].contains(vmm) else { throw ValidationError("--vmm must be builtin or qemu, got '\(vmm)'") }
-        if vmm == "qemu" {
+        guard ["builtin", "qemu", "libvirt"].contains(vmm) else { throw ValidationError("--vmm must be builtin, qemu or libvirt, got '\(vmm)'") }
+        if vmm != "builtin" {
             guard g == .mixed || g == .cyclic, !noisyVM, scenarios == nil else {
-                throw ValidationError("--vmm qemu runs cyclictest on vCPU 0 of a Linux guest: --guest, --noisy-vm and --scenarios do not apply")
+                throw ValidationError("--vmm \(vmm) runs cyclictest on vCPU 0 of a Linux guest: --guest, --noisy-vm and --scenarios do not apply")
             }
             if modes.split(separator: ",").contains(where: { $0.hasPrefix("kernel:") }) {
-                throw ValidationError("--vmm qemu: kernel:DRIVER modes need KVM exits, and QEMU runs under TCG here")
+                throw ValidationError("--vmm \(vmm): kernel:DRIVER modes need KVM exits, and QEMU runs under TCG here")
             }
         }
         s.guest = g
@@ -132,11 +132,14 @@ struct Demo: ParsableCommand {
 
     func run() throws {
         var scenarios = try options.allScenarios()
-        if options.vmm == "qemu" {
+        var libvirtd: LibvirtForDemo?
+        defer { libvirtd?.stop() }
+        if options.vmm != "builtin" {
             try Preflight.requireRealTime()
+            if options.vmm == "libvirt" { libvirtd = try LibvirtForDemo() }
             FileHandle.standardError.write("building the Linux guest (scripts/build-linux-guest.sh)...\n".data(using: .utf8)!)
             let image = try LinuxGuestImage.build()
-            for i in scenarios.indices { scenarios[i].qemuGuest = image }
+            for i in scenarios.indices { scenarios[i].qemuGuest = image; scenarios[i].libvirt = libvirtd != nil }
         } else {
             try Preflight.requireKVM()
             try Preflight.requireRealTime()
