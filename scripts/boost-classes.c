@@ -19,7 +19,8 @@
  *   CLASS: none, fifo (SCHED_FIFO 10), slice (SCHED_OTHER nice -20, a 100 us slice),
  *          placed (slice, through SCHED_FIFO 1 first: pvsched's step for a waiting thread),
  *          weighted (placed, and the vCPU's cgroup and those above it at cpu.shares 88761
- *          while boosted: pvsched's cgroup weights), fifo-granted (fifo, the cgroups given
+ *          while boosted: pvsched's cgroup weights), weighted-all (weighted, and every
+ *          one of those cgroups at 15 while it repays), fifo-granted (fifo, the cgroups given
  *          real-time runtime first: 95% of each second above, 40% of every 10 ms for the vCPU)
  *   LAYOUT: flat (default: every thread in one cgroup) or libvirt
  * Needs root (or CAP_SYS_NICE). Build: cc -O2 -pthread -o boost-classes boost-classes.c */
@@ -51,12 +52,13 @@ static void weigh(unsigned long long shares) {
     put(cg_vcpu, "cpu.shares", shares); put(cg_dom, "cpu.shares", shares); put(cg_top, "cpu.shares", shares);
 }
 static void unboost_self(void) {
-    if (!strcmp(klass, "weighted")) weigh(1024);
+    if (!strncmp(klass, "weighted", 8)) weigh(1024);
 }
-/* A repayment at nice 19 counts inside the vCPU's cgroup only: its cgroups weigh as a
- * nice 19 thread (15) meanwhile. */
+/* A repayment at nice 19 counts inside the vCPU's cgroup only ("weighted": pvsched leaves the
+ * cgroups at their own weights while it repays); "weighted-all" lowers every cgroup to a nice
+ * 19 thread's (15) meanwhile, which repays the host but lowers the VM's other threads too. */
 static void repay_weight(int repaying) {
-    if (!strcmp(klass, "weighted")) weigh(repaying ? 15 : 1024);
+    if (!strcmp(klass, "weighted-all")) weigh(repaying ? 15 : 1024);
 }
 
 static void *busy(void *arg) {
@@ -98,7 +100,7 @@ static void *timer(void *unused) {
         /* As pvsched does: a boost ends a repayment first (back to nice 0). */
         if (repay_until) { repay_until = 0; set(t, SCHED_OTHER, 0, 0, 0); repay_weight(0); }
         if (!strcmp(klass, "fifo") || !strcmp(klass, "fifo-granted")) { if (set(t, SCHED_FIFO, 0, 10, 0) && errno == EPERM) refused++; }
-        else if (!strcmp(klass, "weighted")) { set(t, SCHED_FIFO, 0, 1, 0); set(t, SCHED_OTHER, -20, 0, 100000); weigh(88761); }
+        else if (!strncmp(klass, "weighted", 8)) { set(t, SCHED_FIFO, 0, 1, 0); set(t, SCHED_OTHER, -20, 0, 100000); weigh(88761); }
         else if (!strcmp(klass, "slice")) set(t, SCHED_OTHER, -20, 0, 100000);
         else if (!strcmp(klass, "placed")) { set(t, SCHED_FIFO, 0, 1, 0); set(t, SCHED_OTHER, -20, 0, 100000); }
         atomic_fetch_add(&generation, 1);
@@ -130,7 +132,7 @@ static void *probe(void *unused) {
 static int cmp(const void *a, const void *b) { uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b; return x < y ? -1 : x > y; }
 
 int main(int argc, char **argv) {
-    if (argc < 6) { fprintf(stderr, "usage: %s none|fifo|slice|placed|weighted|fifo-granted REPAY BUSY SECONDS CPU [flat|libvirt]\n", argv[0]); return 2; }
+    if (argc < 6) { fprintf(stderr, "usage: %s none|fifo|slice|placed|weighted|weighted-all|fifo-granted REPAY BUSY SECONDS CPU [flat|libvirt]\n", argv[0]); return 2; }
     klass = argv[1]; repay = atof(argv[2]); busy_count = atoi(argv[3]);
     int seconds = atoi(argv[4]); cpu = atoi(argv[5]);
     libvirt_layout = argc > 6 && !strcmp(argv[6], "libvirt");

@@ -21,5 +21,5 @@ done
 if [ -w /sys/fs/cgroup/cpu/cpu.shares ]; then
     echo "# libvirt's layout: the vCPU thread alone in LAB/dom/vcpu0"
     for class in none slice weighted fifo fifo-granted; do "$bin" "$class" 0 2 "$seconds" "$cpu" libvirt; done
-    "$bin" weighted 2 2 "$seconds" "$cpu" libvirt
+    for class in weighted weighted-all; do "$bin" "$class" 2 2 "$seconds" "$cpu" libvirt; done
 fi

@@ -121,6 +121,10 @@ public final class MetricsExporter: Sendable {
                       now.repaying ? 1 : 0)
                 gauge(&series, "pvsched_vcpu_boost_blocked", "1 while the vCPU's boosts cannot be applied (vm list shows why)",
                       vcpuLabels, now.boostBlocked != nil ? 1 : 0)
+                let thread = v < b.threads.count ? b.threads[v] : nil
+                gauge(&series, "pvsched_vcpu_boost_class_fallback",
+                      "1 while the vCPU's boosts are applied in a fair class because its cgroup refuses real-time (vm list shows why)",
+                      vcpuLabels, thread.flatMap(b.actuator.classFallback(of:)) != nil ? 1 : 0)
             }
             for (reason, n) in b.refusalCounts {
                 let m = series.refusalsSeen[reason] ?? 0

@@ -123,6 +123,8 @@ public struct Scenario: Sendable {
     public var qemuGuest: LinuxGuestImage?
     /// With `qemuGuest`: QEMU started by libvirtd as a domain (`runLibvirt`), not directly.
     public var libvirt = false
+    /// More configuration lines for the daemon that serves the libvirt domain.
+    public var daemonConfig = ""
 
     /// What the guest runs, for report headers.
     public var guestTitle: String {

@@ -16,6 +16,11 @@ public struct LibvirtExperimentError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+/// A guest that stopped making progress: QEMU's multi-threaded TCG, not the scheduling.
+struct LibvirtGuestWedged: Error, CustomStringConvertible {
+    var description: String
+}
+
 /// libvirt's own real-time setting for a domain's vCPUs and emulator threads: what
 /// an operator picks today (`<cputune><vcpusched …/><emulatorsched …/>`).
 enum LibvirtStaticRT {
@@ -70,7 +75,25 @@ extension ExperimentRunner {
     /// libvirt's own `<vcpusched>`; the pvsched modes are served by a real daemon
     /// following libvirt (`libvirt = on`), the driver and class from the domain's
     /// pvsched metadata. The same host contention and probes as the other VMMs.
+    ///
+    /// A guest that wedges (QEMU's multi-threaded TCG: its vCPUs spin with interrupts
+    /// off and its output stops, seen now and then under libvirt) is run again, at most
+    /// twice, and the result says so.
     func runLibvirt(_ mode: Mode, index: Int, image: LinuxGuestImage) throws -> ModeResult {
+        var wedged = 0
+        while true {
+            do {
+                var r = try runLibvirtOnce(mode, index: index, image: image)
+                if wedged > 0 { r.outcome += "; run again after \(wedged) wedged guest\(wedged > 1 ? "s" : "")" }
+                return r
+            } catch let e as LibvirtGuestWedged where wedged < 2 {
+                wedged += 1
+                FileHandle.standardError.write(Data("\r\(mode): \(e.description); running it again\n".utf8))
+            }
+        }
+    }
+
+    private func runLibvirtOnce(_ mode: Mode, index: Int, image: LinuxGuestImage) throws -> ModeResult {
         if case .kernel = mode { throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here") }
         let managed: (driver: String, boost: BoostSettings, governor: GovernorConfig)? = mode == .staticRT ? nil : mode.pvsched(in: scenario)
         let contended = mode != .idle
@@ -97,7 +120,7 @@ extension ExperimentRunner {
             repayment-factor = \(g.repaymentFactor)
 
             """
-            daemon = try DaemonProcess(config: config)
+            daemon = try DaemonProcess(config: config + scenario.daemonConfig + "\n")
             metadata = ["driver": managed.driver, "boost": BoostSettings.classText(managed.boost.boosted)]
         }
         defer { daemon?.stop() }
@@ -158,24 +181,41 @@ extension ExperimentRunner {
         }
         let runStart = MonotonicClock.nowNs()
         let limit = runStart + UInt64(seconds + 120) * 1_000_000_000
+        // The daemon's counters, read while the domain runs (it is detached, and they
+        // are gone, as soon as the guest powers off after its output).
+        var stats: VMStatistics?
+        var fallback: String?
+        var lastRead: UInt64 = 0
+        // Output that stops growing for 30 s after the run: a wedged guest.
+        var lastLength = 0, lastGrowth = MonotonicClock.nowNs()
         while !guest.console.contains("PVS-END cyclictest") && guest.isRunning && MonotonicClock.nowNs() < limit {
+            let length = guest.console.utf8.count
+            if length != lastLength { lastLength = length; lastGrowth = MonotonicClock.nowNs() }
+            if MonotonicClock.nowNs() > runStart + UInt64(seconds) * 1_000_000_000, MonotonicClock.nowNs() &- lastGrowth > 30_000_000_000 { break }
             progress?(mode, index, Double(MonotonicClock.nowNs() - runStart) / 1e9)
+            if let daemon, MonotonicClock.nowNs() &- lastRead > 1_000_000_000 {
+                lastRead = MonotonicClock.nowNs()
+                if let s = (try? daemon.client().call(VMStats.self, VMStats.Params(vm: guest.name)))?.vms.first { stats = s }
+                if fallback == nil { fallback = (try? daemon.vm(guest.name))??.vcpus.compactMap(\.boostClassFallback).first }
+            }
             usleep(100_000)
         }
+        if let daemon, let s = (try? daemon.client().call(VMStats.self, VMStats.Params(vm: guest.name)))?.vms.first { stats = s }
         var hostHistogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
         for p in probes { hostHistogram.add(p.finish()) }
         let throughput = load.map { $0.finish() }.reduce(0, +)
         var totals = (boosts: UInt64(0), boostedNs: UInt64(0), repayments: UInt64(0), repaymentNs: UInt64(0), throttles: UInt64(0))
-        if let daemon, let stats = try? daemon.client().call(VMStats.self, VMStats.Params(vm: guest.name)), let vm = stats.vms.first {
-            for v in vm.vcpus {
-                totals.boosts += v.boosts; totals.boostedNs += v.boostedNs; totals.repayments += v.repayments
-                totals.repaymentNs += v.repaymentNs; totals.throttles += v.throttles
-            }
-            if let why = (try? daemon.vm(guest.name))??.vcpus.compactMap(\.boostClassFallback).first {
-                outcome += "; " + (why.split(separator: ":").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? why)
-            }
+        for v in stats?.vcpus ?? [] {
+            totals.boosts += v.boosts; totals.boostedNs += v.boostedNs; totals.repayments += v.repayments
+            totals.repaymentNs += v.repaymentNs; totals.throttles += v.throttles
+        }
+        if let why = fallback {
+            outcome += "; " + (why.split(separator: ":").last.map { $0.trimmingCharacters(in: .whitespaces) } ?? why)
         }
         guard let out = guest.section("cyclictest") else {
+            if guest.isRunning {
+                throw LibvirtGuestWedged(description: "the guest stopped printing its result (no output for 30 s)")
+            }
             throw LinuxGuestError("no cyclictest result from the guest under libvirt (mode \(mode)): \(guest.console.suffix(400))")
         }
         let guestHistogram: Histogram<UInt64>

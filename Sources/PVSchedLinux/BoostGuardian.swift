@@ -100,29 +100,35 @@ public final class BoostGuardian: Sendable {
         }
     }
 
-    /// A cgroup weight pvsched changed (`CgroupWeights`), on the pipe as a `Record`
-    /// of its own kind: the file, its own value and the value pvsched wrote.
+    /// A cgroup weight pvsched changes (`CgroupWeights`), on the pipe as a `Record`
+    /// of its own kind: the file, its own value and the values pvsched may write (a
+    /// boost's and a repayment's), so that a cgroup weighed again and again costs one
+    /// record, not one per boost.
     struct CgroupRecord: Equatable {
-        static let maxPath = Record.size - 32
+        static let maxWritten = 4
+        static let maxPath = Record.size - 16 - 8 * maxWritten
         var forget = false
         var file: String
         var original: UInt64
-        var written: UInt64
+        /// The values pvsched may write, most recent last.
+        var written: [UInt64]
 
         var bytes: [UInt8] {
             var out = [UInt8](repeating: 0, count: Record.size)
             let path = Array(file.utf8.prefix(Self.maxPath))
+            let values = written.suffix(Self.maxWritten)
             out.withUnsafeMutableBytes { b in
                 b.storeBytes(of: (forget ? Record.Kind.forgetCgroup : .cgroup).rawValue, toByteOffset: 0, as: UInt32.self)
-                b.storeBytes(of: UInt32(path.count), toByteOffset: 4, as: UInt32.self)
-                b.storeBytes(of: original, toByteOffset: 16, as: UInt64.self)
-                b.storeBytes(of: written, toByteOffset: 24, as: UInt64.self)
-                for (i, c) in path.enumerated() { b[32 + i] = c }
+                b.storeBytes(of: UInt16(path.count), toByteOffset: 4, as: UInt16.self)
+                b.storeBytes(of: UInt16(values.count), toByteOffset: 6, as: UInt16.self)
+                b.storeBytes(of: original, toByteOffset: 8, as: UInt64.self)
+                for (i, v) in values.enumerated() { b.storeBytes(of: v, toByteOffset: 16 + 8 * i, as: UInt64.self) }
+                for (i, c) in path.enumerated() { b[16 + 8 * Self.maxWritten + i] = c }
             }
             return out
         }
 
-        init(forget: Bool = false, file: String, original: UInt64, written: UInt64) {
+        init(forget: Bool = false, file: String, original: UInt64, written: [UInt64]) {
             self.forget = forget; self.file = file; self.original = original; self.written = written
         }
 
@@ -130,10 +136,12 @@ public final class BoostGuardian: Sendable {
             guard b.count >= Record.size, let kind = Record.Kind(rawValue: b.loadUnaligned(fromByteOffset: 0, as: UInt32.self)),
                   kind == .cgroup || kind == .forgetCgroup else { return nil }
             forget = kind == .forgetCgroup
-            let n = min(Int(b.loadUnaligned(fromByteOffset: 4, as: UInt32.self)), Self.maxPath)
-            original = b.loadUnaligned(fromByteOffset: 16, as: UInt64.self)
-            written = b.loadUnaligned(fromByteOffset: 24, as: UInt64.self)
-            file = String(decoding: UnsafeRawBufferPointer(rebasing: b[32..<(32 + n)]), as: UTF8.self)
+            let n = min(Int(b.loadUnaligned(fromByteOffset: 4, as: UInt16.self)), Self.maxPath)
+            let count = min(Int(b.loadUnaligned(fromByteOffset: 6, as: UInt16.self)), Self.maxWritten)
+            original = b.loadUnaligned(fromByteOffset: 8, as: UInt64.self)
+            written = (0..<count).map { b.loadUnaligned(fromByteOffset: 16 + 8 * $0, as: UInt64.self) }
+            let start = 16 + 8 * Self.maxWritten
+            file = String(decoding: UnsafeRawBufferPointer(rebasing: b[start..<(start + n)]), as: UTF8.self)
         }
     }
 
@@ -235,13 +243,19 @@ public final class BoostGuardian: Sendable {
     }
 
     /// Tells the guardian, before the value is written, that pvsched sets cgroup
-    /// weight `file` (its own value `original`) to `written`. Returns false when no guardian took
-    /// the record (the value must then not be written). Never blocks.
+    /// weight `file` (its own value `original`) to `written`. Returns false when no
+    /// guardian took the record (the value must then not be written). Never blocks;
+    /// writes nothing when the guardian knows that value of that file already.
     func announceCgroup(file: String, original: UInt64, written: UInt64) -> Bool {
         guard file.utf8.count <= CgroupRecord.maxPath else { return false }
         return table.withLock { t in
             guard !t.closed else { return false }
-            let rec = CgroupRecord(file: file, original: original, written: written)
+            var rec = t.cgroups[file].flatMap { $0.original == original ? $0 : nil }
+                ?? CgroupRecord(file: file, original: original, written: [])
+            if !rec.written.contains(written) {
+                rec.written.append(written)
+                if rec.written.count > CgroupRecord.maxWritten { rec.written.removeFirst() }
+            }
             if t.cgroups[file] != rec {
                 t.cgroups[file] = rec
                 t.unsentCgroups.insert(file)
@@ -257,7 +271,7 @@ public final class BoostGuardian: Sendable {
             guard t.cgroups.removeValue(forKey: file) != nil else { return }
             t.unsentCgroups.remove(file)
             guard let p = t.process, t.state == .up else { return }
-            let bytes = CgroupRecord(forget: true, file: file, original: 0, written: 0).bytes
+            let bytes = CgroupRecord(forget: true, file: file, original: 0, written: []).bytes
             _ = bytes.withUnsafeBytes { pvs_write_record(p.pipe, $0.baseAddress, $0.count) }
         }
     }
@@ -443,10 +457,10 @@ public final class BoostGuardian: Sendable {
         return restored
     }
 
-    /// Puts a cgroup weight back to its own value if it still holds the value pvsched
-    /// wrote (a value someone else set since stays).
+    /// Puts a cgroup weight back to its own value if it still holds a value pvsched
+    /// writes (a value someone else set since stays).
     static func restoreIfStillWritten(_ rec: CgroupRecord) -> Bool {
-        guard CgroupWeights.read(rec.file) == rec.written else { return false }
+        guard let now = CgroupWeights.read(rec.file), now != rec.original, rec.written.contains(now) else { return false }
         return CgroupWeights.write(rec.file, rec.original)
     }
 

@@ -6,26 +6,28 @@ import Synchronization
 import Glibc
 #endif
 
-/// The cgroup side of a fair-class boost and of its repayment. The scheduler
-/// compares a thread with the threads of its own cgroup only; against everything
-/// outside, its cgroup competes, with the cgroup's weight (`cpu.shares` on cgroup v1,
-/// `cpu.weight` on v2), and so does each ancestor at its own level. libvirt puts every
-/// vCPU thread alone in its own cgroup (`machine/qemu-N-NAME.libvirt-qemu/vcpuN`):
-/// there neither a nice -20 boost nor a nice 19 repayment changes anything the
-/// scheduler compares. So while such a thread is boosted, its cgroup and every
-/// ancestor below the hierarchy's root weigh as a thread at the boost's nice (nice
-/// -20: shares 88761, weight 8668); while it repays, as a thread at the repayment's
-/// (nice 19: 15, 1). Leases are counted per cgroup: a raise wins over a repayment (a
-/// VM's cgroup stays raised while any of its vCPUs is boosted), and a cgroup gets its
-/// own value back when the last lease under it ends. Group scheduling splits a
+/// The cgroup side of a fair-class boost. The scheduler compares a thread with the
+/// threads of its own cgroup only; against everything outside, its cgroup competes,
+/// with the cgroup's weight (`cpu.shares` on cgroup v1, `cpu.weight` on v2), and so
+/// does each ancestor at its own level. libvirt puts every vCPU thread alone in its
+/// own cgroup (`machine/qemu-N-NAME.libvirt-qemu/vcpuN`): there a nice -20 boost
+/// changes nothing the scheduler compares. So while such a thread is boosted, its
+/// cgroup and every ancestor below the hierarchy's root weigh as a thread at the
+/// boost's nice (nice -20: shares 88761, weight 8668). Raises are counted per cgroup
+/// (a VM's cgroup stays raised while any of its vCPUs is boosted), and a cgroup gets
+/// its own value back when the last one under it ends. Group scheduling splits a
 /// cgroup's weight over the CPUs by its children's load, so a raise reaches the
-/// boosted vCPU's CPU and little else; a repayment also lowers, for its length
-/// (at most `max-repayment-us`), the siblings under the same ancestors.
+/// boosted vCPU's CPU and little else.
 ///
-/// Only a thread alone in its cgroup is served (changing a shared cgroup would change
+/// Repayments (nice 19) are not carried to the cgroups: lowering the thread's own
+/// cgroup does not reach the host (the cgroups above keep their weight; measured with
+/// scripts/boost-classes.sh), and lowering the ones above lowers the VM's other
+/// threads too (its other vCPUs, the emulator's) while it lasts.
+///
+/// Only a thread alone in its cgroup is served (raising a shared cgroup would boost
 /// every thread in it), and only through directories owned by root (a cgroup
 /// delegated to a user is that user's to weigh). A value someone else changed while
-/// pvsched held it is left as they set it, and not written again until every lease
+/// pvsched held it is left as they set it, and not written again until every raise
 /// on it ended. Each value is told to the `BoostGuardian` before it is written, which
 /// puts the cgroup's own value back if the daemon dies; without a guardian taking the
 /// record, nothing is written.
@@ -72,17 +74,15 @@ public final class CgroupWeights: Sendable {
         }
     }
 
-    /// The cgroups weighed for one boost or repayment, leaf first: what `release` gives back.
+    /// The cgroups raised for one boost, leaf first, and the weight: what `release` gives back.
     public struct Lease: Sendable, Equatable {
         public var directories: [String]
-        /// The weight asked for, and whether it is a raise (a boost) or a lowering (a repayment).
         public var weight: UInt64
-        public var raise: Bool
     }
 
-    /// Why a thread's cgroups were not weighed (said once per cause by the caller).
+    /// Why a thread's cgroups were not raised (said once per cause by the caller).
     public enum Refusal: Error, Equatable, Sendable {
-        /// Not alone in its cgroup, or in the hierarchy's root: nothing to weigh.
+        /// Not alone in its cgroup, or in the hierarchy's root: nothing to raise.
         case shared
         /// A directory on the way is not root's, or a value cannot be read or written.
         case unusable(String)
@@ -95,24 +95,19 @@ public final class CgroupWeights: Sendable {
         var original: UInt64
         /// What pvsched wrote last (the original while it wrote nothing).
         var written: UInt64
-        /// The weights the leases on it ask for: above the original (boosts) or below (repayments).
+        /// The weights the boosts under it ask for.
         var raises: [UInt64] = []
-        var lowers: [UInt64] = []
         /// Someone else changed the value meanwhile: pvsched writes it no more.
         var overridden = false
-        var count: Int { raises.count + lowers.count }
-        /// The value the leases call for: the highest raise (never below the cgroup's
-        /// own value), else the lowest repayment's.
-        var wanted: UInt64 {
-            if let r = raises.max() { return max(r, original) }
-            if let l = lowers.min() { return min(l, original) }
-            return original
-        }
+        /// The value the raises call for: the highest, never below the cgroup's own.
+        var wanted: UInt64 { max(raises.max() ?? original, original) }
     }
 
     public let hierarchy: Hierarchy
     private let guardian: BoostGuardian?
     private let held = Mutex([String: Held]())
+    /// Files whose guardian record is kept while no lease holds them (`resting`).
+    private let atRest = Mutex(Set<String>())
     /// The owner every directory on the way must have (root; tests run on a tree of their own).
     private let owner: uid_t
 
@@ -162,22 +157,21 @@ public final class CgroupWeights: Sendable {
         return out.reversed()
     }
 
-    /// Weighs the cgroups of `thread` (of `process`) as a thread at `nice` (negative:
-    /// a boost, raised; positive: a repayment, lowered). Returns what to give back
-    /// with `release`.
-    public func weigh(thread: Int32, process: Int32, nice: Int8) throws(Refusal) -> Lease {
+    /// Raises the cgroups of `thread` (of `process`) to the weight of a thread at
+    /// `nice` (a boost's, negative). Returns what to give back with `release`.
+    public func raise(thread: Int32, process: Int32, nice: Int8) throws(Refusal) -> Lease {
         guard let path = cgroupPath(thread: thread, process: process) else { throw .shared }
-        return try weigh(path: path, thread: thread, nice: nice)
+        return try raise(path: path, thread: thread, nice: nice)
     }
 
-    /// Weighs the cgroup at `path` (relative to the mount) of `thread`, and its ancestors.
-    func weigh(path: String, thread: Int32, nice: Int8) throws(Refusal) -> Lease {
+    /// Raises the cgroup at `path` (relative to the mount) of `thread`, and its ancestors.
+    func raise(path: String, thread: Int32, nice: Int8) throws(Refusal) -> Lease {
         let dirs = try chain(for: path, thread: thread)
-        let lease = Lease(directories: dirs, weight: Self.weight(nice: nice, version: hierarchy.version), raise: nice < 0)
+        let lease = Lease(directories: dirs, weight: Self.weight(nice: nice, version: hierarchy.version))
         var done: [String] = []
         for dir in dirs {
             do throws(Refusal) { try take(dir, lease) } catch {
-                release(Lease(directories: done, weight: lease.weight, raise: lease.raise))
+                release(Lease(directories: done, weight: lease.weight))
                 throw error
             }
             done.append(dir)
@@ -193,7 +187,7 @@ public final class CgroupWeights: Sendable {
                 guard let original = Self.read(file) else { throw .unusable("cannot read \(file)") }
                 e = Held(original: original, written: original)
             }
-            if lease.raise { e.raises.append(lease.weight) } else { e.lowers.append(lease.weight) }
+            e.raises.append(lease.weight)
             if !e.overridden, e.wanted != e.written {
                 if let guardian, !guardian.announceCgroup(file: file, original: e.original, written: e.wanted) {
                     // Not written: the guardian keeps (or drops) what is in force.
@@ -216,17 +210,16 @@ public final class CgroupWeights: Sendable {
         }
     }
 
-    /// Gives back what `weigh` took: each cgroup gets the value its remaining leases
+    /// Gives back what `raise` took: each cgroup gets the value its remaining raises
     /// call for, its own once none is left, unless someone else changed it meanwhile.
     public func release(_ lease: Lease) {
         for dir in lease.directories {
             let file = dir + "/" + hierarchy.version.file
             held.withLock { h in
                 guard var e = h[dir] else { return }
-                if lease.raise, let i = e.raises.firstIndex(of: lease.weight) { e.raises.remove(at: i) }
-                else if !lease.raise, let i = e.lowers.firstIndex(of: lease.weight) { e.lowers.remove(at: i) }
-                else { return }
-                let done = e.count == 0
+                guard let i = e.raises.firstIndex(of: lease.weight) else { return }
+                e.raises.remove(at: i)
+                let done = e.raises.isEmpty
                 if !e.overridden, e.wanted != e.written {
                     if Self.read(file) != e.written {
                         e.overridden = true
@@ -235,8 +228,11 @@ public final class CgroupWeights: Sendable {
                     }
                 }
                 if done {
+                    // The guardian keeps its record while the cgroup exists (it restores only a
+                    // value pvsched writes, and this one is the cgroup's own again): the next
+                    // boost then costs it nothing. A cgroup that went (its VM stopped) is forgotten.
                     h[dir] = nil
-                    guardian?.forgetCgroup(file: file)
+                    if e.overridden || access(dir, F_OK) != 0 { guardian?.forgetCgroup(file: file) } else { resting(file) }
                 } else {
                     h[dir] = e
                 }
@@ -244,8 +240,21 @@ public final class CgroupWeights: Sendable {
         }
     }
 
-    /// The cgroups held now and their lease counts (for tests and stats).
-    public var heldNow: [String: Int] { held.withLock { $0.mapValues(\.count) } }
+    /// Notes a file whose guardian record is kept at rest; past 256 of them, those of
+    /// cgroups that are gone are forgotten. Under `held`.
+    private func resting(_ file: String) {
+        atRest.withLock { r in
+            r.insert(file)
+            guard r.count > 256 else { return }
+            for f in r where access(f, F_OK) != 0 {
+                r.remove(f)
+                guardian?.forgetCgroup(file: f)
+            }
+        }
+    }
+
+    /// The cgroups raised now and how many boosts hold each (for tests and stats).
+    public var raisedNow: [String: Int] { held.withLock { $0.mapValues(\.raises.count) } }
 
     /// The number a cgroup value file holds (nil: unreadable, or not a number).
     public static func read(_ file: String) -> UInt64? {

@@ -29,7 +29,8 @@ import Glibc
 ///
 /// With `cgroupWeights`, a fair-class boost (negative nice) of another process's
 /// thread alone in its cgroup also raises that cgroup's weight and its ancestors'
-/// for as long as the boost lasts (`CgroupWeights`).
+/// for as long as the boost lasts (`CgroupWeights`). A real-time class the thread's cgroup refuses (no
+/// real-time runtime) is applied as `realTimeFallback`, said once (`classFallback`).
 public final class LinuxActuator: Actuator {
     private let logger: Logger
     /// Restores other processes' threads if this process dies.
@@ -163,14 +164,6 @@ public final class LinuxActuator: Actuator {
         var foreign: (process: Int32, startTime: UInt64)?
     }
 
-    // Both `apply` and `restore` decide under `threads` and change the thread after
-    // releasing it. The change may lower the calling thread's own priority (a vCPU
-    // thread giving its boost back, or starting a repayment at nice 19), and Linux
-    // preempts it right at the call's return: holding the lock then, it held up every
-    // other thread's actuation until it ran again, and priority inheritance does not
-    // help a fair-class waiter (another vCPU's thread). Changes of one thread never
-    // overlap: the binding makes them all under that vCPU's lock. The guardian is
-    // told outside the lock too, and never blocks.
     /// The class a real-time boost is applied in where the thread's cgroup has no
     /// real-time runtime (libvirt's vCPU cgroups on a cgroup v1 host with real-time
     /// group scheduling): an EEVDF slice of 100 µs at nice -20, with the cgroup's
@@ -187,6 +180,14 @@ public final class LinuxActuator: Actuator {
         }
     }
 
+    // Both `apply` and `restore` decide under `threads` and change the thread after
+    // releasing it. The change may lower the calling thread's own priority (a vCPU
+    // thread giving its boost back, or starting a repayment at nice 19), and Linux
+    // preempts it right at the call's return: holding the lock then, it held up every
+    // other thread's actuation until it ran again, and priority inheritance does not
+    // help a fair-class waiter (another vCPU's thread). Changes of one thread never
+    // overlap: the binding makes them all under that vCPU's lock. The guardian is
+    // told outside the lock too, and never blocks.
     public func apply(_ parameters: SchedulingParameters, to thread: ThreadID) throws(ActuatorError) {
         do throws(ActuatorError) {
             try applyAsked(parameters, to: thread)
@@ -273,24 +274,24 @@ public final class LinuxActuator: Actuator {
         if let foreign = change.foreign { weighCgroups(thread, process: foreign.process, parameters) }
     }
 
-    /// Weighs the thread's cgroups as its fair-class parameters (a boost's negative
-    /// nice, a repayment's positive one); gives them back otherwise.
+    /// Raises the thread's cgroups for a fair-class boost (negative nice); gives them
+    /// back for anything else (a repayment, the thread's own parameters).
     private func weighCgroups(_ thread: ThreadID, process: Int32, _ parameters: SchedulingParameters) {
         guard let cgroupWeights else { return }
         let nice: Int8? = switch parameters {
-        case .other(let n) where n != 0, .slice(let n, _) where n != 0, .batch(let n) where n != 0: n
+        case .other(let n) where n < 0, .slice(let n, _) where n < 0, .batch(let n) where n < 0: n
         default: nil
         }
         let (held, sharedUntil) = threads.withLock { ($0[thread]?.lease, $0[thread]?.cgroupSharedUntilNs ?? 0) }
         let weight = nice.map { CgroupWeights.weight(nice: $0, version: cgroupWeights.hierarchy.version) }
         if let held {
-            if held.weight == weight && held.raise == (nice ?? 0 < 0) { return }  // weighed so already
+            if held.weight == weight { return }  // raised so already
             threads.withLock { $0[thread]?.lease = nil }
             cgroupWeights.release(held)
         }
         guard let nice, MonotonicClock.nowNs() >= sharedUntil else { return }
         do throws(CgroupWeights.Refusal) {
-            let lease = try cgroupWeights.weigh(thread: thread.rawValue, process: process, nice: nice)
+            let lease = try cgroupWeights.raise(thread: thread.rawValue, process: process, nice: nice)
             let kept = threads.withLock { t -> Bool in
                 guard t[thread]?.applied == parameters else { return false }
                 t[thread]?.lease = lease
@@ -308,7 +309,7 @@ public final class LinuxActuator: Actuator {
             case .unusable(let why): cause = why
             }
             guard cgroupRefusals.withLock({ $0.count < 1000 && $0.insert(cause).inserted }) else { return }
-            logger.warning("a boosted or repaying thread's cgroup weight is not changed: its boosts and repayments count only inside its cgroup",
+            logger.warning("a boosted thread's cgroup weight is not raised: its boosts count only inside its cgroup",
                            metadata: ["thread": "\(thread.rawValue)", "reason": "\(cause)"])
         }
     }

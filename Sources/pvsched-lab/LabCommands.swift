@@ -37,6 +37,8 @@ struct ScenarioOptions: ParsableArguments {
     var traceDir: String?
     @Option(help: "The VMM: builtin (our Swift VMM and guest kernel, on /dev/kvm), qemu (unmodified QEMU under TCG with a stock Linux guest running cyclictest on vCPU 0; needs the packages scripts/test.sh installs) or libvirt (the same guest as a libvirt domain: static-rt is libvirt's <vcpusched>, the pvsched modes are served by a daemon following libvirt).")
     var vmm = "builtin"
+    @Option(help: "With --vmm libvirt: more lines for the configuration of the daemon that serves the domain ('key = value', ';' between lines), e.g. 'cgroup-weights = no'.")
+    var daemonConfig: String?
 
     func scenario() throws -> Scenario {
         var s = Scenario()
@@ -66,6 +68,11 @@ struct ScenarioOptions: ParsableArguments {
         }
         s.guest = g
         s.traceDirectory = traceDir
+        if let daemonConfig {
+            guard vmm == "libvirt" else { throw ValidationError("--daemon-config applies to --vmm libvirt only") }
+            guard daemonConfig.utf8.count <= 4096 else { throw ValidationError("--daemon-config: at most 4096 bytes") }
+            s.daemonConfig = daemonConfig.split(separator: ";").map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: "\n")
+        }
         s.vcpus = vcpus
         s.busyThreads = busyThreads
         s.noisyVM = noisyVM

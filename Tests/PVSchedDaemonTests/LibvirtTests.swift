@@ -61,11 +61,22 @@ final class LibvirtTests {
         #expect(try d.cli(["vm", "stop", uuid]).status == 0)
         usleep(6_000_000)  // a reconcile
         #expect(try d.vm(g.name) == nil, "attached again after the operator detached it")
-        // Destroyed: detached, gone from the list, nothing boosted.
+        // Destroyed: detached, gone from the list, nothing boosted, and the cgroups above the
+        // domain's (which outlive it) at their own weights again.
         let threads = vm.vcpus.compactMap(\.thread)
+        let hierarchy = CgroupWeights.Hierarchy.detect()
+        let machine: String? = hierarchy.flatMap { h in
+            threads.first.flatMap { Self.cgroupDirectory(h, process: g.pid, thread: $0) }.map { leaf in
+                let domain = String(leaf[..<leaf.lastIndex(of: "/")!])
+                return String(domain[..<domain.lastIndex(of: "/")!]) + "/" + (h.version == .v1 ? "cpu.shares" : "cpu.weight")
+            }
+        }
         g.destroy()
         #expect(try eventually(15) { try d.vm(g.name) == nil }, "\(d.vmNames)")
         #expect(!threads.contains(where: isRealTime))
+        if let machine, let h = hierarchy {
+            #expect(eventually(5) { CgroupWeights.read(machine) == (h.version == .v1 ? 1024 : 100) }, "\(machine): \(CgroupWeights.read(machine) ?? 0)")
+        }
         let log = d.stopAndReadLog()
         #expect(!log.contains("QEMU process found, not attached"), "discovery tried the domain libvirt's follower serves: \(log)")
     }

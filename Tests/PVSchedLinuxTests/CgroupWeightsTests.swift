@@ -42,9 +42,9 @@ import Testing
         try tree.set("/machine/vm1/vcpu0", "tasks", "101\n")
         try tree.set("/machine/vm1/vcpu1", "tasks", "102\n")
         let w = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid())
-        let a = try w.weigh(path: "/machine/vm1/vcpu0", thread: 101, nice: -20)
-        #expect(a.directories == ["/machine/vm1/vcpu0", "/machine/vm1", "/machine"].map { tree.mount + $0 } && a.raise && a.weight == 88761)
-        let b = try w.weigh(path: "/machine/vm1/vcpu1", thread: 102, nice: -20)
+        let a = try w.raise(path: "/machine/vm1/vcpu0", thread: 101, nice: -20)
+        #expect(a.directories == ["/machine/vm1/vcpu0", "/machine/vm1", "/machine"].map { tree.mount + $0 } && a.weight == 88761)
+        let b = try w.raise(path: "/machine/vm1/vcpu1", thread: 102, nice: -20)
         for d in ["/machine", "/machine/vm1", "/machine/vm1/vcpu0", "/machine/vm1/vcpu1"] { #expect(tree.shares(d) == 88761, "\(d)") }
         #expect(tree.shares("") == 1024)  // the hierarchy's root is never touched
         w.release(a)
@@ -53,48 +53,39 @@ import Testing
         w.release(b)
         #expect(tree.shares("/machine/vm1/vcpu1") == 1024 && tree.shares("/machine/vm1") == 1024)
         #expect(tree.shares("/machine") == 2048)  // its own value, not the default
-        #expect(w.heldNow.isEmpty)
+        #expect(w.raisedNow.isEmpty)
     }
 
-    @Test func aRaiseWinsOverARepaymentAndTheRepaymentLowersOnceTheRaiseEnds() throws {
+    @Test func aValueChangedByAnAdministratorWhileHeldIsTheirs() throws {
         let tree = try FakeTree(["/m", "/m/vm", "/m/vm/vcpu0", "/m/vm/vcpu1"])
         try tree.set("/m/vm/vcpu0", "tasks", "1\n")
         try tree.set("/m/vm/vcpu1", "tasks", "2\n")
         let w = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid())
-        let boost = try w.weigh(path: "/m/vm/vcpu0", thread: 1, nice: -20)
-        let repay = try w.weigh(path: "/m/vm/vcpu1", thread: 2, nice: 19)
-        #expect(!repay.raise && repay.weight == 15)
-        #expect(tree.shares("/m/vm/vcpu1") == 15)  // its own cgroup: the repayment's
-        #expect(tree.shares("/m/vm") == 88761 && tree.shares("/m") == 88761)  // shared: the boost wins
-        w.release(boost)
-        #expect(tree.shares("/m/vm/vcpu0") == 1024)
-        #expect(tree.shares("/m/vm") == 15 && tree.shares("/m") == 15)  // the repayment alone now
-        w.release(repay)
-        for d in ["/m", "/m/vm", "/m/vm/vcpu0", "/m/vm/vcpu1"] { #expect(tree.shares(d) == 1024, "\(d)") }
-        #expect(w.heldNow.isEmpty)
-        // A value changed by someone else while held is theirs: not written again, not restored.
-        let again = try w.weigh(path: "/m/vm/vcpu0", thread: 1, nice: 19)
+        let first = try w.raise(path: "/m/vm/vcpu0", thread: 1, nice: -20)
         try tree.set("/m", "cpu.shares", "4096\n")
-        let other = try w.weigh(path: "/m/vm/vcpu1", thread: 2, nice: -20)
-        #expect(tree.shares("/m") == 4096 && tree.shares("/m/vm") == 88761)
-        w.release(other); w.release(again)
-        #expect(tree.shares("/m") == 4096 && tree.shares("/m/vm") == 1024)
+        // Released by one boost, still held by another: not written again, and never restored.
+        let second = try w.raise(path: "/m/vm/vcpu1", thread: 2, nice: -20)
+        w.release(first)
+        #expect(tree.shares("/m") == 4096 && tree.shares("/m/vm") == 88761 && tree.shares("/m/vm/vcpu0") == 1024)
+        w.release(second)
+        #expect(tree.shares("/m") == 4096 && tree.shares("/m/vm") == 1024 && tree.shares("/m/vm/vcpu1") == 1024)
+        #expect(w.raisedNow.isEmpty)
     }
 
     @Test func aSharedCgroupTheRootAndStrangePathsAreNotRaised() throws {
         let tree = try FakeTree(["/user", "/a"])
         try tree.set("/user", "tasks", "101\n102\n")
         let w = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid())
-        #expect(throws: CgroupWeights.Refusal.shared) { try w.weigh(path: "/user", thread: 101, nice: -20) }
-        #expect(throws: CgroupWeights.Refusal.shared) { try w.weigh(path: "/", thread: 101, nice: -20) }
-        #expect(throws: CgroupWeights.Refusal.shared) { try w.weigh(path: "/a/../user", thread: 101, nice: -20) }
-        #expect(throws: CgroupWeights.Refusal.shared) { try w.weigh(path: "a", thread: 101, nice: -20) }
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "/user", thread: 101, nice: -20) }
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "/", thread: 101, nice: -20) }
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "/a/../user", thread: 101, nice: -20) }
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "a", thread: 101, nice: -20) }
         #expect(tree.shares("/user") == 1024)
         // A directory not of the trusted owner (a cgroup delegated to a user) is refused, naming it.
         try tree.set("/a", "tasks", "103\n")
         let strict = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid() &+ 1)
         #expect(throws: CgroupWeights.Refusal.unusable("\(tree.mount)/a is not a directory of uid \(getuid() &+ 1)")) {
-            try strict.weigh(path: "/a", thread: 103, nice: -20)
+            try strict.raise(path: "/a", thread: 103, nice: -20)
         }
         #expect(tree.shares("/a") == 1024)
     }
@@ -104,7 +95,7 @@ import Testing
         try tree.set("/m/v", "tasks", "7\n")
         try tree.set("/m", "cpu.shares", "100000\n")
         let w = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid())
-        let lease = try w.weigh(path: "/m/v", thread: 7, nice: -20)
+        let lease = try w.raise(path: "/m/v", thread: 7, nice: -20)
         #expect(tree.shares("/m") == 100000)  // above a nice -20 thread's already: left
         try tree.set("/m/v", "cpu.shares", "5000\n")  // an administrator's own change meanwhile
         w.release(lease)
@@ -114,12 +105,15 @@ import Testing
     @Test func theGuardiansCgroupRecordRoundTripsAndRestoresOnlyWhatStillHoldsTheRaise() throws {
         let tree = try FakeTree(["/x"])
         let file = tree.mount + "/x/cpu.shares"
-        let rec = BoostGuardian.CgroupRecord(file: file, original: 1024, written: 88761)
+        let rec = BoostGuardian.CgroupRecord(file: file, original: 1024, written: [88761, 15])
         let decoded = rec.bytes.withUnsafeBytes { BoostGuardian.CgroupRecord($0) }
         #expect(decoded == rec)
         // Its kind tells the guardian's reader it is no thread record.
         #expect(rec.bytes.withUnsafeBytes { BoostGuardian.Record($0) }?.kind == .cgroup)
         try tree.set("/x", "cpu.shares", "88761\n")
+        #expect(BoostGuardian.restoreIfStillWritten(rec))
+        #expect(tree.shares("/x") == 1024)
+        try tree.set("/x", "cpu.shares", "15\n")  // the repayment's value: pvsched's too
         #expect(BoostGuardian.restoreIfStillWritten(rec))
         #expect(tree.shares("/x") == 1024)
         try tree.set("/x", "cpu.shares", "3000\n")  // someone else's value: stays
@@ -157,15 +151,14 @@ import Testing
         try actuator.apply(.slice(nice: -20, sliceUs: 100), to: tid)
         #expect(CgroupWeights.read(h.mount + leaf + file) == raised)
         #expect(CgroupWeights.read(h.mount + top + file) == raised)
-        // A repayment (nice 19): the cgroups weigh as a nice 19 thread.
+        // A repayment (nice 19) is no raise: the cgroups get their own back at once.
         try actuator.apply(.other(nice: 19), to: tid)
-        let lowered = CgroupWeights.weight(nice: 19, version: h.version)
-        #expect(CgroupWeights.read(h.mount + leaf + file) == lowered && CgroupWeights.read(h.mount + top + file) == lowered)
+        #expect(CgroupWeights.read(h.mount + leaf + file) == before.1 && CgroupWeights.read(h.mount + top + file) == before.0)
         try actuator.apply(.other(nice: -20), to: tid)
         #expect(CgroupWeights.read(h.mount + top + file) == raised)
         try actuator.restore(tid)
         #expect(CgroupWeights.read(h.mount + leaf + file) == before.1 && CgroupWeights.read(h.mount + top + file) == before.0)
-        #expect(weights.heldNow.isEmpty)
+        #expect(weights.raisedNow.isEmpty)
         // A new v1 cgroup has no real-time runtime: a real-time boost falls back to the
         // fair class, says why, and still raises the cgroups.
         if access(h.mount + leaf + "/cpu.rt_runtime_us", F_OK) == 0 {
