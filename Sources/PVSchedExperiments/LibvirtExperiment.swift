@@ -175,10 +175,7 @@ extension ExperimentRunner {
         if let daemon, (try? daemon.vm(guest.name))??.negotiation.hasPrefix("accepted") != true {
             outcome = "not served: \((try? daemon.vm(guest.name))??.negotiation ?? "not attached")"
         }
-        let load = contended ? try scenario.cpus.map { try HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
-        let probes = try scenario.cpus.map {
-            try HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
-        }
+        let (load, probes) = try hostLoadAndProbes(contended: contended)
         let runStart = MonotonicClock.nowNs()
         let limit = runStart + UInt64(seconds + 120) * 1_000_000_000
         // The daemon's counters, read while the domain runs (it is detached, and they
@@ -201,10 +198,8 @@ extension ExperimentRunner {
             usleep(100_000)
         }
         if let daemon, let s = (try? daemon.client().call(VMStats.self, VMStats.Params(vm: guest.name)))?.vms.first { stats = s }
-        var hostHistogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
-        for p in probes { hostHistogram.add(p.finish()) }
-        let throughput = load.map { $0.finish() }.reduce(0, +)
-        var totals = (boosts: UInt64(0), boostedNs: UInt64(0), repayments: UInt64(0), repaymentNs: UInt64(0), throttles: UInt64(0))
+        let host = finish(load, probes)
+        var totals = ServedTotals()
         for v in stats?.vcpus ?? [] {
             totals.boosts += v.boosts; totals.boostedNs += v.boostedNs; totals.repayments += v.repayments
             totals.repaymentNs += v.repaymentNs; totals.throttles += v.throttles
@@ -218,21 +213,7 @@ extension ExperimentRunner {
             }
             throw LinuxGuestError("no cyclictest result from the guest under libvirt (mode \(mode)): \(guest.console.suffix(400))")
         }
-        let guestHistogram: Histogram<UInt64>
-        do { guestHistogram = try CyclictestOutput.parse(out).histogram } catch { throw LinuxGuestError("\(error)") }
-        return ModeResult(
-            mode: mode.description,
-            guestLatency: LatencySummary(guestHistogram),
-            hostLatency: LatencySummary(hostHistogram),
-            hostThroughput: throughput,
-            guestBatchThroughput: 0,
-            boostCount: totals.boosts,
-            boostedMs: Double(totals.boostedNs) / 1e6,
-            repaymentMs: Double(totals.repaymentNs) / 1e6,
-            repayments: totals.repayments,
-            throttleCount: totals.throttles,
-            exits: 0,
-            outcome: outcome)
+        return try ModeResult(linuxGuest: mode, cyclictest: out, host: host, totals: totals, outcome: outcome)
     }
 }
 

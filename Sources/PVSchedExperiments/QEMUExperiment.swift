@@ -60,38 +60,57 @@ extension ExperimentRunner {
             progress?(mode, index, 0)
             usleep(100_000)
         }
-        let load = contended ? try scenario.cpus.map { try HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
-        let probes = try scenario.cpus.map {
-            try HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
-        }
+        let (load, probes) = try hostLoadAndProbes(contended: contended)
         let runStart = MonotonicClock.nowNs()
         let limit = runStart + UInt64(seconds + 120) * 1_000_000_000
         while !guest.console.contains("PVS-END cyclictest") && guest.process.isRunning && MonotonicClock.nowNs() < limit {
             progress?(mode, index, Double(MonotonicClock.nowNs() - runStart) / 1e9)
             usleep(100_000)
         }
-        var hostHistogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
-        for p in probes { hostHistogram.add(p.finish()) }
-        let throughput = load.map { $0.finish() }.reduce(0, +)
-        let totals = session?.binding?.totals ?? VCPUStats()
+        let measured = finish(load, probes)
+        let t = session?.binding?.totals ?? VCPUStats()
         guard let out = guest.section("cyclictest") else {
             throw LinuxGuestError("no cyclictest result from the guest (mode \(mode)): \(guest.console.suffix(400))")
         }
-        let guestHistogram: Histogram<UInt64>
-        do { guestHistogram = try CyclictestOutput.parse(out).histogram } catch { throw LinuxGuestError("\(error)") }
         guest.waitForExit(timeout: 10)
-        return ModeResult(
-            mode: mode.description,
-            guestLatency: LatencySummary(guestHistogram),
-            hostLatency: LatencySummary(hostHistogram),
-            hostThroughput: throughput,
-            guestBatchThroughput: 0,
-            boostCount: totals.boostCount,
-            boostedMs: Double(totals.boostedNs) / 1e6,
-            repaymentMs: Double(totals.repaymentNs) / 1e6,
-            repayments: totals.repayments,
-            throttleCount: totals.throttleCount,
-            exits: 0,
-            outcome: session?.watch.map { "\($0.phase)" } ?? "QEMU, no pvsched")
+        return try ModeResult(linuxGuest: mode, cyclictest: out, host: measured,
+                              totals: ServedTotals(boosts: t.boostCount, boostedNs: t.boostedNs, repayments: t.repayments,
+                                                   repaymentNs: t.repaymentNs, throttles: t.throttleCount),
+                              outcome: session?.watch.map { "\($0.phase)" } ?? "QEMU, no pvsched")
+    }
+
+    /// The busy host threads (when `contended`) and a latency probe on every CPU of the scenario.
+    func hostLoadAndProbes(contended: Bool) throws -> (load: [HostContention], probes: [HostLatencyProbe]) {
+        let load = contended ? try scenario.cpus.map { try HostContention(threads: scenario.busyThreads, cpuMask: 1 << UInt64($0)) } : []
+        let probes = try scenario.cpus.map {
+            try HostLatencyProbe(cpuMask: 1 << UInt64($0), intervalNs: scenario.intervalNs, priority: scenario.probePriority)
+        }
+        return (load, probes)
+    }
+
+    /// Stops the host threads and probes: the probes' latencies and the work done.
+    func finish(_ load: [HostContention], _ probes: [HostLatencyProbe]) -> (latency: Histogram<UInt64>, throughput: Double) {
+        var h = Histogram<UInt64>(highestTrackableValue: 60_000_000_000)
+        for p in probes { h.add(p.finish()) }
+        return (h, load.map { $0.finish() }.reduce(0, +))
+    }
+}
+
+/// What pvsched did for a VM in one run (all zero without pvsched).
+struct ServedTotals {
+    var boosts: UInt64 = 0, boostedNs: UInt64 = 0, repayments: UInt64 = 0, repaymentNs: UInt64 = 0, throttles: UInt64 = 0
+}
+
+extension ModeResult {
+    /// A run of the Linux guest: cyclictest's histogram (its console section), the host
+    /// probes' latencies and work, and what pvsched did.
+    init(linuxGuest mode: Mode, cyclictest out: String, host: (latency: Histogram<UInt64>, throughput: Double),
+         totals: ServedTotals, outcome: String) throws {
+        let guest: Histogram<UInt64>
+        do { guest = try CyclictestOutput.parse(out).histogram } catch { throw LinuxGuestError("\(error)") }
+        self.init(mode: mode.description, guestLatency: LatencySummary(guest), hostLatency: LatencySummary(host.latency),
+                  hostThroughput: host.throughput, guestBatchThroughput: 0, boostCount: totals.boosts,
+                  boostedMs: Double(totals.boostedNs) / 1e6, repaymentMs: Double(totals.repaymentNs) / 1e6,
+                  repayments: totals.repayments, throttleCount: totals.throttles, exits: 0, outcome: outcome)
     }
 }
