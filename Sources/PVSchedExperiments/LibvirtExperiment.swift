@@ -5,6 +5,7 @@ import PVSchedControl
 import PVSchedCore
 import PVSchedLinux
 import PVSchedTesting
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -29,15 +30,16 @@ enum LibvirtStaticRT {
     }
 
     /// Set once libvirt was seen failing to apply it here (cgroups without real-time runtime).
-    nonisolated(unsafe) static var refusedHere = false
+    static let refusedHere = Atomic<Bool>(false)
 
     /// What the demo does where libvirt cannot apply its setting: the domain started
     /// paused; its cgroups given real-time runtime, parents first (machine's and the
     /// domain's 95% of each second, each vCPU's cgroup 80%/N and the emulator's 14% of
     /// every 10 ms: the most the kernel's rule, children's sum ≤ parent's, allows); the
     /// threads set as libvirt would (vCPUs FIFO 1, the others FIFO 2); then resumed.
-    /// Returns what to undo once the domain is gone: the machine cgroup's runtime.
-    static func grantAndSet(_ guest: LibvirtLinuxGuest) throws -> (file: String, original: UInt64)? {
+    /// `undo` is set, before anything is written, to what to put back once the domain is
+    /// gone: the machine cgroup's runtime.
+    static func grantAndSet(_ guest: LibvirtLinuxGuest, undo: inout (file: String, original: UInt64)?) throws {
         guard let h = CgroupWeights.Hierarchy.detect(), h.version == .v1 else {
             throw LibvirtExperimentError("libvirt cannot apply its real-time setting here, and this host has no cgroup v1 cpu hierarchy to give runtime in")
         }
@@ -50,9 +52,10 @@ enum LibvirtStaticRT {
         let emulatorDirs = Set(others.compactMap { h.cgroupPath(thread: $0, process: pid) }.map { h.mount + $0 })
         let domain = h.mount + String(vcpuPath[..<vcpuPath.lastIndex(of: "/")!])
         let machine = String(domain[..<domain.lastIndex(of: "/")!])
-        var undo: (String, UInt64)?
+        if machine.count > h.mount.count, let old = CgroupWeights.read(machine + "/cpu.rt_runtime_us") {
+            undo = (machine + "/cpu.rt_runtime_us", old)
+        }
         func set(_ dir: String, period: UInt64, runtime: UInt64) throws {
-            if dir == machine, undo == nil, let old = CgroupWeights.read(dir + "/cpu.rt_runtime_us") { undo = (dir + "/cpu.rt_runtime_us", old) }
             guard CgroupWeights.write(dir + "/cpu.rt_period_us", period), CgroupWeights.write(dir + "/cpu.rt_runtime_us", runtime) else {
                 throw LibvirtExperimentError("static-rt: cannot give \(dir) real-time runtime \(runtime) µs per \(period) µs (errno \(errno))")
             }
@@ -64,7 +67,13 @@ enum LibvirtStaticRT {
         for t in vcpus { try LinuxScheduling.setThread(t, .fifo(priority: 1)) }
         for t in others { try? LinuxScheduling.setThread(t, .fifo(priority: 2)) }
         try guest.resume()
-        return undo
+    }
+
+    /// Puts the machine cgroup's runtime back once the domain's cgroups are gone (the
+    /// kernel refuses a parent less than its children have), waiting up to 10 s for that.
+    static func putBack(_ u: (file: String, original: UInt64)) {
+        let deadline = MonotonicClock.nowNs() + 10_000_000_000
+        while !CgroupWeights.write(u.file, u.original) && MonotonicClock.nowNs() < deadline { usleep(100_000) }
     }
 }
 
@@ -129,15 +138,17 @@ extension ExperimentRunner {
         var runtimeUndo: (file: String, original: UInt64)?
         var outcome = managed == nil ? "libvirt, no pvsched" : "libvirt, served by the daemon"
         if mode == .staticRT {
-            if !LibvirtStaticRT.refusedHere {
+            if !LibvirtStaticRT.refusedHere.load(ordering: .relaxed) {
                 do {
                     guest = try LibvirtLinuxGuest(image: image, options: options, cpus: scenario.cpus,
                                                   cputune: LibvirtStaticRT.cputune(vcpus: scenario.vcpus))
                     outcome = "libvirt <vcpusched> fifo"
                 } catch let e as LinuxGuestError where "\(e)".contains("scheduler") || "\(e)".contains("not permitted") {
-                    LibvirtStaticRT.refusedHere = true
+                    LibvirtStaticRT.refusedHere.store(true, ordering: .relaxed)
+                    let lines = "\(e)".split(separator: "\n")
+                    let why = lines.first { $0.contains("scheduler") || $0.contains("not permitted") } ?? lines.first ?? ""
                     FileHandle.standardError.write(Data("""
-                    \rstatic-rt: libvirt cannot apply <vcpusched> here (\("\(e)".split(separator: "\n").first ?? "")): its vCPU cgroups \
+                    \rstatic-rt: libvirt cannot apply <vcpusched> here (\(why)): its vCPU cgroups \
                     have no real-time runtime. The demo gives them runtime (machine and domain 95% of each second, the vCPUs \
                     80% and the emulator 14% of every 10 ms) and sets libvirt's priorities itself (vCPUs FIFO 1, emulator FIFO 2).
 
@@ -147,7 +158,11 @@ extension ExperimentRunner {
             if guest == nil {
                 let g = try LibvirtLinuxGuest(image: image, options: options, cpus: scenario.cpus, paused: true)
                 guest = g
-                runtimeUndo = try LibvirtStaticRT.grantAndSet(g)
+                do { try LibvirtStaticRT.grantAndSet(g, undo: &runtimeUndo) } catch {
+                    g.destroy()
+                    if let u = runtimeUndo { LibvirtStaticRT.putBack(u) }
+                    throw error
+                }
                 outcome = "libvirt <vcpusched> fifo, runtime granted by the demo"
             }
         } else {
@@ -156,11 +171,7 @@ extension ExperimentRunner {
         guard let guest else { throw LinuxGuestError("no domain") }
         defer {
             guest.destroy()
-            if let u = runtimeUndo {
-                // The domain's cgroups go with it; then machine's runtime is its own again.
-                let deadline = MonotonicClock.nowNs() + 10_000_000_000
-                while !CgroupWeights.write(u.file, u.original) && MonotonicClock.nowNs() < deadline { usleep(100_000) }
-            }
+            if let u = runtimeUndo { LibvirtStaticRT.putBack(u) }
         }
 
         let bootLimit = MonotonicClock.nowNs() + 120_000_000_000

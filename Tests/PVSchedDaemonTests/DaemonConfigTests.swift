@@ -33,10 +33,11 @@ struct DaemonConfigTests {
             unlimited = no
             bpf-driver = lab:/usr/lib/pvsched/bpf/latency_boost.bpf.o
             discover = yes
+            cgroup-weights = no
             state-file = /var/lib/pvsched/state.json
             """)
         #expect(c.socket == "/run/x.sock" && c.readGroup == "pvsched" && c.metrics == "127.0.0.1:9464")
-        #expect(c.logLevel == "debug" && !c.guardian && c.driver == "deadline-boost" && c.discover)
+        #expect(c.logLevel == "debug" && !c.guardian && c.driver == "deadline-boost" && c.discover && !c.cgroupWeights)
         #expect(c.boost == BoostSettings.parseClass("slice:100") && c.protectHostPriority == nil)
         #expect(c.governor.criticalBudgetUs == 3000 && c.governor.maxVMShare == 0.25)
         #expect(c.bpfDrivers.map(\.name) == ["lab"] && c.bpfDrivers.map(\.path) == ["/usr/lib/pvsched/bpf/latency_boost.bpf.o"])
@@ -54,6 +55,7 @@ struct DaemonConfigTests {
             ("driver = ../../x", 1, "driver", "driver name"),
             ("metrics = localhost", 1, "metrics", "HOST:PORT"),
             ("guardian = maybe", 1, "guardian", "yes or no"),
+            ("cgroup-weights = always", 1, "cgroup-weights", "yes or no"),
             ("protect-host-priority = 100", 1, "protect-host-priority", "0-99"),
             ("bpf-driver = lab:relative.o", 1, "bpf-driver", "absolute"),
             ("socket = relative.sock", 1, "socket", "absolute"),
