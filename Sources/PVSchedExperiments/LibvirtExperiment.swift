@@ -106,13 +106,7 @@ extension ExperimentRunner {
         if case .kernel = mode { throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here") }
         let managed: (driver: String, boost: BoostSettings, governor: GovernorConfig)? = mode == .staticRT ? nil : mode.pvsched(in: scenario)
         let contended = mode != .idle
-        let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
-        var options = LinuxGuestOptions()
-        options.vcpus = scenario.vcpus
-        options.run = "cyclictest"
-        options.intervalUs = Int(scenario.intervalNs / 1000)
-        options.durationS = seconds
-        options.waitForHostS = managed == nil ? 0 : 20
+        let (options, seconds) = cyclictestGuest(served: managed != nil)
 
         // The pvsched modes: a daemon following libvirt, with the scenario's governor and protection.
         var daemon: DaemonProcess?

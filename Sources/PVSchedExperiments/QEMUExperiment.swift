@@ -27,13 +27,7 @@ extension ExperimentRunner {
         if case .kernel = mode { throw LinuxGuestError("kernel:DRIVER modes need KVM exits; QEMU runs under TCG here") }
         let managed = mode.pvsched(in: scenario)
         let contended = mode != .idle
-        let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
-        var options = LinuxGuestOptions()
-        options.vcpus = scenario.vcpus
-        options.run = "cyclictest"
-        options.intervalUs = Int(scenario.intervalNs / 1000)
-        options.durationS = seconds
-        options.waitForHostS = managed == nil ? 0 : 20
+        let (options, seconds) = cyclictestGuest(served: managed != nil)
         let guest = try QEMULinuxGuest(image: image, options: options)
         let host = try PVSchedHost(actuator: LinuxActuator())
         let endpoint = try QMPEndpoint(socket: guest.qmpPath)
@@ -77,6 +71,20 @@ extension ExperimentRunner {
                               totals: ServedTotals(boosts: t.boostCount, boostedNs: t.boostedNs, repayments: t.repayments,
                                                    repaymentNs: t.repaymentNs, throttles: t.throttleCount),
                               outcome: session?.watch.map { "\($0.phase)" } ?? "QEMU, no pvsched")
+    }
+
+    /// The Linux guest's options for the scenario: cyclictest on vCPU 0 at the
+    /// scenario's interval for its duration (whole seconds), waiting for the host's
+    /// answer when pvsched serves it.
+    func cyclictestGuest(served: Bool) -> (options: LinuxGuestOptions, seconds: Int) {
+        let seconds = max(1, Int((Double(scenario.durationNs) / 1e9).rounded()))
+        var options = LinuxGuestOptions()
+        options.vcpus = scenario.vcpus
+        options.run = "cyclictest"
+        options.intervalUs = Int(scenario.intervalNs / 1000)
+        options.durationS = seconds
+        options.waitForHostS = served ? 20 : 0
+        return (options, seconds)
     }
 
     /// The busy host threads (when `contended`) and a latency probe on every CPU of the scenario.

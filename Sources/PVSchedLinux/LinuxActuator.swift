@@ -195,7 +195,8 @@ public final class LinuxActuator: Actuator {
             // A real-time class the thread's cgroup refuses: said once, and this boost and
             // the next are applied in the fallback class.
             guard error.kind == .system, error.errno == EPERM, parameters.isRealTime,
-                  let cgroup = CgroupRealTime.cgroupWithoutRuntime(thread) else { throw error }
+                  let process = owningProcess(of: thread),
+                  let cgroup = CgroupRealTime.cgroupWithoutRuntime(thread, process: process) else { throw error }
             let first = threads.withLock { t -> Bool in
                 guard t[thread] != nil, t[thread]?.realTimeRefusedBy == nil else { return false }
                 t[thread]?.realTimeRefusedBy = cgroup
