@@ -44,6 +44,9 @@ public struct GovernorConfig: Equatable, Sendable {
         self.maxRepaymentNs = maxRepaymentNs
     }
 
+    /// The size of `budget`.
+    public subscript(_ budget: BoostBudget) -> UInt64 { budget == .critical ? criticalBudgetNs : generalBudgetNs }
+
     /// The repayment factors and longest repayments (µs) accepted from outside (the
     /// control API, the CLI).
     public static let repaymentFactorRange: ClosedRange<Double> = 0...64
@@ -118,6 +121,13 @@ public final class VMShare: Sendable {
 
     /// The boosted CPU time spent in this window.
     var used: UInt64 { usedNs.load(ordering: .relaxed) }
+    /// Whether less than a check step of the window's share is left (see `VCPUBudget.checkStepNs`).
+    func isSpent(_ config: GovernorConfig) -> Bool {
+        let limit = limitNs(config)
+        guard limit != .max else { return false }
+        let used = self.used
+        return used >= limit || limit - used < VCPUBudget.granularity(of: limit)
+    }
     func charge(_ ns: UInt64) { usedNs.wrappingAdd(ns, ordering: .relaxed) }
     func boostBegan() { boosted.wrappingAdd(1, ordering: .relaxed) }
     func boostEnded() { boosted.wrappingSubtract(1, ordering: .relaxed) }
@@ -129,7 +139,8 @@ public final class VMShare: Sendable {
         guard limit != .max else { return nil }
         let used = self.used
         let count = UInt64(max(1, boosted.load(ordering: .relaxed)))
-        return VCPUBudget.plus(since, (limit > used ? limit - used : 0) / count)
+        let left = limit > used ? limit - used : 0
+        return VCPUBudget.plus(since, max(left / count, VCPUBudget.granularity(of: limit)))
     }
 }
 
@@ -156,6 +167,15 @@ public struct VCPUBudget: Equatable, Sendable {
         critical = config.criticalBudgetNs
         general = config.generalBudgetNs
     }
+
+    /// The least budget worth a look: a budget with less than this left counts as
+    /// spent (`granularity(of:)` scales it down for tiny budgets), so that each of the
+    /// enforcer's looks that does not cut leaves at least this much, and the next look
+    /// is at least this far off.
+    public static let checkStepNs: UInt64 = 100_000
+
+    /// `checkStepNs` for a budget (or share) of `size`: at most a sixteenth of it.
+    static func granularity(of size: UInt64) -> UInt64 { max(1, min(checkStepNs, size / 16)) }
 
     static func plus(_ a: UInt64, _ b: UInt64) -> UInt64 { let (t, o) = a.addingReportingOverflow(b); return o ? .max : t }
 
@@ -188,9 +208,9 @@ public struct VCPUBudget: Equatable, Sendable {
         if now < throttledUntil { return .throttled(untilNs: throttledUntil) }
         let limit = share.limitNs(config)
         let used = share.used
-        if used >= limit { return .vmShareExhausted(usedNs: used, limitNs: limit) }
+        if share.isSpent(config) { return .vmShareExhausted(usedNs: used, limitNs: limit) }
         account(config, share, now: now, cpuNs: nil)
-        if self[budget] == 0 { return .throttled(untilNs: now) }
+        if self[budget] < Self.granularity(of: config[budget]) { return .throttled(untilNs: now) }
         boosted = true
         charging = budget
         lastCPUNs = cpuNs ?? 0
@@ -217,16 +237,16 @@ public struct VCPUBudget: Equatable, Sendable {
         guard boosted else { return nil }
         account(config, share, now: now, cpuNs: cpuNs)
         if let budget { charging = budget }
-        if self[charging] == 0 {
+        if self[charging] < Self.granularity(of: config[charging]) {
             boosted = false
             share.boostEnded()
             let (until, overflow) = now.addingReportingOverflow(config.throttleWindowNs)
             throttledUntil = overflow ? .max : until
             return .budgetExhausted(charging, untilNs: throttledUntil)
         }
-        let limit = share.limitNs(config)
-        let used = share.used
-        if used > limit {
+        if share.isSpent(config) {
+            let limit = share.limitNs(config)
+            let used = share.used
             boosted = false
             share.boostEnded()
             return .vmShareExhausted(usedNs: used, limitNs: limit)
@@ -240,7 +260,7 @@ public struct VCPUBudget: Equatable, Sendable {
     public func nextCheckNs(_ config: GovernorConfig, _ share: VMShare) -> UInt64? {
         guard boosted else { return nil }
         let since = lastWallNs ?? 0
-        let at = Self.plus(since, self[charging])
+        let at = Self.plus(since, max(self[charging], Self.granularity(of: config[charging])))
         return min(at, share.nextCheckNs(config, since: since) ?? .max)
     }
 

@@ -260,6 +260,44 @@ struct BudgetHarness {
         #expect(g.nextCheckNs == 1100)
     }
 
+    /// The enforcer's looks at boosts whose threads run slower than wall time (they
+    /// share their CPU): each look that does not cut leaves at least a check step of
+    /// budget (and of the VM's share), so the looks are few and never closer than that
+    /// step; they used to close in on the limit without reaching it (a real-time
+    /// enforcer then spun until the share's window rolled over, up to 100 ms).
+    @Test(arguments: [0.0, 0.01, 0.3, 0.7, 1.0])
+    func boostsRunningSlowerThanWallTimeAreLookedAtAFewTimesNotEndlessly(runFraction: Double) {
+        let check = VCPUBudget.checkStepNs
+        for shareBound in [false, true] {
+            // Either the 2 ms critical budget or the VM's share (10% of 2 vCPUs × 100 ms) runs out first.
+            var g = BudgetHarness(.init(criticalBudgetNs: shareBound ? 80_000_000 : 2_000_000, generalBudgetNs: 80_000_000,
+                                        throttleWindowNs: 1_000_000, shareWindowNs: 100_000_000,
+                                        maxVMShare: shareBound ? 0.1 : 1), vcpus: 2)
+            var now: UInt64 = 1_000_000_000
+            var cpu: [UInt64] = [0, 0]
+            #expect(g.begin(0, now: now, cpuNs: 0, budget: .critical) == nil)
+            #expect(g.begin(1, now: now, cpuNs: 0, budget: .critical) == nil)
+            var looks = 0
+            var cut = [false, false]
+            let start = now
+            while !(cut[0] && cut[1]), looks < 100_000, now - start < 90_000_000, let at = g.nextCheckNs {
+                #expect(at >= now, "a look planned in the past")
+                let dt = at > now ? at - now : 0
+                if looks > 0 { #expect(dt >= check / 2, "looks \(dt) ns apart (\(looks) looks, share: \(shareBound))") }
+                now += dt
+                looks += 1
+                for v in 0..<2 where !cut[v] {
+                    cpu[v] += UInt64(Double(dt) * runFraction)
+                    if g.check(v, now: now, cpuNs: cpu[v]) != nil { cut[v] = true }
+                }
+            }
+            // A boost whose thread runs is cut within a few looks; one whose thread
+            // (almost) never runs is looked at about once per millisecond, or less.
+            if runFraction >= 0.3 { #expect(cut == [true, true], "not cut (share: \(shareBound))") }
+            #expect(looks <= (runFraction >= 0.3 ? 40 : 90), "\(looks) looks at a boost running \(runFraction) of the time (share: \(shareBound))")
+        }
+    }
+
     @Test func vmShareIsEnforced() {
         // Window 1000 ns, 2 vCPUs, 25% share: 500 ns of boosted CPU time per window.
         var g = BudgetHarness(.init(criticalBudgetNs: .max, generalBudgetNs: .max, throttleWindowNs: 0, shareWindowNs: 1000, maxVMShare: 0.25), vcpus: 2)

@@ -106,7 +106,9 @@ import Testing
         let cfg = GovernorConfig(criticalBudgetNs: 5_000_000, generalBudgetNs: 5_000_000, throttleWindowNs: 10_000_000, shareWindowNs: .max, maxVMShare: 1)
         let (_, b, act, d) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
-        clock.advance(by: 4_999_999)
+        // A budget with less than a check step left counts as spent (the enforcer's looks stay that far apart).
+        let capNs = 5_000_000 - VCPUBudget.checkStepNs
+        clock.advance(by: capNs)
         #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)   // still inside its 5 ms cap
         clock.advance(by: 1)
         // The next event finds the boost at its cap: cut and throttled; the
@@ -121,7 +123,7 @@ import Testing
         guard case .vetoed(.throttled) = b.notify(.vmEntry, vcpu: 0) else { Issue.record("throttle ended early"); return }
         clock.advance(by: 1)
         #expect(b.notify(.vmEntry, vcpu: 0) == .boosted)
-        #expect(b.stats(vcpu: 0).boostedNs == 5_000_000)
+        #expect(b.stats(vcpu: 0).boostedNs == capNs + 1)
     }
 
     /// The enforcer sleeps on the binding's alarm: an event that boosts wakes it (the
@@ -229,7 +231,7 @@ import Testing
         let cfg = GovernorConfig(criticalBudgetNs: 2_000_000, generalBudgetNs: 2_000_000, throttleWindowNs: 1_000_000, shareWindowNs: .max, maxVMShare: 1)
         let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, _ in .boost() }
         #expect(b.notify(.vmEntry, vcpu: 1) == .boosted)
-        clock.advance(by: 1_999_999)
+        clock.advance(by: 2_000_000 - VCPUBudget.checkStepNs)
         #expect(b.enforceBudgets() == 0)
         clock.advance(by: 1)
         #expect(b.enforceBudgets() == 1)
