@@ -24,11 +24,26 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 /* Only the fields used; CO-RE finds them in the running kernel's layout. */
+struct rq {
+    unsigned int nr_running;
+    struct task_struct *curr;
+} __attribute__((preserve_access_index));
+struct cfs_rq {
+    struct rq *rq;  /* CONFIG_FAIR_GROUP_SCHED only: checked with field_exists */
+} __attribute__((preserve_access_index));
+struct sched_entity {
+    struct cfs_rq *cfs_rq;
+    unsigned long long custom_slice;  /* Linux 6.12+: checked with field_exists */
+} __attribute__((preserve_access_index));
 struct task_struct {
     int pid;
     int tgid;
+    int static_prio;
     unsigned int policy;
+    struct sched_entity se;
 } __attribute__((preserve_access_index));
+
+#define FIELD_EXISTS(field) __builtin_preserve_field_info(field, 2 /* BPF_FIELD_EXISTS */)
 
 enum { BPF_MAP_TYPE_HASH = 1, BPF_MAP_TYPE_PERCPU_ARRAY = 6, BPF_MAP_TYPE_RINGBUF = 27 };
 enum { BPF_RB_NO_WAKEUP = 1, BPF_RB_FORCE_WAKEUP = 2 };
@@ -80,7 +95,7 @@ struct {
     __type(value, u64);
 } dropped SEC(".maps");
 
-static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
+static __attribute__((always_inline)) void emit_at(u64 time_ns, u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
     struct pvsched_kvm_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
     if (!e) {
         u32 k = kind & 15;
@@ -88,7 +103,7 @@ static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgi
         if (n) *n += 1;
         return;
     }
-    e->time_ns = bpf_ktime_get_ns();
+    e->time_ns = time_ns;
     e->kind = kind;
     e->tid = tid;
     e->tgid = tgid;
@@ -97,19 +112,51 @@ static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgi
     e->cpu = bpf_get_smp_processor_id();
     e->vm = vm;
     e->vcpu = vcpu;
-    e->pad = 0;
+    e->urgent = flags == BPF_RB_FORCE_WAKEUP;
     bpf_ringbuf_submit(e, flags);
 }
 
-/* Injections wake the consumer at once (a boost must land before the vCPU runs),
- * and so does a vCPU thread going to sleep (its boost ends there). A switch to a
- * vCPU thread never does: the consumer reads it with the next records (one
- * wake-up fewer per wake-up of a vCPU thread). Other records let the ring buffer
- * decide (which, once a record was left unread, wakes no one: they come with the
- * next of the records above). */
+static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
+    emit_at(bpf_ktime_get_ns(), kind, tid, tgid, vector, arg, vm, vcpu, flags);
+}
+
+/* Real-time or deadline class. */
+static __attribute__((always_inline)) int real_time(struct task_struct *p) {
+    u32 policy = p->policy;
+    return policy == 1 || policy == 2 || policy == 6;
+}
+
+/* Whether the thread runs with parameters a boost gives (real time, a nice
+ * below 0, an EEVDF slice of its own): its sleep must reach the daemon at once,
+ * which ends the boost. A thread at nice 0 or above has nothing to end. */
+static __attribute__((always_inline)) int looks_boosted(struct task_struct *p) {
+    if (real_time(p) || p->static_prio < 120) return 1;
+    if (FIELD_EXISTS(p->se.custom_slice) && p->se.custom_slice) return 1;
+    return 0;
+}
+
+/* Whether `p`, just woken and queued, runs at once: its CPU is idle and nothing
+ * else waits there. Unknown (no cfs_rq->rq in this kernel) counts as no. */
+static __attribute__((always_inline)) int runs_at_once(struct task_struct *p) {
+    if (!FIELD_EXISTS(((struct cfs_rq *)0)->rq)) return 0;
+    struct cfs_rq *c = p->se.cfs_rq;
+    if (!c) return 0;
+    struct rq *rq = c->rq;
+    if (!rq) return 0;
+    struct task_struct *curr = rq->curr;
+    if (!curr) return 0;
+    return curr->pid == 0 && rq->nr_running <= 1;
+}
+
+/* Injections wake the consumer at once (a boost must land before the vCPU runs).
+ * A switch to a vCPU thread never does: the consumer reads it with the next
+ * records (one wake-up fewer per wake-up of a vCPU thread). Other records let the
+ * ring buffer decide (which, once a record was left unread, wakes no one: they
+ * come with the next of the records above). Wake-ups and sleeps choose their own
+ * flags (`on_wakeup`, `on_switch`). */
 static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu) {
     u64 flags = 0;
-    if (kind == PVSCHED_KEV_WAKING || kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ || kind == PVSCHED_KEV_BLOCK)
+    if (kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ)
         flags = BPF_RB_FORCE_WAKEUP;
     else if (kind == PVSCHED_KEV_RUN) flags = BPF_RB_NO_WAKEUP;
     emit_flags(kind, tid, tgid, vector, arg, vm, vcpu, flags);
@@ -142,6 +189,8 @@ int on_accept_irq(u64 *ctx) {
     return 0;
 }
 
+/* A vCPU thread is being woken: noted (time, the vector KVM accepted for it just
+ * before on this CPU), sent once its CPU is known (`on_wakeup`). */
 SEC("tp_btf/sched_waking")
 int on_waking(u64 *ctx) {
     struct task_struct *p = (struct task_struct *)ctx[0];
@@ -155,11 +204,31 @@ int on_waking(u64 *ctx) {
         last->time_ns = 0;
     }
     v->woken = 1;
-    /* A thread already real-time (boosted ahead of a deadline it published) runs at
-     * once without the consumer: its waking need not wake it. */
-    u32 policy = p->policy;
-    u64 flags = (policy == 1 || policy == 2) ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP;
-    emit_flags(PVSCHED_KEV_WAKING, tid, (u32)p->tgid, vector, 0, v->vm, v->vcpu, flags);
+    v->waking_ns = bpf_ktime_get_ns();
+    v->vector = vector;
+    return 0;
+}
+
+/* The woken vCPU thread is queued on its CPU. Its WAKING record wakes the consumer
+ * when the thread must wait for that CPU. A thread already real-time (boosted
+ * ahead of a deadline it published) runs at once without the consumer: its record
+ * wakes no one. A thread whose CPU is idle runs at once as well: no record now
+ * (`deferred`), and none at all if it sleeps again unpreempted (`settled`). */
+SEC("tp_btf/sched_wakeup")
+int on_wakeup(u64 *ctx) {
+    struct task_struct *p = (struct task_struct *)ctx[0];
+    u32 tid = (u32)p->pid;
+    struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
+    if (!v || !v->woken) return 0;
+    if (real_time(p)) {
+        v->deferred = 0;
+        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, BPF_RB_NO_WAKEUP);
+    } else if (runs_at_once(p)) {
+        v->deferred = 1;
+    } else {
+        v->deferred = 0;
+        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, BPF_RB_FORCE_WAKEUP);
+    }
     return 0;
 }
 
@@ -169,17 +238,34 @@ int on_switch(u64 *ctx) {
     struct task_struct *next = (struct task_struct *)ctx[2];
     u32 prev_state = (u32)ctx[3];
     u32 tid = (u32)prev->pid;
-    /* Blocking (not preempted, not runnable): the vCPU thread waits (a halt, or the VMM's own wait). */
-    if (prev_state != 0 && !(u8)ctx[0]) {
-        struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
-        if (v) emit(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu);
+    struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
+    if (v) {
+        if (prev_state != 0 && !(u8)ctx[0]) {
+            /* Blocking (not preempted, not runnable): the vCPU thread waits (a halt, or
+             * the VMM's own wait). After a wake-up that never waited: nothing to send.
+             * Otherwise the consumer is woken if a boost may have to end. */
+            if (v->deferred) {
+                v->deferred = 0;
+                v->settled += 1;
+            } else {
+                u64 flags = looks_boosted(prev) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+                emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags);
+            }
+        } else if (v->deferred) {
+            /* Preempted after a wake-up that found its CPU idle: it waits for its CPU
+             * now, and its wake-up is sent (with its own time; `arg`: the preemption's). */
+            v->deferred = 0;
+            emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)prev->tgid, v->vector, bpf_ktime_get_ns(), v->vm, v->vcpu,
+                    BPF_RB_FORCE_WAKEUP);
+        }
     }
-    /* The first run after a wake-up only (not every return from a preemption). */
+    /* The first run after a wake-up only (not every return from a preemption), and
+     * not after a wake-up left unsent (it comes, if at all, with the WAKING record). */
     u32 next_tid = (u32)next->pid;
     struct pvsched_kvm_vcpu *n = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
     if (n && n->woken) {
         n->woken = 0;
-        emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu);
+        if (!n->deferred) emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu);
     }
     return 0;
 }

@@ -178,7 +178,7 @@ int pvs_kev_program_state(const struct pvs_kev *h, int i) { return i >= 0 && i <
 const char *pvs_kev_program_error(const struct pvs_kev *h, int i) { return i >= 0 && i < h->count ? h->errors[i] : ""; }
 
 int pvs_kev_watch_thread(struct pvs_kev *h, uint32_t tid, uint32_t vm, uint32_t vcpu) {
-    struct pvsched_kvm_vcpu v = { vm, vcpu, 0, 0 };
+    struct pvsched_kvm_vcpu v = { .vm = vm, .vcpu = vcpu };
     return L.map_update(h->threads_fd, &tid, &v, 0);
 }
 int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid) { return L.map_delete(h->threads_fd, &tid); }
@@ -191,6 +191,11 @@ int pvs_kev_poll(struct pvs_kev *h, int timeout_ms, const struct pvsched_kvm_eve
     *records = h->buf;
     if (r < 0 && r != -EINTR) return r;
     return h->buf_len;
+}
+
+uint64_t pvs_kev_settled(struct pvs_kev *h, uint32_t tid) {
+    struct pvsched_kvm_vcpu v;
+    return L.map_lookup(h->threads_fd, &tid, &v) == 0 ? v.settled : 0;
 }
 
 uint64_t pvs_kev_dropped(struct pvs_kev *h) {

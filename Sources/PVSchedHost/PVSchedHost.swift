@@ -317,6 +317,14 @@ public final class PVSchedHost: Sendable {
         return nil
     }
 
+    /// Wake-ups of `thread` the kernel event source spared the daemon (its CPU was
+    /// idle: see `KernelEventCounts.uncontendedWakeups`), if the source was opened
+    /// and watches the thread (never opens it).
+    public func uncontendedWakeups(of thread: ThreadID) -> UInt64? {
+        if case .success(let k)? = services.withLock({ $0.kernelEvents }) { return k.uncontendedWakeups(of: thread) }
+        return nil
+    }
+
     /// The shared services' own counters (the scale benchmark reads them).
     public var serviceCounters: (enforcerPasses: UInt64, enforcerWakeUps: UInt64, pollerSteps: UInt64, pollerWakeUps: UInt64) {
         let poller = services.withLock { $0.poller }

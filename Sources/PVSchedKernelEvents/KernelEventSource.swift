@@ -35,6 +35,10 @@ public struct KernelEventCounts: Sendable, Equatable {
     public var boostLatenciesNs: [UInt64] = []
     /// Summed delay from the kernel's timestamp to the consumer picking the record up, for boosting records.
     public var consumerLagNs: UInt64 = 0
+    /// Wake-ups of the VM's vCPU threads that found their CPU idle and slept again
+    /// unpreempted: the kernel sent no record and woke no one for them (a boost
+    /// cannot make a thread that runs at once run sooner).
+    public var uncontendedWakeups: UInt64 = 0
     public init() {}
 }
 
@@ -51,6 +55,12 @@ public struct KernelEventCounts: Sendable, Equatable {
 /// | sched_switch away from a vCPU thread, sleeping | `halt` |
 /// | kvm_vcpu_wakeup in a vCPU thread, or sched_switch to it | `vmEntry` (kvm_entry does not fire under PVM) |
 /// | kvm_pio / kvm_mmio / kvm_userspace_exit / kvm_exit | `vmExit(reason)` |
+///
+/// A wake-up that finds the vCPU thread's CPU idle is not sent (the thread runs at
+/// once; a boost would change nothing), unless the thread is preempted before it
+/// sleeps again: then its injection comes at the preemption. Its sleep is then not
+/// sent either (`KernelEventCounts.uncontendedWakeups` counts these). A sleep of a
+/// thread with no boost to end is sent without waking the consumer.
 public final class KernelEventSource: Sendable {
     /// The attach points and their state.
     public let attachPoints: [KernelAttachPoint]
@@ -65,6 +75,7 @@ public final class KernelEventSource: Sendable {
     private struct Watched {
         let sink: any VMEventSink
         let vcpuCount: Int
+        let threads: [ThreadID?]
         var counts = KernelEventCounts()
         var vcpus: [VCPUTrack]
     }
@@ -121,7 +132,7 @@ public final class KernelEventSource: Sendable {
     /// the VMM process `process` to `sink`, as VM `slot`.
     public func watch(slot: UInt32, process: Int32, threads: [ThreadID?], sink: any VMEventSink) {
         guard running.load(ordering: .relaxed) else { return }
-        vms.withLock { $0[slot] = Watched(sink: sink, vcpuCount: threads.count, vcpus: Array(repeating: VCPUTrack(), count: threads.count)) }
+        vms.withLock { $0[slot] = Watched(sink: sink, vcpuCount: threads.count, threads: threads, vcpus: Array(repeating: VCPUTrack(), count: threads.count)) }
         _ = pvs_kev_watch_process(handle.raw, UInt32(bitPattern: process), slot)
         for (i, t) in threads.enumerated() {
             if let t { _ = pvs_kev_watch_thread(handle.raw, UInt32(bitPattern: t.rawValue), slot, UInt32(i)) }
@@ -137,7 +148,20 @@ public final class KernelEventSource: Sendable {
     }
 
     /// The counters of VM `slot`.
-    public func counts(slot: UInt32) -> KernelEventCounts? { vms.withLock { $0[slot]?.counts } }
+    public func counts(slot: UInt32) -> KernelEventCounts? {
+        guard let w = vms.withLock({ $0[slot] }) else { return nil }
+        var counts = w.counts
+        for t in w.threads.compactMap({ $0 }) { counts.uncontendedWakeups &+= uncontendedWakeups(of: t) ?? 0 }
+        return counts
+    }
+
+    /// Wake-ups of watched thread `thread` that found their CPU idle and slept again
+    /// unpreempted (nil: not watched).
+    public func uncontendedWakeups(of thread: ThreadID) -> UInt64? {
+        let tid = thread.rawValue
+        guard vms.withLock({ $0.values.contains { $0.threads.contains(thread) } }) else { return nil }
+        return pvs_kev_settled(handle.raw, UInt32(bitPattern: tid))
+    }
 
     /// Records the BPF side dropped because the ring buffer was full.
     public var dropped: UInt64 { pvs_kev_dropped(handle.raw) }
@@ -182,10 +206,12 @@ public final class KernelEventSource: Sendable {
         vms.withLock { vms in
             guard var w = vms[r.vm] else { return }
             w.counts.boosts &+= 1
+            // A wake-up sent at the thread's preemption (it had found its CPU idle) counts from there.
+            let since = r.kind == PVSCHED_KEV_WAKING.rawValue && r.arg != 0 ? r.arg : r.time_ns
             if w.counts.boostLatenciesNs.count < 100_000 {
-                w.counts.boostLatenciesNs.append(applied > r.time_ns ? applied - r.time_ns : 0)
+                w.counts.boostLatenciesNs.append(applied > since ? applied - since : 0)
             }
-            w.counts.consumerLagNs &+= now > r.time_ns ? now - r.time_ns : 0
+            w.counts.consumerLagNs &+= now > since ? now - since : 0
             vms[r.vm] = w
         }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import PVSchedControl
 import PVSchedCore
 import PVSchedLinux
@@ -42,13 +43,16 @@ final class ExportedVM {
 struct KernelEventsTests {
     /// The VMM's counts, then the daemon's 300 ms later (so that records still in the
     /// ring buffer are counted; the same lag at both ends of a window cancels out).
+    /// `injections` counts the wake-ups the kernel spared the daemon (the vCPU thread's
+    /// CPU was idle) as well: each is an injection the VMM made.
     func counts(_ d: DaemonProcess, _ export: String) throws -> (vmmInjections: Int64, vmmExits: Int64, injections: Int64, exits: Int64) {
         let doc = try #require(readExport(export))
         usleep(300_000)
         let s = try d.client().call("vm.stats", ["vm": "ext"])
         let v = try #require(s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue?.first)
         return (doc["injections"]?.arrayValue?.first?.intValue ?? 0, doc["exits"]?.arrayValue?.first?.intValue ?? 0,
-                v["eventsByKind"]?["interrupt_injection"]?.intValue ?? 0, v["eventsByKind"]?["vm_exit"]?.intValue ?? 0)
+                (v["eventsByKind"]?["interrupt_injection"]?.intValue ?? 0) + (v["uncontendedWakeups"]?.intValue ?? 0),
+                v["eventsByKind"]?["vm_exit"]?.intValue ?? 0)
     }
 
     @Test func anotherProcessesVMIsDrivenByKernelEvents() throws {
@@ -107,5 +111,63 @@ struct KernelEventsTests {
             }
         }
         #expect(try c.call("vm.list").arrayValue?.isEmpty == true)
+    }
+}
+
+/// The kernel event source wakes the daemon only for wake-ups a boost can help: a
+/// vCPU thread whose CPU is idle runs at once, so its wake-up and sleep are counted
+/// in the kernel (`uncontendedWakeups`) and not sent; one whose CPU is taken is sent
+/// at once, and boosted.
+@Suite(.serialized, .enabled(if: Requirement.root.shouldRun && Requirement.bpf.shouldRun, "needs root and the bpf syscall"))
+struct KernelEventGatingTests {
+    @Test func onlyWakeUpsThatWaitForTheirCPUReachTheDaemon() throws {
+        try Requirement.root.check(); try Requirement.bpf.check()
+        let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+        guard cpus >= 2 else { return }
+        let cpu = Int(cpus - 1)
+        let d = try DaemonProcess()
+        let c = try d.client()
+        // An idle vCPU that wakes every 2 ms, pinned to the last CPU.
+        let guest = try StandInProcess(vcpus: 1, region: "/dev/shm/pvsched-gating-\(getpid())", arguments: ["--idle-wakeup-us", "2000"])
+        defer { guest.stop() }
+        for t in guest.threads { try LinuxScheduling.setAffinity(ThreadID(t), mask: 1 << UInt64(cpu)) }
+        var p = VMAttach.Params()
+        p.name = "gating"
+        p.pid = guest.pid
+        p.threads = guest.threads
+        p.shm = guest.region
+        p.events = "both"
+        _ = try c.call(VMAttach.self, p)
+        func sample() throws -> (injections: Int64, uncontended: Int64, boosts: Int64) {
+            let s = try c.call("vm.stats", ["vm": "gating"])
+            let vcpus = s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue ?? []
+            return (vcpus.reduce(0) { $0 + ($1["eventsByKind"]?["interrupt_injection"]?.intValue ?? 0) },
+                    vcpus.reduce(0) { $0 + ($1["uncontendedWakeups"]?.intValue ?? 0) },
+                    vcpus.reduce(0) { $0 + ($1["boosts"]?.intValue ?? 0) })
+        }
+        usleep(300_000)
+        // The CPU idle between the wake-ups: most of them are settled in the kernel.
+        let a = try sample()
+        usleep(1_000_000)
+        let b = try sample()
+        let idleSettled = b.uncontended - a.uncontended, idleSent = b.injections - a.injections
+        #expect(idleSettled > 200, "\(a) -> \(b)")
+        #expect(idleSent * 3 < idleSettled, "\(a) -> \(b)")
+        // A busy thread on that CPU: every wake-up waits for it, is sent and boosted.
+        let stop = Atomic(false)
+        let spinner = try PVSchedCore.Thread(name: "spinner") {
+            try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: 1 << UInt64(cpu))
+            while !stop.load(ordering: .relaxed) {}
+        }
+        usleep(300_000)
+        let e = try sample()
+        usleep(1_000_000)
+        let f = try sample()
+        stop.store(true, ordering: .relaxed)
+        spinner.join()
+        let busySettled = f.uncontended - e.uncontended, busySent = f.injections - e.injections
+        #expect(busySent > 200, "\(e) -> \(f)")
+        #expect(busySettled * 10 < busySent, "\(e) -> \(f)")
+        #expect(f.boosts - e.boosts > 200, "\(e) -> \(f)")
     }
 }

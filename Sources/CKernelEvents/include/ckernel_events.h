@@ -34,4 +34,7 @@ int pvs_kev_unwatch_process(struct pvs_kev *h, uint32_t tgid);
 int pvs_kev_poll(struct pvs_kev *h, int timeout_ms, const struct pvsched_kvm_event **records);
 /* Records the BPF side dropped because the ring buffer was full. */
 uint64_t pvs_kev_dropped(struct pvs_kev *h);
+/* Wake-ups of watched thread `tid` that ran and slept again without waiting for
+ * their CPU (no record was sent for them); 0 for a thread not watched. */
+uint64_t pvs_kev_settled(struct pvs_kev *h, uint32_t tid);
 #endif

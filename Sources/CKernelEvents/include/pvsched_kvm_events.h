@@ -33,6 +33,9 @@ enum pvsched_kvm_event_kind {
     /* A watched vCPU thread was switched in (it runs again and goes back into the
      * guest; under PVM kvm_entry does not fire, so this stands for the entry). */
     PVSCHED_KEV_RUN = 9,
+    /* (The WAKING record of a wake-up whose CPU was idle comes later, if at all:
+     * when the thread is preempted before it sleeps again. Its time is the
+     * wake-up's.) */
     /* A signal is being sent to a watched vCPU thread (signal_generate): how a
      * VMM with a userspace irqchip kicks a running vCPU out of the guest to
      * deliver an interrupt. `vector` is the signal number. */
@@ -50,17 +53,28 @@ struct pvsched_kvm_event {
     pvs_u32 cpu;
     pvs_u32 vm;        /* the daemon's slot for the VM (from the filter maps) */
     pvs_u32 vcpu;      /* the vCPU index (the APIC id for ACCEPT_IRQ) */
-    pvs_u32 pad;
+    pvs_u32 urgent;    /* 1: the record woke the consumer (or would have, had it been asleep) */
 };
 
-/* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU;
- * `woken` is the BPF side's own note that the thread was woken and has not run
- * since (the daemon writes 0). */
+/* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU
+ * (the daemon writes them, and 0 in the rest). The BPF side's own notes:
+ * - `woken`: the thread was woken and has not run since;
+ * - `deferred`: its last wake-up found its CPU idle, so no record was sent for it
+ *   (a boost cannot make a thread that runs at once run sooner); the WAKING
+ *   record is sent if the thread is preempted before it sleeps again (with the
+ *   preemption's time in `arg`);
+ * - `waking_ns`, `vector`: that wake-up's time and correlated vector;
+ * - `settled`: wake-ups that ran and slept again without waiting for their CPU
+ *   (no record, no consumer wake-up: what the daemon was spared). */
 struct pvsched_kvm_vcpu {
     pvs_u32 vm;
     pvs_u32 vcpu;
     pvs_u32 woken;
+    pvs_u32 deferred;
+    pvs_u64 waking_ns;
+    pvs_u32 vector;
     pvs_u32 pad;
+    pvs_u64 settled;
 };
 
 #define PVSCHED_KEV_MAX_THREADS 4096

@@ -110,6 +110,9 @@ public struct VCPUStatistics: Equatable, Sendable {
     public var boostBlocked: String?
     /// Why boosts are applied in another class than the VM's (its cgroup refuses real-time).
     public var boostClassFallback: String?
+    /// Wake-ups of the vCPU thread that found its CPU idle and slept again unpreempted:
+    /// the host kernel's events skip them (nil: the VM takes no kernel events).
+    public var uncontendedWakeups: UInt64?
     public var owner: String
     /// Decision latency: bucket upper bounds (ns), counts (the last one unbounded), count and exact sum.
     public var latencyBoundsNs: [UInt64]
@@ -138,7 +141,8 @@ public struct VCPUStatistics: Equatable, Sendable {
          "boostedNs": JSON(boostedNs), "throttles": JSON(throttles), "repaying": .bool(repaying), "repayments": JSON(repayments),
          "repaymentNs": JSON(repaymentNs), "vetoes": ["throttled": JSON(vetoesThrottled), "vm_share": JSON(vetoesVMShare)],
          "failedBoosts": Self.counts(failedBoosts), "boostBlocked": JSON(boostBlocked),
-         "boostClassFallback": JSON(boostClassFallback), "owner": .string(owner),
+         "boostClassFallback": JSON(boostClassFallback), "uncontendedWakeups": uncontendedWakeups.map { JSON($0) } ?? .null,
+         "owner": .string(owner),
          "decisionLatency": ["count": JSON(latencyCount), "sumNs": JSON(latencySumNs),
                              "bucketsLeNs": .array(latencyBoundsNs.map { JSON($0) }), "counts": .array(latencyCounts.map { JSON($0) })]]
     }
@@ -154,6 +158,7 @@ public struct VCPUStatistics: Equatable, Sendable {
         vetoesVMShare = UInt64(clamping: json["vetoes"]?["vm_share"]?.intValue ?? 0)
         failedBoosts = Self.counts(json["failedBoosts"]); boostBlocked = r.optionalString("boostBlocked")
         boostClassFallback = r.optionalString("boostClassFallback")
+        uncontendedWakeups = r.optionalInt("uncontendedWakeups").map { UInt64(clamping: $0) }
         owner = r.optionalString("owner") ?? "pvsched"
         let l = json["decisionLatency"]
         latencyBoundsNs = (l?["bucketsLeNs"]?.arrayValue ?? []).compactMap { $0.intValue.map { UInt64($0) } }
