@@ -70,6 +70,15 @@ struct {
     __type(value, struct pvsched_kvm_vcpu);
 } vcpu_threads SEC(".maps");
 
+/* tid -> 1: vCPU threads whose boost the daemon holds through their halts (their
+ * guest's next deadline is near): their sleep wakes no one. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, PVSCHED_KEV_MAX_THREADS);
+    __type(key, u32);
+    __type(value, u32);
+} held_threads SEC(".maps");
+
 /* tgid -> vm: the VMM processes of attached VMs. */
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -243,12 +252,13 @@ int on_switch(u64 *ctx) {
         if (prev_state != 0 && !(u8)ctx[0]) {
             /* Blocking (not preempted, not runnable): the vCPU thread waits (a halt, or
              * the VMM's own wait). After a wake-up that never waited: nothing to send.
-             * Otherwise the consumer is woken if a boost may have to end. */
+             * Otherwise the consumer is woken if a boost may have to end (not one the
+             * daemon holds through halts). */
             if (v->deferred) {
                 v->deferred = 0;
                 v->settled += 1;
             } else {
-                u64 flags = looks_boosted(prev) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+                u64 flags = looks_boosted(prev) && !bpf_map_lookup_elem(&held_threads, &tid) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
                 emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags);
             }
         } else if (v->deferred) {

@@ -43,7 +43,7 @@ struct pvs_kev {
     char errors[MAX_PROGRAMS][96];
     int states[MAX_PROGRAMS];
     int count;
-    int threads_fd, processes_fd, dropped_fd;
+    int threads_fd, processes_fd, dropped_fd, held_fd;
     struct ring_buffer *rb;
     struct pvsched_kvm_event *buf;
     int buf_len, buf_cap;
@@ -153,9 +153,10 @@ struct pvs_kev *pvs_kev_open(const void *object, size_t length, char *err, size_
     h->threads_fd = L.find_map_fd(h->obj, "vcpu_threads");
     h->processes_fd = L.find_map_fd(h->obj, "vmm_processes");
     h->dropped_fd = L.find_map_fd(h->obj, "dropped");
+    h->held_fd = L.find_map_fd(h->obj, "held_threads");
     int events_fd = L.find_map_fd(h->obj, "events");
     h->rb = events_fd >= 0 ? L.rb_new(events_fd, on_sample, h, NULL) : NULL;
-    if (!h->rb || h->threads_fd < 0 || h->processes_fd < 0) {
+    if (!h->rb || h->threads_fd < 0 || h->processes_fd < 0 || h->held_fd < 0) {
         snprintf(err, errlen, "the BPF object lacks its maps or ring buffer");
         pvs_kev_close(h);
         return NULL;
@@ -181,7 +182,16 @@ int pvs_kev_watch_thread(struct pvs_kev *h, uint32_t tid, uint32_t vm, uint32_t 
     struct pvsched_kvm_vcpu v = { .vm = vm, .vcpu = vcpu };
     return L.map_update(h->threads_fd, &tid, &v, 0);
 }
-int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid) { return L.map_delete(h->threads_fd, &tid); }
+int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid) {
+    L.map_delete(h->held_fd, &tid);
+    return L.map_delete(h->threads_fd, &tid);
+}
+int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, int held) {
+    uint32_t one = 1;
+    if (held) return L.map_update(h->held_fd, &tid, &one, 0);
+    int r = L.map_delete(h->held_fd, &tid);
+    return r == -ENOENT ? 0 : r;
+}
 int pvs_kev_watch_process(struct pvs_kev *h, uint32_t tgid, uint32_t vm) { return L.map_update(h->processes_fd, &tgid, &vm, 0); }
 int pvs_kev_unwatch_process(struct pvs_kev *h, uint32_t tgid) { return L.map_delete(h->processes_fd, &tgid); }
 

@@ -26,6 +26,12 @@ public enum DeadlineSchedule {
     public static let defaultLeadNs: UInt64 = 200_000
     /// The largest lead accepted (a larger one is clamped).
     public static let maxLeadNs: UInt64 = 100_000_000
+    /// A boost the vCPU's halt would end is held through the halt when the guest's
+    /// next deadline is at most this far off (and the driver keeps a boost at that
+    /// deadline): it would be given back that soon, at the cost of two changes of
+    /// the thread and a wake-up of the enforcer, and it costs the host nothing while
+    /// its thread sleeps (see `VCPULane.hold`).
+    public static let holdNs: UInt64 = 2_000_000
 }
 
 /// A VM's deadline lead: how long before a published deadline it is announced
@@ -76,6 +82,20 @@ public struct DeadlineSlot: Equatable, Sendable {
         entry!.announced = true
         lastAnnouncedNs = now
         return e.hostNs > now ? e.hostNs - now : 0
+    }
+
+    /// The time left until the recorded deadline, announced or not, if it is at most
+    /// `withinNs` off (nil otherwise).
+    public func ahead(now: UInt64, withinNs: UInt64) -> UInt64? {
+        guard let e = entry, e.hostNs > now, e.hostNs - now <= withinNs else { return nil }
+        return e.hostNs - now
+    }
+
+    /// Marks the recorded deadline announced: what it would start is in place already.
+    public mutating func settle(now: UInt64) {
+        guard entry != nil, !entry!.announced else { return }
+        entry!.announced = true
+        lastAnnouncedNs = now
     }
 
     /// When the recorded deadline falls due; nil when none waits.

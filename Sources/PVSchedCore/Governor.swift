@@ -162,6 +162,10 @@ public struct VCPUBudget: Equatable, Sendable {
     private var lastWallNs: UInt64?
     private var lastCPUNs: UInt64 = 0
     public private(set) var throttledUntil: UInt64 = 0
+    /// The running boost is held through the vCPU's halts (`VCPULane.hold`): while
+    /// it is, the time its thread does not run refills the budgets, as unboosted
+    /// time does, so that only CPU time run in a row spends them.
+    public private(set) var spansHalts = false
 
     public init(_ config: GovernorConfig) {
         critical = config.criticalBudgetNs
@@ -187,16 +191,30 @@ public struct VCPUBudget: Equatable, Sendable {
         let wall = now > since ? now - since : 0
         if boosted {
             let cpu = cpuNs.map { $0 > lastCPUNs ? $0 - lastCPUNs : 0 } ?? wall
+            // Held through halts: the time not run refills first (the CPU time may have
+            // been run in one stretch at the end), then the CPU time is charged.
+            if spansHalts, wall > cpu { refill(config, by: wall - cpu) }
             self[charging] = self[charging] > cpu ? self[charging] - cpu : 0
             share.charge(cpu)
             if let cpuNs { lastCPUNs = cpuNs }
         } else {
-            let (c, oc) = critical.addingReportingOverflow(wall)
-            let (g, og) = general.addingReportingOverflow(wall)
-            critical = oc ? config.criticalBudgetNs : min(c, config.criticalBudgetNs)
-            general = og ? config.generalBudgetNs : min(g, config.generalBudgetNs)
+            refill(config, by: wall)
         }
         lastWallNs = now
+    }
+
+    private mutating func refill(_ config: GovernorConfig, by ns: UInt64) {
+        let (c, oc) = critical.addingReportingOverflow(ns)
+        let (g, og) = general.addingReportingOverflow(ns)
+        critical = oc ? config.criticalBudgetNs : min(c, config.criticalBudgetNs)
+        general = og ? config.generalBudgetNs : min(g, config.generalBudgetNs)
+    }
+
+    /// The running boost is held through the vCPU's halts from `now` on (see `spansHalts`).
+    public mutating func holdThroughHalts(_ config: GovernorConfig, _ share: VMShare, now: UInt64, cpuNs: UInt64?) {
+        guard boosted, !spansHalts else { return }
+        account(config, share, now: now, cpuNs: cpuNs)
+        spansHalts = true
     }
 
     /// May a boost charged to `budget` start now? `cpuNs` is the thread's CPU time now
@@ -205,6 +223,7 @@ public struct VCPUBudget: Equatable, Sendable {
                                budget: BoostBudget) -> GovernorVeto? {
         share.roll(config, now: now)
         if boosted { return nil }
+        spansHalts = false
         if now < throttledUntil { return .throttled(untilNs: throttledUntil) }
         let limit = share.limitNs(config)
         let used = share.used
@@ -224,6 +243,7 @@ public struct VCPUBudget: Equatable, Sendable {
         guard boosted else { return }
         account(config, share, now: now, cpuNs: cpuNs)
         boosted = false
+        spansHalts = false
         share.boostEnded()
     }
 
@@ -239,6 +259,7 @@ public struct VCPUBudget: Equatable, Sendable {
         if let budget { charging = budget }
         if self[charging] < Self.granularity(of: config[charging]) {
             boosted = false
+            spansHalts = false
             share.boostEnded()
             let (until, overflow) = now.addingReportingOverflow(config.throttleWindowNs)
             throttledUntil = overflow ? .max : until
@@ -248,6 +269,7 @@ public struct VCPUBudget: Equatable, Sendable {
             let limit = share.limitNs(config)
             let used = share.used
             boosted = false
+            spansHalts = false
             share.boostEnded()
             return .vmShareExhausted(usedNs: used, limitNs: limit)
         }

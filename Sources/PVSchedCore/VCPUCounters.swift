@@ -34,6 +34,8 @@ public struct VCPUStats: Equatable, Sendable {
     /// repayment time they were given in all.
     public var repayments: UInt64 = 0
     public var repaymentNs: UInt64 = 0
+    /// Halts the boost was held through, the guest's next deadline near (`VCPULane.hold`).
+    public var holds: UInt64 = 0
     /// Whether the vCPU thread is boosted now (a snapshot, not a counter).
     public var boosted: Bool = false
     /// Whether the vCPU thread is repaying a boost now (a snapshot).
@@ -54,6 +56,7 @@ public struct VCPUStats: Equatable, Sendable {
         vetoesThrottled &+= o.vetoesThrottled; vetoesVMShare &+= o.vetoesVMShare
         decisionLatency.add(o.decisionLatency); boosted = boosted || o.boosted
         repayments &+= o.repayments; repaymentNs &+= o.repaymentNs; repaying = repaying || o.repaying
+        holds &+= o.holds
         failedBoosts.add(o.failedBoosts); boostBlocked = boostBlocked ?? o.boostBlocked
     }
 }

@@ -51,6 +51,8 @@ public struct LaneStep: Equatable, Sendable {
     public var boostsDelta = 0
     /// The parameters of the boost that began (the companions run one priority above).
     public var boostParameters: SchedulingParameters?
+    /// The boost began (true) or stopped (false) being held through the vCPU's halts.
+    public var held: Bool?
     public var notes: [LaneNote] = []
     public init() {}
 
@@ -59,6 +61,7 @@ public struct LaneStep: Equatable, Sendable {
         if let a = other.alarmAt { alarmAt = min(alarmAt ?? .max, a) }
         boostsDelta += other.boostsDelta
         boostParameters = other.boostParameters ?? boostParameters
+        held = other.held ?? held
         notes += other.notes
     }
 }
@@ -110,6 +113,8 @@ public struct VCPULane: Sendable {
     /// The deadline the guest published (see `DeadlineSchedule`).
     var deadline = DeadlineSlot()
     public internal(set) var stats = VCPUStats()
+    /// Whether the binding was told that the boost is held (`LaneStep.held`).
+    var heldThroughHalts = false
     /// When the counters were last published for the control plane.
     var publishedAtNs: UInt64 = 0
     var attachedGeneration: UInt64 = 0
@@ -120,6 +125,8 @@ public struct VCPULane: Sendable {
     public init(config: GovernorConfig) { budget = VCPUBudget(config) }
 
     public var isBoosted: Bool { boostStart != nil }
+    /// The running boost is held through the vCPU's halts (see `hold`).
+    public var isHeld: Bool { boostStart != nil && budget.spansHalts }
     public var isRepaying: Bool { ledger.isRepaying }
     /// When the repayment in progress ends (nil: none).
     public var repaymentEndNs: UInt64? { ledger.repayingUntilNs }
@@ -186,6 +193,25 @@ public struct VCPULane: Sendable {
     }
 
     // MARK: boosts
+
+    /// The vCPU goes idle and the driver would end its boost, but the guest's next
+    /// deadline is near and the driver keeps a boost at it (the binding asked): the
+    /// boost is held through the halt instead. The thread sleeps boosted, which costs
+    /// the host nothing, and wakes boosted for its deadline, with no change of the
+    /// thread either way and no wake-up of the enforcer to announce the deadline.
+    /// While held, the budgets refill while the thread does not run
+    /// (`VCPUBudget.spansHalts`); the boost ends like any other (an unboost at a
+    /// halt with no deadline near, a cut, an undo).
+    public mutating func hold(_ ctx: LaneContext) -> LaneStep {
+        var step = LaneStep()
+        guard boostStart != nil else { return step }
+        budget.holdThroughHalts(ctx.config, ctx.share, now: ctx.now, cpuNs: ctx.cpuNs)
+        deadline.settle(now: ctx.now)
+        stats.holds &+= 1
+        step.alarmAt = budget.nextCheckNs(ctx.config, ctx.share)
+        if !heldThroughHalts { heldThroughHalts = true; step.held = true }
+        return step
+    }
 
     /// Cuts the running boost if it ran past its budget (or the VM's share).
     public mutating func cutIfOverrun(_ ctx: LaneContext) -> (veto: GovernorVeto?, step: LaneStep) {
@@ -286,6 +312,7 @@ public struct VCPULane: Sendable {
     private mutating func clearBoost(_ now: UInt64) -> LaneStep {
         var step = LaneStep()
         guard let start = boostStart else { return step }
+        if heldThroughHalts { heldThroughHalts = false; step.held = false }
         stats.boostedNs &+= now > start ? now - start : 0
         boostStart = nil
         step.boostsDelta = -1

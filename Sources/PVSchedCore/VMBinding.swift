@@ -42,6 +42,12 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         let ring: @Sendable () -> Void
         init(_ ring: @escaping @Sendable () -> Void) { self.ring = ring }
     }
+    /// Rung when a vCPU's boost begins or stops being held through its halts.
+    private let holdBell = Mutex<HoldBell?>(nil)
+    private final class HoldBell: Sendable {
+        let ring: @Sendable (ThreadID, Bool) -> Void
+        init(_ ring: @escaping @Sendable (ThreadID, Bool) -> Void) { self.ring = ring }
+    }
     /// Just above this VM's boosts (`BoostSettings.preemptingPriority`).
     public var enforcerPriority: UInt8? { boost.preemptingPriority }
     /// Consecutive unsettled reads of a vCPU's line after which the area is
@@ -178,7 +184,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             s.note(event, interruptStillQueued: interruptStillQueued)
             let view = s.view(vcpu: vcpu, guest: guest, now: now)
             let failedBefore = driver.failedDecisions
-            let decision = driver.decide(event: event, view: view)
+            var decision = driver.decide(event: event, view: view)
             let decided = clock.nowNs()
             if driver.failedDecisions != failedBefore {
                 s.failureStreak += 1
@@ -193,6 +199,13 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             // boost: cyclic's fair-class guest p99 1.4-1.5x static-rt's with it, 0.9x without).
             let idle = Self.goesIdle(event, guest: guest)
             var decided2 = idle ? s.endRepayment(dueBy: nil) : LaneStep()
+            // An unboost at a halt shortly before the guest's next deadline: if the
+            // driver keeps a boost at that deadline, the boost is held through the halt.
+            if idle, decision == .unboost, leadNs != nil, let left = s.deadline.ahead(now: now, withinNs: DeadlineSchedule.holdNs),
+               driver.decide(event: .deadline(inNs: left), view: view) == .none {
+                decision = .none
+                decided2.merge(s.hold(ctx))
+            }
             let (planned, decisionStep) = s.carryOut(decision, ctx, idle: idle)
             decided2.merge(decisionStep)
             var result = carry(&decided2, &s, vcpu: vcpu, ctx) ?? planned
@@ -246,6 +259,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         lanes[vcpu].repaymentEnd.store(s.repaymentEndNs ?? 0, ordering: .relaxed)
         if let at = step.alarmAt { needCheck(at: at) }
         if step.boostsDelta != 0 { companionsFollow(boostedVCPUs: step.boostsDelta, parameters: step.boostParameters ?? boost.boosted) }
+        if let held = step.held, let thread = s.thread { holdBell.withLock { $0 }?.ring(thread, held) }
         for n in step.notes { say(n, vcpu: vcpu) }
         step = LaneStep()
         return outcome
@@ -297,6 +311,12 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         let area = dispatch.load(ordering: .acquiring).area
         for (i, lane) in lanes.enumerated() {
             let wasCut: Bool = lane.state.withLock { s in
+                // A lane with no boost and no repayment has nothing to enforce: no
+                // context (its thread's CPU time is a read of /proc for another process's thread).
+                guard s.isBoosted || s.isRepaying else {
+                    if s.publishedAtNs != now { publishStats(&s, vcpu: i, now: now) }
+                    return false
+                }
                 let ctx = context(s, now: now)
                 var (veto, step) = s.enforce(ctx)
                 carry(&step, &s, vcpu: i, ctx)
@@ -352,6 +372,14 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             current = seen
         }
         alarm.need(checkAtNs: at)
+    }
+
+    /// Calls `bell` with a vCPU's thread whenever its boost begins (true) or stops
+    /// (false) being held through its halts (see `VCPULane.hold`): the host kernel's
+    /// event source then need not wake anyone at the thread's halts.
+    public func setHoldBell(_ bell: (@Sendable (ThreadID, Bool) -> Void)?) {
+        let box = bell.map(HoldBell.init)
+        holdBell.withLock { $0 = box }
     }
 
     /// Rings `bell` whenever a vCPU thread that slept runs again (see `lineMayHaveChanged`).

@@ -147,6 +147,7 @@ extension ControlHandler {
                 latencyCount: st.decisionLatency.total, latencySumNs: st.decisionLatency.sumNs)
             out.boostClassFallback = (i < threads.count ? threads[i] : nil).flatMap(host.actuator.classFallback(of:))
             out.uncontendedWakeups = (i < threads.count ? threads[i] : nil).flatMap(host.uncontendedWakeups(of:))
+            out.holds = st.holds
             return out
         }
         return VMStatistics(id: s.handle.id, name: s.handle.name, driver: b?.driver?.name, state: "\(s.state)", vcpus: vcpus)

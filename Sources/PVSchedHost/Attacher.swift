@@ -134,7 +134,9 @@ struct Attacher {
                 k.watch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process, threads: found.vcpus.map { Optional(ThreadID($0)) }, sink: session.events)
                 kernelSource = k
                 said.append(k.summary)
+                binding.setHoldBell { thread, held in k.hold(thread, held) }
                 session.onDetach {
+                    binding.setHoldBell(nil)
                     k.unwatch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process,
                               threads: current.threads.withLock { $0.vcpus }.map { Optional(ThreadID($0)) })
                 }

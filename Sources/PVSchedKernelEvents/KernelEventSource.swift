@@ -155,6 +155,14 @@ public final class KernelEventSource: Sendable {
         return counts
     }
 
+    /// Thread `thread`'s boost is held through its halts (`held`) or no longer: a held
+    /// thread's sleep wakes no one (the records come with the next urgent one, or the
+    /// consumer's next look).
+    public func hold(_ thread: ThreadID, _ held: Bool) {
+        guard running.load(ordering: .relaxed) else { return }
+        _ = pvs_kev_hold(handle.raw, UInt32(bitPattern: thread.rawValue), held ? 1 : 0)
+    }
+
     /// Wake-ups of watched thread `thread` that found their CPU idle and slept again
     /// unpreempted (nil: not watched).
     public func uncontendedWakeups(of thread: ThreadID) -> UInt64? {

@@ -335,3 +335,146 @@ import Testing
         #expect(b.nextEnforcerWakeNs() == nil)
     }
 }
+
+/// A boost that a halt would end shortly before the guest's next deadline is held
+/// through the halt: the thread sleeps boosted and wakes boosted, with no change of
+/// the thread and no announcement, while its budgets keep bounding what it runs.
+@Suite struct HoldThroughHaltTests {
+    /// A latency-like driver: boosts for injections, deadlines and RT work, ends the boost at a halt.
+    static func driver() -> ScriptedDriver {
+        ScriptedDriver("hold") { e, v in
+            switch e {
+            case .interruptInjection, .deadline: return v.boosted ? .none : .boost()
+            case .halt: return v.boosted ? .unboost : .none
+            default: return .none
+            }
+        }
+    }
+
+    final class Rings: Sendable {
+        let rings = Mutex<[(Int32, Bool)]>([])
+        var all: [String] { rings.withLock { $0.map { "\($0.0):\($0.1)" } } }
+    }
+
+    func setup(_ config: GovernorConfig = .unlimited) throws -> (VMBinding, RecordingActuator, SharedAreaBuffer, ManualClock, Rings) {
+        let clock = ManualClock(startNs: 10_000_000_000)
+        let r = DriverRegistry()
+        try r.register(Self.driver())
+        try r.setDefault("hold")
+        let act = RecordingActuator()
+        let b = try r.bind(vm: testVM, actuator: act, governor: config, clock: clock)
+        b.setThread(ThreadID(100), vcpu: 0)
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        let rings = Rings()
+        b.setHoldBell { t, held in rings.rings.withLock { $0.append((t.rawValue, held)) } }
+        return (b, act, buf, clock, rings)
+    }
+
+    /// The guest publishes its next deadline `inNs` from now (its clock is the host's here).
+    func publish(_ buf: SharedAreaBuffer, _ clock: ManualClock, deadlineInNs: UInt64?, idle: Bool) {
+        buf.writer.update(vcpu: 0) { g in
+            g.flags = idle ? GuestVCPUState.Flags.idle.rawValue : GuestVCPUState.Flags.rtTaskRunning.rawValue
+            g.guest_clock_ns = clock.nowNs()
+            g.next_deadline_ns = deadlineInNs.map { clock.nowNs() + $0 } ?? 0
+        }
+    }
+
+    @Test func aHaltShortlyBeforeTheNextDeadlineKeepsTheBoostAndOneFarOffEndsIt() throws {
+        let (b, act, buf, clock, rings) = try setup()
+        let thread = ThreadID(100)
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        let changes = act.calls.count
+        // Idle until its next deadline, 1 ms off: the boost is held, the thread untouched.
+        clock.advance(by: 50_000)
+        publish(buf, clock, deadlineInNs: 950_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(act.applied(to: thread) != nil)
+        #expect(act.calls.count == changes)
+        #expect(b.stats(vcpu: 0).holds == 1)
+        #expect(rings.all == ["100:true"])
+        // Nothing to announce: what the deadline would start is in place.
+        clock.advance(by: 900_000)
+        #expect(b.announceDeadlines() == 0)
+        // It wakes boosted for the deadline, runs, halts again before the next: held again, one ring only.
+        clock.advance(by: 100_000)
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .unchanged)
+        clock.advance(by: 50_000)
+        publish(buf, clock, deadlineInNs: 950_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(b.stats(vcpu: 0).holds == 2)
+        #expect(act.calls.count == changes)
+        // The same halt seen again (records the daemon reads late): still held.
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(b.stats(vcpu: 0).holds == 3)
+        // A halt with the next deadline 10 ms off ends the boost: back to its own parameters.
+        clock.advance(by: 950_000)
+        publish(buf, clock, deadlineInNs: 10_000_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(act.applied(to: thread) == nil)
+        #expect(rings.all == ["100:true", "100:false"])
+        // And a halt with no deadline at all does not hold.
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        publish(buf, clock, deadlineInNs: nil, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+    }
+
+    /// A driver that would not keep a boost at the deadline gets its unboost.
+    @Test func aDriverThatWouldNotBoostAtTheDeadlineIsNotOverruled() throws {
+        let clock = ManualClock(startNs: 10_000_000_000)
+        let r = DriverRegistry()
+        try r.register(ScriptedDriver("s") { e, v in
+            switch e {
+            case .interruptInjection: return v.boosted ? .none : .boost()
+            case .halt, .deadline: return v.boosted ? .unboost : .none
+            default: return .none
+            }
+        })
+        try r.setDefault("s")
+        let act = RecordingActuator()
+        let b = try r.bind(vm: testVM, actuator: act, governor: .unlimited, clock: clock)
+        b.setThread(ThreadID(100), vcpu: 0)
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        publish(buf, clock, deadlineInNs: 900_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(b.stats(vcpu: 0).holds == 0)
+    }
+
+    /// While held, only CPU time run in a row spends the budget: a thread that sleeps
+    /// between short runs keeps its boost for as long as it goes on so, and one that
+    /// runs on is cut at its budget like any boost (and the hold ends with it).
+    @Test func aHeldBoostIsBudgetedByTheCPUItRunsInARow() throws {
+        let config = GovernorConfig(criticalBudgetNs: 2_000_000, generalBudgetNs: 2_000_000, throttleWindowNs: 10_000_000,
+                                    shareWindowNs: .max, maxVMShare: 1)
+        let (b, act, buf, clock, rings) = try setup(config)
+        let thread = ThreadID(100)
+        var cpu: UInt64 = 1_000_000_000
+        act.setCPUTime(cpu, of: thread)
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        // 100 periods of 1 ms, 200 µs of work each: 20 ms of CPU in all, 10x the budget, never cut.
+        for _ in 0..<100 {
+            clock.advance(by: 200_000); cpu += 200_000; act.setCPUTime(cpu, of: thread)
+            publish(buf, clock, deadlineInNs: 800_000, idle: true)
+            #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+            clock.advance(by: 800_000)
+            #expect(b.enforceBudgets() == 0)
+            publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+            #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .unchanged)
+        }
+        #expect(b.stats(vcpu: 0).holds == 100)
+        // Now it runs on: the enforcer's look finds 2 ms run in a row, and cuts.
+        let next = try #require(b.nextEnforcerWakeNs())
+        #expect(next <= clock.nowNs() + 2_000_000)
+        clock.advance(by: 2_000_000); cpu += 2_000_000; act.setCPUTime(cpu, of: thread)
+        #expect(b.enforceBudgets() == 1)
+        #expect(act.applied(to: thread) == nil)
+        #expect(rings.all == ["100:true", "100:false"])
+    }
+}

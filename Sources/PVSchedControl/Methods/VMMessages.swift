@@ -113,6 +113,8 @@ public struct VCPUStatistics: Equatable, Sendable {
     /// Wake-ups of the vCPU thread that found its CPU idle and slept again unpreempted:
     /// the host kernel's events skip them (nil: the VM takes no kernel events).
     public var uncontendedWakeups: UInt64?
+    /// Halts the vCPU's boost was held through, its guest's next deadline near.
+    public var holds: UInt64 = 0
     public var owner: String
     /// Decision latency: bucket upper bounds (ns), counts (the last one unbounded), count and exact sum.
     public var latencyBoundsNs: [UInt64]
@@ -139,7 +141,7 @@ public struct VCPUStatistics: Equatable, Sendable {
         ["index": JSON(index), "thread": thread.map { JSON($0) } ?? .null, "boosted": .bool(boosted), "events": JSON(events),
          "eventsByKind": Self.counts(eventsByKind), "outcomes": Self.counts(outcomes), "boosts": JSON(boosts),
          "boostedNs": JSON(boostedNs), "throttles": JSON(throttles), "repaying": .bool(repaying), "repayments": JSON(repayments),
-         "repaymentNs": JSON(repaymentNs), "vetoes": ["throttled": JSON(vetoesThrottled), "vm_share": JSON(vetoesVMShare)],
+         "repaymentNs": JSON(repaymentNs), "holds": JSON(holds), "vetoes": ["throttled": JSON(vetoesThrottled), "vm_share": JSON(vetoesVMShare)],
          "failedBoosts": Self.counts(failedBoosts), "boostBlocked": JSON(boostBlocked),
          "boostClassFallback": JSON(boostClassFallback), "uncontendedWakeups": uncontendedWakeups.map { JSON($0) } ?? .null,
          "owner": .string(owner),
@@ -159,6 +161,7 @@ public struct VCPUStatistics: Equatable, Sendable {
         failedBoosts = Self.counts(json["failedBoosts"]); boostBlocked = r.optionalString("boostBlocked")
         boostClassFallback = r.optionalString("boostClassFallback")
         uncontendedWakeups = r.optionalInt("uncontendedWakeups").map { UInt64(clamping: $0) }
+        holds = UInt64(clamping: r.optionalInt("holds") ?? 0)
         owner = r.optionalString("owner") ?? "pvsched"
         let l = json["decisionLatency"]
         latencyBoundsNs = (l?["bucketsLeNs"]?.arrayValue ?? []).compactMap { $0.intValue.map { UInt64($0) } }
