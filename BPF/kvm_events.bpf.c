@@ -70,13 +70,14 @@ struct {
     __type(value, struct pvsched_kvm_vcpu);
 } vcpu_threads SEC(".maps");
 
-/* tid -> 1: vCPU threads whose boost the daemon holds through their halts (their
- * guest's next deadline is near): their sleep wakes no one. */
+/* tid -> the earliest wake-up (CLOCK_MONOTONIC ns) of the deadline for which the
+ * daemon holds the vCPU thread's boost through its halt: a wake-up of that thread
+ * before it is not the one the boost was held for, and wakes the daemon. */
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, PVSCHED_KEV_MAX_THREADS);
     __type(key, u32);
-    __type(value, u32);
+    __type(value, u64);
 } held_threads SEC(".maps");
 
 /* tgid -> vm: the VMM processes of attached VMs. */
@@ -220,8 +221,9 @@ int on_waking(u64 *ctx) {
 
 /* The woken vCPU thread is queued on its CPU. Its WAKING record wakes the consumer
  * when the thread must wait for that CPU. A thread already real-time (boosted
- * ahead of a deadline it published) runs at once without the consumer: its record
- * wakes no one. A thread whose CPU is idle runs at once as well: no record now
+ * ahead of a deadline it published, or held through its halt for it) runs at once
+ * without the consumer: its record wakes no one, unless the thread was held for a
+ * deadline it wakes too early for. A thread whose CPU is idle runs at once as well: no record now
  * (`deferred`), and none at all if it sleeps again unpreempted (`settled`). */
 SEC("tp_btf/sched_wakeup")
 int on_wakeup(u64 *ctx) {
@@ -230,8 +232,11 @@ int on_wakeup(u64 *ctx) {
     struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
     if (!v || !v->woken) return 0;
     if (real_time(p)) {
+        /* Held for a deadline: a wake-up before it is for something else. */
+        u64 *held = bpf_map_lookup_elem(&held_threads, &tid);
+        u64 flags = held && v->waking_ns < *held ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
         v->deferred = 0;
-        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, BPF_RB_NO_WAKEUP);
+        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, flags);
     } else if (runs_at_once(p)) {
         v->deferred = 1;
     } else {
@@ -252,13 +257,13 @@ int on_switch(u64 *ctx) {
         if (prev_state != 0 && !(u8)ctx[0]) {
             /* Blocking (not preempted, not runnable): the vCPU thread waits (a halt, or
              * the VMM's own wait). After a wake-up that never waited: nothing to send.
-             * Otherwise the consumer is woken if a boost may have to end (not one the
-             * daemon holds through halts). */
+             * Otherwise the consumer is woken if a boost may have to end (or be held
+             * through this halt). */
             if (v->deferred) {
                 v->deferred = 0;
                 v->settled += 1;
             } else {
-                u64 flags = looks_boosted(prev) && !bpf_map_lookup_elem(&held_threads, &tid) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+                u64 flags = looks_boosted(prev) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
                 emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags);
             }
         } else if (v->deferred) {

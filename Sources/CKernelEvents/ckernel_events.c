@@ -186,9 +186,8 @@ int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid) {
     L.map_delete(h->held_fd, &tid);
     return L.map_delete(h->threads_fd, &tid);
 }
-int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, int held) {
-    uint32_t one = 1;
-    if (held) return L.map_update(h->held_fd, &tid, &one, 0);
+int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, uint64_t earliest_ns) {
+    if (earliest_ns) return L.map_update(h->held_fd, &tid, &earliest_ns, 0);
     int r = L.map_delete(h->held_fd, &tid);
     return r == -ENOENT ? 0 : r;
 }

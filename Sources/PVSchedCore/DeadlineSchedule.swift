@@ -32,6 +32,9 @@ public enum DeadlineSchedule {
     /// the thread and a wake-up of the enforcer, and it costs the host nothing while
     /// its thread sleeps (see `VCPULane.hold`).
     public static let holdNs: UInt64 = 2_000_000
+    /// An interrupt that wakes a vCPU whose boost is held for a deadline more than
+    /// this before it is for something else: the hold ends and the driver decides.
+    public static let heldEarlyNs: UInt64 = 300_000
 }
 
 /// A VM's deadline lead: how long before a published deadline it is announced

@@ -51,8 +51,9 @@ public struct LaneStep: Equatable, Sendable {
     public var boostsDelta = 0
     /// The parameters of the boost that began (the companions run one priority above).
     public var boostParameters: SchedulingParameters?
-    /// The boost began (true) or stopped (false) being held through the vCPU's halts.
-    public var held: Bool?
+    /// The boost is now held through the vCPU's halt for a deadline (host ns), or
+    /// no longer (nil inside: released).
+    public var held: UInt64??
     public var notes: [LaneNote] = []
     public init() {}
 
@@ -113,8 +114,8 @@ public struct VCPULane: Sendable {
     /// The deadline the guest published (see `DeadlineSchedule`).
     var deadline = DeadlineSlot()
     public internal(set) var stats = VCPUStats()
-    /// Whether the binding was told that the boost is held (`LaneStep.held`).
-    var heldThroughHalts = false
+    /// The deadline (host ns) the running boost is held for (see `hold`).
+    var heldForNs: UInt64?
     /// When the counters were last published for the control plane.
     var publishedAtNs: UInt64 = 0
     var attachedGeneration: UInt64 = 0
@@ -126,7 +127,7 @@ public struct VCPULane: Sendable {
 
     public var isBoosted: Bool { boostStart != nil }
     /// The running boost is held through the vCPU's halts (see `hold`).
-    public var isHeld: Bool { boostStart != nil && budget.spansHalts }
+    public var isHeld: Bool { boostStart != nil && heldForNs != nil }
     public var isRepaying: Bool { ledger.isRepaying }
     /// When the repayment in progress ends (nil: none).
     public var repaymentEndNs: UInt64? { ledger.repayingUntilNs }
@@ -201,15 +202,39 @@ public struct VCPULane: Sendable {
     /// thread either way and no wake-up of the enforcer to announce the deadline.
     /// While held, the budgets refill while the thread does not run
     /// (`VCPUBudget.spansHalts`); the boost ends like any other (an unboost at a
-    /// halt with no deadline near, a cut, an undo).
-    public mutating func hold(_ ctx: LaneContext) -> LaneStep {
+    /// halt with no deadline near, a cut, an undo, or a wake-up well before the
+    /// deadline it was held for: see `release`). The VM's companion threads (the
+    /// VMM's main loop) follow running boosts only: a hold releases them, so that
+    /// a guest that keeps publishing near deadlines does not keep them real-time.
+    public mutating func hold(forNs deadlineNs: UInt64, _ ctx: LaneContext) -> LaneStep {
         var step = LaneStep()
         guard boostStart != nil else { return step }
         budget.holdThroughHalts(ctx.config, ctx.share, now: ctx.now, cpuNs: ctx.cpuNs)
         deadline.settle(now: ctx.now)
         stats.holds &+= 1
         step.alarmAt = budget.nextCheckNs(ctx.config, ctx.share)
-        if !heldThroughHalts { heldThroughHalts = true; step.held = true }
+        if heldForNs == nil { step.boostsDelta = -1 }
+        if heldForNs != deadlineNs { step.held = .some(deadlineNs) }
+        heldForNs = deadlineNs
+        return step
+    }
+
+    /// Whether an interrupt injected at `now` ends the hold: the boost was held for a
+    /// deadline still more than `DeadlineSchedule.heldEarlyNs` off, so this wake-up
+    /// is for something else, which the driver decides on afresh.
+    public func wakesEarly(now: UInt64) -> Bool {
+        guard let at = heldForNs, boostStart != nil else { return false }
+        return now &+ DeadlineSchedule.heldEarlyNs < at
+    }
+
+    /// Ends a held boost with nothing owed (its vCPU woke for something other than
+    /// the deadline it was held for): back at the thread's own parameters.
+    public mutating func release(_ ctx: LaneContext) -> LaneStep {
+        guard heldForNs != nil, boostStart != nil else { return LaneStep() }
+        budget.end(ctx.config, ctx.share, now: ctx.now, cpuNs: ctx.cpuNs)
+        var step = clearBoost(ctx.now)
+        ledger.reset()
+        if let thread { step.actuations.append(.restore(thread, .unboost)) }
         return step
     }
 
@@ -312,10 +337,14 @@ public struct VCPULane: Sendable {
     private mutating func clearBoost(_ now: UInt64) -> LaneStep {
         var step = LaneStep()
         guard let start = boostStart else { return step }
-        if heldThroughHalts { heldThroughHalts = false; step.held = false }
         stats.boostedNs &+= now > start ? now - start : 0
         boostStart = nil
-        step.boostsDelta = -1
+        if heldForNs != nil {
+            heldForNs = nil
+            step.held = .some(nil)  // the companions were released when the hold began
+        } else {
+            step.boostsDelta = -1
+        }
         return step
     }
 

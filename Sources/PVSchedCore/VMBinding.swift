@@ -42,11 +42,11 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         let ring: @Sendable () -> Void
         init(_ ring: @escaping @Sendable () -> Void) { self.ring = ring }
     }
-    /// Rung when a vCPU's boost begins or stops being held through its halts.
+    /// Rung when a vCPU's boost is held through a halt, or no longer.
     private let holdBell = Mutex<HoldBell?>(nil)
     private final class HoldBell: Sendable {
-        let ring: @Sendable (ThreadID, Bool) -> Void
-        init(_ ring: @escaping @Sendable (ThreadID, Bool) -> Void) { self.ring = ring }
+        let ring: @Sendable (ThreadID, UInt64?) -> Void
+        init(_ ring: @escaping @Sendable (ThreadID, UInt64?) -> Void) { self.ring = ring }
     }
     /// Just above this VM's boosts (`BoostSettings.preemptingPriority`).
     public var enforcerPriority: UInt8? { boost.preemptingPriority }
@@ -181,6 +181,14 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             // A boost past its budget is cut first; the driver still sees the event.
             var (cutBy, step) = s.cutIfOverrun(ctx)
             if cutBy != nil { _ = carry(&step, &s, vcpu: vcpu, ctx) }
+            // A boost held for a deadline ends at an interrupt well before it (the
+            // vCPU wakes for something else): the driver decides on that afresh.
+            var releasedHold = false
+            if case .interruptInjection = event, s.wakesEarly(now: now) {
+                var released = s.release(ctx)
+                _ = carry(&released, &s, vcpu: vcpu, ctx)
+                releasedHold = true
+            }
             s.note(event, interruptStillQueued: interruptStillQueued)
             let view = s.view(vcpu: vcpu, guest: guest, now: now)
             let failedBefore = driver.failedDecisions
@@ -204,12 +212,13 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             if idle, decision == .unboost, leadNs != nil, let left = s.deadline.ahead(now: now, withinNs: DeadlineSchedule.holdNs),
                driver.decide(event: .deadline(inNs: left), view: view) == .none {
                 decision = .none
-                decided2.merge(s.hold(ctx))
+                decided2.merge(s.hold(forNs: now &+ left, ctx))
             }
             let (planned, decisionStep) = s.carryOut(decision, ctx, idle: idle)
             decided2.merge(decisionStep)
             var result = carry(&decided2, &s, vcpu: vcpu, ctx) ?? planned
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }
+            if releasedHold, result == .unchanged { result = .unboosted }
             s.stats.outcomes.count(result)
             if result != .unchanged || now &- s.publishedAtNs >= 100_000 { publishStats(&s, vcpu: vcpu, now: now) }
             trace?.record(TraceRecord(timeNs: now, vcpu: vcpu, event: event, guest: guest, boosted: view.boosted,
@@ -259,7 +268,9 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         lanes[vcpu].repaymentEnd.store(s.repaymentEndNs ?? 0, ordering: .relaxed)
         if let at = step.alarmAt { needCheck(at: at) }
         if step.boostsDelta != 0 { companionsFollow(boostedVCPUs: step.boostsDelta, parameters: step.boostParameters ?? boost.boosted) }
-        if let held = step.held, let thread = s.thread { holdBell.withLock { $0 }?.ring(thread, held) }
+        if let held = step.held, let thread = s.thread {
+            holdBell.withLock { $0 }?.ring(thread, held.map { $0 > DeadlineSchedule.heldEarlyNs ? $0 - DeadlineSchedule.heldEarlyNs : 1 })
+        }
         for n in step.notes { say(n, vcpu: vcpu) }
         step = LaneStep()
         return outcome
@@ -374,10 +385,11 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         alarm.need(checkAtNs: at)
     }
 
-    /// Calls `bell` with a vCPU's thread whenever its boost begins (true) or stops
-    /// (false) being held through its halts (see `VCPULane.hold`): the host kernel's
-    /// event source then need not wake anyone at the thread's halts.
-    public func setHoldBell(_ bell: (@Sendable (ThreadID, Bool) -> Void)?) {
+    /// Calls `bell` with a vCPU's thread whenever its boost is held through a halt
+    /// (see `VCPULane.hold`), with the earliest wake-up (host ns) that is the
+    /// deadline's and not something else's, and with nil when it no longer is: the
+    /// host kernel's event source then wakes no one for the deadline's wake-up.
+    public func setHoldBell(_ bell: (@Sendable (ThreadID, UInt64?) -> Void)?) {
         let box = bell.map(HoldBell.init)
         holdBell.withLock { $0 = box }
     }

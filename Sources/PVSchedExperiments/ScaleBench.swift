@@ -32,6 +32,11 @@ public enum ScaleBench {
         /// Wake-ups per second of the daemon's real-time threads (each preempts the host's work).
         public var rtWakeupsPerSecond: Double
         public var daemonRssMiB: Double
+        /// Over the whole row (both windows): halts a boost was held through (the guest's
+        /// next deadline near), and vCPU wake-ups the kernel settled without waking the
+        /// daemon (their CPU was idle).
+        public var heldHalts: UInt64
+        public var uncontendedWakeups: UInt64
         /// The daemon's threads (and its guardian's, as `guardian`) by CPU in the busy
         /// and in the idle window (name: percent of a core).
         public var threads: [String: Double]
@@ -94,6 +99,7 @@ public enum ScaleBench {
             missed += UInt64(words[1]) ?? 0
             latencies += words.dropFirst(2).compactMap { UInt64($0) }
         }
+        let all = try client.call(VMStats.self, VMStats.Params()).vms.flatMap(\.vcpus)
         let perIdle = idle.cpuPercent / Double(n)
         let perBusy = (busy.cpuPercent - perIdle * Double(n - busyCount)) / Double(busyCount)
         return Row(vms: n, vcpus: settings.vcpus, busyVMs: busyCount, daemonCpuPerVMPercent: busy.cpuPercent / Double(n),
@@ -101,7 +107,8 @@ public enum ScaleBench {
                    eventToBoostP50Us: Sample.percentile(latencies, 0.5) / 1000, eventToBoostP99Us: Sample.percentile(latencies, 0.99) / 1000,
                    eventToBoostMaxUs: Double(latencies.max() ?? 0) / 1000, wakeupsWithoutBoost: missed,
                    wakeups: UInt64(latencies.count) + missed, rtWakeupsPerSecond: busy.rtWakeupsPerSecond,
-                   daemonRssMiB: ProcessSample.rssMiB(daemon.pid), threads: busy.threads, idleThreads: idle.threads)
+                   daemonRssMiB: ProcessSample.rssMiB(daemon.pid), heldHalts: all.reduce(0) { $0 &+ $1.holds },
+                   uncontendedWakeups: all.reduce(0) { $0 &+ ($1.uncontendedWakeups ?? 0) }, threads: busy.threads, idleThreads: idle.threads)
     }
 
     /// What the daemon used in one window.
@@ -133,13 +140,15 @@ public enum ScaleBench {
     public static func table(_ rows: [Row], settings: Settings) -> String {
         var out = "daemon cost by VM count (\(settings.vcpus) vCPUs per VM; a busy VM: RT wake-up every 1 ms on vCPU 0; "
             + "idle vCPUs wake every \(settings.idleWakeupUs / 1000) ms; events: \(settings.events); \(Int(settings.windowSeconds)) s windows)\n"
-        let header = ["VMs", "vCPUs", "busy", "CPU/busy VM", "CPU/idle VM", "change→boost p50", "p99", "max", "no boost", "RT wake-ups/s", "RSS"]
+        let header = ["VMs", "vCPUs", "busy", "CPU/busy VM", "CPU/idle VM", "change→boost p50", "p99", "max", "no boost", "RT wake-ups/s",
+                      "held halts", "settled in kernel", "RSS"]
         let cells = rows.map { r in
             [String(r.vms), String(r.vms * r.vcpus), String(r.busyVMs),
              String(format: "%.3f%%", r.daemonCpuPerBusyVMPercent), String(format: "%.4f%%", r.daemonCpuPerIdleVMPercent),
              String(format: "%.0f µs", r.eventToBoostP50Us), String(format: "%.0f µs", r.eventToBoostP99Us),
              String(format: "%.0f µs", r.eventToBoostMaxUs), "\(r.wakeupsWithoutBoost)/\(r.wakeups)",
-             String(format: "%.0f", r.rtWakeupsPerSecond), String(format: "%.1f MiB", r.daemonRssMiB)]
+             String(format: "%.0f", r.rtWakeupsPerSecond), "\(r.heldHalts)", "\(r.uncontendedWakeups)",
+             String(format: "%.1f MiB", r.daemonRssMiB)]
         }
         let widths = header.indices.map { i in ([header[i]] + cells.map { $0[i] }).map(\.count).max() ?? 0 }
         func line(_ c: [String]) -> String {

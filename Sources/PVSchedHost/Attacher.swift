@@ -134,7 +134,7 @@ struct Attacher {
                 k.watch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process, threads: found.vcpus.map { Optional(ThreadID($0)) }, sink: session.events)
                 kernelSource = k
                 said.append(k.summary)
-                binding.setHoldBell { thread, held in k.hold(thread, held) }
+                binding.setHoldBell { thread, earliest in k.hold(thread, earliestWakeNs: earliest) }
                 session.onDetach {
                     binding.setHoldBell(nil)
                     k.unwatch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process,

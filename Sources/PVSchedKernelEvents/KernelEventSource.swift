@@ -155,12 +155,13 @@ public final class KernelEventSource: Sendable {
         return counts
     }
 
-    /// Thread `thread`'s boost is held through its halts (`held`) or no longer: a held
-    /// thread's sleep wakes no one (the records come with the next urgent one, or the
-    /// consumer's next look).
-    public func hold(_ thread: ThreadID, _ held: Bool) {
+    /// Thread `thread`'s boost is held through its halt for a deadline whose wake-up
+    /// comes at `earliestWakeNs` or later (nil: no longer held): an earlier wake-up
+    /// of the thread is sent at once (it is for something else), the deadline's own
+    /// wakes no one.
+    public func hold(_ thread: ThreadID, earliestWakeNs: UInt64?) {
         guard running.load(ordering: .relaxed) else { return }
-        _ = pvs_kev_hold(handle.raw, UInt32(bitPattern: thread.rawValue), held ? 1 : 0)
+        _ = pvs_kev_hold(handle.raw, UInt32(bitPattern: thread.rawValue), earliestWakeNs.map { max(1, $0) } ?? 0)
     }
 
     /// Wake-ups of watched thread `thread` that found their CPU idle and slept again

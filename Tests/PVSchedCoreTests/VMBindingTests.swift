@@ -351,9 +351,11 @@ import Testing
         }
     }
 
+    /// What the hold bell was told: "thread:earliest wake" (host ns), or "thread:released".
     final class Rings: Sendable {
-        let rings = Mutex<[(Int32, Bool)]>([])
-        var all: [String] { rings.withLock { $0.map { "\($0.0):\($0.1)" } } }
+        let rings = Mutex<[(Int32, UInt64?)]>([])
+        var all: [String] { rings.withLock { $0.map { "\($0.0):\($0.1.map { "\($0)" } ?? "released")" } } }
+        var count: Int { rings.withLock { $0.count } }
     }
 
     func setup(_ config: GovernorConfig = .unlimited) throws -> (VMBinding, RecordingActuator, SharedAreaBuffer, ManualClock, Rings) {
@@ -367,7 +369,7 @@ import Testing
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
         let rings = Rings()
-        b.setHoldBell { t, held in rings.rings.withLock { $0.append((t.rawValue, held)) } }
+        b.setHoldBell { t, earliest in rings.rings.withLock { $0.append((t.rawValue, earliest)) } }
         return (b, act, buf, clock, rings)
     }
 
@@ -393,7 +395,9 @@ import Testing
         #expect(act.applied(to: thread) != nil)
         #expect(act.calls.count == changes)
         #expect(b.stats(vcpu: 0).holds == 1)
-        #expect(rings.all == ["100:true"])
+        // Told the earliest wake-up that is the deadline's: 300 µs before it.
+        let firstDeadline = clock.nowNs() + 950_000
+        #expect(rings.all == ["100:\(firstDeadline - DeadlineSchedule.heldEarlyNs)"])
         // Nothing to announce: what the deadline would start is in place.
         clock.advance(by: 900_000)
         #expect(b.announceDeadlines() == 0)
@@ -414,12 +418,73 @@ import Testing
         publish(buf, clock, deadlineInNs: 10_000_000, idle: true)
         #expect(b.notify(.halt, vcpu: 0) == .unboosted)
         #expect(act.applied(to: thread) == nil)
-        #expect(rings.all == ["100:true", "100:false"])
+        #expect(rings.count == 3 && rings.all.last == "100:released", "\(rings.all)")
         // And a halt with no deadline at all does not hold.
         publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
         #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
         publish(buf, clock, deadlineInNs: nil, idle: true)
         #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+    }
+
+    /// The VMM's main loop follows running boosts only: a hold releases it, and the
+    /// end of the held boost does not release it twice.
+    @Test func aHoldReleasesTheCompanionThreads() throws {
+        let (b, act, buf, clock, _) = try setup()
+        let mainLoop = ThreadID(300)
+        b.setCompanionThreads([mainLoop])
+        b.setThread(ThreadID(101), vcpu: 1)
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        #expect(act.applied(to: mainLoop) != nil)
+        publish(buf, clock, deadlineInNs: 900_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(act.applied(to: mainLoop) == nil)
+        // vCPU 1 boosts and unboosts meanwhile: the main loop follows it alone.
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 1) == .boosted)
+        #expect(act.applied(to: mainLoop) != nil)
+        publish(buf, clock, deadlineInNs: 10_000_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(act.applied(to: mainLoop) != nil, "vCPU 1 still boosted")
+        #expect(b.notify(.halt, vcpu: 1) == .unboosted)
+        #expect(act.applied(to: mainLoop) == nil)
+    }
+
+    /// An interrupt well before the deadline the boost was held for wakes the vCPU for
+    /// something else: the hold ends (the thread back at its own parameters) and the
+    /// driver decides on it afresh; one near the deadline is the deadline's.
+    @Test func anInterruptWellBeforeTheDeadlineEndsTheHold() throws {
+        let clock = ManualClock(startNs: 10_000_000_000)
+        let r = DriverRegistry()
+        // Boosts only at deadlines (and keeps a boost there), ends it at halts.
+        try r.register(ScriptedDriver("s") { e, v in
+            switch e {
+            case .deadline: return v.boosted ? .none : .boost()
+            case .halt: return v.boosted ? .unboost : .none
+            default: return .none
+            }
+        })
+        try r.setDefault("s")
+        let act = RecordingActuator()
+        let b = try r.bind(vm: testVM, actuator: act, governor: .unlimited, clock: clock)
+        let thread = ThreadID(100)
+        b.setThread(thread, vcpu: 0)
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        publish(buf, clock, deadlineInNs: 400_000, idle: false)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)
+        clock.advance(by: 300_000)
+        #expect(b.announceDeadlines(aheadNs: 0) == 1)
+        #expect(act.applied(to: thread) != nil)
+        // Its work done, idle until the next deadline 1.5 ms off: held.
+        clock.advance(by: 200_000)
+        publish(buf, clock, deadlineInNs: 1_500_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unchanged)
+        #expect(b.stats(vcpu: 0).holds == 1)
+        // A device interrupt 1 ms before that deadline: the hold ends, and this driver does not boost it.
+        clock.advance(by: 500_000)
+        #expect(b.notify(.interruptInjection(vector: 40), vcpu: 0) == .unboosted)
+        #expect(act.applied(to: thread) == nil)
+        #expect(!b.stats(vcpu: 0).boosted)
     }
 
     /// A driver that would not keep a boost at the deadline gets its unboost.
@@ -475,6 +540,6 @@ import Testing
         clock.advance(by: 2_000_000); cpu += 2_000_000; act.setCPUTime(cpu, of: thread)
         #expect(b.enforceBudgets() == 1)
         #expect(act.applied(to: thread) == nil)
-        #expect(rings.all == ["100:true", "100:false"])
+        #expect(rings.all.last == "100:released")
     }
 }
