@@ -70,15 +70,33 @@ struct {
     __type(value, struct pvsched_kvm_vcpu);
 } vcpu_threads SEC(".maps");
 
-/* tid -> the earliest wake-up (CLOCK_MONOTONIC ns) of the deadline for which the
- * daemon holds the vCPU thread's boost through its halt: a wake-up of that thread
- * before it is not the one the boost was held for, and wakes the daemon. */
+/* tid -> the window of the wake-up for which the daemon holds the vCPU thread's
+ * boost through its halts (struct pvsched_kvm_held). */
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
     __uint(max_entries, PVSCHED_KEV_MAX_THREADS);
     __type(key, u32);
-    __type(value, u64);
+    __type(value, struct pvsched_kvm_held);
 } held_threads SEC(".maps");
+
+/* A wake-up of a held thread: whether it is the one the boost is held for (in the
+ * window). If so, and the guest's period is known from the last one, the window
+ * moves on by the period; if not, what was learnt is dropped. */
+static __attribute__((always_inline)) int held_wake_on_time(struct pvsched_kvm_held *h, u64 w) {
+    if (w < h->earliest || w > h->latest) {
+        h->last_wake = 0;
+        h->period = 0;
+        return 0;
+    }
+    if (h->last_wake && w > h->last_wake) h->period = w - h->last_wake;
+    h->last_wake = w;
+    if (h->period) {
+        u64 half = (h->latest - h->earliest) / 2;
+        h->earliest = w + h->period - half;
+        h->latest = w + h->period + half;
+    }
+    return 1;
+}
 
 /* tgid -> vm: the VMM processes of attached VMs. */
 struct {
@@ -223,7 +241,7 @@ int on_waking(u64 *ctx) {
  * when the thread must wait for that CPU. A thread already real-time (boosted
  * ahead of a deadline it published, or held through its halt for it) runs at once
  * without the consumer: its record wakes no one, unless the thread was held for a
- * deadline it wakes too early for. A thread whose CPU is idle runs at once as well: no record now
+ * deadline whose window this wake-up misses. A thread whose CPU is idle runs at once as well: no record now
  * (`deferred`), and none at all if it sleeps again unpreempted (`settled`). */
 SEC("tp_btf/sched_wakeup")
 int on_wakeup(u64 *ctx) {
@@ -232,9 +250,9 @@ int on_wakeup(u64 *ctx) {
     struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
     if (!v || !v->woken) return 0;
     if (real_time(p)) {
-        /* Held for a deadline: a wake-up before it is for something else. */
-        u64 *held = bpf_map_lookup_elem(&held_threads, &tid);
-        u64 flags = held && v->waking_ns < *held ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+        /* Held for a deadline: a wake-up outside its window is for something else. */
+        struct pvsched_kvm_held *held = bpf_map_lookup_elem(&held_threads, &tid);
+        u64 flags = held && !held_wake_on_time(held, v->waking_ns) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
         v->deferred = 0;
         emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, flags);
     } else if (runs_at_once(p)) {
@@ -258,12 +276,15 @@ int on_switch(u64 *ctx) {
             /* Blocking (not preempted, not runnable): the vCPU thread waits (a halt, or
              * the VMM's own wait). After a wake-up that never waited: nothing to send.
              * Otherwise the consumer is woken if a boost may have to end (or be held
-             * through this halt). */
+             * through this halt), unless the daemon holds it and the kernel knows
+             * when the next wake-up it is held for comes (the guest's period). */
             if (v->deferred) {
                 v->deferred = 0;
                 v->settled += 1;
             } else {
-                u64 flags = looks_boosted(prev) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+                struct pvsched_kvm_held *held = bpf_map_lookup_elem(&held_threads, &tid);
+                int predicted = held && held->period && held->last_wake;
+                u64 flags = looks_boosted(prev) && !predicted ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
                 emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags);
             }
         } else if (v->deferred) {

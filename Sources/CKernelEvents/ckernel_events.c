@@ -186,8 +186,16 @@ int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid) {
     L.map_delete(h->held_fd, &tid);
     return L.map_delete(h->threads_fd, &tid);
 }
-int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, uint64_t earliest_ns) {
-    if (earliest_ns) return L.map_update(h->held_fd, &tid, &earliest_ns, 0);
+int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, uint64_t earliest_ns, uint64_t latest_ns) {
+    if (earliest_ns) {
+        /* What the BPF side learnt of the period stays (a race with it costs one
+         * wake-up sent that need not have been, nothing more). */
+        struct pvsched_kvm_held held = {0};
+        L.map_lookup(h->held_fd, &tid, &held);
+        held.earliest = earliest_ns;
+        held.latest = latest_ns;
+        return L.map_update(h->held_fd, &tid, &held, 0);
+    }
     int r = L.map_delete(h->held_fd, &tid);
     return r == -ENOENT ? 0 : r;
 }

@@ -26,26 +26,37 @@ public enum DeadlineSchedule {
     public static let defaultLeadNs: UInt64 = 200_000
     /// The largest lead accepted (a larger one is clamped).
     public static let maxLeadNs: UInt64 = 100_000_000
-    /// A boost the vCPU's halt would end is held through the halt when the guest's
-    /// next deadline is at most this far off (and the driver keeps a boost at that
-    /// deadline): it would be given back that soon, at the cost of two changes of
-    /// the thread and a wake-up of the enforcer, and it costs the host nothing while
-    /// its thread sleeps (see `VCPULane.hold`).
-    public static let holdNs: UInt64 = 2_000_000
-    /// An interrupt that wakes a vCPU whose boost is held for a deadline more than
-    /// this before it is for something else: the hold ends and the driver decides.
+    /// The longest hold window accepted (`DeadlineLead.holdNs`).
+    public static let maxHoldNs: UInt64 = 10_000_000
+    /// An interrupt that wakes a vCPU whose boost is held more than this before or
+    /// after the guest's deadline is for something else: the hold ends and the
+    /// driver decides (the host kernel's events send such wake-ups at once).
     public static let heldEarlyNs: UInt64 = 300_000
 }
 
 /// A VM's deadline lead: how long before a published deadline it is announced
 /// (clamped to `DeadlineSchedule.maxLeadNs`); a change applies to deadlines
-/// recorded from then on.
+/// recorded from then on. And its hold window (`holdNs`).
 public final class DeadlineLead: Sendable {
     private let ns: Atomic<UInt64>
+    private let hold = Atomic<UInt64>(0)
     public init(_ leadNs: UInt64 = DeadlineSchedule.defaultLeadNs) { ns = Atomic(min(leadNs, DeadlineSchedule.maxLeadNs)) }
     public var leadNs: UInt64 {
         get { ns.load(ordering: .relaxed) }
         set { ns.store(min(newValue, DeadlineSchedule.maxLeadNs), ordering: .relaxed) }
+    }
+    /// A boost the vCPU's halt would end is held through the halt when the guest's
+    /// next deadline is at most this far off and the driver keeps a boost at that
+    /// deadline (see `VCPULane.hold`); 0 (the default): never. It saves two changes
+    /// of the thread, a wake-up of the enforcer and, with the host kernel's events,
+    /// the daemon's wake-ups per period of a periodic guest; but the vCPU then wakes
+    /// boosted for whatever it wakes for near its deadline, and the VMM's main loop
+    /// does not follow a held boost (under QEMU's TCG, which delivers the guest's
+    /// timers from the main loop, the guest's latency was worse with it).
+    /// Clamped to `DeadlineSchedule.maxHoldNs`.
+    public var holdNs: UInt64 {
+        get { hold.load(ordering: .relaxed) }
+        set { hold.store(min(newValue, DeadlineSchedule.maxHoldNs), ordering: .relaxed) }
     }
 }
 
@@ -93,6 +104,9 @@ public struct DeadlineSlot: Equatable, Sendable {
         guard let e = entry, e.hostNs > now, e.hostNs - now <= withinNs else { return nil }
         return e.hostNs - now
     }
+
+    /// The recorded deadline on the host clock, announced or not (nil: none).
+    public var hostNs: UInt64? { entry?.hostNs }
 
     /// Marks the recorded deadline announced: what it would start is in place already.
     public mutating func settle(now: UInt64) {

@@ -219,12 +219,14 @@ public struct VCPULane: Sendable {
         return step
     }
 
-    /// Whether an interrupt injected at `now` ends the hold: the boost was held for a
-    /// deadline still more than `DeadlineSchedule.heldEarlyNs` off, so this wake-up
-    /// is for something else, which the driver decides on afresh.
-    public func wakesEarly(now: UInt64) -> Bool {
-        guard let at = heldForNs, boostStart != nil else { return false }
-        return now &+ DeadlineSchedule.heldEarlyNs < at
+    /// Whether an interrupt injected at `now` ends the hold: the guest's deadline
+    /// (as its line says now) is more than `DeadlineSchedule.heldEarlyNs` away, so
+    /// this wake-up is for something else, which the driver decides on afresh.
+    public func wakesOffDeadline(now: UInt64) -> Bool {
+        guard heldForNs != nil, boostStart != nil else { return false }
+        guard let at = deadline.hostNs else { return true }
+        let early = DeadlineSchedule.heldEarlyNs
+        return now &+ early < at || at &+ early < now
     }
 
     /// Ends a held boost with nothing owed (its vCPU woke for something other than

@@ -181,10 +181,10 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             // A boost past its budget is cut first; the driver still sees the event.
             var (cutBy, step) = s.cutIfOverrun(ctx)
             if cutBy != nil { _ = carry(&step, &s, vcpu: vcpu, ctx) }
-            // A boost held for a deadline ends at an interrupt well before it (the
-            // vCPU wakes for something else): the driver decides on that afresh.
+            // A boost held for a deadline ends at an interrupt away from it (the vCPU
+            // wakes for something else): the driver decides on that afresh.
             var releasedHold = false
-            if case .interruptInjection = event, s.wakesEarly(now: now) {
+            if case .interruptInjection = event, s.wakesOffDeadline(now: now) {
                 var released = s.release(ctx)
                 _ = carry(&released, &s, vcpu: vcpu, ctx)
                 releasedHold = true
@@ -209,7 +209,8 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             var decided2 = idle ? s.endRepayment(dueBy: nil) : LaneStep()
             // An unboost at a halt shortly before the guest's next deadline: if the
             // driver keeps a boost at that deadline, the boost is held through the halt.
-            if idle, decision == .unboost, leadNs != nil, let left = s.deadline.ahead(now: now, withinNs: DeadlineSchedule.holdNs),
+            let holdNs = deadlines.holdNs
+            if idle, decision == .unboost, leadNs != nil, holdNs > 0, let left = s.deadline.ahead(now: now, withinNs: holdNs),
                driver.decide(event: .deadline(inNs: left), view: view) == .none {
                 decision = .none
                 decided2.merge(s.hold(forNs: now &+ left, ctx))
@@ -268,9 +269,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         lanes[vcpu].repaymentEnd.store(s.repaymentEndNs ?? 0, ordering: .relaxed)
         if let at = step.alarmAt { needCheck(at: at) }
         if step.boostsDelta != 0 { companionsFollow(boostedVCPUs: step.boostsDelta, parameters: step.boostParameters ?? boost.boosted) }
-        if let held = step.held, let thread = s.thread {
-            holdBell.withLock { $0 }?.ring(thread, held.map { $0 > DeadlineSchedule.heldEarlyNs ? $0 - DeadlineSchedule.heldEarlyNs : 1 })
-        }
+        if let held = step.held, let thread = s.thread { holdBell.withLock { $0 }?.ring(thread, held) }
         for n in step.notes { say(n, vcpu: vcpu) }
         step = LaneStep()
         return outcome
@@ -386,9 +385,9 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     }
 
     /// Calls `bell` with a vCPU's thread whenever its boost is held through a halt
-    /// (see `VCPULane.hold`), with the earliest wake-up (host ns) that is the
-    /// deadline's and not something else's, and with nil when it no longer is: the
-    /// host kernel's event source then wakes no one for the deadline's wake-up.
+    /// for a new deadline (see `VCPULane.hold`; host ns), and with nil when it no
+    /// longer is: the host kernel's event source then wakes no one for that
+    /// deadline's wake-up.
     public func setHoldBell(_ bell: (@Sendable (ThreadID, UInt64?) -> Void)?) {
         let box = bell.map(HoldBell.init)
         holdBell.withLock { $0 = box }

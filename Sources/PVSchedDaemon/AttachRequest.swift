@@ -17,9 +17,12 @@ public struct AttachPolicy: Equatable, Sendable {
     public var boost: SchedulingParameters?
     public var protectHostPriority: UInt8? = 50
     public var governor = GovernorChange()
+    /// See `DaemonConfig.holdThroughHaltsUs` (ns here; 0: off).
+    public var holdThroughHaltsNs: UInt64 = 0
     public init() {}
     public init(_ config: DaemonConfig) {
         boost = config.boost; protectHostPriority = config.protectHostPriority; governor = config.governor
+        holdThroughHaltsNs = config.holdThroughHaltsUs * 1000
     }
 }
 
@@ -60,6 +63,7 @@ extension VMAttach.Params {
             spec.watch.idlePollNs = max(spec.watch.idlePollNs, spec.watch.busyPollNs)
         }
         if let deadlineLeadUs { spec.deadlineLeadNs = UInt64(deadlineLeadUs) * 1000 }
+        spec.holdThroughHaltsNs = policy.holdThroughHaltsNs
         return spec
     }
 

@@ -42,6 +42,9 @@ public struct DaemonConfig: Equatable, Sendable {
     /// Raise the cgroup weight of a vCPU thread alone in its cgroup (libvirt's) while
     /// it is boosted in a fair class (`CgroupWeights`).
     public var cgroupWeights = true
+    /// Hold a boost through a halt when the guest's next deadline is at most this far
+    /// off (µs; 0: never), see `VCPULane.hold`.
+    public var holdThroughHaltsUs: UInt64 = 0
     /// libvirt's URI whose domains are followed (nil: off).
     public var libvirt: String? = "qemu:///system"
     /// Where attached VMs are recorded, to serve them again after a restart.
@@ -79,6 +82,7 @@ public struct DaemonConfig: Equatable, Sendable {
         "libvirt": "off, on (qemu:///system) or a connection URI",
         "discover": "yes or no",
         "cgroup-weights": "yes or no",
+        "hold-through-halts-us": "0-\(DeadlineSchedule.maxHoldNs / 1000) (0: off)",
         "state-file": "a path",
     ]
 
@@ -192,6 +196,9 @@ public struct DaemonConfig: Equatable, Sendable {
                 }
             case "discover": discover = try yesNo()
             case "cgroup-weights": cgroupWeights = try yesNo()
+            case "hold-through-halts-us":
+                guard let v = UInt64(value), v <= DeadlineSchedule.maxHoldNs / 1000 else { throw fail("expects \(expects)") }
+                holdThroughHaltsUs = v
             case "state-file":
                 guard value.hasPrefix("/") else { throw fail("expects an absolute path") }
                 stateFile = value
@@ -217,6 +224,7 @@ public struct DaemonConfig: Equatable, Sendable {
         out.append("libvirt = \(libvirt ?? "off")")
         out.append("discover = \(discover ? "yes" : "no")")
         out.append("cgroup-weights = \(cgroupWeights ? "yes" : "no")")
+        out.append("hold-through-halts-us = \(holdThroughHaltsUs)")
         out.append("state-file = \(stateFile)")
         return out.joined(separator: "\n")
     }

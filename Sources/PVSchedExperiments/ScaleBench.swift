@@ -51,6 +51,8 @@ public enum ScaleBench {
         public var idleWakeupUs: UInt64 = 50_000
         /// The events the daemon takes (`both`: the kernel's and the watcher's).
         public var events = "both"
+        /// The daemon's `hold-through-halts-us` (0: off, its default).
+        public var holdThroughHaltsUs: UInt64 = 0
         public init() {}
     }
 
@@ -62,7 +64,7 @@ public enum ScaleBench {
     }
 
     static func row(vms n: Int, settings: Settings) throws -> Row {
-        let daemon = try DaemonProcess()
+        let daemon = try DaemonProcess(config: "hold-through-halts-us = \(settings.holdThroughHaltsUs)\n")
         let client = try daemon.client()
         var guests: [StandInProcess] = []
         defer {
@@ -139,7 +141,8 @@ public enum ScaleBench {
     /// The rows as a table.
     public static func table(_ rows: [Row], settings: Settings) -> String {
         var out = "daemon cost by VM count (\(settings.vcpus) vCPUs per VM; a busy VM: RT wake-up every 1 ms on vCPU 0; "
-            + "idle vCPUs wake every \(settings.idleWakeupUs / 1000) ms; events: \(settings.events); \(Int(settings.windowSeconds)) s windows)\n"
+            + "idle vCPUs wake every \(settings.idleWakeupUs / 1000) ms; events: \(settings.events); "
+            + "holds through halts: \(settings.holdThroughHaltsUs == 0 ? "off" : "\(settings.holdThroughHaltsUs) µs"); \(Int(settings.windowSeconds)) s windows)\n"
         let header = ["VMs", "vCPUs", "busy", "CPU/busy VM", "CPU/idle VM", "change→boost p50", "p99", "max", "no boost", "RT wake-ups/s",
                       "held halts", "settled in kernel", "RSS"]
         let cells = rows.map { r in

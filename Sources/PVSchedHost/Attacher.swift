@@ -100,6 +100,7 @@ struct Attacher {
             report.mainLoopBoosted = boostMainLoop && found.mainLoop != nil
         }
         if let lead = spec.deadlineLeadNs { binding.deadlines.leadNs = lead }
+        binding.deadlines.holdNs = spec.holdThroughHaltsNs
 
         // The guest's area: watched (ivshmem), or registered once (exported memory).
         if let region {
@@ -134,7 +135,7 @@ struct Attacher {
                 k.watch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process, threads: found.vcpus.map { Optional(ThreadID($0)) }, sink: session.events)
                 kernelSource = k
                 said.append(k.summary)
-                binding.setHoldBell { thread, earliest in k.hold(thread, earliestWakeNs: earliest) }
+                binding.setHoldBell { thread, deadline in k.hold(thread, deadlineNs: deadline) }
                 session.onDetach {
                     binding.setHoldBell(nil)
                     k.unwatch(slot: UInt32(truncatingIfNeeded: id), process: endpoint.process,

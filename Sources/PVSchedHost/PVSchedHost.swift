@@ -177,6 +177,7 @@ public final class PVSchedHost: Sendable {
         let made = try makeBoundVM(config: config, pvsched: pvsched, driver: spec.driver, governor: spec.governor,
                                    boost: spec.boost, trace: EventTrace(vcpus: config.vcpus, capacity: spec.traceCapacity))
         if let lead = spec.deadlineLeadNs { made.binding?.deadlines.leadNs = lead }
+        made.binding?.deadlines.holdNs = spec.holdThroughHaltsNs
         let session = OwnedVMSession(vm: made.vm, binding: made.binding, logger: logger)
         try session.start()
         sessionTable.withLock { $0[made.vm.handle.id] = session }

@@ -79,6 +79,9 @@ public struct VMSpec: Sendable {
     public var watch = RegionWatch.Settings()
     /// How long before a published deadline its driver gets a `deadline` event (nil: the default).
     public var deadlineLeadNs: UInt64?
+    /// Hold boosts through halts this close to the guest's next deadline (0: never;
+    /// `DeadlineLead.holdNs`).
+    public var holdThroughHaltsNs: UInt64 = 0
     /// Driver notifications kept per vCPU for `vm trace`.
     public var traceCapacity = 256
 

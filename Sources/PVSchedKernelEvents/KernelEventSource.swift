@@ -87,6 +87,8 @@ public final class KernelEventSource: Sendable {
         var pioPending = false
     }
     private let vms = Mutex<[UInt32: Watched]>([:])
+    /// Threads whose boost is held through their halts (see `hold`).
+    private let heldThreads = Mutex<Set<UInt32>>([])
     private let running = Atomic(true)
     private let consumer = Mutex<PVSchedCore.Thread?>(nil)
     private let consumerCPU = Atomic<UInt64>(0)
@@ -142,7 +144,11 @@ public final class KernelEventSource: Sendable {
     /// Stops reporting VM `slot`'s events.
     public func unwatch(slot: UInt32, process: Int32, threads: [ThreadID?]) {
         guard running.load(ordering: .relaxed) else { return }
-        for t in threads.compactMap({ $0 }) { _ = pvs_kev_unwatch_thread(handle.raw, UInt32(bitPattern: t.rawValue)) }
+        for t in threads.compactMap({ $0 }) {
+            let tid = UInt32(bitPattern: t.rawValue)
+            _ = pvs_kev_unwatch_thread(handle.raw, tid)
+            heldThreads.withLock { _ = $0.remove(tid) }
+        }
         _ = pvs_kev_unwatch_process(handle.raw, UInt32(bitPattern: process))
         vms.withLock { _ = $0.removeValue(forKey: slot) }
     }
@@ -155,13 +161,20 @@ public final class KernelEventSource: Sendable {
         return counts
     }
 
-    /// Thread `thread`'s boost is held through its halt for a deadline whose wake-up
-    /// comes at `earliestWakeNs` or later (nil: no longer held): an earlier wake-up
-    /// of the thread is sent at once (it is for something else), the deadline's own
-    /// wakes no one.
-    public func hold(_ thread: ThreadID, earliestWakeNs: UInt64?) {
+    /// Thread `thread`'s boost is held through its halts for the deadline
+    /// `deadlineNs` (CLOCK_MONOTONIC; nil: no longer held). A wake-up of the thread
+    /// more than `DeadlineSchedule.heldEarlyNs` away from it is for something else
+    /// and is sent at once; the deadline's own wakes no one. The kernel learns the
+    /// guest's period from those wake-ups and expects the next one a period later:
+    /// while it comes so, the thread's halts wake no one either (the records come
+    /// with the next urgent one, or the consumer's next look, 100 ms at the latest).
+    public func hold(_ thread: ThreadID, deadlineNs: UInt64?) {
         guard running.load(ordering: .relaxed) else { return }
-        _ = pvs_kev_hold(handle.raw, UInt32(bitPattern: thread.rawValue), earliestWakeNs.map { max(1, $0) } ?? 0)
+        let tid = UInt32(bitPattern: thread.rawValue)
+        heldThreads.withLock { if deadlineNs != nil { $0.insert(tid) } else { $0.remove(tid) } }
+        guard let d = deadlineNs else { _ = pvs_kev_hold(handle.raw, tid, 0, 0); return }
+        let early = DeadlineSchedule.heldEarlyNs
+        _ = pvs_kev_hold(handle.raw, tid, max(1, d > early ? d - early : 1), d &+ early)
     }
 
     /// Wake-ups of watched thread `thread` that found their CPU idle and slept again
@@ -197,9 +210,17 @@ public final class KernelEventSource: Sendable {
         }
     }
 
-    /// Sends one record's event to its VM's sink.
+    /// Sends one record's event to its VM's sink. The wake-ups and runs of a thread
+    /// whose boost is held, which the kernel found on time (they woke no one), are
+    /// counted, not sent: there is nothing to decide at them, and read late, they
+    /// would be taken for wake-ups at the wrong time.
     private func deliver(_ r: pvsched_kvm_event) {
         let now = MonotonicClock.nowNs()
+        if r.urgent == 0, r.kind == PVSCHED_KEV_WAKING.rawValue || r.kind == PVSCHED_KEV_RUN.rawValue,
+           heldThreads.withLock({ $0.contains(r.tid) }) {
+            vms.withLock { vms in vms[r.vm]?.counts.records[r.kind, default: 0] &+= 1 }
+            return
+        }
         let target: (sink: any VMEventSink, event: VCPUEvent)? = vms.withLock { vms in
             guard var w = vms[r.vm], Int(r.vcpu) < w.vcpuCount else { return nil }
             w.counts.records[r.kind, default: 0] &+= 1

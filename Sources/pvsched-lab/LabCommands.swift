@@ -198,6 +198,7 @@ struct Bench: ParsableCommand {
     @Option(help: "scale: seconds of each measured window (1-60).") var scaleSeconds = 5.0
     @Option(help: "scale: how often an idle stand-in vCPU wakes, µs (100-1000000).") var scaleIdleWakeupUs: UInt64 = 50_000
     @Option(help: "scale: the daemon's event sources for the VMs: both or watch.") var scaleEvents = "both"
+    @Option(help: "scale: the daemon's hold-through-halts-us (0-10000; 0, the default, is off).") var scaleHoldUs: UInt64 = 0
 
     /// The parts of the benchmark, in the order they run.
     enum BenchPart: String, CaseIterable { case decision, area, bpf, actuator, control, watcher, kernel, exits, scale }
@@ -211,10 +212,12 @@ struct Bench: ParsableCommand {
         guard (1...60).contains(scaleSeconds) else { throw ValidationError("--scale-seconds must be 1...60, got \(scaleSeconds)") }
         guard (100...1_000_000).contains(scaleIdleWakeupUs) else { throw ValidationError("--scale-idle-wakeup-us must be 100...1000000") }
         guard ["both", "watch"].contains(scaleEvents) else { throw ValidationError("--scale-events must be both or watch") }
+        guard scaleHoldUs <= DeadlineSchedule.maxHoldNs / 1000 else { throw ValidationError("--scale-hold-us must be 0...10000, got \(scaleHoldUs)") }
         s.vmCounts = counts.map { $0! }
         s.windowSeconds = scaleSeconds
         s.idleWakeupUs = scaleIdleWakeupUs
         s.events = scaleEvents
+        s.holdThroughHaltsUs = scaleHoldUs
         return s
     }
 

@@ -366,6 +366,7 @@ import Testing
         let act = RecordingActuator()
         let b = try r.bind(vm: testVM, actuator: act, governor: config, clock: clock)
         b.setThread(ThreadID(100), vcpu: 0)
+        b.deadlines.holdNs = 2_000_000
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
         let rings = Rings()
@@ -395,16 +396,16 @@ import Testing
         #expect(act.applied(to: thread) != nil)
         #expect(act.calls.count == changes)
         #expect(b.stats(vcpu: 0).holds == 1)
-        // Told the earliest wake-up that is the deadline's: 300 µs before it.
-        let firstDeadline = clock.nowNs() + 950_000
-        #expect(rings.all == ["100:\(firstDeadline - DeadlineSchedule.heldEarlyNs)"])
+        // Told the deadline it is held for.
+        #expect(rings.all == ["100:\(clock.nowNs() + 950_000)"])
         // Nothing to announce: what the deadline would start is in place.
         clock.advance(by: 900_000)
         #expect(b.announceDeadlines() == 0)
-        // It wakes boosted for the deadline, runs, halts again before the next: held again, one ring only.
+        // It wakes boosted for the deadline (its line still names it), runs, and halts
+        // again before the next: held again.
         clock.advance(by: 100_000)
-        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
         #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .unchanged)
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
         clock.advance(by: 50_000)
         publish(buf, clock, deadlineInNs: 950_000, idle: true)
         #expect(b.notify(.halt, vcpu: 0) == .unchanged)
@@ -468,6 +469,7 @@ import Testing
         let b = try r.bind(vm: testVM, actuator: act, governor: .unlimited, clock: clock)
         let thread = ThreadID(100)
         b.setThread(thread, vcpu: 0)
+        b.deadlines.holdNs = 2_000_000
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
         publish(buf, clock, deadlineInNs: 400_000, idle: false)
@@ -502,6 +504,7 @@ import Testing
         let act = RecordingActuator()
         let b = try r.bind(vm: testVM, actuator: act, governor: .unlimited, clock: clock)
         b.setThread(ThreadID(100), vcpu: 0)
+        b.deadlines.holdNs = 2_000_000
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
         publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
@@ -509,6 +512,18 @@ import Testing
         publish(buf, clock, deadlineInNs: 900_000, idle: true)
         #expect(b.notify(.halt, vcpu: 0) == .unboosted)
         #expect(b.stats(vcpu: 0).holds == 0)
+    }
+
+    /// Holds are off unless the VM's hold window is set.
+    @Test func noHoldByDefault() throws {
+        let (b, act, buf, clock, rings) = try setup()
+        b.deadlines.holdNs = 0
+        publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
+        #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .boosted)
+        publish(buf, clock, deadlineInNs: 900_000, idle: true)
+        #expect(b.notify(.halt, vcpu: 0) == .unboosted)
+        #expect(act.applied(to: ThreadID(100)) == nil)
+        #expect(b.stats(vcpu: 0).holds == 0 && rings.count == 0)
     }
 
     /// While held, only CPU time run in a row spends the budget: a thread that sleeps
@@ -530,8 +545,8 @@ import Testing
             #expect(b.notify(.halt, vcpu: 0) == .unchanged)
             clock.advance(by: 800_000)
             #expect(b.enforceBudgets() == 0)
-            publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
             #expect(b.notify(.interruptInjection(vector: 236), vcpu: 0) == .unchanged)
+            publish(buf, clock, deadlineInNs: 1_000_000, idle: false)
         }
         #expect(b.stats(vcpu: 0).holds == 100)
         // Now it runs on: the enforcer's look finds 2 ms run in a row, and cuts.

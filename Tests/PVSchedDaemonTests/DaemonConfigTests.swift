@@ -34,6 +34,7 @@ struct DaemonConfigTests {
             bpf-driver = lab:/usr/lib/pvsched/bpf/latency_boost.bpf.o
             discover = yes
             cgroup-weights = no
+            hold-through-halts-us = 2000
             state-file = /var/lib/pvsched/state.json
             """)
         #expect(c.socket == "/run/x.sock" && c.readGroup == "pvsched" && c.metrics == "127.0.0.1:9464")
@@ -41,7 +42,8 @@ struct DaemonConfigTests {
         #expect(c.boost == BoostSettings.parseClass("slice:100") && c.protectHostPriority == nil)
         #expect(c.governor.criticalBudgetUs == 3000 && c.governor.maxVMShare == 0.25)
         #expect(c.bpfDrivers.map(\.name) == ["lab"] && c.bpfDrivers.map(\.path) == ["/usr/lib/pvsched/bpf/latency_boost.bpf.o"])
-        #expect(c.stateFile == "/var/lib/pvsched/state.json")
+        #expect(c.stateFile == "/var/lib/pvsched/state.json" && c.holdThroughHaltsUs == 2000)
+        #expect(AttachPolicy(c).holdThroughHaltsNs == 2_000_000)
         // What `config check` prints is a file that means the same.
         #expect(try parse(c.rendered) == c)
     }
@@ -56,6 +58,8 @@ struct DaemonConfigTests {
             ("metrics = localhost", 1, "metrics", "HOST:PORT"),
             ("guardian = maybe", 1, "guardian", "yes or no"),
             ("cgroup-weights = always", 1, "cgroup-weights", "yes or no"),
+            ("hold-through-halts-us = 20000", 1, "hold-through-halts-us", "0-10000"),
+            ("hold-through-halts-us = -1", 1, "hold-through-halts-us", "0-10000"),
             ("protect-host-priority = 100", 1, "protect-host-priority", "0-99"),
             ("bpf-driver = lab:relative.o", 1, "bpf-driver", "absolute"),
             ("socket = relative.sock", 1, "socket", "absolute"),

@@ -11,6 +11,7 @@ struct ScaleBenchTests {
         var settings = ScaleBench.Settings()
         settings.vmCounts = [2]
         settings.windowSeconds = 1
+        settings.holdThroughHaltsUs = 2000
         let rows = try ScaleBench.run(settings)
         let r = try #require(rows.first)
         #expect(r.vms == 2 && r.busyVMs == 1 && r.vcpus == 4)

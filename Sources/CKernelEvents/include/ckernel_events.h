@@ -26,10 +26,10 @@ const char *pvs_kev_program_error(const struct pvs_kev *h, int i);
 /* The filter maps; 0 or -errno. */
 int pvs_kev_watch_thread(struct pvs_kev *h, uint32_t tid, uint32_t vm, uint32_t vcpu);
 int pvs_kev_unwatch_thread(struct pvs_kev *h, uint32_t tid);
-/* Thread `tid`'s boost is held through its halt for a deadline whose wake-up comes
- * at `earliest_ns` (CLOCK_MONOTONIC) or later, or no longer (0): a wake-up of the
- * thread before then is sent at once. */
-int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, uint64_t earliest_ns);
+/* Thread `tid`'s boost is held through its halts for a deadline whose wake-up comes
+ * between `earliest_ns` and `latest_ns` (CLOCK_MONOTONIC), or no longer
+ * (`earliest_ns` 0): see struct pvsched_kvm_held. */
+int pvs_kev_hold(struct pvs_kev *h, uint32_t tid, uint64_t earliest_ns, uint64_t latest_ns);
 int pvs_kev_watch_process(struct pvs_kev *h, uint32_t tgid, uint32_t vm);
 int pvs_kev_unwatch_process(struct pvs_kev *h, uint32_t tgid);
 

@@ -77,6 +77,19 @@ struct pvsched_kvm_vcpu {
     pvs_u64 settled;
 };
 
+/* Map entry for a vCPU thread whose boost the daemon holds through its halts for
+ * a deadline (`held_threads`). The daemon writes the window in which the wake-up
+ * for that deadline comes; a wake-up outside it is for something else and is sent
+ * at once. The BPF side learns the guest's period from the wake-ups that fall in
+ * the window and moves the window on by it, so that a periodic guest's wake-ups and
+ * halts wake no one while it keeps its period. */
+struct pvsched_kvm_held {
+    pvs_u64 earliest;   /* the window (CLOCK_MONOTONIC ns) */
+    pvs_u64 latest;
+    pvs_u64 last_wake;  /* BPF: the last wake-up in the window (0: none yet) */
+    pvs_u64 period;     /* BPF: between the last two of them (0: not known) */
+};
+
 #define PVSCHED_KEV_MAX_THREADS 4096
 #define PVSCHED_KEV_RINGBUF_BYTES (1u << 20)
 /* An acceptance this recent (same CPU) is taken to be what wakes the vCPU. */
