@@ -241,8 +241,9 @@ int on_waking(u64 *ctx) {
  * when the thread must wait for that CPU. A thread already real-time (boosted
  * ahead of a deadline it published, or held through its halt for it) runs at once
  * without the consumer: its record wakes no one, unless the thread was held for a
- * deadline whose window this wake-up misses. A thread whose CPU is idle runs at once as well: no record now
- * (`deferred`), and none at all if it sleeps again unpreempted (`settled`). */
+ * deadline whose window this wake-up misses. A thread whose CPU is idle runs at
+ * once as well: no record now (`deferred`), and none at all if it sleeps again
+ * unpreempted (`settled`). */
 SEC("tp_btf/sched_wakeup")
 int on_wakeup(u64 *ctx) {
     struct task_struct *p = (struct task_struct *)ctx[0];

@@ -126,8 +126,6 @@ public struct VCPULane: Sendable {
     public init(config: GovernorConfig) { budget = VCPUBudget(config) }
 
     public var isBoosted: Bool { boostStart != nil }
-    /// The running boost is held through the vCPU's halts (see `hold`).
-    public var isHeld: Bool { boostStart != nil && heldForNs != nil }
     public var isRepaying: Bool { ledger.isRepaying }
     /// When the repayment in progress ends (nil: none).
     public var repaymentEndNs: UInt64? { ledger.repayingUntilNs }
@@ -202,7 +200,7 @@ public struct VCPULane: Sendable {
     /// thread either way and no wake-up of the enforcer to announce the deadline.
     /// While held, the budgets refill while the thread does not run
     /// (`VCPUBudget.spansHalts`); the boost ends like any other (an unboost at a
-    /// halt with no deadline near, a cut, an undo, or a wake-up well before the
+    /// halt with no deadline near, a cut, an undo, or a wake-up away from the
     /// deadline it was held for: see `release`). The VM's companion threads (the
     /// VMM's main loop) follow running boosts only: a hold releases them, so that
     /// a guest that keeps publishing near deadlines does not keep them real-time.
