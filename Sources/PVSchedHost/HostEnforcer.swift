@@ -92,6 +92,10 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
     public func need(checkAtNs: UInt64) { timer.wake(by: checkAtNs) }
 
     public func relax(_ vm: any VMEnforcement) {
+        // The VM's hints so far are in its state, read below: dropped, or the look
+        // the boost that ended asked for would wake the enforcer for nothing. A hint
+        // given from here on is the VM's state after this read, and is kept.
+        _ = vm.takeWakeHint()
         let next = vm.nextEnforcerWakeNs() ?? .max
         let earliest: UInt64 = table.withLock { t in
             guard let id = t.ids[ObjectIdentifier(vm)] else { return 0 }
