@@ -8,9 +8,9 @@ import Musl
 /// Where a VM asks its budget enforcer for a look (see `VMEnforcement`): the host's
 /// enforcer (one for every VM), or a `BudgetAlarm` of its own.
 public protocol EnforcerAlarm: AnyObject, Sendable {
-    /// A check is due at `checkAtNs`: the enforcer must be awake by then. Call it after
-    /// the change that makes the check due is recorded.
-    func need(checkAtNs: UInt64)
+    /// A check of `vm` is due at `checkAtNs`: the enforcer must be awake by then. Call
+    /// it after the change that makes the check due is recorded.
+    func need(_ vm: any VMEnforcement, checkAtNs: UInt64)
     /// `vm`'s boosts ended: the enforcer may look later than it planned.
     func relax(_ vm: any VMEnforcement)
 }
@@ -22,7 +22,7 @@ public protocol EnforcerAlarm: AnyObject, Sendable {
 /// its CPU, a boosted vCPU included (and a fair-class boost preempted in the middle may
 /// not get the CPU back until the next tick). It therefore sleeps in `sleep(next:)` until
 /// the governor's next possible budget exhaustion, or for `idleNs` while no boost runs
-/// (counters are republished then). The governor calls `need(checkAtNs:)` when a boost
+/// (counters are republished then). The governor calls `need(_:checkAtNs:)` when a boost
 /// begins, changes budget or has its budget trimmed, which wakes the enforcer only when
 /// that check is due before its planned wake-up.
 // @unchecked Sendable: the condition variable's state is guarded by its mutex; the plan is an atomic.
@@ -69,6 +69,9 @@ public final class BudgetAlarm: EnforcerAlarm, @unchecked Sendable {
 
     /// A check is due at `checkAtNs`: wakes the enforcer if it planned to sleep longer.
     /// Call it after the governor recorded the change that makes the check due.
+    public func need(_ vm: any VMEnforcement, checkAtNs: UInt64) { need(checkAtNs: checkAtNs) }
+
+    /// A check is due at `checkAtNs` (this alarm serves one VM).
     public func need(checkAtNs: UInt64) {
         guard checkAtNs < planned.load(ordering: .sequentiallyConsistent) else { return }
         ring()

@@ -81,8 +81,6 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         /// Asleep, and its line read since: it cannot change until the thread runs.
         static let asleepLooked: UInt8 = 3
     }
-    /// An earlier look the enforcer must take for this VM (`takeWakeHint`).
-    let wakeHint = Atomic<UInt64>(.max)
     let lanes: [Lane]
 
     struct Slot {
@@ -370,19 +368,9 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         return next == .max ? nil : next
     }
 
-    /// The enforcer must look at this VM by `at`: noted for it (`takeWakeHint`), and
-    /// the alarm rung if that is sooner than it planned.
-    func needCheck(at: UInt64) {
-        // Sequentially consistent, as the alarm's plan: the enforcer either takes this
-        // hint after opening its plan to rings, or this call sees the plan and rings.
-        var current = wakeHint.load(ordering: .sequentiallyConsistent)
-        while at < current {
-            let (done, seen) = wakeHint.compareExchange(expected: current, desired: at, ordering: .sequentiallyConsistent)
-            if done { break }
-            current = seen
-        }
-        alarm.need(checkAtNs: at)
-    }
+    /// The enforcer must look at this VM by `at`: the alarm notes it, and rings if
+    /// that is sooner than it planned.
+    func needCheck(at: UInt64) { alarm.need(self, checkAtNs: at) }
 
     /// Calls `bell` with a vCPU's thread whenever its boost is held through a halt
     /// for a new deadline (see `VCPULane.hold`; host ns), and with nil when it no
@@ -399,7 +387,6 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         lineBell.withLock { $0 = box }
     }
 
-    public func takeWakeHint() -> UInt64 { wakeHint.exchange(.max, ordering: .sequentiallyConsistent) }
 
     /// Whether to read `vcpu`'s line now: not while its thread has been asleep since
     /// the last look (a guest changes its line only while its vCPU runs), as far as

@@ -62,9 +62,6 @@ public protocol VMEnforcement: AnyObject, Sendable {
     /// The real-time priority the enforcer needs to preempt every thread this VM's
     /// boosts raise, and no more.
     var enforcerPriority: UInt8? { get }
-    /// An earlier look this VM asked for since the enforcer last took it (`.max`:
-    /// none); taking it resets it.
-    func takeWakeHint() -> UInt64
 }
 
 extension VMEnforcement {

@@ -15,17 +15,55 @@ import Synchronization
 /// runs at the least real-time priority that preempts the boosts of every VM it
 /// serves (`VMEnforcement.enforcerPriority`), never higher.
 public final class HostEnforcer: EnforcerAlarm, Sendable {
-    private struct Served {
-        let vm: any VMEnforcement
-        var nextNs: UInt64
-    }
+    /// The VMs served, in arrays (a pass and a plan read plain words, not one
+    /// dictionary entry and one call per VM: at 64 VMs those were a tenth of the
+    /// daemon's CPU).
     private struct Table {
-        var vms: [UInt64: Served] = [:]
-        var ids: [ObjectIdentifier: UInt64] = [:]
+        var ids: [UInt64] = []
+        var vms: [any VMEnforcement] = []
+        /// When each VM needs its next look, as of its last pass or `relax`.
+        var nextNs: [UInt64] = []
+        /// An earlier look each VM asked for since (`need`), `.max` for none: kept
+        /// apart from `nextNs`, so that a pass, which writes `nextNs` after it read the
+        /// VM, cannot lose a look asked for meanwhile.
+        var hintNs: [UInt64] = []
+        var index: [ObjectIdentifier: Int] = [:]
+        /// Each VM's `enforcerPriority` (fixed for a VM: its boost settings are), and
+        /// the highest of them.
+        var priorities: [UInt8?] = []
+        var wantedPriority: UInt8?
         /// Whether the thread runs (it ends when the last VM is removed, and starts with the next).
         var running = false
         /// When the next full pass (every VM, counters republished) is due.
         var fullPassAt: UInt64 = 0
+
+        /// The earliest look any VM needs.
+        var earliest: UInt64 {
+            var e = UInt64.max
+            for i in nextNs.indices { e = min(e, nextNs[i], hintNs[i]) }
+            return e
+        }
+
+        mutating func remove(id: UInt64) {
+            guard let i = ids.firstIndex(of: id) else { return }
+            index.removeValue(forKey: ObjectIdentifier(vms[i]))
+            let last = ids.count - 1
+            if i != last {
+                ids.swapAt(i, last); vms.swapAt(i, last); nextNs.swapAt(i, last); hintNs.swapAt(i, last)
+                priorities.swapAt(i, last)
+                index[ObjectIdentifier(vms[i])] = i
+            }
+            ids.removeLast(); vms.removeLast(); nextNs.removeLast(); hintNs.removeLast(); priorities.removeLast()
+            wantedPriority = priorities.compactMap { $0 }.max()
+        }
+
+        mutating func add(_ vm: any VMEnforcement, id: UInt64) {
+            remove(id: id)
+            index[ObjectIdentifier(vm)] = ids.count
+            ids.append(id); vms.append(vm); nextNs.append(0); hintNs.append(.max)
+            priorities.append(vm.enforcerPriority)
+            wantedPriority = priorities.compactMap { $0 }.max()
+        }
     }
     private let table = Mutex(Table())
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
@@ -49,8 +87,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
     /// Starts enforcing `vm` (as VM `id`); the thread starts with the first VM.
     public func add(_ vm: any VMEnforcement, id: UInt64) throws(ThreadError) {
         let start = table.withLock { t in
-            t.vms[id] = Served(vm: vm, nextNs: 0)
-            t.ids[ObjectIdentifier(vm)] = id
+            t.add(vm, id: id)
             guard !t.running else { return false }
             t.running = true
             return true
@@ -63,8 +100,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
                 }
             } catch {
                 table.withLock { t in
-                    t.vms.removeValue(forKey: id)
-                    t.ids.removeValue(forKey: ObjectIdentifier(vm))
+                    t.remove(id: id)
                     t.running = false
                 }
                 throw error
@@ -76,9 +112,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
     /// Stops enforcing VM `id`; no pass over it runs after this returns. The
     /// thread ends with the last VM.
     public func remove(id: UInt64) {
-        table.withLock { t in
-            if let s = t.vms.removeValue(forKey: id) { t.ids.removeValue(forKey: ObjectIdentifier(s.vm)) }
-        }
+        table.withLock { $0.remove(id: id) }
         timer.wakeNow()
         passLock.withLock { _ in }
     }
@@ -89,31 +123,30 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
 
     // MARK: EnforcerAlarm
 
-    public func need(checkAtNs: UInt64) { timer.wake(by: checkAtNs) }
-
-    public func relax(_ vm: any VMEnforcement) {
-        // The VM's hints so far are in its state, read below: dropped, or the look
-        // the boost that ended asked for would wake the enforcer for nothing. A hint
-        // given from here on is the VM's state after this read, and is kept.
-        _ = vm.takeWakeHint()
-        let next = vm.nextEnforcerWakeNs() ?? .max
-        let earliest: UInt64 = table.withLock { t in
-            guard let id = t.ids[ObjectIdentifier(vm)] else { return 0 }
-            t.vms[id]!.nextNs = next
-            return min(foldHints(&t), t.fullPassAt)
+    public func need(_ vm: any VMEnforcement, checkAtNs: UInt64) {
+        table.withLock { t in
+            guard let i = t.index[ObjectIdentifier(vm)] else { return }
+            t.hintNs[i] = min(t.hintNs[i], checkAtNs)
         }
-        if earliest != 0 { timer.postpone(to: earliest) }
+        timer.wake(by: checkAtNs)
     }
 
-    /// Folds every VM's asked-for look into its cached next look; the earliest of them.
-    private func foldHints(_ t: inout Table) -> UInt64 {
-        var earliest = UInt64.max
-        for id in t.vms.keys {
-            let hint = t.vms[id]!.vm.takeWakeHint()
-            if hint < t.vms[id]!.nextNs { t.vms[id]!.nextNs = hint }
-            earliest = min(earliest, t.vms[id]!.nextNs)
+    public func relax(_ vm: any VMEnforcement) {
+        // The looks the VM asked for so far are in its state, read below: dropped, or
+        // the look a boost that ended asked for would wake the enforcer for nothing.
+        // A look asked for from here on comes from the VM's state after this read,
+        // and is kept.
+        let key = ObjectIdentifier(vm)
+        table.withLock { t in
+            if let i = t.index[key] { t.hintNs[i] = .max }
         }
-        return earliest
+        let next = vm.nextEnforcerWakeNs() ?? .max
+        let earliest: UInt64 = table.withLock { t in
+            guard let i = t.index[key] else { return 0 }
+            t.nextNs[i] = next
+            return min(t.earliest, t.fullPassAt)
+        }
+        if earliest != 0 { timer.postpone(to: earliest) }
     }
 
     // MARK: the thread
@@ -123,45 +156,46 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
         var lastFullPass: UInt64 = 0
         while true {
             let now = MonotonicClock.nowNs()
-            let served: [UInt64: Served]? = table.withLock { t in
+            guard let wanted: UInt8? = table.withLock({ t -> UInt8?? in
                 if t.vms.isEmpty { t.running = false; return nil }
-                _ = foldHints(&t)
-                return t.vms
-            }
-            guard let served else { return }
+                return .some(t.wantedPriority)
+            }) else { return }
             // The least real-time priority above every VM's boosts.
-            if realTime {
-                let want = served.values.compactMap { $0.vm.enforcerPriority }.max()
-                if want != priority, let want {
-                    try? threads.setCurrentThread(.fifo(priority: want))
-                    priority = want
-                }
+            if realTime, let want = wanted, want != priority {
+                try? threads.setCurrentThread(.fifo(priority: want))
+                priority = want
             }
             let full = now &- lastFullPass >= BudgetAlarm.idleNs
             if full {
                 lastFullPass = now
                 table.withLock { $0.fullPassAt = now &+ BudgetAlarm.idleNs }
             }
-            var next: [UInt64: UInt64] = [:]
             passLock.withLock { _ in
-                // Re-read under the pass lock: a VM removed meanwhile is not passed over.
-                let current = table.withLock { $0.vms }
-                // Looks due within `slackNs` are taken now, in the same wake-up.
-                for (id, s) in current where full || s.nextNs <= now &+ Self.slackNs {
-                    s.vm.enforceBudgets()
-                    s.vm.announceDeadlines(aheadNs: Self.slackNs)
-                    passes.add(1, ordering: .relaxed)
-                    next[id] = s.vm.nextEnforcerWakeNs() ?? .max
+                // Taken under the pass lock: a VM removed meanwhile is not passed over.
+                // Looks due within `slackNs` are taken now, in the same wake-up; the
+                // hints of the VMs taken are in the state they are read in.
+                let due: [(UInt64, any VMEnforcement)] = table.withLock { t in
+                    var due: [(UInt64, any VMEnforcement)] = []
+                    for i in t.ids.indices where full || min(t.nextNs[i], t.hintNs[i]) <= now &+ Self.slackNs {
+                        t.hintNs[i] = .max
+                        due.append((t.ids[i], t.vms[i]))
+                    }
+                    return due
                 }
-            }
-            table.withLock { t in
-                // A look asked for during the pass is a hint still: folded in below.
-                for (id, at) in next where t.vms[id] != nil { t.vms[id]!.nextNs = at }
+                for (id, vm) in due {
+                    vm.enforceBudgets()
+                    vm.announceDeadlines(aheadNs: Self.slackNs)
+                    passes.add(1, ordering: .relaxed)
+                    let next = vm.nextEnforcerWakeNs() ?? .max
+                    table.withLock { t in
+                        if let i = t.index[ObjectIdentifier(vm)], t.ids[i] == id { t.nextNs[i] = next }
+                    }
+                }
             }
             // The earliest look any VM needs, read once the timer is open to others: a
             // VM that asks from now on either left its hint here or moves the timer.
             timer.sleep(maxNs: BudgetAlarm.idleNs) {
-                let earliest = table.withLock { foldHints(&$0) }
+                let earliest = table.withLock { $0.earliest }
                 return earliest == .max ? nil : earliest
             }
         }

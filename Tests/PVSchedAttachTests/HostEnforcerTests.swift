@@ -5,12 +5,11 @@ import PVSchedLinux
 import Synchronization
 import Testing
 
-/// A VM as the host's enforcer sees it: a next look set by hand, and hints given the
-/// way a `VMBinding` gives them (the state first, then the hint, then the alarm).
+/// A VM as the host's enforcer sees it: a next look set by hand, and looks asked for
+/// the way a `VMBinding` asks (its state first, then the alarm).
 final class ScriptedEnforcement: VMEnforcement {
     private struct State {
         var next: UInt64?
-        var hint: UInt64 = .max
         var looks = 0
         var dueLooks = 0
     }
@@ -21,11 +20,8 @@ final class ScriptedEnforcement: VMEnforcement {
 
     /// A boost began that the enforcer must look at by `at`.
     func boost(checkAt at: UInt64) {
-        state.withLock { s in
-            s.next = at
-            s.hint = min(s.hint, at)
-        }
-        alarm.need(checkAtNs: at)
+        state.withLock { $0.next = at }
+        alarm.need(self, checkAtNs: at)
     }
 
     /// The boost ended before its look was due.
@@ -50,7 +46,6 @@ final class ScriptedEnforcement: VMEnforcement {
     func announceDeadlines(aheadNs: UInt64) -> Int { 0 }
     func nextEnforcerWakeNs() -> UInt64? { state.withLock { $0.next } }
     var enforcerPriority: UInt8? { nil }
-    func takeWakeHint() -> UInt64 { state.withLock { s in defer { s.hint = .max }; return s.hint } }
 }
 
 @Suite struct HostEnforcerTests {
