@@ -290,10 +290,14 @@ int on_switch(u64 *ctx) {
             }
         } else if (v->deferred) {
             /* Preempted after a wake-up that found its CPU idle: it waits for its CPU
-             * now, and its wake-up is sent (with its own time; `arg`: the preemption's). */
+             * now, and its wake-up is sent (with its own time; `arg`: the preemption's),
+             * then the run that followed it and was not sent: without it, the wake-up's
+             * interrupt would stay pending for the daemon, and a driver that keeps a
+             * boost while an interrupt is pending would keep it through the next sleep. */
             v->deferred = 0;
             emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)prev->tgid, v->vector, bpf_ktime_get_ns(), v->vm, v->vcpu,
                     BPF_RB_FORCE_WAKEUP);
+            emit(PVSCHED_KEV_RUN, tid, (u32)prev->tgid, 0, 0, v->vm, v->vcpu);
         }
     }
     /* The first run after a wake-up only (not every return from a preemption), and

@@ -387,7 +387,6 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         lineBell.withLock { $0 = box }
     }
 
-
     /// Whether to read `vcpu`'s line now: not while its thread has been asleep since
     /// the last look (a guest changes its line only while its vCPU runs), as far as
     /// the VM's events tell (the host kernel's scheduler events; without them, always).

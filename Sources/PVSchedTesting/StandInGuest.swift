@@ -40,6 +40,9 @@ public final class StandInGuest: @unchecked Sendable {
         /// How often an idle vCPU's thread wakes (a guest's idle vCPU halts and wakes
         /// now and then for its timers).
         public var idleWakeupUs: UInt64 = 1000
+        /// How long an idle vCPU's thread runs at each wake-up (its line untouched: a
+        /// guest's timer interrupt handled with no change of its state).
+        public var idleWorkUs: UInt64 = 0
         /// Name the vCPU threads as QEMU does (`CPU N/KVM`) instead of `vcpuN`.
         public var qemuThreadNames = false
         public init() {}
@@ -186,6 +189,10 @@ public final class StandInGuest: @unchecked Sendable {
             }
             guard busyFlags[v].load(ordering: .relaxed) else {
                 usleep(UInt32(clamping: options.idleWakeupUs))
+                if options.idleWorkUs > 0 {
+                    let end = MonotonicClock.nowNs() + options.idleWorkUs * 1000
+                    while MonotonicClock.nowNs() < end {}
+                }
                 next = MonotonicClock.nowNs() + intervalNs
                 continue
             }

@@ -19,6 +19,7 @@ struct StandIn: ParsableCommand {
     @Option(help: "The busy vCPUs' wake-up interval, µs.") var intervalUs: UInt64 = 1000
     @Option(help: "The busy vCPUs' work per wake-up, µs.") var workUs: UInt64 = 50
     @Option(help: "How often an idle vCPU's thread wakes, µs.") var idleWakeupUs: UInt64 = 1000
+    @Option(help: "How long an idle vCPU's thread runs at each wake-up, µs (its line untouched).") var idleWorkUs: UInt64 = 0
     @Flag(help: "Name the vCPU threads as QEMU does (CPU N/KVM); run it as a file named qemu-* to pass for QEMU.")
     var qemuThreadNames = false
     @Option(name: .customLong("name", withSingleDash: true), help: "QEMU's -name (guest=NAME), read by the daemon's discovery.")
@@ -29,6 +30,7 @@ struct StandIn: ParsableCommand {
         guard UInt32(mode, radix: 8).map({ $0 <= 0o777 }) == true else { throw ValidationError("--mode must be octal, at most 777") }
         guard (100...1_000_000).contains(intervalUs), workUs < intervalUs else { throw ValidationError("--interval-us 100-1000000, --work-us below it") }
         guard (100...1_000_000).contains(idleWakeupUs) else { throw ValidationError("--idle-wakeup-us must be 100-1000000") }
+        guard idleWorkUs < idleWakeupUs else { throw ValidationError("--idle-work-us must be below --idle-wakeup-us") }
     }
 
     func run() throws {
@@ -43,6 +45,7 @@ struct StandIn: ParsableCommand {
         o.intervalUs = intervalUs
         o.workUs = workUs
         o.idleWakeupUs = idleWakeupUs
+        o.idleWorkUs = idleWorkUs
         o.qemuThreadNames = qemuThreadNames
         let guest = try StandInGuest(o)
         guest.run()
