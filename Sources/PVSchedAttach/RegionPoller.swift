@@ -60,6 +60,20 @@ public final class RegionPoller: Sendable {
         if let at { timer.wake(by: at) }
     }
 
+    /// A vCPU of VM `id` went to sleep and its line was read then: if every vCPU of
+    /// it is so, the look planned for its running vCPUs would read nothing; it rests
+    /// instead (until its bell, `lookSoon`, or `RegionWatch.restNs`), and the thread
+    /// is not woken for it. Checked under the table's lock, which `lookSoon` takes
+    /// too: a vCPU that runs again after the check moves the look back.
+    public func rest(id: UInt64) {
+        let earliest: UInt64? = table.withLock { t in
+            guard let e = t.entries[id], e.watch.mayRest else { return nil }
+            t.entries[id]!.nextNs = max(e.nextNs, MonotonicClock.nowNs() &+ RegionWatch.restNs)
+            return t.entries.values.reduce(UInt64.max) { min($0, $1.nextNs) }
+        }
+        if let earliest { timer.postpone(to: earliest) }
+    }
+
     /// Stops watching VM `id`: no step of it runs after this returns.
     public func remove(id: UInt64) -> RegionWatch? {
         let removed = table.withLock { $0.entries.removeValue(forKey: id) }
@@ -87,7 +101,7 @@ public final class RegionPoller: Sendable {
             }
             steps.add(UInt64(due.count), ordering: .relaxed)
             timer.sleep(maxNs: 1_000_000_000) {
-                let next = table.withLock { t in t.entries.values.map(\.nextNs).min() ?? .max }
+                let next = table.withLock { t in t.entries.values.reduce(UInt64.max) { min($0, $1.nextNs) } }
                 return next == .max ? nil : next
             }
         }

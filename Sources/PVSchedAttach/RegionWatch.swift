@@ -202,6 +202,13 @@ public final class RegionWatch: Sendable {
     /// How long a watch rests while every vCPU thread sleeps (its bell wakes it sooner).
     public static let restNs: UInt64 = 1_000_000_000
 
+    /// Whether a look now would read nothing and rest: the area is accepted and every
+    /// vCPU's line was read as its thread went to sleep.
+    public var mayRest: Bool {
+        guard case .accepted = phase else { return false }
+        return vm.everyLineReadAsleep
+    }
+
     /// Waits for a step in progress (on the poller's thread) to finish.
     public func settle() { cursor.withLock { _ in } }
 

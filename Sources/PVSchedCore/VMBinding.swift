@@ -32,15 +32,16 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     let alarm: any EnforcerAlarm
     /// The binding's own alarm, when no enforcer's was given (tests sleep on it).
     public let budgetAlarm: BudgetAlarm?
-    /// Rung when a vCPU thread that slept runs again (its guest may change its line):
-    /// the watcher of the VM's region looks soon.
+    /// Rung with `true` when a vCPU thread that slept runs again (its guest may change
+    /// its line: the watcher of the VM's region looks soon), with `false` when a vCPU's
+    /// line was read at its halt (the watcher may rest if every vCPU sleeps so).
     private let lineBell = Mutex<Bell?>(nil)
     /// A closure in a box: a closure kept in a `Mutex` directly is re-wrapped in
     /// reabstraction thunks at every `withLock` (its value is generic there), one
     /// layer more each time.
     private final class Bell: Sendable {
-        let ring: @Sendable () -> Void
-        init(_ ring: @escaping @Sendable () -> Void) { self.ring = ring }
+        let ring: @Sendable (Bool) -> Void
+        init(_ ring: @escaping @Sendable (Bool) -> Void) { self.ring = ring }
     }
     /// Rung when a vCPU's boost is held through a halt, or no longer.
     private let holdBell = Mutex<HoldBell?>(nil)
@@ -152,7 +153,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         case .vmEntry, .interruptInjection:
             // Woken (or about to be): its guest may write its line again.
             let was = lanes[vcpu].running.exchange(Running.running, ordering: .relaxed)
-            if was == Running.asleep || was == Running.asleepLooked { lineBell.withLock { $0 }?.ring() }
+            if was == Running.asleep || was == Running.asleepLooked { lineBell.withLock { $0 }?.ring(true) }
         case .halt: lanes[vcpu].running.store(Running.asleep, ordering: .relaxed)
         default: break
         }
@@ -228,8 +229,9 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         if let readError { disable(readError) }
         else if outcome != .unchanged, let area = d.area { publish(area, vcpu: vcpu) }
         // The line read at the halt is the last one its guest wrote: no watcher need look again.
-        if case .halt = event, d.area != nil, readError == nil {
-            _ = lanes[vcpu].running.compareExchange(expected: Running.asleep, desired: Running.asleepLooked, ordering: .relaxed)
+        if case .halt = event, d.area != nil, readError == nil,
+           lanes[vcpu].running.compareExchange(expected: Running.asleep, desired: Running.asleepLooked, ordering: .relaxed).exchanged {
+            lineBell.withLock { $0 }?.ring(false)
         }
         if let deadlineDue { needCheck(at: deadlineDue) }
         if outcome == .unboosted { alarm.relax(self) }
@@ -381,10 +383,16 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         holdBell.withLock { $0 = box }
     }
 
-    /// Rings `bell` whenever a vCPU thread that slept runs again (see `lineMayHaveChanged`).
-    public func setLineBell(_ bell: (@Sendable () -> Void)?) {
+    /// Rings `bell` with `true` whenever a vCPU thread that slept runs again (see
+    /// `lineMayHaveChanged`), and with `false` whenever a vCPU's line was read at its
+    /// halt (see `everyLineReadAsleep`).
+    public func setLineBell(_ bell: (@Sendable (_ running: Bool) -> Void)?) {
         let box = bell.map(Bell.init)
         lineBell.withLock { $0 = box }
+    }
+
+    public var everyLineReadAsleep: Bool {
+        lanes.allSatisfy { $0.running.load(ordering: .relaxed) == Running.asleepLooked }
     }
 
     /// Whether to read `vcpu`'s line now: not while its thread has been asleep since

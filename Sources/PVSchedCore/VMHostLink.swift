@@ -39,6 +39,10 @@ public protocol VMStatusView: AnyObject, Sendable {
     /// ran (or went to sleep) since, as the VM's events say; always true when they say
     /// nothing about its running.
     func lineMayHaveChanged(vcpu: Int) -> Bool
+    /// Whether every vCPU's thread sleeps and its line was read after it went to sleep
+    /// (as the VM's events say; false when they say nothing): no line can change until
+    /// one of them runs again.
+    var everyLineReadAsleep: Bool { get }
     /// Stops pvsched for the VM, for a reason outside the guest's lines (its memory went away).
     func disable(_ error: SharedAreaError)
 }

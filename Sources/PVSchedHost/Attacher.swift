@@ -108,7 +108,9 @@ struct Attacher {
                 let watch = RegionWatch(region: region, link: session.link, status: binding, settings: spec.watch, logger: logger)
                 let poller = try host.regionPoller()
                 poller.add(watch, id: id)
-                binding.setLineBell { [weak poller] in poller?.lookSoon(id: id) }
+                binding.setLineBell { [weak poller] running in
+                    if running { poller?.lookSoon(id: id) } else { poller?.rest(id: id) }
+                }
                 session.watch = watch
                 session.onDetach {
                     binding.setLineBell(nil)

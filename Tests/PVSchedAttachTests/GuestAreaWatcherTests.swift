@@ -127,6 +127,36 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         #expect(vm.watcher.stats.polls > resting)
     }
 
+    /// A vCPU that runs briefly and halts (a periodic guest's tick) rings the watch's
+    /// bell, but its halt read its line: once every vCPU sleeps so, the look planned
+    /// for it is dropped and the poller does not wake (before: one wake-up per period
+    /// that read nothing, 20% of a core at 64 busy VMs). A vCPU that stays awake is
+    /// still looked at.
+    @Test func aLookPlannedForVCPUsThatHaltedSinceDoesNotWakeThePoller() throws {
+        let vm = try WatchedVM(settings: .init(busyPollNs: 1_000_000, idlePollNs: 1_000_000, headerPollNs: 1_000_000))
+        vm.register()
+        #expect(eventually { vm.hostNegotiation == PVSCHED_DEV_ACCEPTED })
+        for v in 0..<vm.vcpus { vm.session.events.notify(.halt, vcpu: v) }
+        usleep(20_000)
+        let before = vm.host.serviceCounters.pollerWakeUps
+        // 20 periods of 3 ms: vCPU 0 runs and halts within its busy poll period.
+        for _ in 0..<20 {
+            vm.session.events.notify(.vmEntry, vcpu: 0)
+            vm.session.events.notify(.halt, vcpu: 0)
+            usleep(3_000)
+        }
+        let periods = vm.host.serviceCounters.pollerWakeUps - before
+        #expect(periods <= 2, "the poller woke \(periods) times for 20 periods that read nothing")
+        // vCPU 1 runs and stays awake: it is looked at, and its change seen.
+        vm.session.events.notify(.vmEntry, vcpu: 1)
+        vm.writer.update(vcpu: 1) { g in
+            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
+            g.task_policy = PVSCHED_TASK_FIFO
+            g.task_priority = 80
+        }
+        #expect(eventually(1) { vm.boosted.contains(ThreadID(1001)) }, "\(vm.actuator.calls)")
+    }
+
     @Test func aPublishedDeadlineBoostsShortlyBeforeItAndNotAtOnce() throws {
         let lead: UInt64 = 2_000_000
         let vm = try WatchedVM(settings: .init(headerPollNs: 1_000_000))
