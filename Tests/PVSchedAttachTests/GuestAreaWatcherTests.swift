@@ -46,6 +46,15 @@ final class WatchedVM {
         writer.writeHeader(vcpus: vcpus ?? self.vcpus, version: version ?? .latencyProtocol, generation: generation)
     }
 
+    /// The guest runs a FIFO 80 task on `vcpu` (its line says so).
+    func runRealTimeTask(vcpu: Int) {
+        writer.update(vcpu: vcpu) { g in
+            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
+            g.task_policy = PVSCHED_TASK_FIFO
+            g.task_priority = 80
+        }
+    }
+
     var hostNegotiation: UInt32 { region.bytes.load(fromByteOffset: PVSCHED_OFF_HOST_NEGOTIATION, as: UInt32.self) }
     var hostReason: UInt32 { region.bytes.load(fromByteOffset: PVSCHED_OFF_HOST_REASON, as: UInt32.self) }
     func hostStatus(_ vcpu: Int) -> UInt32 { writer.vcpu(vcpu).pointee.host.status }
@@ -87,11 +96,7 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         vm.session.binding?.setCompanionThreads([ThreadID(999)])
         vm.register()
         #expect(eventually { vm.hostNegotiation == PVSCHED_DEV_ACCEPTED })
-        vm.writer.update(vcpu: 1) { g in
-            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
-            g.task_policy = PVSCHED_TASK_FIFO
-            g.task_priority = 80
-        }
+        vm.runRealTimeTask(vcpu: 1)
         #expect(eventually { vm.boosted == [ThreadID(1001), ThreadID(999)] }, "\(vm.actuator.calls)")
         #expect(vm.actuator.calls.contains(.apply(.fifo(priority: 11), ThreadID(999))), "the main loop runs one above the vCPUs")
         #expect(eventually { vm.hostStatus(1) == PVSCHED_STATUS_BOOSTED })
@@ -118,11 +123,7 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         #expect(vm.watcher.stats.polls == resting, "looks while every vCPU slept")
         // vCPU 1 runs and writes its line: the entry rings the watch's bell.
         vm.session.events.notify(.vmEntry, vcpu: 1)
-        vm.writer.update(vcpu: 1) { g in
-            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
-            g.task_policy = PVSCHED_TASK_FIFO
-            g.task_priority = 80
-        }
+        vm.runRealTimeTask(vcpu: 1)
         #expect(eventually(1) { vm.boosted.contains(ThreadID(1001)) }, "\(vm.actuator.calls)")
         #expect(vm.watcher.stats.polls > resting)
     }
@@ -149,11 +150,7 @@ func eventually(_ seconds: Double = 5, _ condition: () -> Bool) -> Bool {
         #expect(periods <= 2, "the poller woke \(periods) times for 20 periods that read nothing")
         // vCPU 1 runs and stays awake: it is looked at, and its change seen.
         vm.session.events.notify(.vmEntry, vcpu: 1)
-        vm.writer.update(vcpu: 1) { g in
-            g.flags = GuestVCPUState.Flags.rtTaskRunning.rawValue
-            g.task_policy = PVSCHED_TASK_FIFO
-            g.task_priority = 80
-        }
+        vm.runRealTimeTask(vcpu: 1)
         #expect(eventually(1) { vm.boosted.contains(ThreadID(1001)) }, "\(vm.actuator.calls)")
     }
 

@@ -120,6 +120,17 @@ struct KernelEventsTests {
 /// at once, and boosted.
 @Suite(.serialized, .enabled(if: Requirement.root.shouldRun && Requirement.bpf.shouldRun, "needs root and the bpf syscall"))
 struct KernelEventGatingTests {
+    /// Attaches a stand-in guest, fed by the kernel's events and its region's watch.
+    func attach(_ guest: StandInProcess, as name: String, through c: ControlClient) throws {
+        var p = VMAttach.Params()
+        p.name = name
+        p.pid = guest.pid
+        p.threads = guest.threads
+        p.shm = guest.region
+        p.events = "both"
+        _ = try c.call(VMAttach.self, p)
+    }
+
     @Test func onlyWakeUpsThatWaitForTheirCPUReachTheDaemon() throws {
         try Requirement.root.check(); try Requirement.bpf.check()
         let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
@@ -131,13 +142,7 @@ struct KernelEventGatingTests {
         let guest = try StandInProcess(vcpus: 1, region: "/dev/shm/pvsched-gating-\(getpid())", arguments: ["--idle-wakeup-us", "2000"])
         defer { guest.stop() }
         for t in guest.threads { try LinuxScheduling.setAffinity(ThreadID(t), mask: 1 << UInt64(cpu)) }
-        var p = VMAttach.Params()
-        p.name = "gating"
-        p.pid = guest.pid
-        p.threads = guest.threads
-        p.shm = guest.region
-        p.events = "both"
-        _ = try c.call(VMAttach.self, p)
+        try attach(guest, as: "gating", through: c)
         func sample() throws -> (injections: Int64, uncontended: Int64, boosts: Int64) {
             let s = try c.call("vm.stats", ["vm": "gating"])
             let vcpus = s["vms"]?.arrayValue?.first?["vcpus"]?.arrayValue ?? []
@@ -189,13 +194,7 @@ struct KernelEventGatingTests {
         defer { guest.stop() }
         let tid = try #require(guest.threads.first)
         try LinuxScheduling.setAffinity(ThreadID(tid), mask: 1 << UInt64(cpu))
-        var p = VMAttach.Params()
-        p.name = "preempted"
-        p.pid = guest.pid
-        p.threads = guest.threads
-        p.shm = guest.region
-        p.events = "both"
-        _ = try c.call(VMAttach.self, p)
+        try attach(guest, as: "preempted", through: c)
         // A real-time thread on that CPU, above any boost, that wakes every 730 µs for
         // 30 µs: the vCPU mostly wakes onto an idle CPU, and is preempted in about half
         // of its runs.
