@@ -25,6 +25,8 @@ public final class RegionPoller: Sendable {
     private struct Table {
         var entries: [UInt64: Entry] = [:]
         var stopping = false
+        /// The earliest look any watch asked for.
+        var earliest: UInt64 { entries.values.reduce(UInt64.max) { min($0, $1.nextNs) } }
     }
     private let table = Mutex(Table())
     private let timer: WakeTimer
@@ -69,7 +71,7 @@ public final class RegionPoller: Sendable {
         let earliest: UInt64? = table.withLock { t in
             guard let e = t.entries[id], e.watch.mayRest else { return nil }
             t.entries[id]!.nextNs = max(e.nextNs, MonotonicClock.nowNs() &+ RegionWatch.restNs)
-            return t.entries.values.reduce(UInt64.max) { min($0, $1.nextNs) }
+            return t.earliest
         }
         if let earliest { timer.postpone(to: earliest) }
     }
@@ -101,7 +103,7 @@ public final class RegionPoller: Sendable {
             }
             steps.add(UInt64(due.count), ordering: .relaxed)
             timer.sleep(maxNs: 1_000_000_000) {
-                let next = table.withLock { t in t.entries.values.reduce(UInt64.max) { min($0, $1.nextNs) } }
+                let next = table.withLock { $0.earliest }
                 return next == .max ? nil : next
             }
         }

@@ -15,22 +15,26 @@ import Synchronization
 /// runs at the least real-time priority that preempts the boosts of every VM it
 /// serves (`VMEnforcement.enforcerPriority`), never higher.
 public final class HostEnforcer: EnforcerAlarm, Sendable {
-    /// The VMs served, in arrays (a pass and a plan read plain words, not one
-    /// dictionary entry and one call per VM: at 64 VMs those were a tenth of the
-    /// daemon's CPU).
+    /// One VM served.
+    private struct Served {
+        let id: UInt64
+        let vm: any VMEnforcement
+        /// Its `enforcerPriority`, fixed for a VM (its boost settings are).
+        let priority: UInt8?
+        /// When it needs its next look, as of its last pass or `relax`.
+        var nextNs: UInt64 = 0
+        /// An earlier look it asked for since (`need`), `.max` for none: kept apart
+        /// from `nextNs`, so that a pass, which writes `nextNs` after it read the VM,
+        /// cannot lose a look asked for meanwhile.
+        var hintNs: UInt64 = .max
+        var dueNs: UInt64 { min(nextNs, hintNs) }
+    }
+    /// The VMs served, in an array (a plan reads plain words, not one dictionary
+    /// entry and one call per VM: at 64 VMs those were a tenth of the daemon's CPU).
     private struct Table {
-        var ids: [UInt64] = []
-        var vms: [any VMEnforcement] = []
-        /// When each VM needs its next look, as of its last pass or `relax`.
-        var nextNs: [UInt64] = []
-        /// An earlier look each VM asked for since (`need`), `.max` for none: kept
-        /// apart from `nextNs`, so that a pass, which writes `nextNs` after it read the
-        /// VM, cannot lose a look asked for meanwhile.
-        var hintNs: [UInt64] = []
+        var served: [Served] = []
         var index: [ObjectIdentifier: Int] = [:]
-        /// Each VM's `enforcerPriority` (fixed for a VM: its boost settings are), and
-        /// the highest of them.
-        var priorities: [UInt8?] = []
+        /// The highest of the VMs' priorities.
         var wantedPriority: UInt8?
         /// Whether the thread runs (it ends when the last VM is removed, and starts with the next).
         var running = false
@@ -38,31 +42,22 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
         var fullPassAt: UInt64 = 0
 
         /// The earliest look any VM needs.
-        var earliest: UInt64 {
-            var e = UInt64.max
-            for i in nextNs.indices { e = min(e, nextNs[i], hintNs[i]) }
-            return e
-        }
+        var earliest: UInt64 { served.reduce(UInt64.max) { min($0, $1.dueNs) } }
 
         mutating func remove(id: UInt64) {
-            guard let i = ids.firstIndex(of: id) else { return }
-            index.removeValue(forKey: ObjectIdentifier(vms[i]))
-            let last = ids.count - 1
-            if i != last {
-                ids.swapAt(i, last); vms.swapAt(i, last); nextNs.swapAt(i, last); hintNs.swapAt(i, last)
-                priorities.swapAt(i, last)
-                index[ObjectIdentifier(vms[i])] = i
-            }
-            ids.removeLast(); vms.removeLast(); nextNs.removeLast(); hintNs.removeLast(); priorities.removeLast()
-            wantedPriority = priorities.compactMap { $0 }.max()
+            guard let i = served.firstIndex(where: { $0.id == id }) else { return }
+            index.removeValue(forKey: ObjectIdentifier(served[i].vm))
+            served.swapAt(i, served.count - 1)
+            served.removeLast()
+            if i < served.count { index[ObjectIdentifier(served[i].vm)] = i }
+            wantedPriority = served.compactMap(\.priority).max()
         }
 
         mutating func add(_ vm: any VMEnforcement, id: UInt64) {
             remove(id: id)
-            index[ObjectIdentifier(vm)] = ids.count
-            ids.append(id); vms.append(vm); nextNs.append(0); hintNs.append(.max)
-            priorities.append(vm.enforcerPriority)
-            wantedPriority = priorities.compactMap { $0 }.max()
+            index[ObjectIdentifier(vm)] = served.count
+            served.append(Served(id: id, vm: vm, priority: vm.enforcerPriority))
+            wantedPriority = served.compactMap(\.priority).max()
         }
     }
     private let table = Mutex(Table())
@@ -126,7 +121,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
     public func need(_ vm: any VMEnforcement, checkAtNs: UInt64) {
         table.withLock { t in
             guard let i = t.index[ObjectIdentifier(vm)] else { return }
-            t.hintNs[i] = min(t.hintNs[i], checkAtNs)
+            t.served[i].hintNs = min(t.served[i].hintNs, checkAtNs)
         }
         timer.wake(by: checkAtNs)
     }
@@ -138,12 +133,12 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
         // and is kept.
         let key = ObjectIdentifier(vm)
         table.withLock { t in
-            if let i = t.index[key] { t.hintNs[i] = .max }
+            if let i = t.index[key] { t.served[i].hintNs = .max }
         }
         let next = vm.nextEnforcerWakeNs() ?? .max
         let earliest: UInt64 = table.withLock { t in
             guard let i = t.index[key] else { return 0 }
-            t.nextNs[i] = next
+            t.served[i].nextNs = next
             return min(t.earliest, t.fullPassAt)
         }
         if earliest != 0 { timer.postpone(to: earliest) }
@@ -157,7 +152,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
         while true {
             let now = MonotonicClock.nowNs()
             guard let wanted: UInt8? = table.withLock({ t -> UInt8?? in
-                if t.vms.isEmpty { t.running = false; return nil }
+                if t.served.isEmpty { t.running = false; return nil }
                 return .some(t.wantedPriority)
             }) else { return }
             // The least real-time priority above every VM's boosts.
@@ -176,9 +171,9 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
                 // hints of the VMs taken are in the state they are read in.
                 let due: [(UInt64, any VMEnforcement)] = table.withLock { t in
                     var due: [(UInt64, any VMEnforcement)] = []
-                    for i in t.ids.indices where full || min(t.nextNs[i], t.hintNs[i]) <= now &+ Self.slackNs {
-                        t.hintNs[i] = .max
-                        due.append((t.ids[i], t.vms[i]))
+                    for i in t.served.indices where full || t.served[i].dueNs <= now &+ Self.slackNs {
+                        t.served[i].hintNs = .max
+                        due.append((t.served[i].id, t.served[i].vm))
                     }
                     return due
                 }
@@ -188,7 +183,7 @@ public final class HostEnforcer: EnforcerAlarm, Sendable {
                     passes.add(1, ordering: .relaxed)
                     let next = vm.nextEnforcerWakeNs() ?? .max
                     table.withLock { t in
-                        if let i = t.index[ObjectIdentifier(vm)], t.ids[i] == id { t.nextNs[i] = next }
+                        if let i = t.index[ObjectIdentifier(vm)], t.served[i].id == id { t.served[i].nextNs = next }
                     }
                 }
             }
