@@ -169,6 +169,19 @@ public final class Daemon {
     /// thread created after, so that only `run()` receives them.
     public static func blockStopSignals() { pvs_block_stop_signals(1) }
 
+    /// Sends this process SIGTERM (the clean stop `run` waits for) when process `pid`
+    /// exits, watched through a pidfd on a thread of its own: a daemon that the lab or a
+    /// test started stops with its starter, however that ends, instead of serving on
+    /// (a daemon left following libvirtd would serve every later domain too).
+    public static func stop(whenProcessExits pid: Int32) throws(DaemonError) {
+        guard pid > 0 else { throw DaemonError(message: "--exit-with must be a process id, got \(pid)") }
+        let fd = pvs_pidfd_open(pid)
+        guard fd >= 0 else { throw DaemonError(message: "--exit-with: no process \(pid) (\(String(cString: strerror(-fd))))") }
+        Thread.detachNewThread {
+            if pvs_poll2(fd, -1, -1) > 0 { kill(getpid(), SIGTERM) }
+        }
+    }
+
     /// Serves until a stop signal arrives, then shuts down cleanly. Returns the signal.
     /// SIGHUP reads the configuration again (no VM is dropped). Under systemd it says
     /// READY once the socket answers, STOPPING when it stops, and pings the watchdog

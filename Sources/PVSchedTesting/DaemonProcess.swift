@@ -3,7 +3,8 @@ import PVSchedControl
 
 /// `pvsched daemon` run as a separate process on a temporary socket and lock, for
 /// the tests and the lab's benchmarks that need the real service (SIGTERM, then
-/// SIGKILL, when this object goes).
+/// SIGKILL, when this object goes; and stopping by itself when this process ends,
+/// `--exit-with`, however it ends).
 public final class DaemonProcess: @unchecked Sendable {
     // @unchecked Sendable: the process and pipe are driven by one caller.
     public let binary: String
@@ -31,7 +32,7 @@ public final class DaemonProcess: @unchecked Sendable {
         // configuration may say `libvirt = on`: a later line wins).
         try ("libvirt = off\n" + config).write(toFile: configFile, atomically: true, encoding: .utf8)
         arguments = ["daemon", "--config", configFile, "--socket", socket, "--lock", lock, "--log-level", logLevel,
-                     "--state-file", stateFile] + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
+                     "--state-file", stateFile, "--exit-with", "\(getpid())"] + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
         try start()
     }
 

@@ -35,6 +35,8 @@ struct DaemonCommand: ParsableCommand {
     @Option(help: "Where attached VMs are recorded for the next start (default: the file's `state-file`).") var stateFile: String?
     @Option(help: "Follow this libvirt's domains (default: the file's `libvirt`, else qemu:///system).") var libvirt: String?
     @Flag(help: "Do not follow libvirt's domains.") var noLibvirt = false
+    @Option(help: ArgumentHelp("Stop, as on SIGTERM, when process PID exits (the lab's and the tests' daemons).",
+                               visibility: .hidden)) var exitWith: Int32?
 
     func validate() throws {
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
@@ -84,7 +86,10 @@ struct DaemonCommand: ParsableCommand {
         options.configPath = FileManager.default.fileExists(atPath: path) ? path : nil
         options.inheritedSocket = DaemonOptions.socketFromServiceManager
         let daemon: Daemon
-        do { daemon = try Daemon(options: options, logger: Logger(label: "pvsched.daemon")) } catch {
+        do {
+            if let exitWith { try Daemon.stop(whenProcessExits: exitWith) }
+            daemon = try Daemon(options: options, logger: Logger(label: "pvsched.daemon"))
+        } catch {
             FileHandleOut.stderr("pvsched daemon: \(error)")
             throw ExitCode(1)
         }

@@ -176,4 +176,34 @@ struct DaemonProcessTests {
         #expect(!isRealTime(tid))
         #expect(access(d.socket, F_OK) != 0, "the socket was left behind")
     }
+
+    /// A daemon started for a process (`--exit-with`, as the lab and the tests start theirs)
+    /// stops cleanly, every boost undone, when that process ends, however it ends.
+    @Test func aDaemonStartedWithExitWithStopsCleanlyWhenThatProcessEnds() throws {
+        try Requirement.root.check(); try Requirement.kvm.check()
+        let starter = try startSleeper()
+        defer { kill(starter.processIdentifier, SIGKILL); starter.waitUntilExit() }
+        let victim = try startSleeper()
+        defer { kill(victim.processIdentifier, SIGKILL); victim.waitUntilExit() }
+        // A later --exit-with wins over the one DaemonProcess gives (this test process).
+        let d = try DaemonProcess(extraArguments: ["--exit-with", "\(starter.processIdentifier)"])
+        let tid = victim.processIdentifier
+        _ = try d.client().call("thread.boost", ["tid": .int(Int64(tid)), "durationMs": 60_000])
+        #expect(isRealTime(tid))
+        usleep(300_000)
+        #expect(d.process.isRunning, "stopped while its process still runs")
+        kill(starter.processIdentifier, SIGKILL)
+        #expect(eventually(10) { !d.process.isRunning }, "still serving after its process ended")
+        d.process.waitUntilExit()
+        #expect(d.process.terminationStatus == 0)
+        #expect(!isRealTime(tid))
+        #expect(access(d.socket, F_OK) != 0, "the socket was left behind")
+        // A process that is not there is refused at the start, naming the option.
+        guard let binary = PVSchedBinary.path else { throw DaemonTestError("pvsched not built") }
+        for bad in ["0", "2147483647"] {
+            let r = try PVSchedBinary.run(binary, ["daemon", "--socket", d.socket + "x", "--lock", d.lock + "x", "--no-libvirt",
+                                                   "--exit-with", bad], timeout: 20)
+            #expect(r.status != 0 && r.stderr.contains("--exit-with"), "\(bad): \(r.stderr)")
+        }
+    }
 }
