@@ -86,7 +86,10 @@ import Testing
         let map = try BPFMap(MapDefinition(name: "v", kind: .array, keySize: 4, valueSize: 8, maxEntries: 1))
         let valueRef = [Instruction(opcode: BPF.ldImm64, dst: 3, src: 2, imm: 0), Instruction(opcode: 0, imm: 0)]
         let programs: [([Instruction], Bool)] = [
-            ([A.ldx(BPF.dw, 0, 1, 4096), A.exit], true),                        // far outside the context
+            // Far outside every region: an address no allocation has (a context-relative one, such
+            // as r1 + 4096, may land in the stack block allocated next to one run's context copy).
+            ([Instruction(opcode: BPF.ldImm64, dst: 2, imm: 0x1000), Instruction(opcode: 0, imm: 0),
+              A.ldx(BPF.dw, 0, 2, 0), A.exit], true),
             ([A.ldx(BPF.dw, 0, 1, 12), A.exit], true),                          // straddles the context's end
             ([A.st(BPF.w, 1, 0, 1), A.mov(0, 0), A.exit], false),               // read-only context
             ([A.st(BPF.dw, 10, 8, 1), A.mov(0, 0), A.exit], true),              // above this frame, still inside the block: allowed as in the interpreter
