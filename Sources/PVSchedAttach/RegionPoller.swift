@@ -69,8 +69,10 @@ public final class RegionPoller: Sendable {
     /// too: a vCPU that runs again after the check moves the look back.
     public func rest(id: UInt64) {
         let earliest: UInt64? = table.withLock { t in
-            guard let e = t.entries[id], e.watch.mayRest else { return nil }
-            t.entries[id]!.nextNs = max(e.nextNs, MonotonicClock.nowNs() &+ RegionWatch.restNs)
+            // A watch resting already (every halt of its vCPUs rings) moves no look: no re-arm.
+            guard var e = t.entries[id], e.watch.mayRest, e.nextNs < MonotonicClock.nowNs() &+ RegionWatch.restNs / 2 else { return nil }
+            e.nextNs = MonotonicClock.nowNs() &+ RegionWatch.restNs
+            t.entries[id] = e
             return t.earliest
         }
         if let earliest { timer.postpone(to: earliest) }

@@ -32,6 +32,9 @@ public struct DaemonOptions: Sendable {
     public var overrides: @Sendable (inout DaemonConfig) -> Void = { _ in }
     /// A listening socket the service manager passed (socket activation), used instead of `socketPath`.
     public var inheritedSocket: Int32?
+    /// Stop, as on SIGTERM, when this process exits (the lab's and the tests' daemons: one
+    /// left serving after them would go on following libvirtd and serve later domains).
+    public var exitWithProcess: Int32?
     public init() {}
 
     /// The socket systemd passed (`LISTEN_PID` is this process, `LISTEN_FDS` ≥ 1: fd 3), if any.
@@ -74,6 +77,7 @@ public final class Daemon {
     public init(options: DaemonOptions, logger: Logger) throws {
         self.logger = logger
         configPath = options.configPath
+        exitWithProcess = options.exitWithProcess
         overrides = options.overrides
         loadedConfig = Mutex(options.config)
         // A write to a closed pipe or socket (a guardian or a client gone) is an
@@ -169,18 +173,10 @@ public final class Daemon {
     /// thread created after, so that only `run()` receives them.
     public static func blockStopSignals() { pvs_block_stop_signals(1) }
 
-    /// Sends this process SIGTERM (the clean stop `run` waits for) when process `pid`
-    /// exits, watched through a pidfd on a thread of its own: a daemon that the lab or a
-    /// test started stops with its starter, however that ends, instead of serving on
-    /// (a daemon left following libvirtd would serve every later domain too).
-    public static func stop(whenProcessExits pid: Int32) throws(DaemonError) {
-        guard pid > 0 else { throw DaemonError(message: "--exit-with must be a process id, got \(pid)") }
-        let fd = pvs_pidfd_open(pid)
-        guard fd >= 0 else { throw DaemonError(message: "--exit-with: no process \(pid) (\(String(cString: strerror(-fd))))") }
-        Thread.detachNewThread {
-            if pvs_poll2(fd, -1, -1) > 0 { kill(getpid(), SIGTERM) }
-        }
-    }
+    /// The process monitor's key for the process of `DaemonOptions.exitWithProcess`
+    /// (VMs are numbered from 1 up).
+    static let starterWatchID = UInt64.max
+    private let exitWithProcess: Int32?
 
     /// Serves until a stop signal arrives, then shuts down cleanly. Returns the signal.
     /// SIGHUP reads the configuration again (no VM is dropped). Under systemd it says
@@ -191,6 +187,15 @@ public final class Daemon {
         do { try server.start() } catch {
             shutdown()
             throw DaemonError(message: "\(error)")
+        }
+        if let pid = exitWithProcess {
+            // Watched by the VMMs' process monitor, as a VMM is: the same pidfd in the same poll.
+            do {
+                try host.processMonitor().add(id: Self.starterWatchID, process: pid) { _ = kill(getpid(), SIGTERM) }
+            } catch {
+                shutdown()
+                throw DaemonError(message: "--exit-with: \(error)")
+            }
         }
         let restored = handler.restoreAttachedVMs()
         if loadedConfig.withLock({ $0.discover }) {

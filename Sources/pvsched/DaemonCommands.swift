@@ -48,6 +48,7 @@ struct DaemonCommand: ParsableCommand {
         if let socket { guard !socket.isEmpty, socket.utf8.count < 108 else { throw ValidationError("--socket must be a path of 1-107 bytes") } }
         if let libvirt { guard libvirt.contains("://"), libvirt.utf8.count <= 256, !noLibvirt else {
             throw ValidationError("--libvirt must be a connection URI such as qemu:///system (and not with --no-libvirt)") } }
+        if let exitWith, exitWith <= 0 { throw ValidationError("--exit-with must be a process id, got \(exitWith)") }
     }
 
     func run() throws {
@@ -85,11 +86,9 @@ struct DaemonCommand: ParsableCommand {
         options.overrides = overrides
         options.configPath = FileManager.default.fileExists(atPath: path) ? path : nil
         options.inheritedSocket = DaemonOptions.socketFromServiceManager
+        options.exitWithProcess = exitWith
         let daemon: Daemon
-        do {
-            if let exitWith { try Daemon.stop(whenProcessExits: exitWith) }
-            daemon = try Daemon(options: options, logger: Logger(label: "pvsched.daemon"))
-        } catch {
+        do { daemon = try Daemon(options: options, logger: Logger(label: "pvsched.daemon")) } catch {
             FileHandleOut.stderr("pvsched daemon: \(error)")
             throw ExitCode(1)
         }
