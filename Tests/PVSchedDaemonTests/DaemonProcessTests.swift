@@ -200,6 +200,7 @@ struct DaemonProcessTests {
         #expect(access(d.socket, F_OK) != 0, "the socket was left behind")
         // A process that is not there is refused at the start, naming the option.
         guard let binary = PVSchedBinary.path else { throw DaemonTestError("pvsched not built") }
+        defer { unlink(d.socket + "x"); unlink(d.lock + "x") }
         for bad in ["0", "2147483647"] {
             let r = try PVSchedBinary.run(binary, ["daemon", "--socket", d.socket + "x", "--lock", d.lock + "x", "--no-libvirt",
                                                    "--exit-with", bad], timeout: 20)
