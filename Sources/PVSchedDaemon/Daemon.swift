@@ -198,17 +198,24 @@ public final class Daemon {
             }
         }
         let restored = handler.restoreAttachedVMs()
-        if loadedConfig.withLock({ $0.discover }) {
-            do {
-                let d = try QEMUDiscovery(handler: handler, allowedUsers: QEMUDiscovery.defaultUsers, logger: logger)
-                discovery.withLock { $0 = d }
-            } catch { logger.error("QEMU discovery not started", metadata: ["error": "\(error)"]) }
-        }
         if let uri = loadedConfig.withLock({ $0.libvirt }) {
             do {
                 let f = try LibvirtFollower(handler: handler, uri: uri, logger: logger)
                 libvirt.withLock { $0 = f }
             } catch { logger.error("libvirt follower not started", metadata: ["error": "\(error)"]) }
+        }
+        if loadedConfig.withLock({ $0.discover }) {
+            do {
+                // With the libvirt follower running (started first), libvirt's own QEMUs are its
+                // to serve, with their domains' settings, whichever of the two finds them first.
+                let following = libvirt.withLock { $0 != nil }
+                let d = try QEMUDiscovery(handler: handler, allowedUsers: QEMUDiscovery.defaultUsers, logger: logger) { pid, found in
+                    guard following, let guest = found.guestName,
+                          LibvirtFollower.runsDomain(pid: pid, guestName: guest) else { return nil }
+                    return "libvirt"
+                }
+                discovery.withLock { $0 = d }
+            } catch { logger.error("QEMU discovery not started", metadata: ["error": "\(error)"]) }
         }
         logger.info("pvsched daemon ready", metadata: [
             "socket": "\(server.path)", "metrics": "\(metrics?.boundAddress ?? "off")",

@@ -172,6 +172,12 @@ final class LibvirtFollower: Sendable {
         }
     }
 
+    /// Whether process `pid`, a QEMU named `guestName`, is the one libvirt runs for
+    /// that domain (its pid file names it): this follower's to serve, not discovery's.
+    static func runsDomain(pid: Int32, guestName: String) -> Bool {
+        (try? qemuPID(domain: guestName)) == pid
+    }
+
     /// The domain's QEMU process, from libvirt's pid file (root's, under /run/libvirt/qemu).
     static func qemuPID(domain: String) throws(ControlError) -> Int32 {
         guard !domain.isEmpty, !domain.contains("/"), domain != ".", domain != "..", domain.utf8.count <= 200 else {

@@ -20,10 +20,14 @@ import Glibc
 /// named `pvsched-*` from its /dev/shm, is attached with its vCPU threads found by
 /// name (libvirt starts QEMU with `debug-threads=on`) and the region as the process
 /// sees it (`/proc/PID/root/dev/shm/...`). The VM is named after QEMU's `-name
-/// guest=` (KubeVirt: `NAMESPACE_NAME`).
+/// guest=` (KubeVirt: `NAMESPACE_NAME`). A process another path serves is left to
+/// it (`leftTo`: libvirt's own QEMUs while the libvirt follower is on, which attaches
+/// them with their domains' settings and UUIDs).
 final class QEMUDiscovery: Sendable {
     private let handler: ControlHandler
     private let allowedUsers: Set<UInt32>
+    /// Whether a found process is another path's to serve, and that path's name for the log.
+    private let leftTo: @Sendable (_ pid: Int32, _ found: Candidate) -> String?
     private let logger: Logger
     private let running = Atomic(true)
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
@@ -31,9 +35,11 @@ final class QEMUDiscovery: Sendable {
     private let seen = Mutex<Set<String>>([])
     static let intervalUs: UInt32 = 2_000_000
 
-    init(handler: ControlHandler, allowedUsers: Set<UInt32>, logger: Logger) throws(ThreadError) {
+    init(handler: ControlHandler, allowedUsers: Set<UInt32>, logger: Logger,
+         leftTo: @escaping @Sendable (_ pid: Int32, _ found: Candidate) -> String? = { _, _ in nil }) throws(ThreadError) {
         self.handler = handler
         self.allowedUsers = allowedUsers
+        self.leftTo = leftTo
         self.logger = logger
         let t = try PVSchedCore.Thread(name: "pvs-discover") { [weak self] in
             while let self, self.running.load(ordering: .relaxed) {
@@ -82,6 +88,10 @@ final class QEMUDiscovery: Sendable {
                 handler.host.sessions.contains { s in s.state == .running && (s as? AttachedVMSession)?.report.process == pid }
             }
             if served() { continue }
+            if let path = leftTo(pid, found) {
+                logger.debug("QEMU process found, left to another path", metadata: ["vm": "\(found.name)", "pid": "\(pid)", "path": "\(path)"])
+                continue
+            }
             var p = VMAttach.Params()
             p.name = found.name
             p.pid = pid
@@ -108,6 +118,8 @@ final class QEMUDiscovery: Sendable {
     /// What discovery needs of a process: its name for the VM, its region, its start time.
     struct Candidate: Equatable {
         var name: String
+        /// QEMU's `-name guest=` as given (libvirt's domain name), nil without one.
+        var guestName: String?
         var region: String
         var startTime: UInt64
     }
@@ -120,7 +132,8 @@ final class QEMUDiscovery: Sendable {
         guard let region = regionPath(maps: maps) else { return nil }
         guard let start = ProcessIdentity.startTime(of: pid) else { return nil }
         let cmdline = (read("/proc/\(pid)/cmdline") ?? "").split(separator: "\0").map(String.init)
-        return Candidate(name: vmName(cmdline: cmdline, pid: pid), region: "/proc/\(pid)/root\(region)", startTime: start)
+        return Candidate(name: vmName(cmdline: cmdline, pid: pid), guestName: guestName(cmdline: cmdline),
+                         region: "/proc/\(pid)/root\(region)", startTime: start)
     }
 
     /// The first `/dev/shm/pvsched-*` file mapped (not deleted), as the process names it.
@@ -140,14 +153,37 @@ final class QEMUDiscovery: Sendable {
 
     /// `-name guest=NAME,...` (libvirt, KubeVirt) made a VM name; else `qemuPID`.
     static func vmName(cmdline: [String], pid: Int32) -> String {
+        guestName(cmdline: cmdline).flatMap(vmName(from:)) ?? "qemu\(pid)"
+    }
+
+    /// The guest's name in QEMU's last `-name` option (`guest=NAME` or a bare first
+    /// part, `,,` a comma as QEMU reads it), nil without one.
+    static func guestName(cmdline: [String]) -> String? {
         var raw: String?
         for (i, a) in cmdline.enumerated() where a == "-name" && i + 1 < cmdline.count {
-            let v = cmdline[i + 1]
-            for part in v.split(separator: ",") {
-                if part.hasPrefix("guest=") { raw = String(part.dropFirst(6)) } else if raw == nil, !part.contains("=") { raw = String(part) }
+            raw = nil
+            for (n, part) in qemuOptionParts(cmdline[i + 1]).enumerated() {
+                if part.hasPrefix("guest=") { raw = String(part.dropFirst(6)) } else if n == 0, !part.contains("=") { raw = part }
             }
         }
-        return raw.flatMap(vmName(from:)) ?? "qemu\(pid)"
+        return raw
+    }
+
+    /// A QEMU option value split at its commas, `,,` kept as one comma.
+    static func qemuOptionParts(_ value: String) -> [String] {
+        var parts: [String] = [], current = ""
+        var chars = value.makeIterator()
+        var pending = chars.next()
+        while let c = pending {
+            pending = chars.next()
+            if c == "," {
+                if pending == "," { current.append(","); pending = chars.next() } else { parts.append(current); current = "" }
+            } else {
+                current.append(c)
+            }
+        }
+        parts.append(current)
+        return parts
     }
 
     /// A name another program gave a VM (QEMU's `-name`, a libvirt domain) made a VM

@@ -195,6 +195,35 @@ struct ServiceTests {
         qemu.stop()
         #expect(try eventually(10) { try d.vm("ns_vm1")?.state.hasPrefix("ended") == true })
     }
+
+    /// With the libvirt follower on (the default), a QEMU that libvirt runs (its pid file
+    /// names it) is the follower's to serve with its domain's settings: discovery, which
+    /// may find it first, leaves it alone. A QEMU whose domain's pid file names another
+    /// process is discovery's.
+    @Test func discoveryLeavesLibvirtsOwnQEMUToTheFollower() throws {
+        try Requirement.root.check(); try Requirement.realTime.check()
+        let run = "/run/libvirt/qemu"
+        let made = access(run, F_OK) != 0
+        if made { try FileManager.default.createDirectory(atPath: run, withIntermediateDirectories: true) }
+        defer { if made { rmdir(run); rmdir("/run/libvirt") } }
+        let tag = Self.tag()
+        let owned = "pvs,,lv-\(tag)", stray = "pvs-stray-\(tag)"  // `,,`: a comma in QEMU's -name
+        let d = try DaemonProcess(config: "discover = yes\nlibvirt = on\n")
+        let libvirtQEMU = try StandInProcess(vcpus: 1, region: "/dev/shm/pvsched-disc-\(tag)",
+                                             arguments: ["--qemu-thread-names", "-name", "guest=\(owned),debug-threads=on"], runAs: "qemu-system-x86_64")
+        defer { libvirtQEMU.stop() }
+        let otherQEMU = try StandInProcess(vcpus: 1, region: "/dev/shm/pvsched-disc2-\(tag)",
+                                           arguments: ["--qemu-thread-names", "-name", "guest=\(stray),debug-threads=on"], runAs: "qemu-system-x86_64")
+        defer { otherQEMU.stop() }
+        let ownedFile = "\(run)/pvs,lv-\(tag).pid", strayFile = "\(run)/\(stray).pid"
+        try "\(libvirtQEMU.pid)\n".write(toFile: ownedFile, atomically: false, encoding: .utf8)
+        try "\(libvirtQEMU.pid)\n".write(toFile: strayFile, atomically: false, encoding: .utf8)
+        defer { unlink(ownedFile); unlink(strayFile) }
+        #expect(try eventually(10) { try d.vm(stray)?.negotiation.hasPrefix("accepted") == true }, "\(d.vmNames)")
+        usleep(2_500_000)  // a scan after the one that found both
+        #expect(try d.vm("pvs_lv-\(tag)") == nil, "discovery attached libvirt's QEMU: \(d.vmNames)")
+        #expect(!d.stopAndReadLog().contains("not attached"))
+    }
 }
 
 /// Compiles BPF/NAME.bpf.c (the toolchain's clang) into `object`.
