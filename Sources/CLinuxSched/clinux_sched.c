@@ -318,3 +318,10 @@ void pvs_install_restore_handlers(void) {
 }
 
 int pvs_restore_handler_runs(void) { return __atomic_load_n(&handler_runs, __ATOMIC_RELAXED); }
+
+#include <sys/vfs.h>
+int pvs_fd_on_cgroupfs(int fd) {
+    struct statfs s;
+    if (fstatfs(fd, &s) != 0) return 0;
+    return s.f_type == 0x27e0eb /* CGROUP_SUPER_MAGIC */ || s.f_type == 0x63677270 /* CGROUP2_SUPER_MAGIC */;
+}

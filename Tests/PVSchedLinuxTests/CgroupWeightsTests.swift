@@ -176,4 +176,39 @@ import Testing
         }
         actuator.release(tid)
     }
+
+    /// The value files are kept open on a cgroup file system: an administrator's value
+    /// written by path meanwhile is still seen (and wins), and a cgroup removed and made
+    /// again under the same name is served through a new descriptor.
+    @Test(.enabled(if: Requirement.cgroups.shouldRun, "\(Requirement.cgroups.reason)"))
+    func keptValueFilesSeeOtherWritersAndACgroupMadeAgain() throws {
+        try Requirement.cgroups.check()
+        let h = try #require(CgroupWeights.Hierarchy.detect())
+        let dir = h.mount + "/pvsched-files-\(getpid())", file = dir + (h.version == .v1 ? "/cpu.shares" : "/cpu.weight")
+        #expect(mkdir(dir, 0o755) == 0)
+        defer { rmdir(dir) }
+        let files = CgroupValueFiles(limit: 2)
+        let own = try #require(files.read(file))
+        #expect(files.count == 1)
+        #expect(files.write(file, own * 2) && CgroupWeights.read(file) == own * 2)
+        #expect(CgroupWeights.write(file, own * 3) && files.read(file) == own * 3, "a write by path is seen through the kept file")
+        #expect(files.count == 1)
+        #expect(rmdir(dir) == 0)
+        #expect(files.read(file) == nil && files.count == 0, "a removed cgroup's file is dropped")
+        #expect(mkdir(dir, 0o755) == 0)
+        #expect(files.read(file) == own && files.write(file, own + 1) && CgroupWeights.read(file) == own + 1)
+        // Past the limit the cache starts over.
+        if h.version == .v1 {
+            #expect(files.read(dir + "/cpu.cfs_period_us") != nil && files.count == 2)
+            _ = files.read(dir + "/cpu.cfs_quota_us")  // -1: no number, still opened
+            #expect(files.count == 1)
+            #expect(files.read(file) == own + 1 && files.count == 2)
+        }
+        // A file of another file system is never kept.
+        let other = NSTemporaryDirectory() + "pvsched-files-\(getpid())"
+        try "7\n".write(toFile: other, atomically: false, encoding: .utf8)
+        defer { unlink(other) }
+        let kept = files.count
+        #expect(files.read(other) == 7 && files.write(other, 8) && CgroupWeights.read(other) == 8 && files.count == kept)
+    }
 }

@@ -99,4 +99,7 @@ void pvs_install_restore_handlers(void);
 /* Number of times a handler has restored threads (for tests). */
 int pvs_restore_handler_runs(void);
 
+/* 1 if fd is a file of a cgroup file system (v1 or v2), 0 if not or unknown. */
+int pvs_fd_on_cgroupfs(int fd);
+
 #endif
