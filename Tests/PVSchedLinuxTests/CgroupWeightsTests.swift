@@ -56,6 +56,24 @@ import Testing
         #expect(w.raisedNow.isEmpty)
     }
 
+    /// A chain checked for one thread is trusted for `recheckNs`, and for that thread
+    /// only: a second member added to its cgroup is seen at the next check, and another
+    /// thread in the same cgroup path is checked afresh.
+    @Test func aCheckedChainIsTrustedForItsThreadUntilTheRecheck() throws {
+        let tree = try FakeTree(["/m", "/m/v"])
+        try tree.set("/m/v", "tasks", "7\n")
+        let w = CgroupWeights(hierarchy: .init(mount: tree.mount, version: .v1), guardian: nil, owner: getuid(), recheckNs: 100_000_000)
+        w.release(try w.raise(path: "/m/v", thread: 7, nice: -20))
+        try tree.set("/m/v", "tasks", "7\n8\n")
+        usleep(150_000)
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "/m/v", thread: 7, nice: -20) }
+        try tree.set("/m/v", "tasks", "7\n")
+        w.release(try w.raise(path: "/m/v", thread: 7, nice: -20))
+        try tree.set("/m/v", "tasks", "7\n8\n")
+        #expect(throws: CgroupWeights.Refusal.shared) { try w.raise(path: "/m/v", thread: 8, nice: -20) }
+        #expect(tree.shares("/m/v") == 1024 && w.raisedNow.isEmpty)
+    }
+
     @Test func aValueChangedByAnAdministratorWhileHeldIsTheirs() throws {
         let tree = try FakeTree(["/m", "/m/vm", "/m/vm/vcpu0", "/m/vm/vcpu1"])
         try tree.set("/m/vm/vcpu0", "tasks", "1\n")
