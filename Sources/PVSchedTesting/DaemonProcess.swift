@@ -23,6 +23,7 @@ public final class DaemonProcess: @unchecked Sendable {
     public init(metrics: Bool = false, logLevel: String = "warning", config: String = "", extraArguments: [String] = []) throws {
         guard let binary = PVSchedBinary.path else { throw StandInError("the pvsched executable is not built (run `swift build`)") }
         self.binary = binary
+        Self.removeFilesOfEndedStarters()
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         socket = "/tmp/pvsched-it-\(tag).sock"
         lock = "/tmp/pvsched-it-\(tag).lock"
@@ -34,6 +35,21 @@ public final class DaemonProcess: @unchecked Sendable {
         arguments = ["daemon", "--config", configFile, "--socket", socket, "--lock", lock, "--log-level", logLevel,
                      "--state-file", stateFile, "--exit-with", "\(getpid())"] + (metrics ? ["--metrics", "127.0.0.1:0"] : []) + extraArguments
         try start()
+    }
+
+    /// Removes the files of starters that were killed (their `deinit` never ran; their
+    /// daemons stopped with them, `--exit-with`): `/tmp/pvsched-it-PID-*` of a process
+    /// that no longer exists, untouched for a minute.
+    public static func removeFilesOfEndedStarters(directory: String = "/tmp", now: Date = Date()) {
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: directory) else { return }
+        for name in names where name.hasPrefix("pvsched-it-") {
+            guard let pid = Int32(name.dropFirst("pvsched-it-".count).prefix { $0 != "-" }), pid > 0, pid != getpid(),
+                  kill(pid, 0) != 0, errno == ESRCH else { continue }
+            let path = directory + "/" + name
+            var st = stat()
+            guard lstat(path, &st) == 0, now.timeIntervalSince1970 - Double(st.st_mtim.tv_sec) > 60 else { continue }
+            unlink(path)
+        }
     }
 
     /// Starts the daemon (again, once stopped) and waits until it answers.

@@ -208,3 +208,33 @@ struct DaemonProcessTests {
         }
     }
 }
+
+/// The lab's and the tests' daemon starters clean up after starters that were killed.
+struct DaemonProcessFileTests {
+    /// A killed starter's files go once they are a minute old; a live starter's, and a
+    /// fresh file of a dead one (its daemon may still be stopping), stay.
+    @Test func filesOfKilledStartersAreRemovedAndNoOneElses() throws {
+        let dir = NSTemporaryDirectory() + "pvsched-starters-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let ended = Process()
+        ended.executableURL = URL(fileURLWithPath: "/bin/true")
+        try ended.run()
+        ended.waitUntilExit()
+        let dead = ended.processIdentifier
+        let old = Date().addingTimeInterval(-120)
+        func make(_ name: String, at date: Date) throws {
+            try "x".write(toFile: dir + "/" + name, atomically: false, encoding: .utf8)
+            try FileManager.default.setAttributes([.modificationDate: date], ofItemAtPath: dir + "/" + name)
+        }
+        try make("pvsched-it-\(dead)-1.conf", at: old)
+        try make("pvsched-it-\(dead)-1.state.json", at: old)
+        try make("pvsched-it-\(dead)-2.conf", at: Date())
+        try make("pvsched-it-1-3.conf", at: old)  // init: alive
+        try make("pvsched-it-\(getpid())-4.conf", at: old)
+        try make("other-\(dead).conf", at: old)
+        DaemonProcess.removeFilesOfEndedStarters(directory: dir)
+        let left = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+        #expect(left == ["other-\(dead).conf", "pvsched-it-1-3.conf", "pvsched-it-\(dead)-2.conf", "pvsched-it-\(getpid())-4.conf"].sorted())
+    }
+}
