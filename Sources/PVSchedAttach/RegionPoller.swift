@@ -70,8 +70,9 @@ public final class RegionPoller: Sendable {
     public func rest(id: UInt64) {
         let earliest: UInt64? = table.withLock { t in
             // A watch resting already (every halt of its vCPUs rings) moves no look: no re-arm.
-            guard var e = t.entries[id], e.watch.mayRest, e.nextNs < MonotonicClock.nowNs() &+ RegionWatch.restNs / 2 else { return nil }
-            e.nextNs = MonotonicClock.nowNs() &+ RegionWatch.restNs
+            let now = MonotonicClock.nowNs()
+            guard var e = t.entries[id], e.watch.mayRest, e.nextNs < now &+ RegionWatch.restNs / 2 else { return nil }
+            e.nextNs = now &+ RegionWatch.restNs
             t.entries[id] = e
             return t.earliest
         }

@@ -210,9 +210,7 @@ public final class Daemon {
                 // to serve, with their domains' settings, whichever of the two finds them first.
                 let following = libvirt.withLock { $0 != nil }
                 let d = try QEMUDiscovery(handler: handler, allowedUsers: QEMUDiscovery.defaultUsers, logger: logger) { pid, found in
-                    guard following, let guest = found.guestName,
-                          LibvirtFollower.runsDomain(pid: pid, guestName: guest) else { return nil }
-                    return "libvirt"
+                    following && found.guestName.map { LibvirtFollower.runsDomain(pid: pid, guestName: $0) } == true
                 }
                 discovery.withLock { $0 = d }
             } catch { logger.error("QEMU discovery not started", metadata: ["error": "\(error)"]) }

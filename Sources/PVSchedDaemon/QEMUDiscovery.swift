@@ -26,8 +26,8 @@ import Glibc
 final class QEMUDiscovery: Sendable {
     private let handler: ControlHandler
     private let allowedUsers: Set<UInt32>
-    /// Whether a found process is another path's to serve, and that path's name for the log.
-    private let leftTo: @Sendable (_ pid: Int32, _ found: Candidate) -> String?
+    /// Whether a found process is another path's to serve.
+    private let leftTo: @Sendable (_ pid: Int32, _ found: Candidate) -> Bool
     private let logger: Logger
     private let running = Atomic(true)
     private let thread = Mutex<PVSchedCore.Thread?>(nil)
@@ -36,7 +36,7 @@ final class QEMUDiscovery: Sendable {
     static let intervalUs: UInt32 = 2_000_000
 
     init(handler: ControlHandler, allowedUsers: Set<UInt32>, logger: Logger,
-         leftTo: @escaping @Sendable (_ pid: Int32, _ found: Candidate) -> String? = { _, _ in nil }) throws(ThreadError) {
+         leftTo: @escaping @Sendable (_ pid: Int32, _ found: Candidate) -> Bool = { _, _ in false }) throws(ThreadError) {
         self.handler = handler
         self.allowedUsers = allowedUsers
         self.leftTo = leftTo
@@ -88,8 +88,8 @@ final class QEMUDiscovery: Sendable {
                 handler.host.sessions.contains { s in s.state == .running && (s as? AttachedVMSession)?.report.process == pid }
             }
             if served() { continue }
-            if let path = leftTo(pid, found) {
-                logger.debug("QEMU process found, left to another path", metadata: ["vm": "\(found.name)", "pid": "\(pid)", "path": "\(path)"])
+            if leftTo(pid, found) {
+                logger.debug("QEMU process found, left to another path", metadata: ["vm": "\(found.name)", "pid": "\(pid)"])
                 continue
             }
             var p = VMAttach.Params()

@@ -297,11 +297,8 @@ public final class CgroupWeights: Sendable {
         let fd = open(file, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
-        var buffer = [UInt8](repeating: 0, count: 32)
-        let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-        guard n > 0 else { return nil }
-        let digits = buffer[..<n].prefix { $0 != UInt8(ascii: "\n") }
-        return UInt64(String(decoding: digits, as: UTF8.self))
+        guard case .done(let value) = CgroupValueFiles.readValue(fd) else { return nil }
+        return value
     }
 
     /// Writes `value` into a cgroup value file; whether it was taken.
@@ -310,8 +307,8 @@ public final class CgroupWeights: Sendable {
         let fd = open(file, O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
         guard fd >= 0 else { return false }
         defer { close(fd) }
-        let text = Array("\(value)\n".utf8)
-        return text.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == text.count
+        guard case .done = CgroupValueFiles.writeValue(value, fd) else { return false }
+        return true
     }
 }
 
@@ -332,23 +329,28 @@ final class CgroupValueFiles: Sendable {
     deinit { open.withLock { for fd in $0.values { Glibc.close(fd) } } }
 
     /// The number `file` holds (nil: unreadable, or not a number).
-    func read(_ file: String) -> UInt64? {
-        use(file) { fd in
-            var buffer = [UInt8](repeating: 0, count: 32)
-            let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
-            guard n > 0 else { return .failed(n < 0 ? errno : 0) }
-            let digits = buffer[..<n].prefix { $0 != UInt8(ascii: "\n") }
-            return .done(UInt64(String(decoding: digits, as: UTF8.self)))
-        } ?? nil
-    }
+    func read(_ file: String) -> UInt64? { use(file, Self.readValue) ?? nil }
 
     /// Writes `value` into `file`; whether it was taken.
-    func write(_ file: String, _ value: UInt64) -> Bool {
-        use(file) { fd in
-            let text = Array("\(value)\n".utf8)
-            let n = text.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
-            return n == text.count ? .done(true) : .failed(n < 0 ? errno : 0)
-        } ?? false
+    func write(_ file: String, _ value: UInt64) -> Bool { use(file) { Self.writeValue(value, $0) } != nil }
+
+    /// What a read or write of an open value file gave, or the errno it failed with (0: nothing read).
+    enum Outcome<T> { case done(T), failed(Int32) }
+
+    /// The number an open value file holds, read from its start (a value not a number: `.done(nil)`).
+    static func readValue(_ fd: Int32) -> Outcome<UInt64?> {
+        var buffer = [UInt8](repeating: 0, count: 32)
+        let n = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, 0) }
+        guard n > 0 else { return .failed(n < 0 ? errno : 0) }
+        let digits = buffer[..<n].prefix { $0 != UInt8(ascii: "\n") }
+        return .done(UInt64(String(decoding: digits, as: UTF8.self)))
+    }
+
+    /// Writes `value` at an open value file's start.
+    static func writeValue(_ value: UInt64, _ fd: Int32) -> Outcome<Void> {
+        let text = Array("\(value)\n".utf8)
+        let n = text.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+        return n == text.count ? .done(()) : .failed(n < 0 ? errno : 0)
     }
 
     /// Closes `file` if it is kept open (its cgroup went, or pvsched is done with it).
@@ -358,8 +360,6 @@ final class CgroupValueFiles: Sendable {
 
     /// How many files are kept open (for tests).
     var count: Int { open.withLock { $0.count } }
-
-    private enum Outcome<T> { case done(T), failed(Int32) }
 
     /// Runs `body` on an open descriptor of `file`: the kept one, else one opened now
     /// (kept when it is a cgroup file). Under the lock, so no descriptor is closed while
