@@ -130,7 +130,7 @@ let package = Package(
         ]),
         .testTarget(name: "PVSchedDaemonTests", dependencies: [
             "PVSchedDaemon", "PVSchedControl", "PVSchedHost", "PVSchedCore", "PVSchedLinux", "PVSchedTesting",
-            "PVSchedExperiments", "PVSchedAttach", "PVSchedABI", "PVSchedLibvirt",
+            "PVSchedExperiments", "PVSchedAttach", "PVSchedABI", "PVSchedLibvirt", "PVSchedKernelEvents", "PVSchedGuestImage",
         ]),
         .testTarget(name: "PVSchedAttachTests", dependencies: [
             "PVSchedAttach", "PVSchedCore", "PVSchedHost", "PVSchedTesting", "PVSchedABI", "PVSchedLinux",

@@ -33,6 +33,7 @@ struct cfs_rq {
 } __attribute__((preserve_access_index));
 struct sched_entity {
     struct cfs_rq *cfs_rq;
+    unsigned long long sum_exec_runtime;
     unsigned long long custom_slice;  /* Linux 6.12+: checked with field_exists */
 } __attribute__((preserve_access_index));
 struct task_struct {
@@ -123,7 +124,10 @@ struct {
     __type(value, u64);
 } dropped SEC(".maps");
 
-static __attribute__((always_inline)) void emit_at(u64 time_ns, u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
+/* `runtime_ns`: the thread's run time, read only where it is current (the thread
+ * is not running: woken, switched out, or about to be switched in), else 0. */
+static __attribute__((always_inline)) void emit_at(u64 time_ns, u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags,
+                                                   u64 runtime_ns) {
     struct pvsched_kvm_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
     if (!e) {
         u32 k = kind & 15;
@@ -141,11 +145,13 @@ static __attribute__((always_inline)) void emit_at(u64 time_ns, u32 kind, u32 ti
     e->vm = vm;
     e->vcpu = vcpu;
     e->urgent = flags == BPF_RB_FORCE_WAKEUP;
+    e->runtime_ns = runtime_ns;
     bpf_ringbuf_submit(e, flags);
 }
 
-static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags) {
-    emit_at(bpf_ktime_get_ns(), kind, tid, tgid, vector, arg, vm, vcpu, flags);
+static __attribute__((always_inline)) void emit_flags(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 flags,
+                                                      u64 runtime_ns) {
+    emit_at(bpf_ktime_get_ns(), kind, tid, tgid, vector, arg, vm, vcpu, flags, runtime_ns);
 }
 
 /* Real-time or deadline class. */
@@ -182,12 +188,12 @@ static __attribute__((always_inline)) int runs_at_once(struct task_struct *p) {
  * ring buffer decide (which, once a record was left unread, wakes no one: they
  * come with the next of the records above). Wake-ups and sleeps choose their own
  * flags (`on_wakeup`, `on_switch`). */
-static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu) {
+static __attribute__((always_inline)) void emit(u32 kind, u32 tid, u32 tgid, u32 vector, u64 arg, u32 vm, u32 vcpu, u64 runtime_ns) {
     u64 flags = 0;
     if (kind == PVSCHED_KEV_KICK || kind == PVSCHED_KEV_ACCEPT_IRQ)
         flags = BPF_RB_FORCE_WAKEUP;
     else if (kind == PVSCHED_KEV_RUN) flags = BPF_RB_NO_WAKEUP;
-    emit_flags(kind, tid, tgid, vector, arg, vm, vcpu, flags);
+    emit_flags(kind, tid, tgid, vector, arg, vm, vcpu, flags, runtime_ns);
 }
 
 /* Reports `kind` if the current thread is a watched vCPU thread (the events KVM
@@ -196,7 +202,7 @@ static __attribute__((always_inline)) void emit_if_vcpu(u32 kind, u32 vector, u6
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = (u32)id;
     struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
-    if (v) emit(kind, tid, (u32)(id >> 32), vector, arg, v->vm, v->vcpu);
+    if (v) emit(kind, tid, (u32)(id >> 32), vector, arg, v->vm, v->vcpu, 0);
 }
 
 SEC("tp_btf/kvm_apic_accept_irq")
@@ -213,7 +219,7 @@ int on_accept_irq(u64 *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = (u32)(id >> 32);
     u32 *vm = bpf_map_lookup_elem(&vmm_processes, &tgid);
-    if (vm) emit(PVSCHED_KEV_ACCEPT_IRQ, 0, tgid, vector, apicid, *vm, apicid);
+    if (vm) emit(PVSCHED_KEV_ACCEPT_IRQ, 0, tgid, vector, apicid, *vm, apicid, 0);
     return 0;
 }
 
@@ -255,12 +261,13 @@ int on_wakeup(u64 *ctx) {
         struct pvsched_kvm_held *held = bpf_map_lookup_elem(&held_threads, &tid);
         u64 flags = held && !held_wake_on_time(held, v->waking_ns) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
         v->deferred = 0;
-        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, flags);
+        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, flags, p->se.sum_exec_runtime);
     } else if (runs_at_once(p)) {
         v->deferred = 1;
     } else {
         v->deferred = 0;
-        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, BPF_RB_FORCE_WAKEUP);
+        emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)p->tgid, v->vector, 0, v->vm, v->vcpu, BPF_RB_FORCE_WAKEUP,
+                p->se.sum_exec_runtime);
     }
     return 0;
 }
@@ -286,7 +293,7 @@ int on_switch(u64 *ctx) {
                 struct pvsched_kvm_held *held = bpf_map_lookup_elem(&held_threads, &tid);
                 int predicted = held && held->period && held->last_wake;
                 u64 flags = looks_boosted(prev) && !predicted ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-                emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags);
+                emit_flags(PVSCHED_KEV_BLOCK, tid, (u32)prev->tgid, 0, prev_state, v->vm, v->vcpu, flags, prev->se.sum_exec_runtime);
             }
         } else if (v->deferred) {
             /* Preempted after a wake-up that found its CPU idle: it waits for its CPU
@@ -295,9 +302,10 @@ int on_switch(u64 *ctx) {
              * interrupt would stay pending for the daemon, and a driver that keeps a
              * boost while an interrupt is pending would keep it through the next sleep. */
             v->deferred = 0;
+            u64 ran = prev->se.sum_exec_runtime;
             emit_at(v->waking_ns, PVSCHED_KEV_WAKING, tid, (u32)prev->tgid, v->vector, bpf_ktime_get_ns(), v->vm, v->vcpu,
-                    BPF_RB_FORCE_WAKEUP);
-            emit(PVSCHED_KEV_RUN, tid, (u32)prev->tgid, 0, 0, v->vm, v->vcpu);
+                    BPF_RB_FORCE_WAKEUP, ran);
+            emit(PVSCHED_KEV_RUN, tid, (u32)prev->tgid, 0, 0, v->vm, v->vcpu, ran);
         }
     }
     /* The first run after a wake-up only (not every return from a preemption), and
@@ -306,7 +314,7 @@ int on_switch(u64 *ctx) {
     struct pvsched_kvm_vcpu *n = bpf_map_lookup_elem(&vcpu_threads, &next_tid);
     if (n && n->woken) {
         n->woken = 0;
-        if (!n->deferred) emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu);
+        if (!n->deferred) emit(PVSCHED_KEV_RUN, next_tid, (u32)next->tgid, 0, 0, n->vm, n->vcpu, next->se.sum_exec_runtime);
     }
     return 0;
 }
@@ -316,7 +324,7 @@ int on_signal(u64 *ctx) {
     struct task_struct *task = (struct task_struct *)ctx[2];
     u32 tid = (u32)task->pid;
     struct pvsched_kvm_vcpu *v = bpf_map_lookup_elem(&vcpu_threads, &tid);
-    if (v) emit(PVSCHED_KEV_KICK, tid, (u32)task->tgid, (u32)ctx[0], 0, v->vm, v->vcpu);
+    if (v) emit(PVSCHED_KEV_KICK, tid, (u32)task->tgid, (u32)ctx[0], 0, v->vm, v->vcpu, 0);
     return 0;
 }
 

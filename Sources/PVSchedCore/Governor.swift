@@ -196,7 +196,9 @@ public struct VCPUBudget: Equatable, Sendable {
             if spansHalts, wall > cpu { refill(config, by: wall - cpu) }
             self[charging] = self[charging] > cpu ? self[charging] - cpu : 0
             share.charge(cpu)
-            if let cpuNs { lastCPUNs = cpuNs }
+            // An event's own reading may be older than the last one (read later by the
+            // enforcer): what was charged is not charged again.
+            if let cpuNs, cpuNs > lastCPUNs { lastCPUNs = cpuNs }
         } else {
             refill(config, by: wall)
         }

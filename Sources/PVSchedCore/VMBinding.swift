@@ -135,11 +135,16 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
         self.lanes = (0..<vm.vcpuCount).map { _ in Lane(VCPULane(config: governor)) }
     }
 
-    /// The step context of `lane` now (under its lock).
-    func context(_ lane: VCPULane, now: UInt64) -> LaneContext {
-        LaneContext(now: now, config: governor.config, share: governor.share, boost: boost,
-                    cpuNs: lane.thread.flatMap { actuator.cpuTimeNs(of: $0) },
-                    repayment: lane.thread.flatMap { actuator.baseline(of: $0)?.repayment })
+    /// The step context of `lane` now (under its lock). `cpuTime`: the lane's
+    /// thread's run time as an event's source read it (used only if it is that
+    /// thread's; else the actuator reads it).
+    func context(_ lane: VCPULane, now: UInt64, cpuTime: ThreadCPUTime? = nil) -> LaneContext {
+        let cpuNs: UInt64? = lane.thread.flatMap { t in
+            if let cpuTime, cpuTime.thread == t { return cpuTime.ns }
+            return actuator.cpuTimeNs(of: t)
+        }
+        return LaneContext(now: now, config: governor.config, share: governor.share, boost: boost, cpuNs: cpuNs,
+                           repayment: lane.thread.flatMap { actuator.baseline(of: $0)?.repayment })
     }
 
     // MARK: events
@@ -147,8 +152,9 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     /// Delivers `event` for `vcpu` to the driver and carries out its decision.
     /// `interruptStillQueued` (for `.vmEntry`) says an injected interrupt could not be
     /// delivered on this entry (the guest has interrupts off), so it stays pending.
+    /// `cpuTime` spares the actuator's read of the thread's run time (see `VMEventSink`).
     @discardableResult
-    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
         switch event {
         case .vmEntry, .interruptInjection:
             // Woken (or about to be): its guest may write its line again.
@@ -176,7 +182,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
                 guest = seen.guest
                 deadlineDue = seen.deadlineDue
             }
-            let ctx = context(s, now: now)
+            let ctx = context(s, now: now, cpuTime: cpuTime)
             // A boost past its budget is cut first; the driver still sees the event.
             var (cutBy, step) = s.cutIfOverrun(ctx)
             if cutBy != nil { _ = carry(&step, &s, vcpu: vcpu, ctx) }

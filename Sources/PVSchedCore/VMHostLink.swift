@@ -14,18 +14,36 @@ import Glibc
 public protocol VMEventSink: AnyObject, Sendable {
     /// Delivers `event` for `vcpu`. `interruptStillQueued` (for `.vmEntry`) says an
     /// injected interrupt could not be delivered on this entry, so it stays pending.
+    /// `cpuTime`: the run time of the vCPU's thread as the event's source read it at
+    /// the event (the host kernel does, for free, where the thread is not running);
+    /// nil: the binding reads it itself, where it needs it.
     @discardableResult
-    func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome
+    func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome
     /// The OS thread that runs `vcpu` now (nil when it stops).
     func setThread(_ thread: ThreadID?, vcpu: Int)
 }
 
 extension VMEventSink {
-    /// Delivers `event` for `vcpu` (no interrupt left queued).
+    /// Delivers `event` for `vcpu` (no interrupt left queued, the thread's run time not known).
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int) -> NotifyOutcome {
-        notify(event, vcpu: vcpu, interruptStillQueued: false)
+        notify(event, vcpu: vcpu, interruptStillQueued: false, cpuTime: nil)
     }
+
+    /// Delivers `event` for `vcpu` (the thread's run time not known).
+    @discardableResult
+    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+        notify(event, vcpu: vcpu, interruptStillQueued: interruptStillQueued, cpuTime: nil)
+    }
+}
+
+/// A thread's run time (what its CPU clock or `/proc/TID/schedstat` reads) as an
+/// event's source saw it: it stands for the thread's run time now only for that
+/// thread (a vCPU whose thread was replaced reads its new one itself).
+public struct ThreadCPUTime: Equatable, Sendable {
+    public var thread: ThreadID
+    public var ns: UInt64
+    public init(thread: ThreadID, ns: UInt64) { self.thread = thread; self.ns = ns }
 }
 
 /// What code that serves a VM from outside (a region watcher, an attacher) may read

@@ -23,10 +23,10 @@ public enum KernelEventBench {
         let cpuNs = Atomic<UInt64>(0)
         let events = Atomic<UInt64>(0)
         init(_ inner: any VMEventSink) { self.inner = inner }
-        func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+        func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
             let c0 = ControlBench.threadCPUNs()
             let t0 = MonotonicClock.nowNs()
-            let outcome = inner.notify(event, vcpu: vcpu, interruptStillQueued: interruptStillQueued)
+            let outcome = inner.notify(event, vcpu: vcpu, interruptStillQueued: interruptStillQueued, cpuTime: cpuTime)
             let t1 = MonotonicClock.nowNs()
             cpuNs.add(ControlBench.threadCPUNs() &- c0, ordering: .relaxed)
             events.add(1, ordering: .relaxed)

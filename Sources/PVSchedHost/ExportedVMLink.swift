@@ -79,7 +79,7 @@ public final class ExportedVMLink: VMEventSink, SharedAreaRegistrar {
     public var injectionCounts: [UInt64] { injections.map { $0.load(ordering: .relaxed) } }
     public var exitCounts: [UInt64] { exits.map { $0.load(ordering: .relaxed) } }
 
-    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+    public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
         guard vcpu >= 0 && vcpu < injections.count else { return .unchanged }
         switch event {
         case .interruptInjection: injections[vcpu].wrappingIncrement(ordering: .relaxed)

@@ -230,7 +230,9 @@ public final class KernelEventSource: Sendable {
             return event.map { (w.sink, $0) }
         }
         guard let target else { return }
-        let outcome = target.sink.notify(target.event, vcpu: Int(r.vcpu))
+        // The kernel read the thread's run time where it was current (0: not read).
+        let cpuTime = r.runtime_ns != 0 ? ThreadCPUTime(thread: ThreadID(Int32(bitPattern: r.tid)), ns: r.runtime_ns) : nil
+        let outcome = target.sink.notify(target.event, vcpu: Int(r.vcpu), interruptStillQueued: false, cpuTime: cpuTime)
         guard outcome == .boosted else { return }
         let applied = MonotonicClock.nowNs()
         vms.withLock { vms in

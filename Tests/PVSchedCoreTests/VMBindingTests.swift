@@ -184,6 +184,40 @@ import Testing
         #expect(b.stats(vcpu: 0).vetoesThrottled >= 2)
     }
 
+    /// An event may bring its thread's run time (the host kernel reads it at the
+    /// event): the binding charges that instead of reading it, for that thread only,
+    /// and an older reading than one already charged charges nothing twice.
+    @Test func anEventsOwnReadingOfItsThreadsCPUTimeIsChargedInPlaceOfTheActuators() throws {
+        let clock = ManualClock()
+        let cfg = GovernorConfig(criticalBudgetNs: 1_000_000, generalBudgetNs: 4_000_000, throttleWindowNs: 1_000_000,
+                                 shareWindowNs: .max, maxVMShare: 1)
+        let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, v in v.guest == nil ? .none : .boost() }
+        let buf = SharedAreaBuffer(vcpus: 2)
+        b.setArea(try SharedArea(validating: buf.bytes))
+        let thread = ThreadID(100)
+        // The actuator's reading would spend the whole budget at once: it must not be used.
+        act.setCPUTime(50_000_000, of: thread)
+        buf.writer.setFlags(vcpu: 0, [.inIRQ])
+        #expect(b.notify(.vmExit(.halt), vcpu: 0, interruptStillQueued: false,
+                         cpuTime: ThreadCPUTime(thread: thread, ns: 10_000_000)) == .boosted)
+        clock.advance(by: 5_000_000)
+        #expect(b.notify(.vmEntry, vcpu: 0, interruptStillQueued: false,
+                         cpuTime: ThreadCPUTime(thread: thread, ns: 10_600_000)) == .unchanged)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 400_000)
+        // Another thread's reading (the vCPU's thread was replaced since) is not this one's: the actuator is read.
+        act.setCPUTime(10_700_000, of: thread)
+        #expect(b.notify(.vmEntry, vcpu: 0, interruptStillQueued: false,
+                         cpuTime: ThreadCPUTime(thread: ThreadID(999), ns: 0)) == .unchanged)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 300_000)
+        // A reading older than the last one charged charges nothing, and the next is charged from the newer.
+        #expect(b.notify(.vmEntry, vcpu: 0, interruptStillQueued: false,
+                         cpuTime: ThreadCPUTime(thread: thread, ns: 10_650_000)) == .unchanged)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 300_000)
+        act.setCPUTime(10_800_000, of: thread)
+        #expect(b.notify(.vmEntry, vcpu: 0) == .unchanged)
+        #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 200_000)
+    }
+
     @Test func anOperatorsChangeWinsUntilTheThreadIsBackAtItsBaseline() throws {
         let (_, b, act, _) = try setup { e, _ in e == .vmEntry ? .boost() : .unboost }
         let thread = ThreadID(100)

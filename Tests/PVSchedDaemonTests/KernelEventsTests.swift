@@ -2,6 +2,8 @@ import Foundation
 import Synchronization
 import PVSchedControl
 import PVSchedCore
+import PVSchedGuestImage
+import PVSchedKernelEvents
 import PVSchedLinux
 import PVSchedTesting
 import Testing
@@ -234,5 +236,97 @@ struct KernelEventGatingTests {
         #expect(boosted > 100, "only \(boosted) boosts: the preemptions did not happen")
         #expect(asleep > 500)
         #expect(boostedAsleep * 10 < asleep, "boosted in \(boostedAsleep) of \(asleep) samples of the sleeping thread (\(boosted) boosts)")
+    }
+}
+
+/// The kernel's records carry the vCPU thread's run time where it is current, so
+/// that the daemon need not read `/proc/TID/schedstat` at each event.
+struct KernelEventRunTimeTests {
+    /// Records every event with the run time it came with, and the thread's own CPU
+    /// clock at delivery.
+    final class RunTimeSink: VMEventSink {
+        struct Seen { var event: VCPUEvent; var cpuTime: ThreadCPUTime?; var clockNs: UInt64 }
+        let thread: ThreadID
+        let seen = Mutex<[Seen]>([])
+        init(thread: ThreadID) { self.thread = thread }
+        func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
+            let now = ThreadCPUClock().cpuTimeNs(of: thread) ?? 0
+            seen.withLock { $0.append(Seen(event: event, cpuTime: cpuTime, clockNs: now)) }
+            return .unchanged
+        }
+        func setThread(_ thread: ThreadID?, vcpu: Int) {}
+    }
+
+    /// A thread that runs 200 µs and sleeps 2 ms, beside a spinner on its CPU (so its
+    /// wake-ups wait and are sent): every wake-up, run and sleep comes with a run time
+    /// that lies between the thread's own readings before and after one of its sleeps.
+    @Test func wakeUpsRunsAndSleepsComeWithTheThreadsRunTime() throws {
+        try Requirement.root.check(); try Requirement.bpf.check()
+        let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+        guard cpus >= 2 else { return }
+        let cpu = UInt64(cpus - 1)
+        let source = try KernelEventSource(object: GuestImage.kvmEventsBPF)
+        defer { source.close() }
+        let stop = Atomic(false)
+        let spinner = try PVSchedCore.Thread(name: "spinner") {
+            try? LinuxScheduling.setAffinity(LinuxScheduling.currentThread(), mask: 1 << cpu)
+            while !stop.load(ordering: .relaxed) {}
+        }
+        defer { stop.store(true, ordering: .relaxed); spinner.join() }
+        let tid = Atomic<Int32>(0), watched = Atomic(false), looped = Atomic(false), released = Atomic(false)
+        let sleeps = Mutex<[(before: UInt64, after: UInt64)]>([])
+        let worker = try PVSchedCore.Thread(name: "vcpu-like") {
+            let me = LinuxScheduling.currentThread()
+            try? LinuxScheduling.setAffinity(me, mask: 1 << cpu)
+            tid.store(me.rawValue, ordering: .releasing)
+            let clock = ThreadCPUClock()
+            while !watched.load(ordering: .acquiring) {
+                let before = clock.cpuTimeNs(of: me) ?? 0
+                usleep(1000)
+                let after = clock.cpuTimeNs(of: me) ?? 0
+                sleeps.withLock { $0.append((before, after)) }
+            }
+            for _ in 0..<200 {
+                let end = MonotonicClock.nowNs() + 200_000
+                while MonotonicClock.nowNs() < end {}
+                let before = clock.cpuTimeNs(of: me) ?? 0
+                usleep(2000)
+                let after = clock.cpuTimeNs(of: me) ?? 0
+                sleeps.withLock { $0.append((before, after)) }
+            }
+            // Alive, asleep, until every record is read (its clock is read at each).
+            let before = clock.cpuTimeNs(of: me) ?? 0
+            sleeps.withLock { $0.append((before, .max)) }
+            looped.store(true, ordering: .releasing)
+            while !released.load(ordering: .acquiring) { usleep(1000) }
+        }
+        while tid.load(ordering: .acquiring) == 0 { usleep(1000) }
+        let thread = ThreadID(tid.load(ordering: .acquiring))
+        let sink = RunTimeSink(thread: thread)
+        source.watch(slot: 1, process: getpid(), threads: [thread], sink: sink)
+        watched.store(true, ordering: .releasing)
+        while !looped.load(ordering: .acquiring) { usleep(10_000) }
+        usleep(200_000)
+        source.unwatch(slot: 1, process: getpid(), threads: [thread])
+        let seen = sink.seen.withLock { $0 }, windows = sleeps.withLock { $0 }
+        released.store(true, ordering: .releasing)
+        worker.join()
+        let timed = seen.filter { $0.cpuTime != nil }
+        #expect(seen.filter { if case .interruptInjection = $0.event { true } else { false } }.count > 50)
+        #expect(seen.filter { $0.event == .halt }.count > 50)
+        // Every wake-up, run and sleep carried the run time, of this thread.
+        #expect(timed.count == seen.count, "\(seen.count - timed.count) of \(seen.count) without")
+        #expect(timed.allSatisfy { $0.cpuTime?.thread == thread })
+        var last: UInt64 = 0, outside = 0, ahead = 0
+        for s in timed {
+            let ns = s.cpuTime!.ns
+            #expect(ns >= last, "run times went back: \(last) -> \(ns)")
+            last = ns
+            if ns > s.clockNs { ahead += 1 }
+            // Read while the thread did not run: within one of its sleeps.
+            if !windows.contains(where: { ns >= $0.before && ns <= $0.after }) { outside += 1 }
+        }
+        #expect(ahead == 0, "\(ahead) run times ahead of the thread's clock")
+        #expect(outside == 0, "\(outside) of \(timed.count) run times outside every sleep")
     }
 }

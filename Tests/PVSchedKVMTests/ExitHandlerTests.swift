@@ -9,7 +9,7 @@ import Testing
 /// A sink that records every event it is sent.
 final class RecordingSink: VMEventSink {
     let events = Mutex<[VCPUEvent]>([])
-    func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool) -> NotifyOutcome {
+    func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
         events.withLock { $0.append(event) }
         return .unchanged
     }

@@ -54,6 +54,10 @@ struct pvsched_kvm_event {
     pvs_u32 vm;        /* the daemon's slot for the VM (from the filter maps) */
     pvs_u32 vcpu;      /* the vCPU index (the APIC id for ACCEPT_IRQ) */
     pvs_u32 urgent;    /* 1: the record woke the consumer (or would have, had it been asleep) */
+    pvs_u64 runtime_ns; /* the thread's run time so far (its se.sum_exec_runtime, what
+                         * /proc/TID/schedstat's first field reads) when the thread is
+                         * not running: WAKING, BLOCK and RUN records. 0: not known (the
+                         * other kinds, read while the thread runs). */
 };
 
 /* Map entry for a watched vCPU thread: which VM (the daemon's slot) and vCPU
