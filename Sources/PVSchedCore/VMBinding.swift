@@ -152,7 +152,8 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
     /// Delivers `event` for `vcpu` to the driver and carries out its decision.
     /// `interruptStillQueued` (for `.vmEntry`) says an injected interrupt could not be
     /// delivered on this entry (the guest has interrupts off), so it stays pending.
-    /// `cpuTime` spares the actuator's read of the thread's run time (see `VMEventSink`).
+    /// `cpuTime` spares the actuator's read of the thread's run time (see `VMEventSink`),
+    /// except where a boost starts.
     @discardableResult
     public func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome {
         switch event {
@@ -220,7 +221,13 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
                 decision = .none
                 decided2.merge(s.hold(forNs: now &+ left, ctx))
             }
-            let (planned, decisionStep) = s.carryOut(decision, ctx, idle: idle)
+            // A boost starts from the thread's run time read now: an event's own reading
+            // may be older (the thread ran since), and the boost would be charged for
+            // that run (throttles in the QEMU demo with it). Elsewhere an older reading
+            // charges less for now, and the rest later (see `Governor.account`).
+            var startCtx = ctx
+            if cpuTime != nil, case .boost = decision, !view.boosted { startCtx = context(s, now: now) }
+            let (planned, decisionStep) = s.carryOut(decision, startCtx, idle: idle)
             decided2.merge(decisionStep)
             var result = carry(&decided2, &s, vcpu: vcpu, ctx) ?? planned
             if let cutBy, result == .unchanged { result = .vetoed(cutBy) }

@@ -16,7 +16,8 @@ public protocol VMEventSink: AnyObject, Sendable {
     /// injected interrupt could not be delivered on this entry, so it stays pending.
     /// `cpuTime`: the run time of the vCPU's thread as the event's source read it at
     /// the event (the host kernel does, for free, where the thread is not running);
-    /// nil: the binding reads it itself, where it needs it.
+    /// the binding charges a running boost up to it, and reads the thread's run time
+    /// itself where a boost starts, or where `cpuTime` is nil.
     @discardableResult
     func notify(_ event: VCPUEvent, vcpu: Int, interruptStillQueued: Bool, cpuTime: ThreadCPUTime?) -> NotifyOutcome
     /// The OS thread that runs `vcpu` now (nil when it stops).

@@ -185,8 +185,10 @@ import Testing
     }
 
     /// An event may bring its thread's run time (the host kernel reads it at the
-    /// event): the binding charges that instead of reading it, for that thread only,
-    /// and an older reading than one already charged charges nothing twice.
+    /// event): the binding charges a running boost up to that instead of reading it,
+    /// for that thread only; a boost starts from a fresh reading (the event's may be
+    /// older: the thread ran since, unboosted); an older reading than one already
+    /// charged charges nothing twice.
     @Test func anEventsOwnReadingOfItsThreadsCPUTimeIsChargedInPlaceOfTheActuators() throws {
         let clock = ManualClock()
         let cfg = GovernorConfig(criticalBudgetNs: 1_000_000, generalBudgetNs: 4_000_000, throttleWindowNs: 1_000_000,
@@ -195,12 +197,14 @@ import Testing
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
         let thread = ThreadID(100)
-        // The actuator's reading would spend the whole budget at once: it must not be used.
-        act.setCPUTime(50_000_000, of: thread)
+        // The event's reading is 1 ms old: started from it, the boost would owe that millisecond.
+        act.setCPUTime(10_000_000, of: thread)
         buf.writer.setFlags(vcpu: 0, [.inIRQ])
         #expect(b.notify(.vmExit(.halt), vcpu: 0, interruptStillQueued: false,
-                         cpuTime: ThreadCPUTime(thread: thread, ns: 10_000_000)) == .boosted)
+                         cpuTime: ThreadCPUTime(thread: thread, ns: 9_000_000)) == .boosted)
+        // While it runs, the actuator's reading would spend the whole budget at once: the event's is used.
         clock.advance(by: 5_000_000)
+        act.setCPUTime(50_000_000, of: thread)
         #expect(b.notify(.vmEntry, vcpu: 0, interruptStillQueued: false,
                          cpuTime: ThreadCPUTime(thread: thread, ns: 10_600_000)) == .unchanged)
         #expect(b.nextEnforcerWakeNs() == clock.nowNs() + 400_000)
