@@ -32,7 +32,9 @@ public struct KernelEventCounts: Sendable, Equatable {
     /// Notifications that boosted, and the latency from the kernel's timestamp to
     /// the boost applied (ns), for the ones that did.
     public var boosts: UInt64 = 0
+    /// The first `latencySamples` of those latencies.
     public var boostLatenciesNs: [UInt64] = []
+    public static let latencySamples = 100_000
     /// Summed delay from the kernel's timestamp to the consumer picking the record up, for boosting records.
     public var consumerLagNs: UInt64 = 0
     /// Wake-ups of the VM's vCPU threads that found their CPU idle and slept again
@@ -221,13 +223,12 @@ public final class KernelEventSource: Sendable {
             vms.withLock { vms in vms[r.vm]?.counts.records[r.kind, default: 0] &+= 1 }
             return
         }
+        // The VM's entry is changed in place (`&vms[slot]!`): a copy of it taken out and
+        // put back would copy its counters' storage at each change, the boost
+        // latencies' among them (up to 100,000 of them, at each boost).
         let target: (sink: any VMEventSink, event: VCPUEvent)? = vms.withLock { vms in
-            guard var w = vms[r.vm], Int(r.vcpu) < w.vcpuCount else { return nil }
-            w.counts.records[r.kind, default: 0] &+= 1
-            let event = Self.event(for: r, track: &w.vcpus[Int(r.vcpu)])
-            if event != nil { w.counts.notified &+= 1 }
-            vms[r.vm] = w
-            return event.map { (w.sink, $0) }
+            guard let count = vms[r.vm]?.vcpuCount, Int(r.vcpu) < count else { return nil }
+            return Self.take(r, into: &vms[r.vm]!)
         }
         guard let target else { return }
         // The kernel read the thread's run time where it was current (0: not read).
@@ -235,17 +236,28 @@ public final class KernelEventSource: Sendable {
         let outcome = target.sink.notify(target.event, vcpu: Int(r.vcpu), interruptStillQueued: false, cpuTime: cpuTime)
         guard outcome == .boosted else { return }
         let applied = MonotonicClock.nowNs()
+        // A wake-up sent at the thread's preemption (it had found its CPU idle) counts from there.
+        let since = r.kind == PVSCHED_KEV_WAKING.rawValue && r.arg != 0 ? r.arg : r.time_ns
         vms.withLock { vms in
-            guard var w = vms[r.vm] else { return }
-            w.counts.boosts &+= 1
-            // A wake-up sent at the thread's preemption (it had found its CPU idle) counts from there.
-            let since = r.kind == PVSCHED_KEV_WAKING.rawValue && r.arg != 0 ? r.arg : r.time_ns
-            if w.counts.boostLatenciesNs.count < 100_000 {
-                w.counts.boostLatenciesNs.append(applied > since ? applied - since : 0)
-            }
-            w.counts.consumerLagNs &+= now > since ? now - since : 0
-            vms[r.vm] = w
+            guard vms[r.vm] != nil else { return }
+            Self.countBoost(latencyNs: applied > since ? applied - since : 0, lagNs: now > since ? now - since : 0,
+                            in: &vms[r.vm]!.counts)
         }
+    }
+
+    /// Counts record `r` in its VM's entry `w`; its event and the VM's sink, if it is sent.
+    private static func take(_ r: pvsched_kvm_event, into w: inout Watched) -> (sink: any VMEventSink, event: VCPUEvent)? {
+        w.counts.records[r.kind, default: 0] &+= 1
+        guard let event = event(for: r, track: &w.vcpus[Int(r.vcpu)]) else { return nil }
+        w.counts.notified &+= 1
+        return (w.sink, event)
+    }
+
+    /// Counts a boost a record caused.
+    static func countBoost(latencyNs: UInt64, lagNs: UInt64, in counts: inout KernelEventCounts) {
+        counts.boosts &+= 1
+        if counts.boostLatenciesNs.count < KernelEventCounts.latencySamples { counts.boostLatenciesNs.append(latencyNs) }
+        counts.consumerLagNs &+= lagNs
     }
 
     /// The event a record stands for (nil: counted, not sent). One happening, one
