@@ -254,7 +254,7 @@ public final class KernelEventSource: Sendable {
     }
 
     /// Counts a boost a record caused.
-    static func countBoost(latencyNs: UInt64, lagNs: UInt64, in counts: inout KernelEventCounts) {
+    private static func countBoost(latencyNs: UInt64, lagNs: UInt64, in counts: inout KernelEventCounts) {
         counts.boosts &+= 1
         if counts.boostLatenciesNs.count < KernelEventCounts.latencySamples { counts.boostLatenciesNs.append(latencyNs) }
         counts.consumerLagNs &+= lagNs
