@@ -34,6 +34,7 @@ public struct KernelEventCounts: Sendable, Equatable {
     public var boosts: UInt64 = 0
     /// The first `latencySamples` of those latencies.
     public var boostLatenciesNs: [UInt64] = []
+    /// How many boost latencies a VM's counters keep (only `pvsched bench` reads them).
     public static let latencySamples = 100_000
     /// Summed delay from the kernel's timestamp to the consumer picking the record up, for boosting records.
     public var consumerLagNs: UInt64 = 0
