@@ -148,13 +148,20 @@ import Testing
         #expect(alarm.wakeUps == 1)
     }
 
-    @Test func boostsAreChargedTheirThreadsCPUTimeToTheBudgetOfTheGuestsState() throws {
+    /// A binding with a 1 ms critical and a 4 ms general budget (1 ms throttle), a
+    /// guest area, and a driver that boosts whenever the guest registered one.
+    private func budgeted() throws -> (VMBinding, RecordingActuator, SharedAreaBuffer, ManualClock) {
         let clock = ManualClock()
         let cfg = GovernorConfig(criticalBudgetNs: 1_000_000, generalBudgetNs: 4_000_000, throttleWindowNs: 1_000_000,
                                  shareWindowNs: .max, maxVMShare: 1)
         let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, v in v.guest == nil ? .none : .boost() }
         let buf = SharedAreaBuffer(vcpus: 2)
         b.setArea(try SharedArea(validating: buf.bytes))
+        return (b, act, buf, clock)
+    }
+
+    @Test func boostsAreChargedTheirThreadsCPUTimeToTheBudgetOfTheGuestsState() throws {
+        let (b, act, buf, clock) = try budgeted()
         let thread = ThreadID(100)
         act.setCPUTime(10_000_000, of: thread)
         // The guest is in an interrupt handler: the boost is charged to the 1 ms critical budget.
@@ -190,12 +197,7 @@ import Testing
     /// older: the thread ran since, unboosted); an older reading than one already
     /// charged charges nothing twice.
     @Test func anEventsOwnReadingOfItsThreadsCPUTimeIsChargedInPlaceOfTheActuators() throws {
-        let clock = ManualClock()
-        let cfg = GovernorConfig(criticalBudgetNs: 1_000_000, generalBudgetNs: 4_000_000, throttleWindowNs: 1_000_000,
-                                 shareWindowNs: .max, maxVMShare: 1)
-        let (_, b, act, _) = try setup(governor: cfg, clock: clock) { _, v in v.guest == nil ? .none : .boost() }
-        let buf = SharedAreaBuffer(vcpus: 2)
-        b.setArea(try SharedArea(validating: buf.bytes))
+        let (b, act, buf, clock) = try budgeted()
         let thread = ThreadID(100)
         // The event's reading is 1 ms old: started from it, the boost would owe that millisecond.
         act.setCPUTime(10_000_000, of: thread)
