@@ -34,6 +34,10 @@ public struct Verifier {
     public let program: Program
     public let context: ContextDescription
     public var maxStates = 200_000
+    /// A cap on the loop-head states kept at once (the explored ones, and each pending
+    /// path's own history, which a branch inside a loop copies at every iteration):
+    /// the verifier's memory, as `maxStates` is its time.
+    public var maxKeptStates = 100_000
     /// Accept loops the verifier cannot prove bounded; the interpreter's
     /// instruction budget ends them at run time.
     public var allowUnprovenLoops = false
@@ -219,6 +223,8 @@ public struct Verifier {
         /// one (`w2 = -w2` alternates two values) also runs forever.
         var statesAtHead: [Int: Set<[Frame]>] = [:]
         var headVisits: [Int: Int] = [:]
+        /// How many states `statesAtHead` holds.
+        var kept = 0
     }
 
     /// How many times a loop head is explored with known values before, with
@@ -237,7 +243,10 @@ public struct Verifier {
         // earlier loops forever.
         var seen: [Int: Set<[Frame]>] = [:]
         var steps = 0
+        // States kept: in `seen`, and in the pending paths' own histories.
+        var keptSeen = 0, keptPending = 0
         paths: while var st = work.popLast() {
+            keptPending -= st.kept
             while true {
                 steps += 1
                 if steps > maxStates {
@@ -259,12 +268,18 @@ public struct Verifier {
                     if seen[st.pc, default: []].contains(st.frames) { continue paths }
                     st.statesAtHead[st.pc, default: []].insert(st.frames)
                     seen[st.pc, default: []].insert(st.frames)
+                    st.kept += 1
+                    keptSeen += 1
+                    if keptSeen + keptPending + st.kept > maxKeptStates {
+                        throw reject(st.pc, "the loop at instruction \(st.pc) could not be proven bounded within \(maxKeptStates) kept states "
+                                     + "(load with loops allowed to rely on the runtime budget)")
+                    }
                 }
                 let outcome = try step(&st)
                 switch outcome {
                 case .next: continue
                 case .done: break
-                case .branch(let other): work.append(other); continue
+                case .branch(let other): work.append(other); keptPending += other.kept; continue
                 }
                 break
             }

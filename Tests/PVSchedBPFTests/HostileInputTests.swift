@@ -70,6 +70,25 @@ import Testing
         }
     }
 
+    /// FuzzBPFProgram's out-of-memory (2.2 GB): `r0 = -4; loop: if w1 <= w2 goto +0;
+    /// r0 += 0xc4fffc; if w0 >= 0x18ff27 goto loop`. The branch (both ways to the next
+    /// instruction) forked the path at every iteration, and each pending fork kept its own
+    /// copy of the path's loop history: memory grew with the square of the iterations. The
+    /// verifier now caps the states it keeps and refuses the program by that cap.
+    @Test func aBranchInsideALongLoopIsRefusedWithinTheVerifiersMemoryCap() throws {
+        let p = try Program.fromHex(String(decoding: try Self.file("fuzz-bpf-program-branch-in-loop-oom.hex"), as: UTF8.self))
+        let context = ContextDescription(size: 64, writable: true, memoryBlob: true)
+        do {
+            try Verifier(program: p, context: context).verify()
+            Issue.record("the loop was accepted without a proof that it ends")
+        } catch {
+            #expect("\(error)".contains("within 100000 kept states"), "\(error)")
+        }
+        // With loops left to the runtime budget, its values are widened and its state
+        // settles: verified, within the same caps.
+        try Verifier(program: p, context: context, allowUnprovenLoops: true).verify()
+    }
+
     @Test func r10OverflowWithoutTheVerifierIsARuntimeError() throws {
         let p = try Program.fromHex(String(decoding: try Self.file("interp-r10-overflow-no-verify.hex"), as: UTF8.self))
         var blob = [UInt8](repeating: 0, count: 8)
