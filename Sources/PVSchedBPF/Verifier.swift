@@ -223,8 +223,8 @@ public struct Verifier {
         /// one (`w2 = -w2` alternates two values) also runs forever.
         var statesAtHead: [Int: Set<[Frame]>] = [:]
         var headVisits: [Int: Int] = [:]
-        /// How many states `statesAtHead` holds.
-        var kept = 0
+        /// How many states `statesAtHead` holds (loop heads are few).
+        var kept: Int { statesAtHead.values.reduce(0) { $0 + $1.count } }
     }
 
     /// How many times a loop head is explored with known values before, with
@@ -268,7 +268,6 @@ public struct Verifier {
                     if seen[st.pc, default: []].contains(st.frames) { continue paths }
                     st.statesAtHead[st.pc, default: []].insert(st.frames)
                     seen[st.pc, default: []].insert(st.frames)
-                    st.kept += 1
                     keptSeen += 1
                     if keptSeen + keptPending + st.kept > maxKeptStates {
                         throw reject(st.pc, "the loop at instruction \(st.pc) could not be proven bounded within \(maxKeptStates) kept states "

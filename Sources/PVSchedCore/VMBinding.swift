@@ -226,7 +226,7 @@ public final class VMBinding: VMEventSink, VMStatusView, VMEnforcement {
             // that run (throttles in the QEMU demo with it). Elsewhere an older reading
             // charges less for now, and the rest later (see `Governor.account`).
             var startCtx = ctx
-            if cpuTime != nil, case .boost = decision, !view.boosted { startCtx = context(s, now: now) }
+            if cpuTime != nil, case .boost = decision, !view.boosted { startCtx.cpuNs = s.thread.flatMap { actuator.cpuTimeNs(of: $0) } }
             let (planned, decisionStep) = s.carryOut(decision, startCtx, idle: idle)
             decided2.merge(decisionStep)
             var result = carry(&decided2, &s, vcpu: vcpu, ctx) ?? planned

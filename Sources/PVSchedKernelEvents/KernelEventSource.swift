@@ -43,6 +43,13 @@ public struct KernelEventCounts: Sendable, Equatable {
     /// cannot make a thread that runs at once run sooner).
     public var uncontendedWakeups: UInt64 = 0
     public init() {}
+
+    /// Counts a boost a record caused.
+    mutating func countBoost(latencyNs: UInt64, lagNs: UInt64) {
+        boosts &+= 1
+        if boostLatenciesNs.count < Self.latencySamples { boostLatenciesNs.append(latencyNs) }
+        consumerLagNs &+= lagNs
+    }
 }
 
 /// KVM events from the host kernel for VMs another process runs: loads
@@ -81,6 +88,15 @@ public final class KernelEventSource: Sendable {
         let threads: [ThreadID?]
         var counts = KernelEventCounts()
         var vcpus: [VCPUTrack]
+
+        /// Counts record `r`; its event and this VM's sink, if it is sent.
+        mutating func take(_ r: pvsched_kvm_event) -> (sink: any VMEventSink, event: VCPUEvent)? {
+            guard Int(r.vcpu) < vcpuCount else { return nil }
+            counts.records[r.kind, default: 0] &+= 1
+            guard let event = KernelEventSource.event(for: r, track: &vcpus[Int(r.vcpu)]) else { return nil }
+            counts.notified &+= 1
+            return (sink, event)
+        }
     }
     /// Per vCPU: what recent records already reported, to send one event per happening.
     struct VCPUTrack {
@@ -224,13 +240,10 @@ public final class KernelEventSource: Sendable {
             vms.withLock { vms in vms[r.vm]?.counts.records[r.kind, default: 0] &+= 1 }
             return
         }
-        // The VM's entry is changed in place (`&vms[slot]!`): a copy of it taken out and
+        // The VM's entry is changed in place (`vms[slot]?.…`): a copy of it taken out and
         // put back would copy its counters' storage at each change, the boost
         // latencies' among them (up to 100,000 of them, at each boost).
-        let target: (sink: any VMEventSink, event: VCPUEvent)? = vms.withLock { vms in
-            guard let count = vms[r.vm]?.vcpuCount, Int(r.vcpu) < count else { return nil }
-            return Self.take(r, into: &vms[r.vm]!)
-        }
+        let target = vms.withLock { vms in vms[r.vm]?.take(r) ?? nil }
         guard let target else { return }
         // The kernel read the thread's run time where it was current (0: not read).
         let cpuTime = r.runtime_ns != 0 ? ThreadCPUTime(thread: ThreadID(Int32(bitPattern: r.tid)), ns: r.runtime_ns) : nil
@@ -240,25 +253,8 @@ public final class KernelEventSource: Sendable {
         // A wake-up sent at the thread's preemption (it had found its CPU idle) counts from there.
         let since = r.kind == PVSCHED_KEV_WAKING.rawValue && r.arg != 0 ? r.arg : r.time_ns
         vms.withLock { vms in
-            guard vms[r.vm] != nil else { return }
-            Self.countBoost(latencyNs: applied > since ? applied - since : 0, lagNs: now > since ? now - since : 0,
-                            in: &vms[r.vm]!.counts)
+            vms[r.vm]?.counts.countBoost(latencyNs: applied > since ? applied - since : 0, lagNs: now > since ? now - since : 0)
         }
-    }
-
-    /// Counts record `r` in its VM's entry `w`; its event and the VM's sink, if it is sent.
-    private static func take(_ r: pvsched_kvm_event, into w: inout Watched) -> (sink: any VMEventSink, event: VCPUEvent)? {
-        w.counts.records[r.kind, default: 0] &+= 1
-        guard let event = event(for: r, track: &w.vcpus[Int(r.vcpu)]) else { return nil }
-        w.counts.notified &+= 1
-        return (w.sink, event)
-    }
-
-    /// Counts a boost a record caused.
-    private static func countBoost(latencyNs: UInt64, lagNs: UInt64, in counts: inout KernelEventCounts) {
-        counts.boosts &+= 1
-        if counts.boostLatenciesNs.count < KernelEventCounts.latencySamples { counts.boostLatenciesNs.append(latencyNs) }
-        counts.consumerLagNs &+= lagNs
     }
 
     /// The event a record stands for (nil: counted, not sent). One happening, one
